@@ -1,0 +1,98 @@
+"""``python -m hpo COMMAND [hydra overrides]``: every command reads the same composed config.
+
+The first argument picks the command; everything after it is handed to Hydra,
+so overrides, ``--multirun`` and ``--cfg job`` work as in any Hydra app.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from hpo.config import CONF_DIR, ConfigError
+
+USAGE = """usage: python -m hpo COMMAND [key=value ...] [--multirun]
+
+commands:
+  optimize   run (or resume) the Optuna study of the config, every trial tracked in MLflow
+  fit        fit the model once with the config's parameters and log it to MLflow
+
+examples:
+  python -m hpo optimize dataset.train_size=100 study.n_trials=30
+  python -m hpo optimize --multirun dataset.train_size=50,100
+  python -m hpo fit model.default_sigma.energy=0.05
+"""
+
+
+def optimize(cfg: DictConfig) -> None:
+    from hpo import study
+
+    study.run(cfg)
+
+
+def fit(cfg: DictConfig) -> None:
+    """One fit with the composed parameters, recorded as a single MLflow run."""
+    from hpo import config as hpo_config
+    from hpo.data import load_datasets
+    from hpo.objective import score
+    from hpo.tracking import Tracker, provenance_tags
+
+    hpo_config.validate(cfg)
+    data = load_datasets(cfg)
+    model = hpo_config.model_params(cfg)
+    workdir = hpo_config.output_path(cfg.experiments_dir) / "fit" / time.strftime("%Y%m%d-%H%M%S")
+    tracker = Tracker(cfg.tracking)
+    run_id = tracker.start_run(f"fit-{model['kind']}", tags={**provenance_tags(), **data.hashes, "command": "fit"})
+    tracker.log_config(run_id, cfg)
+    try:
+        scored = score(cfg, model, data, workdir)
+    except Exception:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags=scored.tags)
+    tracker.log_artifacts(run_id, scored.artifacts + scored.model_files)
+    tracker.end_run(run_id)
+    print(f"[hpo] fit in {workdir} (MLflow run {run_id})")
+    for key in sorted(scored.metrics):
+        print(f"  {key:<32}{scored.metrics[key]:.6g}")
+
+
+COMMANDS: dict[str, Callable[[DictConfig], None]] = {"optimize": optimize, "fit": fit}
+
+
+def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
+    """Known user errors become one paragraph and exit code 2, not a traceback."""
+
+    def wrapped(cfg: DictConfig) -> None:
+        from hpo.data import DataError
+        from hpo.study import StudyError
+
+        try:
+            task(cfg)
+        except (ConfigError, DataError, StudyError) as exc:
+            print(f"hpo: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+
+    return wrapped
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        raise SystemExit(0 if argv else 2)
+    command = argv.pop(0)
+    if command not in COMMANDS:
+        print(f"hpo: unknown command {command!r}; one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
+    sys.argv = [f"hpo {command}", *argv]
+    task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_friendly(COMMANDS[command]))
+    task()
+
+
+if __name__ == "__main__":
+    main()

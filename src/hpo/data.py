@@ -1,0 +1,208 @@
+"""Training and validation data: find the files, check them, read them with ASE.
+
+The dataset config (``conf/dataset/*.yaml``) names the files and their sha256.
+A data directory is looked up in this order: ``dataset.data_dir`` (which defaults
+to ``$HPO_DATA_DIR``), each of ``dataset.fallback_dirs`` relative to the project
+root, and finally a user cache filled by a checked download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ase
+import ase.io
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class DataError(ValueError):
+    """A data file is missing, malformed or lacks what the model needs."""
+
+
+def sha256sum(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """Resolve a config path: ``~`` expanded, relative paths against the project root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def find_data_dir(dataset_cfg, wanted: list[str]) -> Path:
+    """Return the first configured directory that holds every file in ``wanted``.
+
+    Downloads missing files into ``dataset.cache_dir`` when no local directory
+    has them; every downloaded file must match its configured sha256.
+    """
+    if dataset_cfg.data_dir:
+        # An explicit directory is the user's choice: never fall back silently from it.
+        explicit = resolve_path(dataset_cfg.data_dir)
+        if not explicit.is_dir():
+            raise DataError(
+                f"dataset.data_dir={dataset_cfg.data_dir!r} is not a directory "
+                f"(resolved to {explicit}); set it or HPO_DATA_DIR to the folder with {', '.join(wanted)}"
+            )
+        missing = [name for name in wanted if not (explicit / name).is_file()]
+        if missing:
+            raise DataError(f"dataset.data_dir {explicit} lacks {', '.join(missing)}")
+        return explicit
+    for directory in (resolve_path(d) for d in dataset_cfg.fallback_dirs):
+        if all((directory / name).is_file() for name in wanted):
+            return directory
+    return download(dataset_cfg, wanted)
+
+
+def download(dataset_cfg, wanted: list[str]) -> Path:
+    """Fill the cache directory from ``dataset.download_url``, checking sha256."""
+    cache = resolve_path(dataset_cfg.cache_dir)
+    cache.mkdir(parents=True, exist_ok=True)
+    for name in wanted:
+        expected = dataset_cfg.sha256.get(name)
+        if expected is None:
+            raise DataError(f"{name} is in no local data directory and dataset.sha256 has no checksum to download it with")
+        target = cache / name
+        if target.is_file() and sha256sum(target) == expected:
+            continue
+        url = dataset_cfg.download_url.format(file=name)
+        print(f"[hpo] downloading {url}", flush=True)
+        partial = target.with_suffix(target.suffix + ".part")
+        try:
+            urllib.request.urlretrieve(url, partial)
+        except OSError as exc:
+            raise DataError(
+                f"no local copy of {name} (looked in HPO_DATA_DIR and {list(dataset_cfg.fallback_dirs)}) "
+                f"and the download from {url} failed: {exc}"
+            ) from exc
+        actual = sha256sum(partial)
+        if actual != expected:
+            partial.unlink()
+            raise DataError(f"downloaded {name} has sha256 {actual}, expected {expected}; file discarded")
+        os.replace(partial, target)
+    return cache
+
+
+@dataclass
+class FrameSet:
+    """Frames of one extxyz file with the arrays a model needs, checked."""
+
+    path: Path
+    frames: list[ase.Atoms]
+    sha256: str
+    energies: np.ndarray | None = None  # (n,) eV per cell
+    forces: list[np.ndarray] = field(default_factory=list)  # per frame (n_atoms, 3)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    @property
+    def n_atoms(self) -> np.ndarray:
+        return np.array([len(atoms) for atoms in self.frames])
+
+
+def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e0: dict | None = None) -> FrameSet:
+    """Read every frame of ``path`` and check it carries ``need`` (names in ``keys``).
+
+    ``keys`` maps a target (energy, force, polarizability) to the key used in
+    the file. With ``e0`` every species must have an isolated-atom energy.
+    Errors name the file, the frame index and the key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist")
+    try:
+        frames = ase.io.read(path, index=":", format="extxyz")
+    except Exception as exc:  # ASE raises many types on malformed extxyz
+        raise DataError(f"{path} is not a readable extended XYZ file: {exc}") from exc
+    if not frames:
+        raise DataError(f"{path} holds no frames")
+    energies, forces = [], []
+    for index, atoms in enumerate(frames):
+        where = f"{path.name}, frame {index}"
+        if e0 is not None:
+            unknown = sorted(set(atoms.get_chemical_symbols()) - set(e0))
+            if unknown:
+                raise DataError(f"{where}: species {unknown} have no e0 in the dataset config (dataset.e0)")
+        if "energy" in need:
+            energies.append(_frame_energy(atoms, keys.energy, where))
+        if "force" in need:
+            forces.append(_frame_forces(atoms, keys.force, where))
+        if "polarizability" in need:
+            value = atoms.info.get(keys.polarizability)
+            if value is None or np.size(value) != 9:
+                raise DataError(f"{where}: key {keys.polarizability!r} missing or not 9 numbers")
+    return FrameSet(
+        path=path,
+        frames=frames,
+        sha256=sha256sum(path),
+        energies=np.array(energies) if energies else None,
+        forces=forces,
+    )
+
+
+def _frame_energy(atoms: ase.Atoms, key: str, where: str) -> float:
+    # ASE moves a comment-line `energy` onto a SinglePointCalculator; other keys stay in info.
+    if key in atoms.info:
+        value = atoms.info[key]
+    elif key == "energy" and atoms.calc is not None and "energy" in atoms.calc.results:
+        value = atoms.calc.results["energy"]
+    else:
+        raise DataError(f"{where}: energy key {key!r} is missing (dataset.property_keys.energy)")
+    try:
+        return float(value)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"{where}: energy key {key!r} is not a number: {value!r}") from exc
+
+
+def _frame_forces(atoms: ase.Atoms, key: str, where: str) -> np.ndarray:
+    if key in atoms.arrays:
+        value = atoms.arrays[key]
+    elif key in ("force", "forces") and atoms.calc is not None and "forces" in atoms.calc.results:
+        value = atoms.calc.results["forces"]
+    else:
+        raise DataError(f"{where}: per-atom force column {key!r} is missing (dataset.property_keys.force)")
+    value = np.asarray(value, dtype=float)
+    if value.shape != (len(atoms), 3):
+        raise DataError(f"{where}: force column {key!r} has shape {value.shape}, expected ({len(atoms)}, 3)")
+    return value
+
+
+def train_file(dataset_cfg) -> str:
+    files = {int(k): v for k, v in dataset_cfg.train_files.items()}
+    return files[int(dataset_cfg.train_size)]
+
+
+@dataclass
+class Datasets:
+    """The training and validation frames of one run."""
+
+    train: FrameSet
+    val: FrameSet
+
+    @property
+    def hashes(self) -> dict[str, str]:
+        return {f"sha256.{self.train.path.name}": self.train.sha256, f"sha256.{self.val.path.name}": self.val.sha256}
+
+
+TARGETS = {"gap": ("energy", "force"), "sagpr": ("polarizability",)}
+
+
+def load_datasets(cfg) -> Datasets:
+    """Find and read the training file of ``dataset.train_size`` and the validation file."""
+    names = [train_file(cfg.dataset), cfg.dataset.validation_file]
+    data_dir = find_data_dir(cfg.dataset, names)
+    need = TARGETS[cfg.model.kind]
+    e0 = dict(cfg.dataset.e0) if cfg.model.kind == "gap" else None
+    train = read_frames(data_dir / names[0], cfg.dataset.property_keys, need, e0)
+    val = read_frames(data_dir / cfg.dataset.validation_file, cfg.dataset.property_keys, need, e0)
+    return Datasets(train=train, val=val)

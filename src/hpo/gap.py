@@ -1,0 +1,164 @@
+"""Fit a GAP with QUIP's ``gap_fit`` program and evaluate it with quippy.
+
+``gap_fit`` is driven entirely by its command line: with ``config_file=`` it
+silently ignores every other argument, so we never use one. It also exits 0 on
+some bad input (an unknown key inside ``gap={...}`` is ignored), which is why
+the config is validated before we get here.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import ase
+import numpy as np
+
+# Keys of the model config that go inside gap={soap ...}, in gap_fit's spelling.
+DESCRIPTOR_KEYS = (
+    "l_max",
+    "n_max",
+    "atom_sigma",
+    "cutoff",
+    "cutoff_transition_width",
+    "central_weight",
+    "n_sparse",
+    "delta",
+    "covariance_type",
+    "zeta",
+    "sparse_method",
+)
+MODEL_FILE = "gap.xml"
+TAIL_LINES = 30
+
+
+class GapFitError(RuntimeError):
+    """gap_fit failed; ``reason`` is one of gap_fit_error, timeout, missing_model."""
+
+    def __init__(self, reason: str, message: str, tail: str = ""):
+        super().__init__(f"{message}\n--- last lines of gap_fit output ---\n{tail}" if tail else message)
+        self.reason = reason
+        self.tail = tail
+
+
+@dataclass
+class GapFit:
+    """A finished gap_fit: where the model is and what it cost."""
+
+    model_file: Path
+    command: list[str]
+    fit_time_s: float
+    workdir: Path
+
+    @property
+    def command_line(self) -> str:
+        return shlex.join(self.command)
+
+
+def environments_per_species(frames: list[ase.Atoms]) -> dict[str, int]:
+    counts = Counter()
+    for atoms in frames:
+        counts.update(atoms.get_chemical_symbols())
+    return dict(counts)
+
+
+def effective_n_sparse(n_sparse: int, frames: list[ase.Atoms]) -> int:
+    """gap_fit caps n_sparse at each species' number of environments; do it up front so the record is true."""
+    return int(min(n_sparse, max(environments_per_species(frames).values())))
+
+
+def _number(value) -> str:
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def build_command(params: dict, train_file: str, e0: dict, keys, seed: int) -> list[str]:
+    """The gap_fit argument list for one model config (``conf/model/gap.yaml`` layout)."""
+    descriptor = " ".join([params["descriptor"]] + [f"{k}={_number(params[k])}" for k in DESCRIPTOR_KEYS])
+    sigma = params["default_sigma"]
+    default_sigma = " ".join(_number(sigma[k]) for k in ("energy", "force", "virial", "hessian"))
+    e0_arg = ":".join(f"{symbol}:{_number(energy)}" for symbol, energy in sorted(e0.items()))
+    return [
+        "gap_fit",
+        f"at_file={train_file}",
+        f"gap={{{descriptor}}}",
+        f"default_sigma={{{default_sigma}}}",
+        f"e0={{{e0_arg}}}",
+        f"energy_parameter_name={keys.energy}",
+        f"force_parameter_name={keys.force}",
+        f"sparse_jitter={_number(params['sparse_jitter'])}",
+        # gap_fit aborts on rnd_seed=0 ("linear-congruential ... fail with seed idum=0").
+        f"rnd_seed={seed + 1}",
+        "do_copy_at_file=F",
+        "sparse_separate_file=F",
+        f"gp_file={MODEL_FILE}",
+    ]
+
+
+def fit(
+    params: dict,
+    train_file: Path,
+    workdir: Path,
+    e0: dict,
+    keys,
+    threads: int = 1,
+    seed: int = 0,
+) -> GapFit:
+    """Run gap_fit in ``workdir`` (it writes .idx and sparse files next to its input).
+
+    stdout and stderr go to ``gap_fit.out`` and ``gap_fit.err`` in ``workdir``.
+    Raises ``GapFitError`` on a non-zero exit, a ``SYSTEM ABORT``, a timeout
+    (``params['fit_timeout_s']``) or a missing model file.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    local_train = workdir / "train.xyz"
+    shutil.copyfile(train_file, local_train)
+    command = build_command(params, local_train.name, e0, keys, seed)
+    (workdir / "gap_fit.cmd").write_text(shlex.join(command) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    out_path, err_path = workdir / "gap_fit.out", workdir / "gap_fit.err"
+    start = time.perf_counter()
+    with open(out_path, "w") as out, open(err_path, "w") as err:
+        try:
+            completed = subprocess.run(
+                command, cwd=workdir, env=env, stdout=out, stderr=err, timeout=params["fit_timeout_s"]
+            )
+        except subprocess.TimeoutExpired:
+            raise GapFitError(
+                "timeout", f"gap_fit ran longer than model.fit_timeout_s={params['fit_timeout_s']} s", _tail(out_path, err_path)
+            ) from None
+    elapsed = time.perf_counter() - start
+    tail = _tail(out_path, err_path)
+    if completed.returncode != 0 or "SYSTEM ABORT" in tail:
+        raise GapFitError("gap_fit_error", f"gap_fit exited with code {completed.returncode} in {workdir}", tail)
+    model_file = workdir / MODEL_FILE
+    if not model_file.is_file():
+        raise GapFitError("missing_model", f"gap_fit exited 0 but wrote no {MODEL_FILE} in {workdir}", tail)
+    return GapFit(model_file=model_file, command=command, fit_time_s=elapsed, workdir=workdir)
+
+
+def _tail(*paths: Path) -> str:
+    lines = []
+    for path in paths:
+        if path.is_file():
+            lines += path.read_text(errors="replace").splitlines()
+    return "\n".join(lines[-TAIL_LINES:])
+
+
+def predict(model_file: Path, frames: list[ase.Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Energies (eV per frame) and forces (eV/Angstrom) of ``frames`` under a fitted GAP."""
+    from quippy.potential import Potential  # imported late: loading the Fortran library is slow
+
+    potential = Potential(param_filename=str(model_file))
+    energies, forces = [], []
+    for atoms in frames:
+        atoms = atoms.copy()  # keep the reference calculator of the data untouched
+        atoms.calc = potential
+        energies.append(atoms.get_potential_energy())
+        forces.append(np.array(atoms.get_forces()))
+    return np.array(energies), forces

@@ -1,0 +1,47 @@
+"""Error metrics of a fitted model and the overfitting signal."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rmse(error: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(error))))
+
+
+def mae(error: np.ndarray) -> float:
+    return float(np.mean(np.abs(error)))
+
+
+def energy_force_metrics(
+    prefix: str,
+    true_energy: np.ndarray,
+    pred_energy: np.ndarray,
+    n_atoms: np.ndarray,
+    true_forces: list[np.ndarray] | None = None,
+    pred_forces: list[np.ndarray] | None = None,
+) -> dict[str, float]:
+    """RMSE and MAE of energies (per cell and per atom) and force components, keys ``{prefix}_...``."""
+    error = pred_energy - true_energy
+    metrics = {
+        f"{prefix}_energy_rmse": rmse(error),
+        f"{prefix}_energy_mae": mae(error),
+        f"{prefix}_energy_rmse_per_atom": rmse(error / n_atoms),
+        f"{prefix}_energy_mae_per_atom": mae(error / n_atoms),
+    }
+    if true_forces:
+        force_error = np.concatenate([p - t for p, t in zip(pred_forces, true_forces)]).ravel()
+        metrics[f"{prefix}_force_rmse"] = rmse(force_error)
+        metrics[f"{prefix}_force_mae"] = mae(force_error)
+    return metrics
+
+
+def overfitting(metrics: dict[str, float], quantity: str, ratio_threshold: float) -> tuple[dict[str, float], bool]:
+    """``{quantity}_rmse_gap`` = val - train and ``{quantity}_rmse_ratio`` = val / train.
+
+    A ratio above ``ratio_threshold`` flags the model as overfit: it explains its
+    training data much better than data it has not seen.
+    """
+    train, val = metrics[f"train_{quantity}_rmse"], metrics[f"val_{quantity}_rmse"]
+    ratio = val / train if train > 0 else float("inf")
+    return {f"{quantity}_rmse_gap": val - train, f"{quantity}_rmse_ratio": ratio}, bool(ratio > ratio_threshold)

@@ -1,0 +1,120 @@
+"""End to end: real gap_fit, a real SQLite Optuna storage, a real MLflow store."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hpo import study as hpo_study
+from hpo.config import load_config, search_space
+
+TRIAL_METRICS = {
+    "train_energy_rmse",
+    "val_energy_rmse",
+    "energy_rmse_gap",
+    "energy_rmse_ratio",
+    "train_force_rmse",
+    "val_force_rmse",
+    "fit_time_s",
+    "eval_time_s",
+}
+
+
+def runs_of(cfg):
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+def test_three_trial_study_is_tracked_and_resumes(tiny_cfg, capsys):
+    cfg = tiny_cfg("study.n_trials=3")
+    study = hpo_study.run(cfg)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert study.trials[0].user_attrs["is_default"] is True
+    assert study.trials[0].params["n_max"] == 2  # the model default, enqueued as trial 0
+
+    parents, children = runs_of(cfg)
+    assert len(parents) == 1 and len(children) == 3
+    for child in children:
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        assert TRIAL_METRICS <= set(child.data.metrics)
+        assert child.data.metrics["energy_rmse_gap"] == pytest.approx(
+            child.data.metrics["val_energy_rmse"] - child.data.metrics["train_energy_rmse"]
+        )
+        assert child.data.tags["overfit"] in ("true", "false")
+        assert child.data.tags["state"] == "COMPLETE"
+        assert child.info.status == "FINISHED"
+        artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(child.info.run_id)}
+        assert {"gap_fit.cmd", "train_errors.csv", "validation_errors.csv", "parity_energy.png"} <= artifacts
+    best_run = next(c for c in children if c.data.tags["trial_number"] == str(study.best_trial.number))
+    assert best_run.data.tags.get("model_logged") == "true"
+    assert "gain over the default" in capsys.readouterr().out
+
+    resumed = hpo_study.run(tiny_cfg("study.n_trials=5"))
+    numbers = [t.number for t in resumed.trials]
+    assert len(resumed.get_trials(states=(TrialState.COMPLETE,))) == 5
+    assert numbers == sorted(set(numbers))
+    assert sum(bool(t.user_attrs.get("is_default")) for t in resumed.trials) == 1
+    parents, children = runs_of(cfg)
+    assert len(parents) == 2 and len(children) == 5
+
+
+def test_failing_gap_fit_becomes_failed_trial_and_study_goes_on(tiny_cfg):
+    # sparse_method=uniform is a valid option that gap_fit aborts on for descriptors of more than 30
+    # dimensions ("SYSTEM ABORT: select_uniform: Descriptor is too large"): a real crash, not a mock.
+    # With n_max=2, l_max=2 (the enqueued default) has 31 dimensions and fails; l_max=1 has 21 and fits.
+    cfg = tiny_cfg(
+        "study.n_trials=1",
+        "study.max_failure_rate=0.9",
+        "model.sparse_method=uniform",
+        "~search.space",
+        "+search.space={l_max:{type:int,low:1,high:2}}",
+        "study.sampler=grid",
+    )
+    study = hpo_study.run(cfg)
+    failed = study.get_trials(states=(TrialState.FAIL,))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 1
+    assert len(failed) == 1
+    assert failed[0].user_attrs["failure"] == "gap_fit_error"
+    _, children = runs_of(cfg)
+    failed_runs = [c for c in children if c.data.tags["state"] == "FAIL"]
+    assert len(failed_runs) == 1 and failed_runs[0].info.status == "FAILED"
+    assert failed_runs[0].data.tags["failure"] == "gap_fit_error"
+    assert "gap_fit" in failed_runs[0].data.tags["failure_message"]
+
+
+def test_cli_optimize_and_multirun(tiny_overrides, tmp_path):
+    command = [sys.executable, "-m", "hpo", "optimize", "--multirun", *tiny_overrides, "study.n_trials=1", "dataset.train_size=50,100"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    storage = tiny_overrides[2].split("=", 1)[1]
+    names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
+    assert names == {"water-gap-50", "water-gap-100"}
+    assert "[hpo] trial 0:" in done.stdout
+
+
+def test_cli_fit_prints_metrics(tiny_overrides, tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "hpo", "fit", *tiny_overrides], capture_output=True, text=True, cwd=tmp_path, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "val_energy_rmse" in done.stdout
+
+
+def test_same_seed_same_suggestions(tiny_overrides, tmp_path):
+    def suggestions(name):
+        cfg = load_config([*tiny_overrides, f"study.name={name}"])
+        space = search_space(cfg)
+        study = hpo_study.open_study(cfg, space)
+        distributions = {p.name: hpo_study.distribution(p) for p in space}
+        return [study.ask(distributions).params for _ in range(3)]
+
+    assert suggestions("a") == suggestions("b")
