@@ -20,6 +20,8 @@ USAGE = """usage: python -m hpo COMMAND [key=value ...] [--multirun]
 commands:
   optimize   run (or resume) the Optuna study of the config, every trial tracked in MLflow
   fit        fit the model once with the config's parameters and log it to MLflow
+  promote    register a study's best trial in the MLflow model registry (alias champion)
+  md         run NVE (md=nve) or NVT (md=nvt) dynamics with the champion GAP
 
 examples:
   python -m hpo optimize dataset.train_size=100 study.n_trials=30
@@ -61,7 +63,19 @@ def fit(cfg: DictConfig) -> None:
         print(f"  {key:<32}{scored.metrics[key]:.6g}")
 
 
-COMMANDS: dict[str, Callable[[DictConfig], None]] = {"optimize": optimize, "fit": fit}
+def promote(cfg: DictConfig) -> None:
+    from hpo import promote as hpo_promote
+
+    hpo_promote.promote(cfg)
+
+
+def md(cfg: DictConfig) -> None:
+    from hpo import md as hpo_md
+
+    hpo_md.main(cfg)
+
+
+COMMANDS: dict[str, Callable[[DictConfig], None]] = {"optimize": optimize, "fit": fit, "promote": promote, "md": md}
 
 
 def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
@@ -69,11 +83,13 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
 
     def wrapped(cfg: DictConfig) -> None:
         from hpo.data import DataError
+        from hpo.md import MDBlowUp
+        from hpo.promote import PromoteError
         from hpo.study import StudyError
 
         try:
             task(cfg)
-        except (ConfigError, DataError, StudyError) as exc:
+        except (ConfigError, DataError, StudyError, PromoteError, MDBlowUp) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 

@@ -39,3 +39,41 @@ def parity_plot(
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def md_plot(path: Path, time_fs, potential, kinetic, temperature, title: str) -> Path:
+    """Total, potential and kinetic energy (relative to the start) and temperature against time."""
+    potential, kinetic = np.asarray(potential), np.asarray(kinetic)
+    total = potential + kinetic
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    top.plot(time_fs, total - total[0], label="total")
+    top.plot(time_fs, potential - potential[0], label="potential")
+    top.plot(time_fs, kinetic - kinetic[0], label="kinetic")
+    top.set_ylabel("energy - energy(t=0) (eV)")
+    top.legend(fontsize=8)
+    top.set_title(title, fontsize=9)
+    bottom.plot(time_fs, temperature, color="C3", label="temperature")
+    bottom.set_xlabel("time (fs)")
+    bottom.set_ylabel("temperature (K)")
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def tensor_components_plot(path: Path, time_fs, tensors: np.ndarray, title: str, unit: str = "a.u.") -> Path:
+    """xx, yy, zz and xy components of a (n, 3, 3) tensor series against time."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, (i, j) in {"xx": (0, 0), "yy": (1, 1), "zz": (2, 2), "xy": (0, 1)}.items():
+        ax.plot(time_fs, tensors[:, i, j], label=label)
+    ax.set_xlabel("time (fs)")
+    ax.set_ylabel(f"polarizability ({unit})")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, ncol=4)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path

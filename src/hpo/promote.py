@@ -1,0 +1,210 @@
+"""Promote the best trial of a study to the MLflow model registry, and load models back.
+
+A promoted model is an MLflow pyfunc whose artifacts hold the model files
+(a GAP is an XML file plus any sparseX files: they travel as one folder). The
+new version gets lineage tags (study, trial, parameters, data hashes, metrics,
+command line, package versions) and the alias ``champion``, which later stages
+(``md``, ``polarize``) load by default.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import mlflow
+import mlflow.pyfunc
+import optuna
+from mlflow.exceptions import MlflowException
+from optuna.trial import TrialState
+
+from hpo import config as hpo_config
+from hpo.data import load_datasets
+from hpo.objective import score, with_values
+from hpo.study import StudyError, make_storage
+from hpo.tracking import Tracker, flatten, package_versions, provenance_tags
+
+MODEL_DIR = "model_files"  # name of the pyfunc artifact that holds the model's own files
+
+
+class PromoteError(RuntimeError):
+    """Nothing to promote, or a model URI that does not resolve."""
+
+
+class GapPyfunc(mlflow.pyfunc.PythonModel):
+    """Energies (eV) of extended-XYZ frames under a GAP; the XML sits in the artifacts."""
+
+    def load_context(self, context):
+        self.model_dir = Path(context.artifacts[MODEL_DIR])
+
+    def predict(self, context, model_input: list[str], params=None):
+        import ase.io
+
+        from hpo import gap
+
+        frames = [ase.io.read(path, ":") for path in model_input]
+        energies, _ = gap.predict(self.model_dir / gap.MODEL_FILE, [a for f in frames for a in f])
+        return energies
+
+
+class SagprPyfunc(mlflow.pyfunc.PythonModel):
+    """Polarizability tensors (n, 3, 3) of extended-XYZ frames under an SA-GPR model."""
+
+    def load_context(self, context):
+        from hpo.sagpr import SAGPR
+
+        self.model = SAGPR.load(Path(context.artifacts[MODEL_DIR]))
+
+    def predict(self, context, model_input: list[str], params=None):
+        import ase.io
+
+        frames = [a for path in model_input for a in ase.io.read(path, ":")]
+        return self.model.predict(frames)
+
+
+PYFUNCS = {"gap": GapPyfunc, "sagpr": SagprPyfunc}
+
+
+def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not finished:
+        raise PromoteError(f"study {study.study_name!r} has no finished trial to promote; run `hpo optimize` first")
+    if number is None:
+        return study.best_trial
+    for trial in finished:
+        if trial.number == number:
+            return trial
+    raise PromoteError(
+        f"promote.trial={number} is not a finished trial of study {study.study_name!r}; "
+        f"finished: {[t.number for t in finished]}"
+    )
+
+
+def load_study(cfg) -> optuna.Study:
+    storage = make_storage(str(cfg.study.storage))
+    try:
+        return optuna.load_study(study_name=cfg.study.name, storage=storage)
+    except KeyError as exc:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise StudyError(f"no study named {cfg.study.name!r} in {cfg.study.storage}; studies there: {names}") from exc
+
+
+def promote(cfg) -> dict:
+    """Register the best (or ``promote.trial``) trial's model; return the version's lineage."""
+    hpo_config.validate(cfg)
+    study = load_study(cfg)
+    trial = pick_trial(study, cfg.promote.trial)
+    model = with_values(hpo_config.model_params(cfg), trial.params)
+    name = cfg.promote.registered_model[model["kind"]]
+    tracker = Tracker(cfg.tracking)
+    existing = find_version(tracker, name, study.study_name, trial.number)
+    if existing is not None:
+        print(f"[hpo] {name} version {existing.version} already holds study {study.study_name!r} trial {trial.number}")
+        tracker.client.set_registered_model_alias(name, cfg.promote.alias, existing.version)
+        return dict(existing.tags, version=existing.version, name=name)
+
+    data = load_datasets(cfg)
+    files = [Path(p) for p in trial.user_attrs.get("model_files", [])]
+    workdir = Path(trial.user_attrs.get("workdir", ""))
+    if not files or not all(p.is_file() for p in files):
+        # The trial's files are gone (another machine, cleaned up): refit on the full training set.
+        workdir = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-trial{trial.number}"
+        files = score(cfg, model, data, workdir).model_files
+
+    search_time = sum(
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
+        if t.datetime_complete and t.datetime_start
+    )
+    metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
+    lineage = {
+        "study": study.study_name,
+        "storage": str(cfg.study.storage),
+        "trial": trial.number,
+        "objective": trial.value,
+        "search_time_s": round(search_time, 1),
+        "n_trials": len(study.trials),
+        **{f"param.{k}": v for k, v in flatten(model).items()},
+        **{f"metric.{k}": v for k, v in metrics.items()},
+        **data.hashes,
+        **provenance_tags(),
+    }
+    command_file = workdir / "gap_fit.cmd"
+    if command_file.is_file():
+        lineage["gap_fit_command"] = command_file.read_text().strip()
+
+    run_id = tracker.start_run(f"promote-{study.study_name}-trial{trial.number}", tags={"command": "promote", **lineage})
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(tmp) / MODEL_DIR
+        bundle.mkdir()
+        for path in files:
+            if path.is_dir():  # an SA-GPR model is a folder of arrays and metadata
+                shutil.copytree(path, bundle, dirs_exist_ok=True)
+                continue
+            # a GAP is its XML plus any sparseX companions written next to it
+            for companion in sorted(path.parent.glob(path.name + "*")):
+                if companion.is_file() and companion.suffix != ".gz":
+                    shutil.copy(companion, bundle / companion.name)
+        mlflow.set_tracking_uri(tracker.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=PYFUNCS[model["kind"]](),
+                artifacts={MODEL_DIR: str(bundle)},
+                # Listing requirements ourselves skips MLflow's slow import-tracing subprocess.
+                pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed" and pkg != "hpo"],
+            )
+    version = mlflow.register_model(info.model_uri, name, tags={k: str(v)[:5000] for k, v in lineage.items()})
+    tracker.client.set_registered_model_alias(name, cfg.promote.alias, version.version)
+    tracker.end_run(run_id)
+    print(
+        f"[hpo] registered {name} version {version.version} (alias {cfg.promote.alias!r}) from study "
+        f"{study.study_name!r} trial {trial.number}: {cfg.study.metric}={trial.value:.5g}"
+    )
+    return dict(lineage, version=version.version, name=name)
+
+
+def find_version(tracker: Tracker, name: str, study_name: str, trial_number: int):
+    """An existing version of ``name`` made from this very trial, so a repeated promote reuses it."""
+    try:
+        versions = tracker.client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    for version in versions:
+        if version.tags.get("study") == study_name and version.tags.get("trial") == str(trial_number):
+            return version
+    return None
+
+
+def resolve_model(uri: str, tracking_uri: str, workdir: Path) -> Path:
+    """A folder holding the model's files, for a local path or any MLflow model URI."""
+    local = Path(uri).expanduser()
+    if local.exists():
+        return local.parent if local.is_file() else local
+    mlflow.set_tracking_uri(tracking_uri)
+    try:
+        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
+    except (MlflowException, OSError) as exc:
+        raise PromoteError(
+            f"model {uri!r} does not resolve in {tracking_uri}: {exc}. Promote a study first "
+            "(`hpo promote study.name=...`) or give a local model file."
+        ) from exc
+    found = [p for p in root.rglob(MODEL_DIR) if p.is_dir()]
+    if not found:
+        raise PromoteError(f"model {uri!r} holds no {MODEL_DIR}/ folder: not a model promoted by hpo")
+    return found[0]
+
+
+def version_tags(uri: str, tracking_uri: str) -> dict[str, str]:
+    """Lineage tags of a registered version (empty for local files and runs:/ URIs)."""
+    if not uri.startswith("models:/"):
+        return {}
+    client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
+    name, _, ref = uri.removeprefix("models:/").partition("@")
+    try:
+        version = client.get_model_version_by_alias(name, ref) if ref else None
+    except MlflowException:
+        return {}
+    return dict(version.tags, registered_model=name, version=version.version) if version else {}
+

@@ -1,0 +1,97 @@
+"""Promote a tiny study's best trial, load it back by alias, run MD with it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+
+from hpo import md as hpo_md
+from hpo import promote as hpo_promote
+from hpo import study as hpo_study
+from hpo.config import load_config
+
+from conftest import TINY_GAP, output_overrides
+
+
+@pytest.fixture(scope="module")
+def promoted_root(tiny_data, tmp_path_factory):
+    """One promoted study shared by this module's tests (promotion is the slow part)."""
+    root = tmp_path_factory.mktemp("promoted")
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP]
+    cfg = load_config([*overrides, "study.n_trials=2"])
+    hpo_study.run(cfg)
+    return overrides, cfg, hpo_promote.promote(cfg)
+
+
+@pytest.fixture
+def promoted(promoted_root):
+    _, cfg, lineage = promoted_root
+    return cfg, lineage
+
+
+@pytest.fixture
+def promoted_cfg(promoted_root):
+    overrides = promoted_root[0]
+    return lambda *extra: load_config([*overrides, *extra])
+
+
+def test_promote_registers_champion_with_lineage(promoted):
+    cfg, lineage = promoted
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    version = client.get_model_version_by_alias("water-gap", "champion")
+    assert version.version == lineage["version"]
+    tags = version.tags
+    assert tags["study"] == cfg.study.name
+    assert tags["trial"] == str(lineage["trial"])
+    assert "sha256.gap_input_50.xyz" in tags and "gap_fit_command" in tags
+    assert "version.quippy-ase" in tags and "param.n_max" in tags
+
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/water-gap@champion")
+    validation = f"{cfg.dataset.data_dir}/gap_validate.xyz"
+    energies = model.predict([validation])
+    assert energies.shape == (6,) and np.all(np.isfinite(energies))
+
+    again = hpo_promote.promote(cfg)  # same trial: reuses the version, no duplicate
+    assert again["version"] == lineage["version"]
+
+
+@pytest.mark.parametrize("ensemble", ["nve", "nvt"])
+def test_md_with_champion(promoted_cfg, ensemble):
+    cfg = promoted_cfg(f"md={ensemble}", "md.steps=20", "md.timestep_fs=0.25")
+    result = hpo_md.main(cfg)
+    outdir = result["outdir"]
+    assert (outdir / f"{ensemble}.log").is_file() and (outdir / "md.png").is_file()
+    import ase.io
+
+    frames = ase.io.read(result["trajectory"], ":")
+    assert len(frames) == 21 and result["steps_completed"] == 20
+    assert result["break_even_steps"] > 0 and result["speedup_per_step"] > 1
+    if ensemble == "nve":
+        # a smooth small model conserves energy over 5 fs: well under 10 meV per atom
+        assert result["max_abs_energy_change_eV"] / 12 < 0.01
+
+
+def test_md_blow_up_guard_keeps_frames(promoted_cfg):
+    cfg = promoted_cfg("md.steps=20", "md.max_temperature_K=100")
+    with pytest.raises(hpo_md.MDBlowUp, match=r"temperature .* \(bound md.max_temperature_K=100"):
+        hpo_md.main(cfg)
+
+
+def test_promote_bad_inputs(tiny_cfg, tiny_overrides, tmp_path):
+    with pytest.raises(hpo_study.StudyError, match="no study named 'nothing-here'"):
+        hpo_promote.promote(tiny_cfg("study.name=nothing-here", "study.n_trials=1"))
+    cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.fit_timeout_s=0.001")
+    with pytest.raises(hpo_study.StudyError, match=r"4 of 4 trials failed \(study.max_failure_rate=0.5\)"):
+        hpo_study.run(cfg)
+    with pytest.raises(hpo_promote.PromoteError, match="has no finished trial"):
+        hpo_promote.promote(cfg)
+    done = subprocess.run(
+        [sys.executable, "-m", "hpo", "md", *tiny_overrides, "md.model_uri=models:/water-gap@missing"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert done.returncode == 2 and "does not resolve" in done.stderr
