@@ -95,3 +95,27 @@ def test_promote_bad_inputs(tiny_cfg, tiny_overrides, tmp_path):
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
     )
     assert done.returncode == 2 and "does not resolve" in done.stderr
+
+
+def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys):
+    from hpo import pipeline
+
+    overrides = [
+        f"dataset.data_dir={tiny_data}",
+        *output_overrides(tmp_path),
+        "pipeline.gap_trials=2",
+        "pipeline.gap_train_size=50",
+        "pipeline.sagpr_trials=2",
+        "pipeline.sagpr_train_size=50",
+        "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small']",
+        "pipeline.sagpr_overrides=['search=sagpr_small','model.n_max=2','model.l_max=2','model.nc=null','model.rc=3.0']",
+        "md.steps=10",
+    ]
+    first = pipeline.run(overrides)
+    assert first["md"]["steps_completed"] == 10
+    assert first["polarize"]["n_frames"] == 11
+    capsys.readouterr()
+    second = pipeline.run(overrides)
+    out = capsys.readouterr().out
+    assert out.count("reused") == 2 and out.count("reusing") == 2 and "already holds study" in out
+    assert second["gap_version"] == first["gap_version"] and second["md"] == first["md"]

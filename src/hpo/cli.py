@@ -22,11 +22,20 @@ commands:
   fit        fit the model once with the config's parameters and log it to MLflow
   promote    register a study's best trial in the MLflow model registry (alias champion)
   md         run NVE (md=nve) or NVT (md=nvt) dynamics with the champion GAP
+  polarize   predict the polarizability of every frame of a trajectory with the champion SA-GPR
+  pipeline   GAP study -> SA-GPR study -> promote both -> MD -> polarizability (budgets: conf/pipeline/)
+  learning-curve   train/validation RMSE vs training-set size (learning_curve.sizes), CSV + PNG + slope
+  sweep-param      train/validation RMSE vs one or two parameters (sweep.param, sweep.values)
+  report     one self-contained HTML page for a study (study.name=...)
 
 examples:
   python -m hpo optimize dataset.train_size=100 study.n_trials=30
   python -m hpo optimize --multirun dataset.train_size=50,100
   python -m hpo fit model.default_sigma.energy=0.05
+  python -m hpo optimize model=sagpr study.n_trials=30
+  python -m hpo promote study.name=water-gap-50
+  python -m hpo md md=nvt
+  python -m hpo sweep-param sweep.param=default_sigma.energy "sweep.values=[0.001,0.01,0.1]"
 """
 
 
@@ -75,7 +84,50 @@ def md(cfg: DictConfig) -> None:
     hpo_md.main(cfg)
 
 
-COMMANDS: dict[str, Callable[[DictConfig], None]] = {"optimize": optimize, "fit": fit, "promote": promote, "md": md}
+def polarize(cfg: DictConfig) -> None:
+    from hpo import polarize as hpo_polarize
+
+    hpo_polarize.main(cfg)
+
+
+def pipeline(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from hpo import pipeline as hpo_pipeline
+
+    # the stages are composed anew (model=gap, model=sagpr) from the user's own overrides
+    hpo_pipeline.run(list(HydraConfig.get().overrides.task))
+
+
+def learning_curve(cfg: DictConfig) -> None:
+    from hpo import curves
+
+    curves.learning_curve(cfg)
+
+
+def sweep_param(cfg: DictConfig) -> None:
+    from hpo import curves
+
+    curves.sweep_param(cfg)
+
+
+def report(cfg: DictConfig) -> None:
+    from hpo import report as hpo_report
+
+    hpo_report.report(cfg)
+
+
+COMMANDS: dict[str, Callable[[DictConfig], None]] = {
+    "optimize": optimize,
+    "fit": fit,
+    "promote": promote,
+    "md": md,
+    "polarize": polarize,
+    "pipeline": pipeline,
+    "learning-curve": learning_curve,
+    "sweep-param": sweep_param,
+    "report": report,
+}
 
 
 def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
@@ -84,12 +136,13 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
     def wrapped(cfg: DictConfig) -> None:
         from hpo.data import DataError
         from hpo.md import MDBlowUp
+        from hpo.polarize import PolarizeError
         from hpo.promote import PromoteError
         from hpo.study import StudyError
 
         try:
             task(cfg)
-        except (ConfigError, DataError, StudyError, PromoteError, MDBlowUp) as exc:
+        except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 

@@ -25,7 +25,7 @@ DIRECTIONS = ("minimize", "maximize")
 PARAM_TYPES = ("float", "int", "categorical")
 
 # Allowed values of model parameters, as data: "positive" (> 0), "count" (integer >= 1),
-# "non_negative_int" (integer >= 0), or a tuple of allowed strings. gap_fit exits 0 on
+# "optional_count" (null or integer >= 1), "non_negative_int" (integer >= 0), or a tuple of allowed strings. gap_fit exits 0 on
 # some impossible values (delta < 0, zeta = 0), so every trial's parameters are checked too.
 MODEL_CONSTRAINTS = {
     "gap": {
@@ -50,9 +50,17 @@ MODEL_CONSTRAINTS = {
         "zeta": "count",
         "reg0": "positive",
         "reg2": "positive",
+        "nc": "optional_count",
+        "symmetry_tol": "positive",
+        "cache_max_gb": "positive",
     },
 }
-ALLOWED_TEXT = {"positive": "a positive number", "count": "an integer >= 1", "non_negative_int": "an integer >= 0"}
+ALLOWED_TEXT = {
+    "positive": "a positive number",
+    "count": "an integer >= 1",
+    "optional_count": "null or an integer >= 1",
+    "non_negative_int": "an integer >= 0",
+}
 
 
 class ConfigError(ValueError):
@@ -74,6 +82,7 @@ class SearchParam:
     low: float | None = None
     high: float | None = None
     log: bool = False
+    step: float | None = None
     choices: tuple | None = None
 
 
@@ -89,6 +98,7 @@ def search_space(cfg: DictConfig) -> list[SearchParam]:
                 low=spec.get("low"),
                 high=spec.get("high"),
                 log=bool(spec.get("log", False)),
+                step=spec.get("step"),
                 choices=tuple(spec["choices"]) if "choices" in spec else None,
             )
         )
@@ -136,8 +146,10 @@ def allowed(rule, value) -> bool:
         return value in rule
     if rule == "positive":
         return _is_number(value) and value > 0
+    if rule == "optional_count" and value is None:
+        return True
     integer = isinstance(value, int) and not isinstance(value, bool)
-    return integer and value >= (1 if rule == "count" else 0)
+    return integer and value >= (0 if rule == "non_negative_int" else 1)
 
 
 def check_model(model: dict, prefix: str = "model") -> None:
@@ -212,6 +224,9 @@ def _validate_space(cfg: DictConfig, model: dict) -> None:
             _fail(f"{key}", f"[{low}, {high}]", "integer bounds for type int")
         if spec.get("log", False) and low <= 0:
             _fail(f"{key}.low", low, "a positive number when log: true")
+        step = spec.get("step")
+        if step is not None and (not _is_number(step) or step <= 0 or spec.get("log", False)):
+            _fail(f"{key}.step", step, "a positive number, and no step together with log: true")
         rule = MODEL_CONSTRAINTS[model["kind"]].get(str(name))
         if rule is not None:
             for bound, value in (("low", low), ("high", high)):

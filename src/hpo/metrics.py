@@ -36,12 +36,11 @@ def energy_force_metrics(
     return metrics
 
 
-def overfitting(metrics: dict[str, float], quantity: str, ratio_threshold: float) -> tuple[dict[str, float], bool]:
-    """``{quantity}_rmse_gap`` = val - train and ``{quantity}_rmse_ratio`` = val / train.
+def overfitting(train_rmse: float, val_rmse: float, ratio_threshold: float) -> tuple[float, float, bool]:
+    """The gap val - train, the ratio val / train, and whether the ratio passes ``ratio_threshold``.
 
-    A ratio above ``ratio_threshold`` flags the model as overfit: it explains its
-    training data much better than data it has not seen.
+    A model whose ratio is high explains its training data much better than
+    data it has not seen: it is overfit.
     """
-    train, val = metrics[f"train_{quantity}_rmse"], metrics[f"val_{quantity}_rmse"]
-    ratio = val / train if train > 0 else float("inf")
-    return {f"{quantity}_rmse_gap": val - train, f"{quantity}_rmse_ratio": ratio}, bool(ratio > ratio_threshold)
+    ratio = val_rmse / train_rmse if train_rmse > 0 else float("inf")
+    return val_rmse - train_rmse, ratio, bool(ratio > ratio_threshold)

@@ -51,9 +51,10 @@ def suggest(trial: optuna.Trial, space: list[SearchParam]) -> dict[str, object]:
     values = {}
     for param in space:
         if param.type == "float":
-            values[param.name] = trial.suggest_float(param.name, param.low, param.high, log=param.log)
+            values[param.name] = trial.suggest_float(param.name, param.low, param.high, log=param.log, step=param.step)
         elif param.type == "int":
-            values[param.name] = trial.suggest_int(param.name, int(param.low), int(param.high), log=param.log)
+            step = int(param.step or 1)
+            values[param.name] = trial.suggest_int(param.name, int(param.low), int(param.high), log=param.log, step=step)
         else:
             values[param.name] = trial.suggest_categorical(param.name, list(param.choices))
     return values
@@ -107,9 +108,13 @@ def score_gap(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
     nan = [k for k, v in found.items() if not math.isfinite(v)]
     if nan:
         raise TrialFailure("nan_metric", f"non-finite metrics {nan} (the fit diverged)")
-    energy_signal, energy_overfit = metrics.overfitting(found, "energy", cfg.overfit_ratio)
-    force_signal, force_overfit = metrics.overfitting(found, "force", cfg.overfit_ratio)
-    found.update(energy_signal, **force_signal, fit_time_s=fitted.fit_time_s, eval_time_s=eval_time)
+    flags = {}
+    for quantity in ("energy", "force"):
+        gap_, ratio, flags[quantity] = metrics.overfitting(
+            found[f"train_{quantity}_rmse"], found[f"val_{quantity}_rmse"], cfg.overfit_ratio
+        )
+        found[f"{quantity}_rmse_gap"], found[f"{quantity}_rmse_ratio"] = gap_, ratio
+    found.update(fit_time_s=fitted.fit_time_s, eval_time_s=eval_time)
 
     title = f"GAP, {data.train.path.name} ({len(data.train)}) / {data.val.path.name} ({len(data.val)})"
     parity = plots.parity_plot(
@@ -121,8 +126,8 @@ def score_gap(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
     )
     return Scored(
         metrics=found,
-        params={**flatten(model), "n_sparse_requested": requested},
-        tags={"overfit": str(energy_overfit).lower(), "overfit_force": str(force_overfit).lower(), "gap_fit_command": fitted.command_line},
+        params={**flatten(model), "n_sparse_requested": requested, "threads": cfg.threads},
+        tags={"overfit": str(flags["energy"]).lower(), "overfit_force": str(flags["force"]).lower(), "gap_fit_command": fitted.command_line},
         artifacts=[workdir / "gap_fit.cmd", workdir / "gap_fit.out", workdir / "gap_fit.err", workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
         model_files=[fitted.model_file],
     )
@@ -141,7 +146,16 @@ def classify(exc: BaseException) -> str:
 class Objective:
     """The Optuna objective: one call = one trial = one nested MLflow run."""
 
-    def __init__(self, cfg, model: dict, space: list[SearchParam], data: Datasets, tracker: Tracker, parent_run_id: str, workroot: Path):
+    def __init__(
+        self,
+        cfg,
+        model: dict,
+        space: list[SearchParam],
+        data: Datasets,
+        tracker: Tracker,
+        parent_run_id: str,
+        workroot: Path,
+    ):
         self.cfg = cfg
         self.model = model
         self.space = space
@@ -177,7 +191,7 @@ class Objective:
             self.tracker.end_run(run_id, "FAILED")
             raise
         value = metric_value(scored.metrics, self.cfg.study.metric)
-        for key in (self.cfg.study.metric, "train_energy_rmse", "val_energy_rmse", "energy_rmse_ratio", "val_rmse", "train_rmse"):
+        for key in (self.cfg.study.metric, "train_energy_rmse", "val_energy_rmse", "energy_rmse_ratio", "val_rmse", "train_rmse", "rmse_ratio"):
             if key in scored.metrics:
                 trial.set_user_attr(key, scored.metrics[key])
         trial.set_user_attr("overfit", scored.tags.get("overfit") == "true")

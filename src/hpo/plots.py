@@ -77,3 +77,27 @@ def tensor_components_plot(path: Path, time_fs, tensors: np.ndarray, title: str,
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def tensor_parity_plot(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, unit: str = "a.u.") -> Path:
+    """Predicted vs reference for each of the 6 unique components of (n, 3, 3) tensors, one panel each."""
+    components = {"xx": (0, 0), "xy": (0, 1), "xz": (0, 2), "yy": (1, 1), "yz": (1, 2), "zz": (2, 2)}
+    fig, axes = plt.subplots(2, 3, figsize=(11, 7))
+    for ax, (name, (i, j)) in zip(axes.ravel(), components.items()):
+        values = []
+        for label, (true, pred) in series.items():
+            t, p = true[:, i, j], pred[:, i, j]
+            ax.scatter(t, p, s=10, alpha=0.7, label=f"{label} (RMSE {np.sqrt(np.mean((p - t) ** 2)):.3g})")
+            values += [t.min(), t.max(), p.min(), p.max()]
+        low, high = min(values), max(values)
+        ax.plot([low, high], [low, high], "k--", lw=1, label="y = x")
+        ax.set_title(name)
+        ax.set_xlabel(f"reference ({unit})")
+        ax.set_ylabel(f"predicted ({unit})")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    return path

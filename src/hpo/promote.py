@@ -201,10 +201,15 @@ def version_tags(uri: str, tracking_uri: str) -> dict[str, str]:
     if not uri.startswith("models:/"):
         return {}
     client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
-    name, _, ref = uri.removeprefix("models:/").partition("@")
+    path = uri.removeprefix("models:/")
     try:
-        version = client.get_model_version_by_alias(name, ref) if ref else None
-    except MlflowException:
+        if "@" in path:  # models:/name@alias
+            name, alias = path.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias)
+        else:  # models:/name/version
+            name, number = path.rsplit("/", 1)
+            version = client.get_model_version(name, number)
+    except (MlflowException, ValueError):
         return {}
-    return dict(version.tags, registered_model=name, version=version.version) if version else {}
+    return dict(version.tags, registered_model=name, version=version.version)
 

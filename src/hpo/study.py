@@ -11,13 +11,19 @@ from __future__ import annotations
 import gzip
 import shutil
 import sys
+import datetime
+import multiprocessing
+import os
 import time
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import optuna
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
@@ -26,16 +32,16 @@ from hpo.data import load_datasets
 from hpo.objective import Objective, default_values
 from hpo.tracking import Tracker, provenance_tags
 
-HEARTBEAT_S = 30
-GRACE_S = 90
-
-
 class StudyError(RuntimeError):
     """The study cannot go on (storage, search space, failure rate)."""
 
 
-def make_storage(url: str):
-    """An Optuna storage for ``study.storage``; a trial whose worker died is failed after ``GRACE_S``."""
+def make_storage(url: str, heartbeat_s: int = 30, grace_s: int = 90):
+    """An Optuna storage for ``study.storage``.
+
+    A trial whose worker died stops sending heartbeats; after ``grace_s`` the
+    next worker marks it failed and re-enqueues its parameters once.
+    """
     try:
         if url.startswith("journal:"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -50,8 +56,10 @@ def make_storage(url: str):
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return RDBStorage(
                 url,
-                heartbeat_interval=HEARTBEAT_S,
-                grace_period=GRACE_S,
+                # several worker processes write to one SQLite file: wait for the lock instead of failing
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                heartbeat_interval=heartbeat_s,
+                grace_period=grace_s,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except Exception as exc:
@@ -61,12 +69,14 @@ def make_storage(url: str):
         ) from exc
 
 
-def make_sampler(cfg, space: list[SearchParam]) -> optuna.samplers.BaseSampler:
+def make_sampler(cfg, space: list[SearchParam], worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The configured sampler; worker ``i`` of a parallel study draws from seed ``study.seed + i``."""
     study = cfg.study
+    seed = study.seed + worker
     if study.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=study.seed)
+        return optuna.samplers.TPESampler(seed=seed)
     if study.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=study.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     grid = {}
     for param in space:
         if param.type == "categorical":
@@ -75,7 +85,7 @@ def make_sampler(cfg, space: list[SearchParam]) -> optuna.samplers.BaseSampler:
             grid[param.name] = sorted({int(round(v)) for v in _grid_points(param, study.grid_points)})
         else:
             grid[param.name] = list(_grid_points(param, study.grid_points))
-    return optuna.samplers.GridSampler(grid, seed=study.seed)
+    return optuna.samplers.GridSampler(grid, seed=seed)
 
 
 def _grid_points(param: SearchParam, n: int):
@@ -88,9 +98,9 @@ def _grid_points(param: SearchParam, n: int):
 
 def distribution(param: SearchParam):
     if param.type == "float":
-        return FloatDistribution(param.low, param.high, log=param.log)
+        return FloatDistribution(param.low, param.high, log=param.log, step=param.step)
     if param.type == "int":
-        return IntDistribution(int(param.low), int(param.high), log=param.log)
+        return IntDistribution(int(param.low), int(param.high), log=param.log, step=int(param.step or 1))
     return CategoricalDistribution(list(param.choices))
 
 
@@ -111,13 +121,13 @@ def check_space_matches(study: optuna.Study, space: list[SearchParam]) -> None:
             )
 
 
-def open_study(cfg, space: list[SearchParam]) -> optuna.Study:
-    storage = make_storage(str(cfg.study.storage))
+def open_study(cfg, space: list[SearchParam], worker: int = 0) -> optuna.Study:
+    storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
     try:
         study = optuna.create_study(
             storage=storage,
             study_name=cfg.study.name,
-            sampler=make_sampler(cfg, space),
+            sampler=make_sampler(cfg, space, worker),
             direction=cfg.study.direction,
             load_if_exists=True,
         )
@@ -132,18 +142,13 @@ def count(study: optuna.Study, *states: TrialState) -> int:
 
 
 class Progress:
-    """Prints one line per finished trial and stops the study when too many fail."""
+    """Prints one line per ended trial: its value or failure, the count and the best so far."""
 
-    def __init__(self, n_trials: int, max_failure_rate: float, min_trials: int):
-        self.n_trials = n_trials
-        self.max_failure_rate = max_failure_rate
-        self.min_trials = min_trials
+    def __init__(self, study_cfg):
+        self.study_cfg = study_cfg
         self.started = time.perf_counter()
-        self.aborted: str | None = None
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        done = count(study, TrialState.COMPLETE)
-        failed = count(study, TrialState.FAIL)
         if trial.state == TrialState.COMPLETE:
             outcome = f"{trial.value:.5g}"
         else:
@@ -152,31 +157,28 @@ class Progress:
             best = f"{study.best_value:.5g} (trial {study.best_trial.number})"
         except ValueError:
             best = "none yet"
-        elapsed = time.perf_counter() - self.started
         print(
-            f"[hpo] trial {trial.number}: {outcome} | finished {done}/{self.n_trials}, failed {failed} | "
-            f"best {best} | {elapsed:.0f} s",
+            f"[hpo] trial {trial.number}: {outcome} | finished {count(study, TrialState.COMPLETE)}/{self.study_cfg.n_trials}, "
+            f"failed {count(study, TrialState.FAIL)} | best {best} | {time.perf_counter() - self.started:.0f} s",
             flush=True,
         )
-        attempts = done + failed
-        if attempts >= self.min_trials and failed / attempts > self.max_failure_rate:
-            self.aborted = (
-                f"{failed} of {attempts} trials failed (study.max_failure_rate={self.max_failure_rate}); "
-                f"last failure: {trial.user_attrs.get('failure_message', '?')[-500:]}"
-            )
-            study.stop()
 
 
 def run(cfg) -> optuna.Study:
-    """Resume or start the study of ``cfg`` until it holds ``study.n_trials`` finished trials."""
+    """Resume or start the study of ``cfg`` until it holds ``study.n_trials`` finished trials.
+
+    With ``study.n_workers`` > 1 the trials run in that many processes (quippy
+    holds the GIL, so threads would not help), all sharing the one storage and
+    the one MLflow parent run created here before any worker starts: concurrent
+    first creation of the databases races.
+    """
     hpo_config.validate(cfg)
     space = hpo_config.search_space(cfg)
     model = hpo_config.model_params(cfg)
     data = load_datasets(cfg)
     study = open_study(cfg, space)
     tracker = Tracker(cfg.tracking)
-    workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
-
+    n_workers = cfg.study.n_workers
     parent = tracker.start_run(
         f"optimize-{cfg.study.name}",
         tags={
@@ -188,6 +190,7 @@ def run(cfg) -> optuna.Study:
             "seed": cfg.study.seed,
             "model_kind": model["kind"],
             "threads": cfg.threads,
+            "n_workers": n_workers,
         },
     )
     tracker.log_config(parent, cfg)
@@ -198,30 +201,111 @@ def run(cfg) -> optuna.Study:
     remaining = cfg.study.n_trials - count(study, TrialState.COMPLETE)
     print(
         f"[hpo] study {cfg.study.name!r} in {cfg.study.storage}: {count(study, TrialState.COMPLETE)} finished, "
-        f"{max(remaining, 0)} to go; {len(data.train)} training / {len(data.val)} validation frames",
+        f"{max(remaining, 0)} to go with {n_workers} worker(s); {len(data.train)} training / {len(data.val)} validation frames",
         flush=True,
     )
-    progress = Progress(cfg.study.n_trials, cfg.study.max_failure_rate, cfg.study.min_trials_for_failure_rate)
     status = "FINISHED"
     try:
-        if remaining > 0:
-            study.optimize(
-                Objective(cfg, model, space, data, tracker, parent, workroot),
-                timeout=cfg.study.timeout_s,
-                catch=(Exception,),
-                callbacks=[optuna.study.MaxTrialsCallback(cfg.study.n_trials, states=(TrialState.COMPLETE,)), progress],
-            )
+        if remaining > 0 and n_workers == 1:
+            optimize(cfg, parent, data)
+        elif remaining > 0:
+            spawn = multiprocessing.get_context("spawn")
+            container = OmegaConf.to_container(cfg, resolve=True)
+            workers = [spawn.Process(target=_worker, args=(container, parent, i), name=f"hpo-worker-{i}") for i in range(n_workers)]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
     except KeyboardInterrupt:
         status = "KILLED"
         raise
     finally:
         close_orphan_runs(study, tracker)
+        verdict = failure_verdict(study, cfg.study)
         if count(study, TrialState.COMPLETE):
             summarise(study, tracker, parent)
-        tracker.end_run(parent, status if not progress.aborted else "FAILED")
-    if progress.aborted:
-        raise StudyError(progress.aborted)
+        tracker.end_run(parent, "FAILED" if verdict else status)
+    if verdict:
+        raise StudyError(verdict)
     return study
+
+
+def storage_of(study: optuna.Study):
+    return study._storage  # Optuna exposes no public accessor; needed for the heartbeat check
+
+
+def threads_per_worker(cfg) -> int:
+    """``threads`` is the machine's budget: divide it among the workers."""
+    return max(1, cfg.threads // cfg.study.n_workers)
+
+
+def optimize(cfg, parent_run_id: str, data=None, worker: int = 0) -> None:
+    """One worker's loop: run trials until the study holds ``n_trials`` finished ones.
+
+    Before each trial the worker counts finished and running trials, so that
+    several workers together stop at exactly ``n_trials`` finished ones; a
+    running trial may still fail, so while others run the worker waits rather
+    than leaves. Trials of dead workers are failed first (heartbeats).
+    """
+    cfg = OmegaConf.merge(cfg, {"threads": threads_per_worker(cfg)})
+    space = hpo_config.search_space(cfg)
+    model = hpo_config.model_params(cfg)
+    data = data if data is not None else load_datasets(cfg)
+    study = open_study(cfg, space, worker)
+    tracker = Tracker(cfg.tracking)
+    workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
+    objective = Objective(cfg, model, space, data, tracker, parent_run_id, workroot)
+    progress = Progress(cfg.study)
+    # Journal storage has no heartbeats: a killed worker's trial there stays RUNNING and is not waited for.
+    heartbeats = is_heartbeat_enabled(storage_of(study))
+    deadline = time.monotonic() + (cfg.study.timeout_s or float("inf"))
+    while time.monotonic() < deadline and not failure_verdict(study, cfg.study):
+        if heartbeats:
+            fail_stale_trials(study)
+            fail_unstarted_trials(study, cfg.study.grace_s)
+        done, running = count(study, TrialState.COMPLETE), count(study, TrialState.RUNNING)
+        if done >= cfg.study.n_trials or (done + running >= cfg.study.n_trials and not heartbeats):
+            break
+        if done + running >= cfg.study.n_trials:
+            time.sleep(1.0)
+            continue
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
+
+
+def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
+    """Fail RUNNING trials whose worker died before the objective started.
+
+    Optuna only fails trials that have sent a heartbeat; a worker killed between
+    creating a trial and its first heartbeat leaves it RUNNING forever. The
+    objective's first act is to set ``mlflow_run_id``, after the heartbeat
+    thread has started, so a trial without it after ``grace_s`` never ran.
+    """
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if "mlflow_run_id" not in trial.user_attrs and started and (now - started).total_seconds() > grace_s:
+            storage_of(study).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def _worker(container: dict, parent_run_id: str, index: int) -> None:
+    """Entry point of a worker process (module level, so ``spawn`` can import it)."""
+    cfg = OmegaConf.create(container)
+    print(f"[hpo] worker {index} started (pid {os.getpid()}, {threads_per_worker(cfg)} thread(s))", flush=True)
+    optimize(cfg, parent_run_id, worker=index)
+
+
+def failure_verdict(study: optuna.Study, study_cfg) -> str | None:
+    """A message when more than ``max_failure_rate`` of the ended trials failed, else None."""
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    attempts = len(failed) + count(study, TrialState.COMPLETE)
+    if attempts < study_cfg.min_trials_for_failure_rate or len(failed) / attempts <= study_cfg.max_failure_rate:
+        return None
+    reasons = Counter(t.user_attrs.get("failure", "killed") for t in failed)
+    last = failed[-1].user_attrs.get("failure_message", "")[-500:]
+    return (
+        f"{len(failed)} of {attempts} trials failed (study.max_failure_rate={study_cfg.max_failure_rate}); "
+        f"reasons: {dict(reasons)}; last failure: {last}"
+    )
 
 
 def close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:

@@ -1,0 +1,103 @@
+"""``python -m hpo pipeline``: GAP study -> SA-GPR study -> promote both -> MD -> polarizability.
+
+Each stage is one of the other commands, composed from the same overrides
+plus the budgets in ``conf/pipeline/``. A stage whose result already exists
+for the same config and data is reused: a study that already holds its
+trials runs none, a promoted trial is not registered twice, and MD and
+polarizability outputs are keyed by the model version and their settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from hpo import md as hpo_md
+from hpo import polarize as hpo_polarize
+from hpo import promote as hpo_promote
+from hpo import study as hpo_study
+from hpo.atomic import write_text
+from hpo.config import load_config, output_path, search_space
+
+
+def stage_key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def optimize_unless_done(cfg) -> None:
+    study = hpo_study.open_study(cfg, search_space(cfg))
+    done = hpo_study.count(study, hpo_study.TrialState.COMPLETE)
+    if done >= cfg.study.n_trials:
+        print(f"[hpo] pipeline: study {cfg.study.name!r} already holds {done} finished trials: reused", flush=True)
+        return
+    hpo_study.run(cfg)
+
+
+def cached_stage(marker: Path, compute) -> dict:
+    """Run ``compute`` unless ``marker`` (its JSON summary) exists from an earlier run."""
+    if marker.is_file():
+        print(f"[hpo] pipeline: reusing {marker.parent}", flush=True)
+        return json.loads(marker.read_text())
+    result = compute()
+    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items() if not hasattr(v, "shape")}
+    write_text(marker, json.dumps(summary, indent=2))
+    return summary
+
+
+def run(overrides: list[str]) -> dict:
+    """Every stage of the workflow; ``overrides`` are the user's Hydra overrides."""
+    base = load_config(overrides)
+    budget = base.pipeline
+    gap_overrides = [
+        *overrides, "model=gap", f"study.n_trials={budget.gap_trials}", f"dataset.train_size={budget.gap_train_size}", *budget.gap_overrides
+    ]
+    sagpr_overrides = [
+        *overrides,
+        "model=sagpr",
+        f"study.n_trials={budget.sagpr_trials}",
+        f"dataset.train_size={budget.sagpr_train_size}",
+        *budget.sagpr_overrides,
+    ]
+    gap_cfg, sagpr_cfg = load_config(gap_overrides), load_config(sagpr_overrides)
+
+    optimize_unless_done(gap_cfg)
+    optimize_unless_done(sagpr_cfg)
+    gap_version = hpo_promote.promote(gap_cfg)
+    sagpr_version = hpo_promote.promote(sagpr_cfg)
+
+    root = output_path(base.experiments_dir) / "pipeline"
+    md_settings = OmegaConf.to_container(base.md, resolve=True)
+    md_dir = root / f"md-{stage_key(gap_version['name'], gap_version['version'], md_settings)}"
+
+    md_result = cached_stage(
+        md_dir / "md.json",
+        lambda: hpo_md.main(load_config([*gap_overrides, f"md.model_uri=models:/{gap_version['name']}/{gap_version['version']}"])),
+    )
+    trajectory = md_result["trajectory"]
+    polarize_dir = root / f"polarize-{stage_key(sagpr_version['name'], sagpr_version['version'], trajectory)}"
+    polarize_result = cached_stage(
+        polarize_dir / "polarize.json",
+        lambda: hpo_polarize.main(
+            load_config(
+                [
+                    *sagpr_overrides,
+                    f"polarize.model_uri=models:/{sagpr_version['name']}/{sagpr_version['version']}",
+                    f"polarize.trajectory={trajectory}",
+                    f"polarize.reference_train_size={budget.sagpr_train_size}",
+                ]
+            )
+        ),
+    )
+    summary = {
+        "gap_version": gap_version["version"],
+        "gap_val_energy_rmse": gap_version.get("objective"),
+        "sagpr_version": sagpr_version["version"],
+        "sagpr_val_rmse": sagpr_version.get("objective"),
+        "md": md_result,
+        "polarize": polarize_result,
+    }
+    print(f"[hpo] pipeline done: GAP version {gap_version['version']}, SA-GPR version {sagpr_version['version']}", flush=True)
+    return summary

@@ -1,0 +1,101 @@
+"""Polarizability of every frame of an MD trajectory, from a promoted SA-GPR model.
+
+Writes ``trajectory_cartesian.out`` (one line of 9 numbers per frame, the
+layout of the hand workflow), the trajectory again as extended XYZ with a
+``Polarizability`` key per frame, and a PNG of xx, yy, zz and xy against time.
+The predictions are compared with the training data: a frame whose tensor lies
+far outside the training distribution is reported, since the model is then
+extrapolating.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import ase.io
+import numpy as np
+
+from hpo import plots, promote
+from hpo.atomic import atomic_write
+from hpo.data import DataError, find_data_dir, read_frames
+from hpo.tracking import Tracker, provenance_tags
+
+DIAGONAL = {"xx": (0, 0), "yy": (1, 1), "zz": (2, 2), "xy": (0, 1)}
+
+
+class PolarizeError(ValueError):
+    """The trajectory cannot be predicted by this model (e.g. other species)."""
+
+
+def outliers(predicted: np.ndarray, reference: np.ndarray, n_sigma: float) -> np.ndarray:
+    """Indices of frames with a component more than ``n_sigma`` reference std from the reference mean."""
+    mean, std = reference.mean(axis=0), reference.std(axis=0)
+    z = np.abs(predicted - mean) / np.where(std > 0, std, np.inf)
+    return np.flatnonzero(z.max(axis=(1, 2)) > n_sigma)
+
+
+def comparison_table(predicted: np.ndarray, reference: np.ndarray) -> tuple[str, dict[str, float]]:
+    """Mean and range of the predicted components next to the training data's."""
+    lines = [f"  {'component':<10}{'predicted mean':>16}{'range':>22}{'training mean':>16}{'range':>22}"]
+    metrics = {}
+    for name, (i, j) in DIAGONAL.items():
+        p, r = predicted[:, i, j], reference[:, i, j]
+        lines.append(
+            f"  {name:<10}{p.mean():>16.3f}{f'[{p.min():.2f}, {p.max():.2f}]':>22}"
+            f"{r.mean():>16.3f}{f'[{r.min():.2f}, {r.max():.2f}]':>22}"
+        )
+        metrics.update({f"pred_mean_{name}": p.mean(), f"pred_std_{name}": p.std(), f"train_mean_{name}": r.mean()})
+    return "\n".join(lines), metrics
+
+
+def main(cfg) -> dict:
+    """``python -m hpo polarize``: predict ``polarize.trajectory`` with ``polarize.model_uri``."""
+    from hpo.sagpr import SAGPR
+
+    settings = cfg.polarize
+    trajectory = Path(settings.trajectory).expanduser()
+    if not trajectory.is_file():
+        raise DataError(f"polarize.trajectory={settings.trajectory!r} does not exist; run `hpo md` first or give a file")
+    tracker = Tracker(cfg.tracking)
+    outdir = Path(cfg.experiments_dir).expanduser().resolve() / "polarize" / time.strftime("%Y%m%d-%H%M%S")
+    model = SAGPR.load(promote.resolve_model(str(settings.model_uri), tracker.tracking_uri, outdir / "model"))
+    frames = ase.io.read(trajectory, ":")
+    try:
+        predicted = model.predict(frames)
+    except ValueError as exc:
+        raise PolarizeError(f"{trajectory.name}: {exc}") from exc
+
+    train_name = cfg.dataset.train_files[settings.reference_train_size]
+    reference_frames = read_frames(
+        find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=("polarizability",)
+    ).frames
+    reference = np.array([np.reshape(a.info[cfg.dataset.property_keys.polarizability], (3, 3)) for a in reference_frames])
+
+    with atomic_write(outdir / "trajectory_cartesian.out") as tmp:
+        np.savetxt(tmp, predicted.reshape(len(frames), 9), fmt="%.10f")
+    for atoms, tensor in zip(frames, predicted):
+        atoms.info[cfg.dataset.property_keys.polarizability] = tensor.ravel()
+    with atomic_write(outdir / "trajectory_polarizability.xyz") as tmp:
+        ase.io.write(tmp, frames, format="extxyz")
+    time_fs = np.array([a.info.get("time_fs", index) for index, a in enumerate(frames)], dtype=float)
+    figure = plots.tensor_components_plot(
+        outdir / "polarizability.png", time_fs, predicted, f"SA-GPR {settings.model_uri} on {trajectory.name} ({len(frames)} frames)"
+    )
+
+    table, metrics = comparison_table(predicted, reference)
+    far = outliers(predicted, reference, settings.outlier_sigma)
+    metrics.update(n_frames=len(frames), n_outside=len(far), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
+    run_id = tracker.start_run("polarize", tags={"command": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
+    tracker.log(run_id, metrics=metrics)
+    tracker.log_artifacts(run_id, [outdir / "trajectory_cartesian.out", outdir / "trajectory_polarizability.xyz", figure])
+    tracker.end_run(run_id)
+    print(f"[hpo] polarizability of {len(frames)} frames of {trajectory} in {outdir} (MLflow run {run_id})")
+    print(f"  predicted vs training data ({train_name}):\n{table}")
+    if len(far):
+        print(
+            f"[hpo] warning: {len(far)} frame(s) lie more than {settings.outlier_sigma} training std from the training mean "
+            f"(first: {far[:10].tolist()}): the model extrapolates there",
+            flush=True,
+        )
+    return {"outdir": outdir, "tensors": predicted, **metrics}

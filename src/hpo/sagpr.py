@@ -1,0 +1,520 @@
+"""Symmetry-adapted Gaussian process regression (SA-GPR) of polarizability tensors.
+
+A re-implementation of the TENSOAP/SOAPFAST ``sagpr_*`` pipeline used in the
+workshop, as one scikit-learn style estimator. The symmetric 3x3 tensor is split
+into its L=0 part (a scalar, 1 number) and its L=2 part (5 numbers); each is
+learned by kernel ridge regression with a lambda-SOAP kernel of matching
+symmetry, so predictions rotate with the structure exactly (no data
+augmentation). The antisymmetric L=1 part is not learned (it is noise in these
+data).
+
+Reference: ``shared/docs/sagpr-reference.md`` (algorithm and the numbers an
+implementation must reproduce). Numerical building blocks live in
+:mod:`hpo.sagpr_features`.
+
+Typical use::
+
+    frames = ase.io.read("gap_input_200.xyz", ":")
+    model = SAGPR(nc=200).fit(frames, read_tensors(frames, source="gap_input_200.xyz"))
+    errors = component_rmse(true_tensors, model.predict(validation_frames))
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections import Counter
+from importlib import metadata
+from numbers import Integral, Real
+from pathlib import Path
+from typing import Sequence
+
+import ase
+import ase.data
+import ase.io
+import numpy as np
+import scipy.linalg
+from sklearn.base import BaseEstimator
+from sklearn.utils._param_validation import Interval
+from sklearn.utils.validation import check_is_fitted
+
+from hpo.sagpr_features import (
+    Cache,
+    FeatureBlock,
+    Projection,
+    atomic_write_npz,
+    digest,
+    fit_projection,
+    frame_digests,
+    lambda_soap,
+    normalise,
+    structure_kernels,
+)
+
+__all__ = [
+    "SAGPR",
+    "cartesian_to_spherical",
+    "component_rmse",
+    "predict_file",
+    "read_tensors",
+    "spherical_to_cartesian",
+]
+
+# Bump when a change alters what is cached, so stale cache entries are ignored.
+CACHE_VERSION = 1
+MODEL_FORMAT = "hpo.sagpr/1"
+# Frames featurised and predicted together in predict(): bounds memory on long
+# MD trajectories.
+PREDICT_CHUNK_FRAMES = 500
+
+_SQRT2, _SQRT3, _SQRT6 = np.sqrt(2.0), np.sqrt(3.0), np.sqrt(6.0)
+# Symmetric matrices B_mu with T = sum_mu a2_mu B_mu for the L=2 part, in the
+# order (xy, yz, 3z^2 - r^2, xz, x^2 - y^2): the real m = -2..2 order of
+# featomic's lambda = 2 features, so features and targets rotate alike.
+_B2 = np.zeros((5, 3, 3))
+_B2[0, 0, 1] = _B2[0, 1, 0] = 1 / _SQRT2
+_B2[1, 1, 2] = _B2[1, 2, 1] = 1 / _SQRT2
+_B2[2] = np.diag([-1.0, -1.0, 2.0]) / _SQRT6
+_B2[3, 0, 2] = _B2[3, 2, 0] = 1 / _SQRT2
+_B2[4] = np.diag([1.0, -1.0, 0.0]) / _SQRT2
+
+
+# --------------------------------------------------------------------------- #
+# targets
+# --------------------------------------------------------------------------- #
+def read_tensors(
+    frames: Sequence[ase.Atoms],
+    key: str = "Polarizability",
+    source: str = "<frames>",
+    symmetry_tol: float = 0.1,
+) -> np.ndarray:
+    """The 3x3 tensors stored as 9 row-major numbers in ``atoms.info[key]``.
+
+    Raises ValueError naming ``source``, the frame index and the key when the
+    key is missing or does not hold 9 numbers, and when a tensor's
+    antisymmetric part (T - T^T)/2 has an entry above ``symmetry_tol``
+    (absolute): SA-GPR learns only the symmetric part, so a large antisymmetric
+    part means wrong data (e.g. a wrong key), not noise. The workshop data
+    have an antisymmetric RMS of about 0.005.
+    """
+    tensors = np.empty((len(frames), 3, 3))
+    for index, atoms in enumerate(frames):
+        if key not in atoms.info:
+            raise ValueError(f"{source}: frame {index} has no '{key}' entry in its info line")
+        try:
+            values = np.asarray(atoms.info[key], dtype=float).ravel()
+        except (TypeError, ValueError):
+            values = np.empty(0)
+        if values.size != 9:
+            raise ValueError(
+                f"{source}: frame {index}: '{key}' must hold 9 numbers (3x3 row by row), "
+                f"got {atoms.info[key]!r}"
+            )
+        tensors[index] = values.reshape(3, 3)
+    asym = np.abs(tensors - tensors.transpose(0, 2, 1)).max(axis=(1, 2)) / 2
+    if asym.size and asym.max() > symmetry_tol:
+        index = int(np.argmax(asym))
+        raise ValueError(
+            f"{source}: frame {index}: '{key}' is not symmetric: antisymmetric part "
+            f"{asym[index]:.3g} exceeds the tolerance {symmetry_tol} (absolute, max entry)"
+        )
+    return tensors
+
+
+def cartesian_to_spherical(tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split (n, 3, 3) tensors into a0 (n,) and a2 (n, 5).
+
+    a0 = -(xx + yy + zz)/sqrt(3); a2 = [(xy+yx)/sqrt(2), (yz+zy)/sqrt(2),
+    (2zz-xx-yy)/sqrt(6), (xz+zx)/sqrt(2), (xx-yy)/sqrt(2)]. For symmetric
+    tensors the map is orthonormal: |T|_F^2 = a0^2 + |a2|^2.
+    """
+    t = np.asarray(tensors, dtype=float)
+    a0 = -np.trace(t, axis1=1, axis2=2) / _SQRT3
+    # B_mu is symmetric, so <T, B_mu> symmetrises T: (xy + yx)/sqrt(2) etc.
+    a2 = np.einsum("nij,mij->nm", t, _B2)
+    return a0, a2
+
+
+def spherical_to_cartesian(a0: np.ndarray, a2: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`cartesian_to_spherical` (the result is symmetric)."""
+    a0 = np.asarray(a0, dtype=float)
+    return -a0[:, None, None] / _SQRT3 * np.eye(3) + np.einsum("nm,mij->nij", a2, _B2)
+
+
+def component_rmse(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """RMSE per Cartesian component and pooled, as in the reference table.
+
+    Keys: xx xy xz yy yz zz; unique6 (the 6 upper-triangle components pooled);
+    all9 (all 9 pooled); L0 (of a0, the -trace/sqrt(3) scalar); L2 (the 5
+    components of a2 pooled).
+    """
+    true, pred = np.asarray(true, dtype=float), np.asarray(pred, dtype=float)
+    if true.shape != pred.shape or true.shape[1:] != (3, 3):
+        raise ValueError(f"need two (n, 3, 3) arrays, got {true.shape} and {pred.shape}")
+    err = pred - true
+    out = {}
+    iu = np.triu_indices(3)
+    for (i, j) in zip(*iu):
+        out["xyz"[i] + "xyz"[j]] = float(np.sqrt(np.mean(err[:, i, j] ** 2)))
+    out["unique6"] = float(np.sqrt(np.mean(err[:, iu[0], iu[1]] ** 2)))
+    out["all9"] = float(np.sqrt(np.mean(err**2)))
+    e0, e2 = cartesian_to_spherical(err)
+    out["L0"] = float(np.sqrt(np.mean(e0**2)))
+    out["L2"] = float(np.sqrt(np.mean(e2**2)))
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# estimator
+# --------------------------------------------------------------------------- #
+class SAGPR(BaseEstimator):
+    """SA-GPR model of a symmetric rank-2 tensor (here the polarizability).
+
+    Parameters
+    ----------
+    rc, sigma : float
+        Cutoff radius and Gaussian density width (Angstrom) of the SOAP density.
+    n_max, l_max : int
+        Radial functions and maximum angular order of the density expansion.
+    zeta : int
+        Kernel exponent: atom-pair kernels are (p_a . p_b)^zeta for L=0 and
+        (P_a P_b^T)(p_a . p_b)^(zeta-1) for L=2.
+    nc : int or None
+        Feature columns kept per lambda by farthest-point sampling (None: all).
+        Fewer columns make kernels cheaper; on the workshop data nc=200 is
+        within a few percent of the full model's error.
+    reg0, reg2 : float
+        Absolute ridge regularisation of the L=0 and L=2 regressions.
+    seed : int
+        Picks the first FPS column; fixes the sparsification for given data.
+    cache_dir : str, path or None
+        Directory for the on-disk cache of features and kernels (layout in
+        :class:`hpo.sagpr_features.Cache`). Content-addressed, so safe to share
+        between runs and parallel workers; it never changes results, only
+        their cost.
+
+    Fitted attributes: ``species_`` (sorted atomic numbers), ``mean0_``,
+    ``w0_``, ``w2_``, ``timings_`` (seconds per stage of the last fit),
+    ``predict_timings_``, ``cache_stats_`` (hit/miss counts).
+    """
+
+    _parameter_constraints: dict = {
+        "rc": [Interval(Real, 0, None, closed="neither")],
+        "sigma": [Interval(Real, 0, None, closed="neither")],
+        "n_max": [Interval(Integral, 1, None, closed="left")],
+        # lambda = 2 needs l1 + l2 >= 2, so at least l = 1
+        "l_max": [Interval(Integral, 1, None, closed="left")],
+        # integer: dot products of SOAP vectors may be negative
+        "zeta": [Interval(Integral, 1, None, closed="left")],
+        "nc": [Interval(Integral, 1, None, closed="left"), None],
+        "reg0": [Interval(Real, 0, None, closed="left")],
+        "reg2": [Interval(Real, 0, None, closed="left")],
+        "seed": [Interval(Integral, 0, 2**32 - 1, closed="both")],
+        "cache_dir": [str, os.PathLike, None],
+    }
+
+    def __init__(
+        self,
+        rc: float = 4.0,
+        sigma: float = 0.3,
+        n_max: int = 8,
+        l_max: int = 6,
+        zeta: int = 2,
+        nc: int | None = 200,
+        reg0: float = 1e-8,
+        reg2: float = 1e-5,
+        seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
+    ):
+        self.rc = rc
+        self.sigma = sigma
+        self.n_max = n_max
+        self.l_max = l_max
+        self.zeta = zeta
+        self.nc = nc
+        self.reg0 = reg0
+        self.reg2 = reg2
+        self.seed = seed
+        self.cache_dir = cache_dir
+
+    # -- fit / predict --------------------------------------------------------
+    def fit(self, frames: Sequence[ase.Atoms], tensors: np.ndarray) -> "SAGPR":
+        """Learn from ``frames`` and their (n, 3, 3) ``tensors``."""
+        self._validate_params()
+        frames = list(frames)
+        tensors = np.asarray(tensors, dtype=float)
+        if tensors.shape != (len(frames), 3, 3):
+            raise ValueError(
+                f"tensors must have shape (n_frames, 3, 3) = ({len(frames)}, 3, 3), "
+                f"got {tensors.shape}"
+            )
+        if not np.isfinite(tensors).all():
+            raise ValueError("tensors contain NaN or infinite values")
+        if not frames:
+            raise ValueError("cannot fit on zero frames")
+        _check_frames(frames)
+
+        cache = Cache(self.cache_dir)
+        self.cache_stats_ = cache.stats
+        t0 = time.perf_counter()
+        self.species_ = np.unique(np.concatenate([a.numbers for a in frames]))
+        self.fit_key_ = digest("fit", self._raw_key(), self.nc, self.seed, frame_digests(frames))
+        state = cache.get("fit", self.fit_key_)
+        if state is None:
+            state = self._fit_features(frames, cache)
+            cache.put("fit", self.fit_key_, state)
+        self.projections_ = _projections_from_arrays(state)
+        self.train_ = FeatureBlock(state["p0"], state["p2"], state["counts"])
+        t1 = time.perf_counter()
+
+        kernels = cache.get("train_kernels", digest(self.fit_key_, self.zeta))
+        if kernels is None:
+            k0, k2 = structure_kernels(self.train_, None, self.zeta)
+            cache.put("train_kernels", digest(self.fit_key_, self.zeta), {"k0": k0, "k2": k2})
+        else:
+            k0, k2 = kernels["k0"], kernels["k2"]
+        t2 = time.perf_counter()
+
+        a0, a2 = cartesian_to_spherical(tensors)
+        # as in the original, only L=0 is centred: the mean L=2 part of
+        # randomly oriented structures is zero
+        self.mean0_ = float(a0.mean())
+        self.w0_ = _ridge_solve(k0, self.reg0, a0 - self.mean0_)
+        n = len(frames)
+        self.w2_ = _ridge_solve(k2.reshape(5 * n, 5 * n), self.reg2, a2.ravel())
+        t3 = time.perf_counter()
+        self.timings_ = {
+            "features_s": t1 - t0,
+            "kernels_s": t2 - t1,
+            "solve_s": t3 - t2,
+            "total_s": t3 - t0,
+        }
+        return self
+
+    def predict(self, frames: Sequence[ase.Atoms]) -> np.ndarray:
+        """Predicted (n, 3, 3) symmetric tensors of ``frames``."""
+        check_is_fitted(self, "w2_")
+        frames = list(frames)
+        _check_frames(frames, self.species_)
+        cache = Cache(self.cache_dir)
+        timings = Counter()
+        out = np.empty((len(frames), 3, 3))
+        for start in range(0, len(frames), PREDICT_CHUNK_FRAMES):
+            chunk = frames[start : start + PREDICT_CHUNK_FRAMES]
+            t0 = time.perf_counter()
+            key = digest(self.fit_key_, self.zeta, frame_digests(chunk))
+            kernels = cache.get("test_kernels", key)
+            if kernels is None:
+                features = self._transform(chunk, cache)
+                t1 = time.perf_counter()
+                k0, k2 = structure_kernels(features, self.train_, self.zeta)
+                cache.put("test_kernels", key, {"k0": k0, "k2": k2})
+            else:
+                t1 = time.perf_counter()
+                k0, k2 = kernels["k0"], kernels["k2"]
+            a0 = k0 @ self.w0_ + self.mean0_
+            a2 = (k2.reshape(5 * len(chunk), -1) @ self.w2_).reshape(-1, 5)
+            out[start : start + len(chunk)] = spherical_to_cartesian(a0, a2)
+            t2 = time.perf_counter()
+            timings["features_s"] += t1 - t0
+            timings["kernels_s"] += t2 - t1
+        self.predict_timings_ = dict(timings)
+        self.cache_stats_ = getattr(self, "cache_stats_", Counter()) + cache.stats
+        return out
+
+    # -- persistence ----------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the fitted model to directory ``path`` (model.npz + metadata.json)."""
+        check_is_fitted(self, "w2_")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "species": self.species_,
+            "mean0": np.array(self.mean0_),
+            "w0": self.w0_,
+            "w2": self.w2_,
+            "train_p0": self.train_.x0,
+            "train_p2": self.train_.x2,
+            "train_counts": self.train_.counts,
+            **_projections_to_arrays(self.projections_),
+        }
+        atomic_write_npz(path / "model.npz", **arrays)
+        params = {
+            k: (str(v) if isinstance(v, os.PathLike) else v) for k, v in self.get_params().items()
+        }
+        meta = {
+            "format": MODEL_FORMAT,
+            "params": params,
+            "species": [int(s) for s in self.species_],
+            "n_train_frames": int(self.train_.n_frames),
+            "fit_key": self.fit_key_,
+            "versions": _versions(),
+        }
+        text = json.dumps(meta, indent=2, default=_json_scalar)
+        (path / "metadata.json").write_text(text + "\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> "SAGPR":
+        """Read a model written by :meth:`save`.
+
+        ``cache_dir`` is not taken from the file: a saved model is an artefact
+        that may move to another machine, the cache is a property of the run.
+        """
+        path = Path(path)
+        meta = json.loads((path / "metadata.json").read_text())
+        if meta.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{path}: not an {MODEL_FORMAT} model (format {meta.get('format')!r})")
+        params = dict(meta["params"], cache_dir=cache_dir)
+        model = cls(**params)
+        with np.load(path / "model.npz", allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+        model.species_ = arrays["species"]
+        model.mean0_ = float(arrays["mean0"])
+        model.w0_, model.w2_ = arrays["w0"], arrays["w2"]
+        model.train_ = FeatureBlock(arrays["train_p0"], arrays["train_p2"], arrays["train_counts"])
+        model.projections_ = _projections_from_arrays(arrays)
+        model.fit_key_ = meta["fit_key"]
+        model.cache_stats_ = Counter()
+        return model
+
+    # -- internals ------------------------------------------------------------
+    def _raw_key(self) -> str:
+        """Everything raw features depend on besides the frame itself."""
+        return digest(
+            "raw", CACHE_VERSION, float(self.rc), float(self.sigma), int(self.n_max),
+            int(self.l_max), [int(s) for s in self.species_], metadata.version("featomic"),
+        )
+
+    def _raw_features(self, frames: list[ase.Atoms], cache: "Cache") -> FeatureBlock:
+        """Raw features, cached per frame so any subset of seen frames is a hit."""
+        species = self.species_
+        if cache.root is None:
+            return lambda_soap(frames, species, self.rc, self.sigma, self.n_max, self.l_max)
+        raw_key = self._raw_key()
+        keys = [digest(raw_key, d) for d in frame_digests(frames)]
+        cached = [cache.get("raw", k) for k in keys]
+        missing = [i for i, c in enumerate(cached) if c is None]
+        if missing:
+            fresh = lambda_soap(
+                [frames[i] for i in missing], species, self.rc, self.sigma, self.n_max, self.l_max
+            )
+            for i, one in zip(missing, fresh.split()):
+                cached[i] = {"x0": one.x0, "x2": one.x2, "counts": one.counts}
+                cache.put("raw", keys[i], cached[i])
+        return FeatureBlock.concatenate(
+            [FeatureBlock(c["x0"], c["x2"], c["counts"]) for c in cached]
+        )
+
+    def _fit_features(self, frames: list[ase.Atoms], cache: "Cache") -> dict[str, np.ndarray]:
+        """Sparsify (if nc) and normalise the training features; arrays to cache."""
+        raw = self._raw_features(frames, cache)
+        arrays = {"counts": raw.counts}
+        if self.nc is None:
+            x0, x2 = raw.x0, raw.x2
+        else:
+            n0, n2 = raw.x0.shape[1], raw.x2.shape[2]
+            if self.nc > min(n0, n2):
+                raise ValueError(
+                    f"nc={self.nc} exceeds the number of lambda-SOAP features "
+                    f"({n0} for lambda=0, {n2} for lambda=2 at n_max={self.n_max}, "
+                    f"l_max={self.l_max}, {len(self.species_)} species); use nc <= {min(n0, n2)} "
+                    f"or nc=None"
+                )
+            # lambda = 2 rows are (atom, mu): FPS and A see all 5 components
+            proj0 = fit_projection(raw.x0, self.nc, self.seed)
+            proj2 = fit_projection(raw.x2.reshape(-1, n2), self.nc, self.seed)
+            x0, x2 = proj0.apply(raw.x0), proj2.apply(raw.x2)
+            arrays.update(_projections_to_arrays((proj0, proj2)))
+        arrays["p0"], arrays["p2"] = normalise(x0, x2)
+        return arrays
+
+    def _transform(self, frames: list[ase.Atoms], cache: "Cache") -> FeatureBlock:
+        """Normalised features of new frames, projected like the training set."""
+        raw = self._raw_features(frames, cache)
+        x0, x2 = raw.x0, raw.x2
+        if self.projections_ is not None:
+            x0, x2 = self.projections_[0].apply(x0), self.projections_[1].apply(x2)
+        p0, p2 = normalise(x0, x2)
+        return FeatureBlock(p0, p2, raw.counts)
+
+
+def predict_file(
+    model: SAGPR, xyz_path: str | os.PathLike, out_path: str | os.PathLike
+) -> np.ndarray:
+    """Predict every frame of an extended-XYZ file; write 9 numbers per line.
+
+    Each line of ``out_path`` is one frame's tensor, row-major (xx xy xz yx ...),
+    the layout of the ``Polarizability`` key. Returns the (n, 3, 3) predictions.
+    """
+    frames = ase.io.read(str(xyz_path), ":")
+    tensors = model.predict(frames)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savetxt(out_path, tensors.reshape(len(frames), 9), fmt="%.10f")
+    return tensors
+
+
+# --------------------------------------------------------------------------- #
+# helpers
+# --------------------------------------------------------------------------- #
+def _check_frames(frames: list[ase.Atoms], species: np.ndarray | None = None) -> None:
+    """Reject frames the features cannot describe: empty, or with unknown species."""
+    known = None if species is None else set(species.tolist())
+    for index, atoms in enumerate(frames):
+        if len(atoms) == 0:
+            raise ValueError(f"frame {index} has no atoms")
+        unseen = set() if known is None else set(atoms.numbers.tolist()) - known
+        if unseen:
+            names = ", ".join(ase.data.chemical_symbols[z] for z in sorted(unseen))
+            trained = ", ".join(ase.data.chemical_symbols[z] for z in sorted(known))
+            raise ValueError(
+                f"frame {index} contains species {names} not seen in training "
+                f"(the model knows {trained})"
+            )
+
+
+def _ridge_solve(k: np.ndarray, reg: float, y: np.ndarray) -> np.ndarray:
+    """Solve (K + reg I) w = y; Cholesky when K + reg I is numerically PD."""
+    a = k + reg * np.eye(len(k))
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(a, lower=True), y)
+    except np.linalg.LinAlgError:
+        # tiny reg on a near-singular kernel (e.g. reg0=1e-8): fall back to LU
+        return scipy.linalg.solve(a, y, assume_a="sym")
+
+
+def _projections_to_arrays(projections) -> dict[str, np.ndarray]:
+    if projections is None:
+        return {}
+    return {
+        f"proj{lam}_{field}": getattr(p, field)
+        for lam, p in zip((0, 2), projections)
+        for field in ("columns", "matrix")
+    }
+
+
+def _projections_from_arrays(arrays) -> tuple[Projection, Projection] | None:
+    if "proj0_columns" not in arrays:
+        return None
+    return tuple(
+        Projection(arrays[f"proj{lam}_columns"], arrays[f"proj{lam}_matrix"]) for lam in (0, 2)
+    )
+
+
+def _json_scalar(value):
+    """json.dumps fallback: numpy scalars arrive from search libraries (np.int64 nc)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"cannot store {type(value).__name__} {value!r} in metadata.json")
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for package in ("hpo", "featomic", "metatensor-core", "numpy", "scipy", "scikit-learn", "ase"):
+        try:
+            out[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            out[package] = "unknown"
+    return out

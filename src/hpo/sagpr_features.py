@@ -1,0 +1,452 @@
+"""Lambda-SOAP features, their sparsification and the SA-GPR kernels.
+
+This is the numerical half of :mod:`hpo.sagpr` (the estimator lives there). The
+algorithm is written out in ``docs/sagpr-reference.md`` of the shared workspace;
+the short version:
+
+* raw features: featomic's equivariant power spectrum of a Gaussian density
+  (lambda = 0 invariants, lambda = 2 covariants with 5 components each), one row
+  per atom, frames concatenated in order;
+* optional sparsification: farthest-point sampling of ``nc`` columns, then the
+  "A-matrix" that makes the kept columns reproduce the full Gram matrix;
+* per-atom normalisation; then structure kernels K0 (N, N) and K2 (N, 5, N, 5)
+  that average atom-pair kernels over the atoms of each frame.
+
+Everything that is cached on disk is addressed by :func:`digest`, so the same
+inputs always map to the same file, whichever process wrote it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import functools
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import ase
+import numpy as np
+from sklearn.utils import check_random_state
+
+__all__ = [
+    "Cache",
+    "FeatureBlock",
+    "Projection",
+    "atomic_write_npz",
+    "digest",
+    "farthest_point_columns",
+    "fit_projection",
+    "frame_digests",
+    "lambda_soap",
+    "load_npz",
+    "normalise",
+    "structure_kernels",
+]
+
+# Bytes one temporary atom-pair array may take while building kernels. Bounds
+# peak memory independently of the number of frames; 128 MB blocks are large
+# enough that BLAS, not Python, dominates.
+KERNEL_BLOCK_BYTES = 2**27
+
+# Frames per featomic call. The Clebsch-Gordan step holds several times the
+# output in memory; chunking keeps that bounded for long trajectories.
+FEATURE_CHUNK_FRAMES = 50
+
+
+@dataclass
+class FeatureBlock:
+    """Per-atom features of a list of frames, rows ordered frame by frame.
+
+    ``x0`` has shape (n_atoms, F0), ``x2`` (n_atoms, 5, F2); ``counts[i]`` is
+    the number of atoms of frame i, so the rows of frame i are
+    ``offsets[i]:offsets[i] + counts[i]``.
+    """
+
+    x0: np.ndarray
+    x2: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+
+    @property
+    def n_frames(self) -> int:
+        return len(self.counts)
+
+    @classmethod
+    def concatenate(cls, blocks: Sequence["FeatureBlock"]) -> "FeatureBlock":
+        return cls(
+            x0=np.concatenate([b.x0 for b in blocks]),
+            x2=np.concatenate([b.x2 for b in blocks]),
+            counts=np.concatenate([b.counts for b in blocks]),
+        )
+
+    def split(self) -> list["FeatureBlock"]:
+        """One block per frame (views, no copy)."""
+        cuts = np.cumsum(self.counts)[:-1]
+        return [
+            FeatureBlock(x0, x2, self.counts[i : i + 1])
+            for i, (x0, x2) in enumerate(zip(np.split(self.x0, cuts), np.split(self.x2, cuts)))
+        ]
+
+
+# --------------------------------------------------------------------------- #
+# hashing and atomic files (the on-disk cache)
+# --------------------------------------------------------------------------- #
+def frame_digests(frames: Sequence[ase.Atoms]) -> list[str]:
+    """sha256 of what the features depend on: numbers, positions, cell, pbc.
+
+    Bit-exact on purpose: a frame that moved by 1e-15 gets a new digest, so a
+    cache hit can never return features of a different geometry.
+    """
+    out = []
+    for atoms in frames:
+        h = hashlib.sha256()
+        for array, dtype in (
+            (atoms.numbers, np.int64),
+            (atoms.positions, np.float64),
+            (atoms.cell.array, np.float64),
+            (atoms.pbc, np.bool_),
+        ):
+            h.update(np.ascontiguousarray(array, dtype=dtype).tobytes())
+        out.append(h.hexdigest())
+    return out
+
+
+def digest(*parts: Any) -> str:
+    """Stable sha256 of JSON-serialisable parts (used as cache file names)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
+    """Write an .npz so that readers see either nothing or the whole file.
+
+    The temporary file sits in the target directory because os.replace is only
+    atomic within one file system; parallel workers writing the same key just
+    replace each other's identical file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            np.savez(handle, **arrays)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache and models are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """Arrays of a cached .npz, or None if absent or unreadable (then recompute)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+class Cache:
+    """On-disk, content-addressed store of intermediate arrays.
+
+    Layout: ``<cache_dir>/<kind>/<key[:2]>/<key>.npz`` with kinds
+      raw            raw features of one frame (key: frame + rc, sigma, n_max, l_max, species)
+      fit            normalised training features + FPS columns and A matrices
+                     (key: raw key + nc + seed + the training frames)
+      train_kernels  K0, K2 of the training set (key: fit key + zeta)
+      test_kernels   K0, K2 of predicted frames vs training set (key: fit key + zeta + frames)
+    A refit changing only reg0/reg2 therefore loads kernels and solves; one
+    changing zeta reuses the features; a fit on a subset of seen frames
+    reuses their raw features. Raw entries are the bulk (about 1.1 MB per
+    12-atom frame at n_max=8, l_max=6: 330 MB for the 300 workshop frames,
+    per (rc, sigma, n_max, l_max)); deleting the directory is always safe.
+    With ``cache_dir=None`` every method is a no-op miss.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None):
+        self.root = None if cache_dir is None else Path(cache_dir)
+        self.stats: Counter = Counter()
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.root / kind / key[:2] / f"{key}.npz"
+
+    def get(self, kind: str, key: str) -> dict[str, np.ndarray] | None:
+        if self.root is None:
+            return None
+        path = self._path(kind, key)
+        arrays = load_npz(path)
+        self.stats[f"{kind}_{'miss' if arrays is None else 'hit'}"] += 1
+        if arrays is not None:
+            with contextlib.suppress(FileNotFoundError):  # trimmed by another worker meanwhile
+                path.touch()  # mtime = last use, so trim() evicts the least recently used entries
+        return arrays
+
+    def put(self, kind: str, key: str, arrays: dict[str, np.ndarray]) -> None:
+        if self.root is not None:
+            atomic_write_npz(self._path(kind, key), **arrays)
+
+    def trim(self, max_bytes: int) -> int:
+        """Delete least recently used entries until the cache holds at most ``max_bytes``; return bytes freed.
+
+        Safe with parallel workers: a reader that loses an entry just recomputes it.
+        """
+        if self.root is None or not self.root.is_dir():
+            return 0
+        entries = []
+        for path in self.root.rglob("*.npz"):
+            try:
+                info = path.stat()
+            except FileNotFoundError:  # removed by another worker meanwhile
+                continue
+            entries.append((info.st_mtime, info.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        freed = 0
+        for _, size, path in sorted(entries):
+            if total - freed <= max_bytes:
+                break
+            path.unlink(missing_ok=True)
+            freed += size
+        return freed
+
+
+# --------------------------------------------------------------------------- #
+# raw lambda-SOAP
+# --------------------------------------------------------------------------- #
+def lambda_soap(
+    frames: Sequence[ase.Atoms],
+    species: Sequence[int],
+    rc: float,
+    sigma: float,
+    n_max: int,
+    l_max: int,
+) -> FeatureBlock:
+    """Raw (unsparsified, unnormalised) lambda = 0 and 2 features of ``frames``.
+
+    ``species`` fixes the neighbour channels, so the columns are the same for
+    every frame even when a frame lacks a species. Columns are deduplicated
+    (see :func:`_unique_couplings`): dot products, and so kernels, equal those
+    of the original code's full (l1, l2) feature set with fewer columns.
+    """
+    blocks = [
+        _lambda_soap_chunk(frames[i : i + FEATURE_CHUNK_FRAMES], species, rc, sigma, n_max, l_max)
+        for i in range(0, len(frames), FEATURE_CHUNK_FRAMES)
+    ]
+    return FeatureBlock.concatenate(blocks)
+
+
+@functools.lru_cache(maxsize=4)
+def _power_spectrum_calculator(rc: float, sigma: float, n_max: int, l_max: int, species: tuple):
+    """featomic's lambda-SOAP calculator, built once per hyperparameter set.
+
+    Construction tabulates Clebsch-Gordan coefficients up to 2 l_max, which
+    costs more than featurising 100 frames, hence the cache.
+    """
+    # imported here: featomic loads a native library, not needed for e.g. read_tensors
+    import featomic
+    from featomic.clebsch_gordan import EquivariantPowerSpectrum
+
+    expansion = featomic.SphericalExpansion(
+        cutoff={"radius": rc, "smoothing": {"type": "Step"}},
+        density={"type": "Gaussian", "width": sigma},
+        basis={
+            "type": "TensorProduct",
+            "max_angular": l_max,
+            "radial": {"type": "Gto", "max_radial": n_max - 1},
+        },
+    )
+    return EquivariantPowerSpectrum(expansion, neighbor_types=list(species))
+
+
+def _lambda_soap_chunk(frames, species, rc, sigma, n_max, l_max) -> FeatureBlock:
+    from metatensor import Labels
+
+    calculator = _power_spectrum_calculator(
+        float(rc), float(sigma), int(n_max), int(l_max), tuple(int(s) for s in species)
+    )
+    keys = Labels(["o3_lambda", "o3_sigma"], np.array([[0, 1], [2, 1]], dtype=np.int32))
+    tensor = calculator.compute(list(frames), selected_keys=keys, neighbors_to_properties=True)
+
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    out = {}
+    for lam in (0, 2):
+        # one block per centre species; scatter them back to frame/atom order
+        selection = Labels(["o3_lambda"], np.array([[lam]], dtype=np.int32))
+        blocks = tensor.blocks(selection)
+        properties = blocks[0].properties
+        values = np.zeros((counts.sum(), 2 * lam + 1, len(properties)))
+        for block in blocks:
+            if block.properties != properties:
+                raise RuntimeError("featomic returned different columns per centre species")
+            samples = block.samples.values
+            values[offsets[samples[:, 0]] + samples[:, 1]] = block.values
+        keep, weight = _unique_couplings(properties.values)
+        out[lam] = values[..., keep] * weight
+    return FeatureBlock(x0=out[0][:, 0, :], x2=out[2], counts=counts)
+
+
+def _unique_couplings(properties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Columns to keep, and their weights, so that dot products stay exact.
+
+    A coupled feature (l1 s1 n1, l2 s2 n2) equals its swap (l2 s2 n2, l1 s1 n1)
+    for even lambda. The original code kept both; featomic keeps l1 <= l2
+    only, but both orders within l1 == l2. Keeping one column per swap pair,
+    times sqrt(2) when the pair has two members, leaves every dot product
+    unchanged and saves 26% of the lambda = 2 and 47% of the lambda = 0
+    columns (at n_max 8, l_max 6, 2 species): kernels and FPS get cheaper.
+    ``properties`` rows are (l_1, l_2, neighbor_1_type, n_1, neighbor_2_type, n_2).
+    """
+    l1, l2 = properties[:, 0], properties[:, 1]
+    first = properties[:, 2] * 10**6 + properties[:, 3]  # (species, n) in lexicographic order
+    second = properties[:, 4] * 10**6 + properties[:, 5]
+    keep = (l1 < l2) | (first <= second)
+    paired = (l1 < l2) | (first < second)
+    return np.flatnonzero(keep), np.where(paired, np.sqrt(2.0), 1.0)[keep]
+
+
+# --------------------------------------------------------------------------- #
+# sparsification and normalisation
+# --------------------------------------------------------------------------- #
+@dataclass
+class Projection:
+    """Kept columns and the A matrix of one lambda: sparse = X[:, columns] @ A."""
+
+    columns: np.ndarray
+    matrix: np.ndarray
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return x[..., self.columns] @ self.matrix
+
+
+def fit_projection(x: np.ndarray, n_columns: int, seed: int) -> Projection:
+    """Farthest-point-sample ``n_columns`` columns of ``x`` and build A.
+
+    ``x`` has rows = (atom[, mu]) and columns = features. With C = x[:, fps],
+    U = pinv(C) x and A = (U U^T)^(1/2), (C A)(C A)^T is the projection of
+    x x^T onto the span of C: the kept columns reproduce the full kernel as
+    well as k columns can.
+    """
+    columns = farthest_point_columns(x, n_columns, seed)
+    # pinv(C) through an explicit thin SVD: np.linalg.pinv is ~8x slower on
+    # this tall non-contiguous C. Cut-off as numpy's default (max(M, N) eps).
+    u, s, vt = np.linalg.svd(x[:, columns], full_matrices=False)
+    keep = s > max(x.shape[0], n_columns) * np.finfo(float).eps * s[0]
+    u_mat = vt[keep].T @ ((u[:, keep].T @ x) / s[keep, None])  # U = pinv(C) X
+    eigval, eigvec = np.linalg.eigh(u_mat @ u_mat.T)
+    # U U^T is PSD; tiny negative eigenvalues are round-off
+    matrix = (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T
+    return Projection(columns=columns, matrix=matrix)
+
+
+def farthest_point_columns(x: np.ndarray, n_columns: int, seed: int) -> np.ndarray:
+    """Greedy farthest-point sampling of the columns of ``x`` (squared Euclidean).
+
+    Picks the same columns as ``skmatter.feature_selection.FPS(n_to_select=
+    n_columns, initialize="random", random_state=seed)`` (a test checks this)
+    but works on the column Gram matrix: skmatter re-reads all of ``x`` at
+    every step, which for the 12000 x 2096 lambda = 2 matrix of 200 water
+    frames takes over 10 s instead of about 1 s.
+    """
+    n = x.shape[1]
+    first = check_random_state(seed).randint(n)  # skmatter's draw for the first column
+    gram = x.T @ x
+    norms = np.diag(gram).copy()
+    distance = np.full(n, np.inf)
+    selected = np.empty(n_columns, dtype=np.int64)
+    selected[0] = first
+    for i in range(1, n_columns):
+        last = selected[i - 1]
+        np.minimum(distance, norms + norms[last] - 2.0 * gram[last], out=distance)
+        distance[last] = -np.inf  # never pick a column twice, even if round-off says d > 0
+        selected[i] = np.argmax(distance)
+    return selected
+
+
+def normalise(x0: np.ndarray, x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-atom normalisation: p / |p| and P / ||P P^T||_F^(1/2).
+
+    The lambda = 2 norm is rotation invariant (P P^T transforms as D M D^T), so
+    normalising keeps the features covariant. An atom with no neighbour
+    inside the cutoff has P = 0 (a lone density is isotropic); it stays zero
+    and adds nothing to the kernels instead of turning them into NaN.
+    """
+    p0 = _safe_divide(x0, np.linalg.norm(x0, axis=1)[:, None])
+    gram = np.einsum("amf,anf->amn", x2, x2)
+    p2 = _safe_divide(x2, np.sqrt(np.linalg.norm(gram, axis=(1, 2)))[:, None, None])
+    return p0, p2
+
+
+def _safe_divide(x: np.ndarray, norm: np.ndarray) -> np.ndarray:
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+# --------------------------------------------------------------------------- #
+# kernels
+# --------------------------------------------------------------------------- #
+def structure_kernels(
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Structure kernels between the frames of ``left`` and ``right`` (None: left vs left).
+
+    K0[i, j]         = 1/(N_i N_j) sum_{a in i, b in j} (p_a . p_b)^zeta
+    K2[i, mu, j, nu] = 1/(N_i N_j) sum_{a in i, b in j} (P_a P_b^T)[mu, nu] (p_a . p_b)^(zeta-1)
+
+    Both blocks must hold normalised features. The atom-pair kernels are
+    built for a block of ``left``'s frames at a time against all of ``right``
+    and summed per frame with reduceat, so memory stays within
+    KERNEL_BLOCK_BYTES however many frames there are. For right=None only the
+    upper triangle of frame blocks is computed and mirrored, which also makes
+    K exactly symmetric.
+    """
+    symmetric = right is None
+    a, b = left, (left if symmetric else right)
+    n_a, n_b = a.n_frames, b.n_frames
+    k0 = np.empty((n_a, n_b))
+    k2 = np.empty((n_a, 5, n_b, 5))
+    a_off, b_off = a.offsets, b.offsets
+    a_p2 = a.x2.reshape(-1, a.x2.shape[-1])  # rows (atom, mu)
+    b_p2 = b.x2.reshape(-1, b.x2.shape[-1])
+    n_b_atoms = len(b.x0)
+
+    # atoms of `a` per block: the (atoms, 5, b_atoms, 5) pair array fits the budget
+    atoms_per_block = max(1, KERNEL_BLOCK_BYTES // (25 * 8 * n_b_atoms))
+    start = 0
+    while start < n_a:
+        # whole frames only, so per-frame sums never straddle two blocks
+        stop = start + 1
+        while stop < n_a and a_off[stop] + a.counts[stop] - a_off[start] <= atoms_per_block:
+            stop += 1
+        rows = slice(a_off[start], a_off[stop - 1] + a.counts[stop - 1])
+        first_col = start if symmetric else 0
+        cols = slice(b_off[first_col], n_b_atoms)
+        col_offsets = b_off[first_col:] - b_off[first_col]
+        row_offsets = a_off[start:stop] - a_off[start]
+
+        dot0 = a.x0[rows] @ b.x0[cols].T  # (atoms_a, atoms_b)
+        n_rows, n_cols = dot0.shape
+        pair2 = (a_p2[rows.start * 5 : rows.stop * 5] @ b_p2[cols.start * 5 : cols.stop * 5].T)
+        pair2 = pair2.reshape(n_rows, 5, n_cols, 5)
+        if zeta > 1:
+            pair2 *= (dot0 ** (zeta - 1))[:, None, :, None]
+        pair0 = dot0**zeta
+
+        norm = np.outer(a.counts[start:stop], b.counts[first_col:])
+        block0 = np.add.reduceat(np.add.reduceat(pair0, row_offsets, 0), col_offsets, 1) / norm
+        block2 = np.add.reduceat(np.add.reduceat(pair2, col_offsets, 2), row_offsets, 0)
+        block2 /= norm[:, None, :, None]
+
+        k0[start:stop, first_col:] = block0
+        k2[start:stop, :, first_col:, :] = block2
+        if symmetric:
+            k0[first_col:, start:stop] = block0.T
+            k2[first_col:, :, start:stop, :] = block2.transpose(2, 3, 0, 1)
+        start = stop
+    return k0, k2

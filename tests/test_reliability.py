@@ -1,0 +1,80 @@
+"""Nothing is lost: parallel workers on one study, and a SIGKILL in the middle of a trial."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from hpo import study as hpo_study
+from test_optimize import runs_of
+
+
+def assert_intact(cfg, n_trials):
+    storage = hpo_study.make_storage(str(cfg.study.storage))
+    study = optuna.load_study(study_name=cfg.study.name, storage=storage)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers))
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == n_trials
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    _, children = runs_of(cfg)
+    assert all(run.info.status in ("FINISHED", "FAILED", "KILLED") for run in children)
+    finished_runs = {c.data.tags["trial_number"] for c in children if c.info.status == "FINISHED"}
+    assert finished_runs == {str(t.number) for t in study.get_trials(states=(TrialState.COMPLETE,))}
+    return study
+
+
+@pytest.mark.parametrize("storage", ["sqlite", "journal"])
+def test_two_workers_share_one_study(tiny_cfg, tmp_path, storage):
+    url = f"journal:{tmp_path}/study.log" if storage == "journal" else f"sqlite:///{tmp_path}/workers.db"
+    cfg = tiny_cfg("study.n_trials=4", "study.n_workers=2", "threads=2", f"study.storage={url}")
+    hpo_study.run(cfg)
+    study = assert_intact(cfg, 4)
+    parents, children = runs_of(cfg)
+    assert len(parents) == 1
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    assert {c.data.params["threads"] for c in children} == {"1"}  # 2 threads shared by 2 workers
+    assert len(study.trials) >= 4
+
+
+def test_sigkill_mid_trial_then_resume(tiny_overrides, tiny_cfg, tmp_path):
+    args = [*tiny_overrides, "study.n_trials=6", "study.n_workers=2", "study.heartbeat_s=1", "study.grace_s=5"]
+    cfg = tiny_cfg(*args[len(tiny_overrides):])
+    command = [sys.executable, "-m", "hpo", "optimize", *args]
+    process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storage = hpo_study.make_storage(str(cfg.study.storage))
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        time.sleep(0.5)
+        try:
+            study = optuna.load_study(study_name=cfg.study.name, storage=storage)
+        except KeyError:
+            continue
+        if len(study.get_trials(states=(TrialState.COMPLETE,))) >= 2 and study.get_trials(states=(TrialState.RUNNING,)):
+            break
+    else:
+        pytest.fail("the study never had two finished trials and one running")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = optuna.load_study(study_name=cfg.study.name, storage=storage)
+    finished_before = {t.number: t.value for t in before.get_trials(states=(TrialState.COMPLETE,))}
+    killed = [t.number for t in before.get_trials(states=(TrialState.RUNNING,))]
+    assert killed
+
+    time.sleep(6)  # past the grace period: the killed trials are stale
+    resumed = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    study = assert_intact(cfg, 6)
+    for number, value in finished_before.items():
+        assert study.trials[number].value == value  # finished trials intact
+    for number in killed:
+        assert study.trials[number].state == TrialState.FAIL
+    _, children = runs_of(cfg)
+    killed_runs = [c for c in children if c.data.tags["trial_number"] in {str(n) for n in killed}]
+    assert killed_runs and all(c.info.status == "KILLED" for c in killed_runs)

@@ -1,0 +1,62 @@
+"""SA-GPR through the same study, MLflow, promotion machinery as GAP; then the trajectory prediction."""
+
+from __future__ import annotations
+
+import ase.io
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+
+from hpo import polarize
+from hpo import promote as hpo_promote
+from hpo import study as hpo_study
+from hpo.config import load_config
+
+from conftest import output_overrides
+from test_optimize import runs_of
+
+TINY_SAGPR = ["model=sagpr", "search=sagpr_small", "dataset.train_size=50", "model.n_max=2", "model.l_max=2", "model.nc=null", "model.rc=3.0"]
+PER_COMPONENT = {f"val_rmse_{c}" for c in ("xx", "xy", "xz", "yy", "yz", "zz")}
+
+
+@pytest.fixture
+def sagpr_cfg(tiny_data, tmp_path):
+    base = [f"dataset.data_dir={tiny_data}", *output_overrides(tmp_path), *TINY_SAGPR]
+    return lambda *extra: load_config([*base, *extra])
+
+
+def test_sagpr_study_promote_and_polarize(sagpr_cfg, tiny_data, tmp_path, capsys):
+    cfg = sagpr_cfg("study.n_trials=3")
+    study = hpo_study.run(cfg)
+    assert cfg.study.name == "water-sagpr-50" and cfg.study.metric == "val_rmse"
+    assert len(study.trials) == 3
+    parents, children = runs_of(cfg)
+    assert len(parents) == 1 and len(children) == 3
+    for child in children:
+        metrics = child.data.metrics
+        assert PER_COMPONENT | {"val_rmse", "val_rmse_L0", "val_rmse_L2", "train_rmse", "rmse_gap", "rmse_ratio"} <= set(metrics)
+        assert metrics["rmse_gap"] == pytest.approx(metrics["val_rmse"] - metrics["train_rmse"])
+        artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(child.info.run_id)}
+        assert "parity_polarizability.png" in artifacts
+    # trials 1 and 2 share the cache with trial 0 whenever their descriptor matches
+    assert any((tmp_path / "experiments" / "sagpr_cache").rglob("*.npz"))
+
+    lineage = hpo_promote.promote(cfg)
+    assert lineage["name"] == "water-sagpr"
+    trajectory = tiny_data / "gap_validate.xyz"
+    result = polarize.main(sagpr_cfg(f"polarize.trajectory={trajectory}", "polarize.reference_train_size=50"))
+    tensors = result["tensors"]
+    assert tensors.shape == (6, 3, 3)
+    np.testing.assert_allclose(tensors, tensors.transpose(0, 2, 1), atol=1e-10)
+    lines = (result["outdir"] / "trajectory_cartesian.out").read_text().splitlines()
+    assert len(lines) == 6 and all(len(line.split()) == 9 for line in lines)
+    written = ase.io.read(result["outdir"] / "trajectory_polarizability.xyz", ":")
+    np.testing.assert_allclose(np.reshape(written[2].info["Polarizability"], (3, 3)), tensors[2], atol=1e-8)
+    assert (result["outdir"] / "polarizability.png").is_file()
+    assert "predicted vs training data" in capsys.readouterr().out
+
+    carbon = ase.io.read(trajectory, ":2")
+    carbon[1].numbers[0] = 6
+    ase.io.write(tmp_path / "carbon.xyz", carbon)
+    with pytest.raises(polarize.PolarizeError, match=r"carbon.xyz: frame 1 contains species C not seen in training"):
+        polarize.main(sagpr_cfg(f"polarize.trajectory={tmp_path / 'carbon.xyz'}", "polarize.reference_train_size=50"))
