@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import ase.io
-import numpy as np
 import pytest
 
 from hpo import config as hpo_config

@@ -118,3 +118,30 @@ def test_same_seed_same_suggestions(tiny_overrides, tmp_path):
         return [study.ask(distributions).params for _ in range(3)]
 
     assert suggestions("a") == suggestions("b")
+
+
+def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
+    import re
+    from pathlib import Path
+
+    import ase.io
+
+    from hpo import gap
+
+    # every trial is over budget, so the study only ends by its timeout
+    cfg = tiny_cfg("study.n_trials=1", "study.timeout_s=3", "model.memory_budget_gb=0.0001")
+    study = hpo_study.run(cfg)
+    assert not study.get_trials(states=(TrialState.COMPLETE,))
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    assert pruned and pruned[0].user_attrs["failure"] == "memory_budget"
+    _, children = runs_of(cfg)
+    assert children[0].data.tags["state"] == "PRUNED" and children[0].data.metrics["memory_estimate_gb"] > 0
+
+    # the estimate is gap_fit's own: compare with the arrays it lists for a real fit
+    trial = hpo_study.run(tiny_cfg("study.n_trials=1", "study.name=fits")).best_trial
+    printed = (Path(trial.user_attrs["workdir"]) / "gap_fit.out").read_text()
+    arrays = re.findall(r"^(?:yY|yy|A) +(\d+) +(\d+) +memory .*?( \* 2)?$", printed, re.M)
+    assert len(arrays) == 3
+    total = sum(8 * int(rows) * int(cols) * (2 if twice else 1) for rows, cols, twice in arrays)
+    frames = ase.io.read(tiny_data / "gap_input_50.xyz", ":")
+    assert gap.covariance_memory_bytes(20, frames) == total

@@ -78,3 +78,19 @@ def test_sigkill_mid_trial_then_resume(tiny_overrides, tiny_cfg, tmp_path):
     _, children = runs_of(cfg)
     killed_runs = [c for c in children if c.data.tags["trial_number"] in {str(n) for n in killed}]
     assert killed_runs and all(c.info.status == "KILLED" for c in killed_runs)
+
+
+def test_submitit_jobs_share_one_study(tiny_overrides, tiny_cfg, tmp_path):
+    """Two `optimize` jobs through Hydra's submitit launcher (local flavour of the SLURM one) on one study."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    command = [
+        sys.executable, "-m", "hpo", "optimize", "--multirun", *tiny_overrides,
+        "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "study.n_trials=4", "worker=0,1",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = tiny_cfg("study.n_trials=4")
+    study = assert_intact(cfg, 4)
+    parents, _ = runs_of(cfg)
+    assert len(parents) == 2  # one per job
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)  # distinct seeds

@@ -27,3 +27,26 @@ def write_text(path: Path, text: str) -> Path:
     with atomic_write(path) as tmp:
         tmp.write_text(text)
     return path
+
+
+@contextlib.contextmanager
+def creation_lock(url: str):
+    """Serialise first creation of an SQLite database between processes on one machine.
+
+    Two processes creating the same schema at once fail in many ways (alembic
+    version conflicts, "table already exists"); holding an flock on a file next
+    to the database while opening it avoids the race. Server URLs pass through.
+    """
+    if not url.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+
+    lock_path = Path(url.removeprefix("sqlite:///")).expanduser().with_suffix(".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

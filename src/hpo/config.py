@@ -41,6 +41,7 @@ MODEL_CONSTRAINTS = {
         "covariance_type": ("dot_product", "gaussian"),
         "sparse_method": ("cur_points", "random", "uniform", "none"),
         "fit_timeout_s": "positive",
+        "memory_budget_gb": "positive",
     },
     "sagpr": {
         "rc": "positive",

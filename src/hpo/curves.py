@@ -10,9 +10,6 @@ Both commands follow the same recipe, implemented once in ``run_points``:
 A point whose fit fails is recorded (nested run FAILED, CSV ``state=FAIL`` with the reason) and the others go
 on, as in a study. ``learning_curve`` adds a power-law fit of the validation curve; ``sweep_param`` adds the
 validation minimum and the overfitting region (see ``overfitting_steps``).
-
-The figure helpers at the bottom (``save_figure``, ``figure_title``, ``log_axis_wanted``) are generic and
-also used by ``hpo.report``.
 """
 
 from __future__ import annotations
@@ -27,11 +24,10 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import ase.io
 import numpy as np
-import optuna
 from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
@@ -40,13 +36,10 @@ from hpo.atomic import atomic_write, write_text
 from hpo.config import ConfigError
 from hpo.data import Datasets, FrameSet, load_datasets, sha256sum
 from hpo.objective import classify, score, with_values
-from hpo.plots import plt
-from hpo.study import StudyError, make_storage
+from hpo.plots import MODEL_NAMES, figure_title, log_axis_wanted, plt, save_figure
+from hpo.study import StudyError, load_study
 from hpo.tracking import Tracker, flatten, provenance_tags
 
-# Display names of the model kinds in figure titles.
-MODEL_NAMES = {"gap": "GAP", "sagpr": "SA-GPR"}
-FIGURE_DPI = 110  # as plots.parity_plot
 TIMESTAMP = "%Y%m%d-%H%M%S"  # as the fit command's working directories
 
 
@@ -125,16 +118,6 @@ def run_dir(section: DictConfig) -> Path:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def load_existing_study(storage_url: str, study_name: str) -> optuna.Study:
-    """Load a study that must exist; the error lists the studies the storage does hold."""
-    storage = make_storage(storage_url)
-    try:
-        return optuna.load_study(study_name=study_name, storage=storage)
-    except KeyError:
-        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
-        raise StudyError(f"no study {study_name!r} in {storage_url}; it holds {names or 'no studies'}") from None
-
-
 def fixed_model(cfg: DictConfig, from_study: str | None) -> tuple[dict, str]:
     """The model config to hold fixed, and a phrase saying where its parameters came from.
 
@@ -144,7 +127,7 @@ def fixed_model(cfg: DictConfig, from_study: str | None) -> tuple[dict, str]:
     model = hpo_config.model_params(cfg)
     if not from_study:
         return model, "model defaults"
-    study = load_existing_study(str(cfg.study.storage), str(from_study))
+    study = load_study(str(cfg.study.storage), str(from_study))
     try:
         best = study.best_trial
     except ValueError:
@@ -683,36 +666,3 @@ def plot_sweep_grid(
                     label=f"validation minimum {best[spec.val_key]:.3g}")
             ax.legend(fontsize=7, loc="upper right")
     return save_figure(fig, path, title)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Generic figure helpers (candidates for hpo.plots)
-# ---------------------------------------------------------------------------------------------------------
-
-
-def data_line(training: str, val: FrameSet) -> str:
-    """The data of a figure in words: training data as given, validation file and its frame count."""
-    return f"training: {training}; validation: {val.path.name} ({len(val)} frames)"
-
-
-def figure_title(kind: str, source: str, training: str, val: FrameSet) -> str:
-    """A title naming the model, where its parameters came from, and the data (file names and frame counts)."""
-    return f"{MODEL_NAMES.get(kind, kind)} ({source})\n{data_line(training, val)}"
-
-
-def log_axis_wanted(values: Iterable[float]) -> bool:
-    """A log axis when positive values span more than one decade."""
-    values = np.asarray(list(values), dtype=float)
-    return bool(values.size and np.all(values > 0) and values.max() / values.min() > 10)
-
-
-def save_figure(fig, path: Path, title: str | None = None) -> Path:
-    """Title, lay out and write a figure atomically as PNG, then free it (figures pile up in long runs)."""
-    if title:
-        fig.suptitle(title, fontsize=9)
-    if fig.get_layout_engine() is None:  # figures with colorbars over several panels bring their own engine
-        fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")
-    plt.close(fig)
-    return path

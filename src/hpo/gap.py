@@ -73,6 +73,19 @@ def effective_n_sparse(n_sparse: int, frames: list[ase.Atoms]) -> int:
     return int(min(n_sparse, max(environments_per_species(frames).values())))
 
 
+def covariance_memory_bytes(n_sparse: int, frames: list[ase.Atoms]) -> int:
+    """gap_fit's own estimate of its covariance matrices, the arrays that grow with n_sparse.
+
+    One descriptor per species, each with ``n_sparse`` points: S sparse points
+    in all and T targets (one energy per frame, three force components per
+    atom). gap_fit prints these as "yY S T * 2", "yy S S" and "A S S+T * 2"
+    under "Memory Estimate".
+    """
+    sparse = len(environments_per_species(frames)) * n_sparse
+    targets = len(frames) + 3 * sum(len(atoms) for atoms in frames)
+    return 8 * (2 * sparse * targets + sparse * sparse + 2 * sparse * (sparse + targets))
+
+
 def _number(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 

@@ -20,11 +20,29 @@ import optuna
 
 from hpo import gap, metrics, plots
 from hpo.atomic import write_text
-from hpo.config import SearchParam, get_dotted, set_dotted
+from hpo.config import ConfigError, SearchParam, check_model, get_dotted, set_dotted
 from hpo.data import Datasets
 from hpo.tracking import Tracker, flatten
 
 FAILURE_REASONS = ("gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "error")
+
+
+def check_trial_params(model: dict) -> None:
+    """The sampled parameters must be as valid as the config's (gap_fit exits 0 on some that are not)."""
+    try:
+        check_model(model)
+    except ConfigError as exc:
+        raise TrialFailure("invalid_params", str(exc)) from exc
+
+
+class MemoryBudgetExceeded(optuna.TrialPruned):
+    """Refused before the fit: the estimated peak memory is over budget (pruned, not failed)."""
+
+    reason = "memory_budget"
+
+    def __init__(self, message: str, estimate_bytes: int):
+        super().__init__(message)
+        self.estimate_bytes = estimate_bytes
 
 
 class TrialFailure(RuntimeError):
@@ -85,8 +103,14 @@ def score_gap(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
     model = copy.deepcopy(model)
     requested = model["n_sparse"]
     model["n_sparse"] = gap.effective_n_sparse(requested, data.train.frames)
-    if model["atom_sigma"] >= model["cutoff"]:
-        raise TrialFailure("invalid_params", f"atom_sigma={model['atom_sigma']} >= cutoff={model['cutoff']}")
+    check_trial_params(model)
+    estimate = gap.covariance_memory_bytes(model["n_sparse"], data.train.frames)
+    if estimate > model["memory_budget_gb"] * 1e9:
+        raise MemoryBudgetExceeded(
+            f"gap_fit would need about {estimate / 1e9:.1f} GB for its covariance matrices "
+            f"(n_sparse={model['n_sparse']}, {len(data.train)} frames), over model.memory_budget_gb={model['memory_budget_gb']}",
+            estimate,
+        )
     fitted = gap.fit(model, data.train.path, workdir, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed)
 
     start = time.perf_counter()
@@ -177,6 +201,18 @@ class Objective:
         trial.set_user_attr("workdir", str(workdir))
         try:
             scored = score(self.cfg, model, self.data, workdir)
+        except MemoryBudgetExceeded as exc:
+            trial.set_user_attr("failure", exc.reason)
+            trial.set_user_attr("failure_message", str(exc))
+            trial.set_user_attr("memory_estimate_bytes", exc.estimate_bytes)
+            self.tracker.log(
+                run_id,
+                params=values,
+                metrics={"memory_estimate_gb": exc.estimate_bytes / 1e9},
+                tags={"state": "PRUNED", "failure": exc.reason, "failure_message": str(exc)},
+            )
+            self.tracker.end_run(run_id, "KILLED")
+            raise
         except Exception as exc:
             reason = classify(exc)
             trial.set_user_attr("failure", reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterable
 
 import matplotlib
 
@@ -11,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hpo.atomic import atomic_write  # noqa: E402
+
+if TYPE_CHECKING:
+    from hpo.data import FrameSet
+
+# Display names of the model kinds in figure titles.
+MODEL_NAMES = {"gap": "GAP", "sagpr": "SA-GPR"}
+FIGURE_DPI = 110
 
 
 def parity_plot(
@@ -34,11 +42,7 @@ def parity_plot(
     ax.set_ylabel(f"predicted {quantity} ({unit})")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def md_plot(path: Path, time_fs, potential, kinetic, temperature, title: str) -> Path:
@@ -56,11 +60,7 @@ def md_plot(path: Path, time_fs, potential, kinetic, temperature, title: str) ->
     bottom.set_xlabel("time (fs)")
     bottom.set_ylabel("temperature (K)")
     bottom.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tensor_components_plot(path: Path, time_fs, tensors: np.ndarray, title: str, unit: str = "a.u.") -> Path:
@@ -72,11 +72,7 @@ def tensor_components_plot(path: Path, time_fs, tensors: np.ndarray, title: str,
     ax.set_ylabel(f"polarizability ({unit})")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8, ncol=4)
-    fig.tight_layout()
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def tensor_parity_plot(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, unit: str = "a.u.") -> Path:
@@ -95,9 +91,32 @@ def tensor_parity_plot(path: Path, series: dict[str, tuple[np.ndarray, np.ndarra
         ax.set_xlabel(f"reference ({unit})")
         ax.set_ylabel(f"predicted ({unit})")
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    return save_figure(fig, path, title)
+
+
+def data_line(training: str, val: FrameSet) -> str:
+    """The data of a figure in words: training data as given, validation file and its frame count."""
+    return f"training: {training}; validation: {val.path.name} ({len(val)} frames)"
+
+
+def figure_title(kind: str, source: str, training: str, val: FrameSet) -> str:
+    """A title naming the model, where its parameters came from, and the data (file names and frame counts)."""
+    return f"{MODEL_NAMES.get(kind, kind)} ({source})\n{data_line(training, val)}"
+
+
+def log_axis_wanted(values: Iterable[float]) -> bool:
+    """A log axis when positive values span more than one decade."""
+    values = np.asarray(list(values), dtype=float)
+    return bool(values.size and np.all(values > 0) and values.max() / values.min() > 10)
+
+
+def save_figure(fig, path: Path, title: str | None = None) -> Path:
+    """Title, lay out and write a figure atomically as PNG, then free it (figures pile up in long runs)."""
+    if title:
+        fig.suptitle(title, fontsize=9)
+    if fig.get_layout_engine() is None:  # figures with colorbars over several panels bring their own engine
+        fig.tight_layout()
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
+        fig.savefig(tmp, dpi=FIGURE_DPI, format="png")
     plt.close(fig)
     return path

@@ -22,7 +22,7 @@ from optuna.trial import TrialState
 from hpo import config as hpo_config
 from hpo.data import load_datasets
 from hpo.objective import score, with_values
-from hpo.study import StudyError, make_storage
+from hpo.study import load_study
 from hpo.tracking import Tracker, flatten, package_versions, provenance_tags
 
 MODEL_DIR = "model_files"  # name of the pyfunc artifact that holds the model's own files
@@ -81,19 +81,10 @@ def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTr
     )
 
 
-def load_study(cfg) -> optuna.Study:
-    storage = make_storage(str(cfg.study.storage))
-    try:
-        return optuna.load_study(study_name=cfg.study.name, storage=storage)
-    except KeyError as exc:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise StudyError(f"no study named {cfg.study.name!r} in {cfg.study.storage}; studies there: {names}") from exc
-
-
 def promote(cfg) -> dict:
     """Register the best (or ``promote.trial``) trial's model; return the version's lineage."""
     hpo_config.validate(cfg)
-    study = load_study(cfg)
+    study = load_study(str(cfg.study.storage), cfg.study.name)
     trial = pick_trial(study, cfg.promote.trial)
     model = with_values(hpo_config.model_params(cfg), trial.params)
     name = cfg.promote.registered_model[model["kind"]]

@@ -31,7 +31,9 @@ from optuna.trial import FrozenTrial, TrialState
 from hpo import config as hpo_config
 from hpo.atomic import write_text
 from hpo.config import ConfigError
-from hpo.curves import MetricSpec, data_line, figure_title, load_existing_study, log_axis_wanted, metric_specs, param_axis_label, save_figure
+from hpo.curves import MetricSpec, metric_specs, param_axis_label
+from hpo.plots import data_line, figure_title, log_axis_wanted, save_figure
+from hpo.study import load_study
 from hpo.data import load_datasets
 from hpo.plots import plt
 from hpo.study import StudyError, default_trial
@@ -73,7 +75,7 @@ def write_report(cfg: DictConfig) -> ReportResult:
     """Draw every figure of the study, write the self-contained page and log both to MLflow."""
     hpo_config.validate(cfg)
     name = str(cfg.study.name)
-    study = load_existing_study(str(cfg.study.storage), name)
+    study = load_study(str(cfg.study.storage), name)
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not finished:
         raise StudyError(f"study {name!r} in {cfg.study.storage} has no finished trial to report on")

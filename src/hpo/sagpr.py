@@ -182,7 +182,8 @@ class SAGPR(BaseEstimator):
         Kernel exponent: atom-pair kernels are (p_a . p_b)^zeta for L=0 and
         (P_a P_b^T)(p_a . p_b)^(zeta-1) for L=2.
     nc : int or None
-        Feature columns kept per lambda by farthest-point sampling (None: all).
+        Feature columns kept per lambda by farthest-point sampling (None: all;
+        a lambda with at most nc features keeps them all).
         Fewer columns make kernels cheaper; on the workshop data nc=200 is
         within a few percent of the full model's error.
     reg0, reg2 : float
@@ -415,16 +416,11 @@ class SAGPR(BaseEstimator):
             x0, x2 = raw.x0, raw.x2
         else:
             n0, n2 = raw.x0.shape[1], raw.x2.shape[2]
-            if self.nc > min(n0, n2):
-                raise ValueError(
-                    f"nc={self.nc} exceeds the number of lambda-SOAP features "
-                    f"({n0} for lambda=0, {n2} for lambda=2 at n_max={self.n_max}, "
-                    f"l_max={self.l_max}, {len(self.species_)} species); use nc <= {min(n0, n2)} "
-                    f"or nc=None"
-                )
+            # nc is "at most": a lambda with fewer features keeps them all, as gap_fit caps n_sparse,
+            # so a search over nc and the descriptor size never samples an impossible pair
             # lambda = 2 rows are (atom, mu): FPS and A see all 5 components
-            proj0 = fit_projection(raw.x0, self.nc, self.seed)
-            proj2 = fit_projection(raw.x2.reshape(-1, n2), self.nc, self.seed)
+            proj0 = fit_projection(raw.x0, min(self.nc, n0), self.seed)
+            proj2 = fit_projection(raw.x2.reshape(-1, n2), min(self.nc, n2), self.seed)
             x0, x2 = proj0.apply(raw.x0), proj2.apply(raw.x2)
             arrays.update(_projections_to_arrays((proj0, proj2)))
         arrays["p0"], arrays["p2"] = normalise(x0, x2)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import gzip
 import shutil
-import sys
 import datetime
 import multiprocessing
 import os
@@ -27,10 +26,16 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
+from hpo.atomic import creation_lock
 from hpo.config import SearchParam
 from hpo.data import load_datasets
 from hpo.objective import Objective, default_values
 from hpo.tracking import Tracker, provenance_tags
+
+CREATE_ATTEMPTS = 5
+# What a storage says when another process is creating the same tables or study right now.
+CREATION_RACE_SIGNS = ("already exists", "unique constraint", "duplicate", "database is locked")
+
 
 class StudyError(RuntimeError):
     """The study cannot go on (storage, search space, failure rate)."""
@@ -70,7 +75,8 @@ def make_storage(url: str, heartbeat_s: int = 30, grace_s: int = 90):
 
 
 def make_sampler(cfg, space: list[SearchParam], worker: int = 0) -> optuna.samplers.BaseSampler:
-    """The configured sampler; worker ``i`` of a parallel study draws from seed ``study.seed + i``."""
+    """The configured sampler; worker ``i`` of a parallel study draws from seed ``study.seed + i``,
+    so workers sharing a study do not suggest the same parameters."""
     study = cfg.study
     seed = study.seed + worker
     if study.sampler == "tpe":
@@ -122,19 +128,37 @@ def check_space_matches(study: optuna.Study, space: list[SearchParam]) -> None:
 
 
 def open_study(cfg, space: list[SearchParam], worker: int = 0) -> optuna.Study:
-    storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
-    try:
-        study = optuna.create_study(
-            storage=storage,
-            study_name=cfg.study.name,
-            sampler=make_sampler(cfg, space, worker),
-            direction=cfg.study.direction,
-            load_if_exists=True,
-        )
-    except Exception as exc:
-        raise StudyError(f"study.storage={cfg.study.storage!r} cannot be opened: {exc}") from exc
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with creation_lock(str(cfg.study.storage)):
+                storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
+                study = optuna.create_study(
+                    storage=storage,
+                    study_name=cfg.study.name,
+                    sampler=make_sampler(cfg, space, worker),
+                    direction=cfg.study.direction,
+                    load_if_exists=True,
+                )
+            break
+        except Exception as exc:
+            # Invocations on other machines (server storages) race to create the same tables or study;
+            # the loser retries.
+            racing = any(sign in str(exc).lower() for sign in CREATION_RACE_SIGNS)
+            if attempt == CREATE_ATTEMPTS - 1 or not racing:
+                raise StudyError(f"study.storage={cfg.study.storage!r} cannot be opened: {exc}") from exc
+            time.sleep(1.0 + attempt)
     check_space_matches(study, space)
     return study
+
+
+def load_study(storage_url: str, study_name: str) -> optuna.Study:
+    """Load a study that must exist; the error lists the studies the storage does hold."""
+    storage = make_storage(storage_url)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+        raise StudyError(f"no study named {study_name!r} in {storage_url}; it holds {names or 'no studies'}") from None
 
 
 def count(study: optuna.Study, *states: TrialState) -> int:
@@ -207,11 +231,15 @@ def run(cfg) -> optuna.Study:
     status = "FINISHED"
     try:
         if remaining > 0 and n_workers == 1:
-            optimize(cfg, parent, data)
+            optimize(cfg, parent, data, worker=cfg.worker * n_workers)
         elif remaining > 0:
             spawn = multiprocessing.get_context("spawn")
             container = OmegaConf.to_container(cfg, resolve=True)
-            workers = [spawn.Process(target=_worker, args=(container, parent, i), name=f"hpo-worker-{i}") for i in range(n_workers)]
+            first = cfg.worker * n_workers  # a distinct sampler seed for every worker of every invocation
+            workers = [
+                spawn.Process(target=_worker, args=(container, parent, first + i), name=f"hpo-worker-{first + i}")
+                for i in range(n_workers)
+            ]
             for worker in workers:
                 worker.start()
             for worker in workers:
@@ -261,7 +289,9 @@ def optimize(cfg, parent_run_id: str, data=None, worker: int = 0) -> None:
     deadline = time.monotonic() + (cfg.study.timeout_s or float("inf"))
     while time.monotonic() < deadline and not failure_verdict(study, cfg.study):
         if heartbeats:
-            fail_stale_trials(study)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)
             fail_unstarted_trials(study, cfg.study.grace_s)
         done, running = count(study, TrialState.COMPLETE), count(study, TrialState.RUNNING)
         if done >= cfg.study.n_trials or (done + running >= cfg.study.n_trials and not heartbeats):

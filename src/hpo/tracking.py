@@ -10,17 +10,21 @@ from __future__ import annotations
 import math
 import platform
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from sqlalchemy.exc import SQLAlchemyError
 
+from hpo.atomic import creation_lock
 from hpo.data import PROJECT_ROOT
 
 PACKAGES = ("hpo", "optuna", "mlflow", "hydra-core", "ase", "quippy-ase", "numpy", "scikit-learn", "featomic")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
+CREATE_ATTEMPTS = 5
 
 
 def package_versions() -> dict[str, str]:
@@ -72,8 +76,17 @@ class Tracker:
         if uri.startswith("sqlite:///"):
             Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment(tracking_cfg.experiment, tracking_cfg.artifact_location)
+        for attempt in range(CREATE_ATTEMPTS):
+            try:
+                with creation_lock(uri):  # MlflowClient creates the schema of a new database
+                    self.client = MlflowClient(tracking_uri=uri)
+                    self.experiment_id = self._experiment(tracking_cfg.experiment, tracking_cfg.artifact_location)
+                break
+            except (MlflowException, SQLAlchemyError):
+                # Processes on several machines race to create the server's schema; the loser retries.
+                if attempt == CREATE_ATTEMPTS - 1:
+                    raise
+                time.sleep(1.0 + attempt)
 
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         experiment = self.client.get_experiment_by_name(name)
