@@ -6,6 +6,7 @@ so overrides, ``--multirun`` and ``--cfg job`` work as in any Hydra app.
 
 from __future__ import annotations
 
+import importlib
 import sys
 import time
 from typing import Callable
@@ -39,12 +40,6 @@ examples:
 """
 
 
-def optimize(cfg: DictConfig) -> None:
-    from hpo import study
-
-    study.run(cfg)
-
-
 def fit(cfg: DictConfig) -> None:
     """One fit with the composed parameters, recorded as a single MLflow run."""
     from hpo import config as hpo_config
@@ -72,24 +67,6 @@ def fit(cfg: DictConfig) -> None:
         print(f"  {key:<32}{scored.metrics[key]:.6g}")
 
 
-def promote(cfg: DictConfig) -> None:
-    from hpo import promote as hpo_promote
-
-    hpo_promote.promote(cfg)
-
-
-def md(cfg: DictConfig) -> None:
-    from hpo import md as hpo_md
-
-    hpo_md.main(cfg)
-
-
-def polarize(cfg: DictConfig) -> None:
-    from hpo import polarize as hpo_polarize
-
-    hpo_polarize.main(cfg)
-
-
 def pipeline(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
@@ -99,35 +76,28 @@ def pipeline(cfg: DictConfig) -> None:
     hpo_pipeline.run(list(HydraConfig.get().overrides.task))
 
 
-def learning_curve(cfg: DictConfig) -> None:
-    from hpo import curves
-
-    curves.learning_curve(cfg)
-
-
-def sweep_param(cfg: DictConfig) -> None:
-    from hpo import curves
-
-    curves.sweep_param(cfg)
-
-
-def report(cfg: DictConfig) -> None:
-    from hpo import report as hpo_report
-
-    hpo_report.report(cfg)
-
-
-COMMANDS: dict[str, Callable[[DictConfig], None]] = {
-    "optimize": optimize,
-    "fit": fit,
-    "promote": promote,
-    "md": md,
-    "polarize": polarize,
-    "pipeline": pipeline,
-    "learning-curve": learning_curve,
-    "sweep-param": sweep_param,
-    "report": report,
+# Command -> (module, function taking the composed config). Modules are imported only when their
+# command runs: quippy, featomic and MLflow take seconds to import.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "optimize": ("hpo.study", "run"),
+    "fit": ("hpo.cli", "fit"),
+    "promote": ("hpo.promote", "promote"),
+    "md": ("hpo.md", "main"),
+    "polarize": ("hpo.polarize", "main"),
+    "pipeline": ("hpo.cli", "pipeline"),
+    "learning-curve": ("hpo.curves", "learning_curve"),
+    "sweep-param": ("hpo.curves", "sweep_param"),
+    "report": ("hpo.report", "report"),
 }
+
+
+def task_of(command: str) -> Callable[[DictConfig], None]:
+    module, function = COMMANDS[command]
+
+    def task(cfg: DictConfig) -> None:
+        getattr(importlib.import_module(module), function)(cfg)
+
+    return task
 
 
 def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
@@ -159,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hpo: unknown command {command!r}; one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     sys.argv = [f"hpo {command}", *argv]
-    task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_friendly(COMMANDS[command]))
+    task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_friendly(task_of(command)))
     task()
 
 

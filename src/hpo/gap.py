@@ -35,6 +35,9 @@ DESCRIPTOR_KEYS = (
     "sparse_method",
 )
 MODEL_FILE = "gap.xml"
+# gap_fit writes here; only a finished fit is renamed to MODEL_FILE, so no later stage
+# ever picks up a half-written model.
+PARTIAL_MODEL_FILE = "partial_gap.xml"
 TAIL_LINES = 30
 
 
@@ -109,7 +112,7 @@ def build_command(params: dict, train_file: str, e0: dict, keys, seed: int) -> l
         f"rnd_seed={seed + 1}",
         "do_copy_at_file=F",
         "sparse_separate_file=F",
-        f"gp_file={MODEL_FILE}",
+        f"gp_file={PARTIAL_MODEL_FILE}",
     ]
 
 
@@ -149,9 +152,11 @@ def fit(
     tail = _tail(out_path, err_path)
     if completed.returncode != 0 or "SYSTEM ABORT" in tail:
         raise GapFitError("gap_fit_error", f"gap_fit exited with code {completed.returncode} in {workdir}", tail)
+    partial = workdir / PARTIAL_MODEL_FILE
+    if not partial.is_file():
+        raise GapFitError("missing_model", f"gap_fit exited 0 but wrote no {PARTIAL_MODEL_FILE} in {workdir}", tail)
     model_file = workdir / MODEL_FILE
-    if not model_file.is_file():
-        raise GapFitError("missing_model", f"gap_fit exited 0 but wrote no {MODEL_FILE} in {workdir}", tail)
+    os.replace(partial, model_file)
     return GapFit(model_file=model_file, command=command, fit_time_s=elapsed, workdir=workdir)
 
 

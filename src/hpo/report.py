@@ -186,6 +186,8 @@ def slice_figure(cfg: DictConfig, study: optuna.Study, finished: list[FrozenTria
     nrows = -(-max(len(names), 1) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.6 * nrows), squeeze=False, layout="constrained")
     best, default = study.best_trial, default_trial(study)
+    # one diverged trial (tens of eV) would flatten every other point onto the axis
+    log_values = log_axis_wanted(t.value for t in finished)
     for ax, name in zip(axes.flat, names):
         trials = [t for t in finished if name in t.params]
         dist = trials[0].distributions[name]
@@ -200,6 +202,8 @@ def slice_figure(cfg: DictConfig, study: optuna.Study, finished: list[FrozenTria
             ax.set_xticks(range(len(dist.choices)), [str(c) for c in dist.choices])
         elif getattr(dist, "log", False):
             ax.set_xscale("log")
+        if log_values:
+            ax.set_yscale("log")
         ax.set_xlabel(param_axis_label(cfg.report, cfg.model.kind, name))
         ax.set_ylabel(f"validation {metric.axis_label}")
         ax.legend(fontsize=7)

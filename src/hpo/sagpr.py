@@ -40,6 +40,7 @@ from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from hpo.atomic import write_text
 from hpo.sagpr_features import (
     Cache,
     FeatureBlock,
@@ -354,7 +355,7 @@ class SAGPR(BaseEstimator):
             "versions": _versions(),
         }
         text = json.dumps(meta, indent=2, default=_json_scalar)
-        (path / "metadata.json").write_text(text + "\n")
+        write_text(path / "metadata.json", text + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> "SAGPR":
