@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -77,7 +78,11 @@ def test_md_with_champion(promoted_cfg, ensemble):
 
 
 def test_md_blow_up_guard_keeps_frames(promoted_cfg):
-    cfg = promoted_cfg("md.steps=20", "md.max_temperature_K=100")
+    # a local model file of any name works as well as a registry URI
+    local = next(Path(promoted_cfg().experiments_dir).rglob("gap.xml"))
+    renamed = local.with_name("my_water_model.xml")
+    renamed.write_bytes(local.read_bytes())
+    cfg = promoted_cfg("md.steps=20", "md.max_temperature_K=100", f"md.model_uri={renamed}")
     with pytest.raises(hpo_md.MDBlowUp, match=r"temperature .* \(bound md.max_temperature_K=100"):
         hpo_md.main(cfg)
 

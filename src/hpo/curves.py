@@ -192,7 +192,7 @@ def run_points(cfg: DictConfig, tracker: Tracker, parent_run_id: str, points: li
             print(f"[hpo] {point.name} ({index}/{len(points)}): FAILED ({reason}): {str(exc)[:300]}", flush=True)
         else:
             # Model size shows what a more flexible model costs on disk and in memory at prediction time.
-            model_bytes = sum(p.stat().st_size for p in scored.model_files if p.is_file())
+            model_bytes = sum(size_on_disk(p) for p in scored.model_files)
             found = {**scored.metrics, "model_bytes": model_bytes, "n_train": n_train}
             tracker.log(run_id, params=scored.params, metrics=found, tags={**scored.tags, "state": "COMPLETE"})
             tracker.log_artifacts(run_id, scored.artifacts)
@@ -206,6 +206,13 @@ def run_points(cfg: DictConfig, tracker: Tracker, parent_run_id: str, points: li
 
 
 @contextlib.contextmanager
+def size_on_disk(path: Path) -> int:
+    """Bytes of a model file, or of every file in a model folder (an SA-GPR model is a folder)."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size if path.is_file() else 0
+
+
 def ended_on_error(tracker: Tracker, run_id: str):
     """End the parent run FAILED (KILLED on Ctrl-C) if the block raises, so no run stays RUNNING forever."""
     try:

@@ -21,6 +21,7 @@ from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
 from hpo.atomic import write_text
+from hpo.config import ConfigError
 
 
 class MDBlowUp(RuntimeError):
@@ -57,7 +58,7 @@ def make_dynamics(atoms: ase.Atoms, md_cfg, logfile: Path):
             logfile=str(logfile),
             loginterval=md_cfg.log_interval,
         )
-    raise ValueError(f"md.ensemble={md_cfg.ensemble!r} is not allowed: one of ('nve', 'nvt')")
+    raise ConfigError(f"md.ensemble={md_cfg.ensemble!r} is not allowed: one of ('nve', 'nvt')")
 
 
 def run(atoms: ase.Atoms, calculator, md_cfg, outdir: Path) -> tuple[dict, Trace, str | None]:
@@ -155,19 +156,21 @@ def main(cfg) -> dict:
     md_cfg = cfg.md
     tracker = Tracker(cfg.tracking)
     outdir = hpo_config.output_path(cfg.experiments_dir) / "md" / f"{md_cfg.ensemble}-{time.strftime('%Y%m%d-%H%M%S')}"
-    model_dir = promote.resolve_model(str(md_cfg.model_uri), tracker.tracking_uri, outdir / "model")
+    given = Path(str(md_cfg.model_uri)).expanduser()
+    # a local XML of any name, or the gap.xml inside a promoted model
+    model_file = given if given.is_file() else promote.resolve_model(str(md_cfg.model_uri), tracker.tracking_uri, outdir / "model") / MODEL_FILE
     lineage = promote.version_tags(str(md_cfg.model_uri), tracker.tracking_uri)
     validation = find_data_dir(cfg.dataset, [cfg.dataset.validation_file]) / cfg.dataset.validation_file
     frames = read_frames(validation, cfg.dataset.property_keys, need=()).frames
     if not 0 <= md_cfg.start_frame < len(frames):
-        raise ValueError(f"md.start_frame={md_cfg.start_frame} is not allowed: 0..{len(frames) - 1} ({validation.name})")
+        raise ConfigError(f"md.start_frame={md_cfg.start_frame} is not allowed: 0..{len(frames) - 1} ({validation.name})")
 
     run_id = tracker.start_run(
         f"md-{md_cfg.ensemble}",
         tags={"command": "md", "model_uri": md_cfg.model_uri, **{f"model.{k}": v for k, v in lineage.items() if not k.startswith("version.")}, **provenance_tags()},
     )
     tracker.log_config(run_id, cfg)
-    metrics, trace, blow_up = run(frames[md_cfg.start_frame], Potential(param_filename=str(model_dir / MODEL_FILE)), md_cfg, outdir)
+    metrics, trace, blow_up = run(frames[md_cfg.start_frame], Potential(param_filename=str(model_file)), md_cfg, outdir)
     training_cost = float(lineage.get("search_time_s", "nan"))
     if np.isfinite(training_cost):
         metrics.update(cost_comparison(metrics["wall_time_per_step_s"], md_cfg.reference_cost_s_per_step, training_cost))
