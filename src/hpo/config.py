@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from hpo.data import PROJECT_ROOT
@@ -69,7 +70,9 @@ class ConfigError(ValueError):
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
-    """Compose ``conf/`` with Hydra overrides, as the CLI does (for tests and scripts)."""
+    """Compose ``conf/`` with Hydra overrides, as the CLI does (for tests, scripts and the pipeline's stages)."""
+    if GlobalHydra.instance().is_initialized():  # inside a running `python -m hpo` command
+        return compose(config_name=config_name, overrides=list(overrides or []))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         return compose(config_name=config_name, overrides=list(overrides or []))
 
