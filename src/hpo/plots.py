@@ -113,7 +113,7 @@ def log_axis_wanted(values: Iterable[float]) -> bool:
 def save_figure(fig, path: Path, title: str | None = None) -> Path:
     """Title, lay out and write a figure atomically as PNG, then free it (figures pile up in long runs)."""
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, wrap=True)  # long file names must not run off narrow figures
     if fig.get_layout_engine() is None:  # figures with colorbars over several panels bring their own engine
         fig.tight_layout()
     with atomic_write(path) as tmp:
