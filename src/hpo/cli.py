@@ -7,6 +7,7 @@ so overrides, ``--multirun`` and ``--cfg job`` work as in any Hydra app.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from typing import Callable
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"hpo: unknown command {command!r}; one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     sys.argv = [f"hpo {command}", *argv]
+    # MLflow's per-file download bars would flood the log of every command that loads a model
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_friendly(task_of(command)))
     task()
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import ase.io
 import numpy as np
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, NullFormatter
 from omegaconf import DictConfig, OmegaConf
 
 from hpo import config as hpo_config
@@ -439,6 +439,10 @@ def plot_learning_curve(
                     label=f"extrapolated to {extrapolate_to}: {fit.at(extrapolate_to):.3g} {spec.unit}")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        # ticks at the sizes fitted (and the extrapolation), written out: 3x10^2 labels collide
+        ticks = sorted({int(n) for n in n_train[np.isfinite(n_train)]} | {int(extrapolate_to)})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("training set size (frames)")
         ax.set_ylabel(spec.axis_label)
         ax.set_title(spec.label, fontsize=9)
