@@ -205,7 +205,6 @@ def run_points(cfg: DictConfig, tracker: Tracker, parent_run_id: str, points: li
     return rows
 
 
-@contextlib.contextmanager
 def size_on_disk(path: Path) -> int:
     """Bytes of a model file, or of every file in a model folder (an SA-GPR model is a folder)."""
     if path.is_dir():
@@ -213,6 +212,7 @@ def size_on_disk(path: Path) -> int:
     return path.stat().st_size if path.is_file() else 0
 
 
+@contextlib.contextmanager
 def ended_on_error(tracker: Tracker, run_id: str):
     """End the parent run FAILED (KILLED on Ctrl-C) if the block raises, so no run stays RUNNING forever."""
     try:
