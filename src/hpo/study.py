@@ -80,7 +80,9 @@ def make_sampler(cfg, space: list[SearchParam], worker: int = 0) -> optuna.sampl
     study = cfg.study
     seed = study.seed + worker
     if study.sampler == "tpe":
-        return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=study.tpe.n_startup_trials, multivariate=study.tpe.multivariate
+        )
     if study.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     grid = {}
