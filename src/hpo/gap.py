@@ -168,11 +168,15 @@ def _tail(*paths: Path) -> str:
     return "\n".join(lines[-TAIL_LINES:])
 
 
-def predict(model_file: Path, frames: list[ase.Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Energies (eV per frame) and forces (eV/Angstrom) of ``frames`` under a fitted GAP."""
+def load(model_file: Path):
+    """A quippy Potential for a fitted GAP: parse the XML once, then predict any number of frames."""
     from quippy.potential import Potential  # imported late: loading the Fortran library is slow
 
-    potential = Potential(param_filename=str(model_file))
+    return Potential(param_filename=str(model_file))
+
+
+def predict(potential, frames: list[ase.Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Energies (eV per frame) and forces (eV/Angstrom) of ``frames`` under a loaded GAP."""
     energies, forces = [], []
     for atoms in frames:
         atoms = atoms.copy()  # keep the reference calculator of the data untouched

@@ -149,9 +149,8 @@ def main(cfg) -> dict:
     from hpo import config as hpo_config
     from hpo import plots, promote
     from hpo.data import find_data_dir, read_frames
-    from hpo.gap import MODEL_FILE
+    from hpo.gap import MODEL_FILE, load
     from hpo.tracking import Tracker, provenance_tags
-    from quippy.potential import Potential
 
     md_cfg = cfg.md
     tracker = Tracker(cfg.tracking)
@@ -170,7 +169,7 @@ def main(cfg) -> dict:
         tags={"command": "md", "model_uri": md_cfg.model_uri, **{f"model.{k}": v for k, v in lineage.items() if not k.startswith("version.")}, **provenance_tags()},
     )
     tracker.log_config(run_id, cfg)
-    metrics, trace, blow_up = run(frames[md_cfg.start_frame], Potential(param_filename=str(model_file)), md_cfg, outdir)
+    metrics, trace, blow_up = run(frames[md_cfg.start_frame], load(model_file), md_cfg, outdir)
     training_cost = float(lineage.get("search_time_s", "nan"))
     if np.isfinite(training_cost):
         metrics.update(cost_comparison(metrics["wall_time_per_step_s"], md_cfg.reference_cost_s_per_step, training_cost))

@@ -114,9 +114,10 @@ def score_gap(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
     fitted = gap.fit(model, data.train.path, workdir, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed)
 
     start = time.perf_counter()
-    found = {}
+    potential = gap.load(fitted.model_file)  # one parse of the XML for both sets
+    found, predicted = {}, {}
     for name, frames in (("train", data.train), ("val", data.val)):
-        energies, forces = gap.predict(fitted.model_file, frames.frames)
+        energies, forces = gap.predict(potential, frames.frames)
         found.update(
             metrics.energy_force_metrics(name, frames.energies, energies, frames.n_atoms, frames.forces, forces)
         )
@@ -125,9 +126,9 @@ def score_gap(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
             "true_energy_eV,predicted_energy_eV\n"
             + "".join(f"{t:.10f},{p:.10f}\n" for t, p in zip(frames.energies, energies)),
         )
-        found[f"_{name}_pred"] = energies
+        predicted[name] = energies
     eval_time = time.perf_counter() - start
-    train_pred, val_pred = found.pop("_train_pred"), found.pop("_val_pred")
+    train_pred, val_pred = predicted["train"], predicted["val"]
 
     nan = [k for k, v in found.items() if not math.isfinite(v)]
     if nan:

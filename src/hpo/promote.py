@@ -44,7 +44,7 @@ class GapPyfunc(mlflow.pyfunc.PythonModel):
         from hpo import gap
 
         frames = [ase.io.read(path, ":") for path in model_input]
-        energies, _ = gap.predict(self.model_dir / gap.MODEL_FILE, [a for f in frames for a in f])
+        energies, _ = gap.predict(gap.load(self.model_dir / gap.MODEL_FILE), [a for f in frames for a in f])
         return energies
 
 
