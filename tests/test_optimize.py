@@ -18,9 +18,8 @@ TRIAL_METRICS = {
     "val_energy_rmse",
     "energy_rmse_gap",
     "energy_rmse_ratio",
-    "train_force_rmse",
-    "val_force_rmse",
     "fit_time_s",
+    "descriptor_wait_s",
     "eval_time_s",
 }
 

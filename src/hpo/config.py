@@ -22,6 +22,7 @@ CONF_DIR = PROJECT_ROOT / "conf"
 
 MODEL_KINDS = ("gap", "sagpr")
 SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("none", "successive_halving", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 PARAM_TYPES = ("float", "int", "categorical")
 
@@ -43,6 +44,9 @@ MODEL_CONSTRAINTS = {
         "sparse_method": ("cur_points", "random", "uniform", "none"),
         "fit_timeout_s": "positive",
         "memory_budget_gb": "positive",
+        "force_metrics": (True, False),
+        "cost_frames": "non_negative_int",
+        "descriptor_cache_max_gb": "positive",
     },
     "sagpr": {
         "rc": "positive",
@@ -193,6 +197,15 @@ def validate(cfg: DictConfig) -> None:
         _fail("study.n_trials", study.n_trials, "an integer >= 1")
     if study.timeout_s is not None and (not _is_number(study.timeout_s) or study.timeout_s <= 0):
         _fail("study.timeout_s", study.timeout_s, "null or a positive number of seconds")
+    rungs = list(study.fidelity_rungs)
+    if not rungs or not all(_is_number(r) and 0 < r <= 1 for r in rungs) or rungs != sorted(set(rungs)) or rungs[-1] != 1:
+        _fail("study.fidelity_rungs", rungs, "increasing fractions of the training set in (0, 1], the last 1.0")
+    if study.pruner not in PRUNERS:
+        _fail("study.pruner", study.pruner, f"one of {PRUNERS}")
+    if study.pruner != "none" and len(rungs) < 2:
+        _fail("study.pruner", study.pruner, "none unless study.fidelity_rungs has several rungs (e.g. [0.25, 0.5, 1.0])")
+    if not _is_number(study.reduction_factor) or study.reduction_factor < 2 or int(study.reduction_factor) != study.reduction_factor:
+        _fail("study.reduction_factor", study.reduction_factor, "an integer >= 2")
     if not isinstance(cfg.threads, int) or cfg.threads < 1:
         _fail("threads", cfg.threads, "an integer >= 1")
     _validate_space(cfg, model)

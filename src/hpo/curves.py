@@ -26,15 +26,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ase.io
 import numpy as np
 from matplotlib.ticker import MaxNLocator, NullFormatter
 from omegaconf import DictConfig, OmegaConf
 
 from hpo import config as hpo_config
-from hpo.atomic import atomic_write, write_text
+from hpo.atomic import write_text
 from hpo.config import ConfigError
-from hpo.data import Datasets, FrameSet, load_datasets, sha256sum
+from hpo.data import Datasets, load_datasets, subset_frames
 from hpo.objective import classify, score, with_values
 from hpo.plots import MODEL_NAMES, figure_title, log_axis_wanted, plt, save_figure
 from hpo.study import StudyError, load_study
@@ -290,20 +289,6 @@ def with_train_size(cfg: DictConfig, size: int) -> DictConfig:
     sized = copy.deepcopy(cfg)
     sized.dataset.train_size = size
     return sized
-
-
-def subset_frames(pool: FrameSet, indices: np.ndarray, path: Path) -> FrameSet:
-    """The frames ``indices`` of ``pool``, also written to ``path`` (gap_fit reads its training set from a file)."""
-    frames = [pool.frames[i] for i in indices]
-    with atomic_write(path) as tmp:
-        ase.io.write(tmp, frames, format="extxyz")
-    return FrameSet(
-        path=path,
-        frames=frames,
-        sha256=sha256sum(path),
-        energies=pool.energies[indices] if pool.energies is not None else None,
-        forces=[pool.forces[i] for i in indices] if pool.forces else [],
-    )
 
 
 def learning_curve_points(cfg: DictConfig, model: dict, outdir: Path) -> tuple[list[Point], str]:

@@ -18,6 +18,8 @@ import ase
 import ase.io
 import numpy as np
 
+from hpo.atomic import atomic_write
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -175,6 +177,20 @@ def _frame_forces(atoms: ase.Atoms, key: str, where: str) -> np.ndarray:
     if value.shape != (len(atoms), 3):
         raise DataError(f"{where}: force column {key!r} has shape {value.shape}, expected ({len(atoms)}, 3)")
     return value
+
+
+def subset_frames(pool: FrameSet, indices: np.ndarray, path: Path) -> FrameSet:
+    """The frames ``indices`` of ``pool``, also written to ``path`` (gap_fit reads its training set from a file)."""
+    frames = [pool.frames[i] for i in indices]
+    with atomic_write(path) as tmp:
+        ase.io.write(tmp, frames, format="extxyz")
+    return FrameSet(
+        path=path,
+        frames=frames,
+        sha256=sha256sum(path),
+        energies=pool.energies[indices] if pool.energies is not None else None,
+        forces=[pool.forces[i] for i in indices] if pool.forces else [],
+    )
 
 
 def train_file(dataset_cfg) -> str:

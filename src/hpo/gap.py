@@ -12,10 +12,12 @@ import os
 import shlex
 import shutil
 import subprocess
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import ase
 import numpy as np
@@ -93,9 +95,27 @@ def _number(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
+def descriptor_text(params: dict) -> str:
+    """The text inside gap={...}: descriptor name and its keys, as gap_fit receives them."""
+    return " ".join([params["descriptor"]] + [f"{k}={_number(params[k])}" for k in DESCRIPTOR_KEYS])
+
+
+def expected_descriptors(params: dict, frames: list[ase.Atoms]) -> list[str]:
+    """The descriptor strings gap_fit will write into the model, one per centre species.
+
+    gap_fit splits a multi-species descriptor into one per species found in the
+    training frames, appending ``n_species``, ``Z`` and ``species_Z`` (in order of
+    first appearance). Knowing them before the fit lets hpo compute the
+    evaluation descriptors while gap_fit runs; a wrong guess only costs that head start.
+    """
+    species = list(dict.fromkeys(int(z) for atoms in frames for z in atoms.numbers))
+    species_z = "{" + " ".join(map(str, species)) + " }"
+    return [f"{descriptor_text(params)} n_species={len(species)} Z={z} species_Z={species_z}" for z in species]
+
+
 def build_command(params: dict, train_file: str, e0: dict, keys, seed: int) -> list[str]:
     """The gap_fit argument list for one model config (``conf/model/gap.yaml`` layout)."""
-    descriptor = " ".join([params["descriptor"]] + [f"{k}={_number(params[k])}" for k in DESCRIPTOR_KEYS])
+    descriptor = descriptor_text(params)
     sigma = params["default_sigma"]
     default_sigma = " ".join(_number(sigma[k]) for k in ("energy", "force", "virial", "hessian"))
     e0_arg = ":".join(f"{symbol}:{_number(energy)}" for symbol, energy in sorted(e0.items()))
@@ -124,12 +144,15 @@ def fit(
     keys,
     threads: int = 1,
     seed: int = 0,
+    while_fitting: Callable[[], None] | None = None,
 ) -> GapFit:
     """Run gap_fit in ``workdir`` (it writes .idx and sparse files next to its input).
 
-    stdout and stderr go to ``gap_fit.out`` and ``gap_fit.err`` in ``workdir``.
-    Raises ``GapFitError`` on a non-zero exit, a ``SYSTEM ABORT``, a timeout
-    (``params['fit_timeout_s']``) or a missing model file.
+    ``while_fitting`` runs in this process while gap_fit runs (gap_fit's time
+    does not include it): work that does not need the model, on a core gap_fit
+    leaves free. stdout and stderr go to ``gap_fit.out`` and ``gap_fit.err`` in
+    ``workdir``. Raises ``GapFitError`` on a non-zero exit, a ``SYSTEM ABORT``, a
+    timeout (``params['fit_timeout_s']``) or a missing model file.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     local_train = workdir / "train.xyz"
@@ -140,18 +163,32 @@ def fit(
     out_path, err_path = workdir / "gap_fit.out", workdir / "gap_fit.err"
     start = time.perf_counter()
     with open(out_path, "w") as out, open(err_path, "w") as err:
+        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err)
+        # A thread notes when gap_fit ends, so the fit time stays gap_fit's own even if
+        # while_fitting outlasts it (waiting on a process releases the GIL).
+        ended: list[float] = []
+        watcher = threading.Thread(target=lambda: (process.wait(), ended.append(time.perf_counter())), daemon=True)
+        watcher.start()
         try:
-            completed = subprocess.run(
-                command, cwd=workdir, env=env, stdout=out, stderr=err, timeout=params["fit_timeout_s"]
-            )
-        except subprocess.TimeoutExpired:
+            if while_fitting is not None:
+                while_fitting()
+            watcher.join(timeout=max(params["fit_timeout_s"] - (time.perf_counter() - start), 0.0))
+        except BaseException:
+            process.kill()  # never leave a gap_fit running behind a failed or interrupted trial
+            process.wait()
+            raise
+        if watcher.is_alive():
+            process.kill()
+            process.wait()
             raise GapFitError(
                 "timeout", f"gap_fit ran longer than model.fit_timeout_s={params['fit_timeout_s']} s", _tail(out_path, err_path)
-            ) from None
-    elapsed = time.perf_counter() - start
+            )
+    watcher.join()
+    elapsed = ended[0] - start
+    returncode = process.returncode
     tail = _tail(out_path, err_path)
-    if completed.returncode != 0 or "SYSTEM ABORT" in tail:
-        raise GapFitError("gap_fit_error", f"gap_fit exited with code {completed.returncode} in {workdir}", tail)
+    if returncode != 0 or "SYSTEM ABORT" in tail:
+        raise GapFitError("gap_fit_error", f"gap_fit exited with code {returncode} in {workdir}", tail)
     partial = workdir / PARTIAL_MODEL_FILE
     if not partial.is_file():
         raise GapFitError("missing_model", f"gap_fit exited 0 but wrote no {PARTIAL_MODEL_FILE} in {workdir}", tail)

@@ -29,7 +29,7 @@ def energy_force_metrics(
         f"{prefix}_energy_rmse_per_atom": rmse(error / n_atoms),
         f"{prefix}_energy_mae_per_atom": mae(error / n_atoms),
     }
-    if true_forces:
+    if true_forces and pred_forces is not None:
         force_error = np.concatenate([p - t for p, t in zip(pred_forces, true_forces)]).ravel()
         metrics[f"{prefix}_force_rmse"] = rmse(force_error)
         metrics[f"{prefix}_force_mae"] = mae(force_error)

@@ -14,14 +14,16 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import optuna
 
-from hpo import gap, metrics, plots
+from hpo import gap, metrics, plots, sparse_gap
 from hpo.atomic import write_text
+from hpo.cache import Cache
 from hpo.config import ConfigError, SearchParam, check_model, get_dotted, set_dotted
-from hpo.data import Datasets
+from hpo.data import Datasets, subset_frames
 from hpo.tracking import Tracker, flatten
 
 FAILURE_REASONS = ("gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "error")
@@ -64,6 +66,21 @@ class Scored:
     model_files: list[Path] = field(default_factory=list)
 
 
+# Called after each fidelity rung with (training-set size, what the rung scored); True stops the trial.
+RungReport = Callable[[int, Scored], bool]
+
+
+class RungPruned(optuna.TrialPruned):
+    """The pruner stopped the trial after a fidelity rung; ``scored`` is that rung's result."""
+
+    reason = "pruned"
+
+    def __init__(self, size: int, scored: Scored):
+        super().__init__(f"pruned after the rung of {size} training frames")
+        self.size = size
+        self.scored = scored
+
+
 def suggest(trial: optuna.Trial, space: list[SearchParam]) -> dict[str, object]:
     """Sample every dimension of the search space; names are dotted model paths."""
     values = {}
@@ -90,8 +107,36 @@ def default_values(model: dict, space: list[SearchParam]) -> dict[str, object]:
     return {param.name: get_dotted(model, param.name) for param in space}
 
 
-def score(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
-    """Fit ``model`` on the training frames, evaluate it on both sets, write CSVs and a parity plot."""
+def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | None = None) -> Scored:
+    """Fit ``model`` on the training frames, evaluate it on both sets, write CSVs and a parity plot.
+
+    With several ``study.fidelity_rungs`` the model is first fitted on nested
+    random subsets of the training set (rung directories under ``workdir``);
+    ``report(size, scored)`` is called after each and returns True to stop the
+    trial there (raising ``RungPruned``). The last rung is the whole training set.
+    """
+    sizes = rung_sizes(cfg.study.fidelity_rungs, len(data.train))
+    if len(sizes) > 1 and model["kind"] == "gap":
+        check_gap_memory(model, data.train.frames)  # before the small rungs spend time on a doomed trial
+    order = np.random.default_rng(cfg.study.seed).permutation(len(data.train))
+    for size in sizes[:-1]:
+        rung_dir = workdir / f"rung_{size:04d}"
+        subset = subset_frames(data.train, np.sort(order[:size]), rung_dir / "train_subset.xyz")
+        partial = score_model(cfg, model, Datasets(train=subset, val=data.val), rung_dir)
+        if report is not None and report(size, partial):
+            raise RungPruned(size, partial)
+    scored = score_model(cfg, model, data, workdir)
+    if report is not None and len(sizes) > 1:
+        report(sizes[-1], scored)
+    return scored
+
+
+def rung_sizes(fractions, n_frames: int) -> list[int]:
+    """Training-set sizes of the fidelity rungs (at least one frame each, the last all of them)."""
+    return sorted({max(1, round(float(f) * n_frames)) for f in fractions})
+
+
+def score_model(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
     if model["kind"] == "gap":
         return score_gap(cfg, model, data, workdir)
     from hpo.sagpr_trial import score_sagpr  # SA-GPR needs featomic; GAP runs need not import it
@@ -99,63 +144,107 @@ def score(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
     return score_sagpr(cfg, model, data, workdir)
 
 
+def check_gap_memory(model: dict, frames) -> None:
+    n_sparse = gap.effective_n_sparse(model["n_sparse"], frames)
+    estimate = gap.covariance_memory_bytes(n_sparse, frames)
+    if estimate > model["memory_budget_gb"] * 1e9:
+        raise MemoryBudgetExceeded(
+            f"gap_fit would need about {estimate / 1e9:.1f} GB for its covariance matrices "
+            f"(n_sparse={n_sparse}, {len(frames)} frames), over model.memory_budget_gb={model['memory_budget_gb']}",
+            estimate,
+        )
+
+
 def score_gap(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
     model = copy.deepcopy(model)
     requested = model["n_sparse"]
     model["n_sparse"] = gap.effective_n_sparse(requested, data.train.frames)
     check_trial_params(model)
-    estimate = gap.covariance_memory_bytes(model["n_sparse"], data.train.frames)
-    if estimate > model["memory_budget_gb"] * 1e9:
-        raise MemoryBudgetExceeded(
-            f"gap_fit would need about {estimate / 1e9:.1f} GB for its covariance matrices "
-            f"(n_sparse={model['n_sparse']}, {len(data.train)} frames), over model.memory_budget_gb={model['memory_budget_gb']}",
-            estimate,
-        )
-    fitted = gap.fit(model, data.train.path, workdir, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed)
+    check_gap_memory(model, data.train.frames)
+    sets = {"train": data.train, "val": data.val}
+    cache = Cache(model["descriptor_cache_dir"])
+    environments: dict[tuple[str, str], sparse_gap.Environments] = {}
+    # hpo.sparse_gap evaluates energies of dot-product kernels; forces and other kernels go through quippy.
+    with_quippy = model["force_metrics"] or model["covariance_type"] != "dot_product"
+
+    def compute_descriptors() -> None:
+        if with_quippy:
+            return
+        for descriptor in gap.expected_descriptors(model, data.train.frames):
+            for name, frames in sets.items():
+                environments[name, sparse_gap.descriptor_key(descriptor)] = sparse_gap.environments(descriptor, frames.frames, cache)
 
     start = time.perf_counter()
-    potential = gap.load(fitted.model_file)  # one parse of the XML for both sets
+    fitted = gap.fit(
+        model, data.train.path, workdir, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed,
+        while_fitting=compute_descriptors,
+    )
+    fit_wall = time.perf_counter() - start
+    start = time.perf_counter()
     found, predicted = {}, {}
-    for name, frames in (("train", data.train), ("val", data.val)):
-        energies, forces = gap.predict(potential, frames.frames)
-        found.update(
-            metrics.energy_force_metrics(name, frames.energies, energies, frames.n_atoms, frames.forces, forces)
-        )
+    if with_quippy:
+        potential = gap.load(fitted.model_file)  # quippy's calculator: descriptor gradients give forces
+        for name, frames in sets.items():
+            predicted[name], forces = gap.predict(potential, frames.frames)
+            forces = forces if model["force_metrics"] else None
+            found.update(metrics.energy_force_metrics(name, frames.energies, predicted[name], frames.n_atoms, frames.forces, forces))
+    else:
+        fitted_model = sparse_gap.SparseGap.read(fitted.model_file)
+        for name, frames in sets.items():
+            found_here = {
+                d: environments.get((name, sparse_gap.descriptor_key(d))) or sparse_gap.environments(d, frames.frames, cache)
+                for d in fitted_model.descriptors
+            }
+            predicted[name] = fitted_model.energies(frames.frames, found_here)
+            found.update(metrics.energy_force_metrics(name, frames.energies, predicted[name], frames.n_atoms))
+    for name, frames in sets.items():
         write_text(
             workdir / f"{'validation' if name == 'val' else 'train'}_errors.csv",
             "true_energy_eV,predicted_energy_eV\n"
-            + "".join(f"{t:.10f},{p:.10f}\n" for t, p in zip(frames.energies, energies)),
+            + "".join(f"{t:.10f},{p:.10f}\n" for t, p in zip(frames.energies, predicted[name])),
         )
-        predicted[name] = energies
+    if model["cost_frames"]:
+        found["md_ms_per_atom"] = md_cost_ms_per_atom(fitted.model_file, data.val.frames[: model["cost_frames"]])
     eval_time = time.perf_counter() - start
-    train_pred, val_pred = predicted["train"], predicted["val"]
 
     nan = [k for k, v in found.items() if not math.isfinite(v)]
     if nan:
         raise TrialFailure("nan_metric", f"non-finite metrics {nan} (the fit diverged)")
-    flags = {}
+    tags = {"gap_fit_command": fitted.command_line}
     for quantity in ("energy", "force"):
-        gap_, ratio, flags[quantity] = metrics.overfitting(
-            found[f"train_{quantity}_rmse"], found[f"val_{quantity}_rmse"], cfg.overfit_ratio
-        )
-        found[f"{quantity}_rmse_gap"], found[f"{quantity}_rmse_ratio"] = gap_, ratio
-    found.update(fit_time_s=fitted.fit_time_s, eval_time_s=eval_time)
+        if f"val_{quantity}_rmse" in found:
+            gap_, ratio, flag = metrics.overfitting(found[f"train_{quantity}_rmse"], found[f"val_{quantity}_rmse"], cfg.overfit_ratio)
+            found[f"{quantity}_rmse_gap"], found[f"{quantity}_rmse_ratio"] = gap_, ratio
+            tags["overfit" if quantity == "energy" else "overfit_force"] = str(flag).lower()
+    # descriptor_wait_s: how long the trial waited for descriptors after gap_fit had finished.
+    found.update(fit_time_s=fitted.fit_time_s, descriptor_wait_s=fit_wall - fitted.fit_time_s, eval_time_s=eval_time)
 
     title = f"GAP, {data.train.path.name} ({len(data.train)}) / {data.val.path.name} ({len(data.val)})"
     parity = plots.parity_plot(
         workdir / "parity_energy.png",
-        {"train": (data.train.energies, train_pred), "validation": (data.val.energies, val_pred)},
+        {"train": (data.train.energies, predicted["train"]), "validation": (data.val.energies, predicted["val"])},
         "energy",
         "eV",
         title,
     )
+    if model["descriptor_cache_dir"]:
+        cache.trim(int(model["descriptor_cache_max_gb"] * 1e9))
     return Scored(
         metrics=found,
         params={**flatten(model), "n_sparse_requested": requested, "threads": cfg.threads},
-        tags={"overfit": str(flags["energy"]).lower(), "overfit_force": str(flags["force"]).lower(), "gap_fit_command": fitted.command_line},
+        tags=tags,
         artifacts=[workdir / "gap_fit.cmd", workdir / "gap_fit.out", workdir / "gap_fit.err", workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
         model_files=[fitted.model_file],
     )
+
+
+def md_cost_ms_per_atom(model_file: Path, frames) -> float:
+    """Milliseconds per atom of one MD step (energies and forces with quippy's calculator), XML parsing excluded."""
+    potential = gap.load(model_file)
+    gap.predict(potential, frames[:1])  # the first call sets up quippy's buffers
+    start = time.perf_counter()
+    gap.predict(potential, frames)
+    return (time.perf_counter() - start) * 1e3 / sum(len(atoms) for atoms in frames)
 
 
 def classify(exc: BaseException) -> str:
@@ -200,8 +289,24 @@ class Objective:
         )
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("workdir", str(workdir))
+
+        def report(size: int, rung: Scored) -> bool:
+            """Tell Optuna the rung's metric (step = training frames) and keep its metrics in MLflow's history."""
+            trial.report(metric_value(rung.metrics, self.cfg.study.metric), step=size)
+            self.tracker.log(run_id, metrics={**rung.metrics, "train_size": size}, step=size)
+            return trial.should_prune()
+
         try:
-            scored = score(self.cfg, model, self.data, workdir)
+            scored = score(self.cfg, model, self.data, workdir, report)
+        except RungPruned as exc:
+            trial.set_user_attr("pruned_at_size", exc.size)
+            trial.set_user_attr(self.cfg.study.metric, metric_value(exc.scored.metrics, self.cfg.study.metric))
+            self.tracker.log(
+                run_id, params=exc.scored.params, tags={**exc.scored.tags, "state": "PRUNED", "pruned_at_size": exc.size}
+            )
+            self.tracker.log_artifacts(run_id, exc.scored.artifacts)
+            self.tracker.end_run(run_id, "KILLED")
+            raise
         except MemoryBudgetExceeded as exc:
             trial.set_user_attr("failure", exc.reason)
             trial.set_user_attr("failure_message", str(exc))

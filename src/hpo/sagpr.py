@@ -41,14 +41,11 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from hpo.atomic import write_text
+from hpo.cache import Cache, atomic_write_npz, digest, frame_digests
 from hpo.sagpr_features import (
-    Cache,
     FeatureBlock,
     Projection,
-    atomic_write_npz,
-    digest,
     fit_projection,
-    frame_digests,
     lambda_soap,
     normalise,
     structure_kernels,
@@ -193,7 +190,7 @@ class SAGPR(BaseEstimator):
         Picks the first FPS column; fixes the sparsification for given data.
     cache_dir : str, path or None
         Directory for the on-disk cache of features and kernels (layout in
-        :class:`hpo.sagpr_features.Cache`). Content-addressed, so safe to share
+        :class:`hpo.cache.Cache`). Content-addressed, so safe to share
         between runs and parallel workers; it never changes results, only
         their cost.
 

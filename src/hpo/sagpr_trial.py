@@ -16,7 +16,7 @@ from hpo.data import Datasets
 from hpo.metrics import overfitting
 from hpo.objective import Scored, TrialFailure
 from hpo.sagpr import SAGPR, component_rmse, read_tensors
-from hpo.sagpr_features import Cache
+from hpo.cache import Cache
 from hpo.tracking import flatten
 
 # Constructor arguments of SAGPR that come from the model config.

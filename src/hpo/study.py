@@ -8,9 +8,9 @@ study shows what the search gained over it.
 
 from __future__ import annotations
 
+import datetime
 import gzip
 import shutil
-import datetime
 import multiprocessing
 import os
 import time
@@ -29,7 +29,7 @@ from hpo import config as hpo_config
 from hpo.atomic import creation_lock
 from hpo.config import SearchParam
 from hpo.data import load_datasets
-from hpo.objective import Objective, default_values
+from hpo.objective import Objective, default_values, rung_sizes
 from hpo.tracking import Tracker, provenance_tags
 
 CREATE_ATTEMPTS = 5
@@ -96,6 +96,17 @@ def make_sampler(cfg, space: list[SearchParam], worker: int = 0) -> optuna.sampl
     return optuna.samplers.GridSampler(grid, seed=seed)
 
 
+def make_pruner(cfg, n_train: int) -> optuna.pruners.BasePruner:
+    """The configured pruner; its resource is the number of training frames of a fidelity rung."""
+    study = cfg.study
+    if study.pruner == "none":
+        return optuna.pruners.NopPruner()
+    sizes = rung_sizes(study.fidelity_rungs, n_train)
+    if study.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=sizes[0], reduction_factor=int(study.reduction_factor))
+    return optuna.pruners.HyperbandPruner(min_resource=sizes[0], max_resource=sizes[-1], reduction_factor=int(study.reduction_factor))
+
+
 def _grid_points(param: SearchParam, n: int):
     import numpy as np
 
@@ -129,7 +140,8 @@ def check_space_matches(study: optuna.Study, space: list[SearchParam]) -> None:
             )
 
 
-def open_study(cfg, space: list[SearchParam], worker: int = 0) -> optuna.Study:
+def open_study(cfg, space: list[SearchParam], worker: int = 0, n_train: int | None = None) -> optuna.Study:
+    """Create or resume the study of ``cfg``; ``n_train`` (training frames) sizes the pruner's rungs."""
     for attempt in range(CREATE_ATTEMPTS):
         try:
             with creation_lock(str(cfg.study.storage)):
@@ -138,6 +150,7 @@ def open_study(cfg, space: list[SearchParam], worker: int = 0) -> optuna.Study:
                     storage=storage,
                     study_name=cfg.study.name,
                     sampler=make_sampler(cfg, space, worker),
+                    pruner=make_pruner(cfg, n_train or int(cfg.dataset.train_size)),
                     direction=cfg.study.direction,
                     load_if_exists=True,
                 )
@@ -167,6 +180,15 @@ def count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
 
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count towards ``study.n_trials``: complete ones and those a pruner stopped after a rung.
+
+    Trials pruned before any fit (over the memory budget) cost nothing and do not count.
+    """
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    return count(study, TrialState.COMPLETE) + sum(1 for t in pruned if t.intermediate_values)
+
+
 class Progress:
     """Prints one line per ended trial: its value or failure, the count and the best so far."""
 
@@ -177,6 +199,8 @@ class Progress:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.COMPLETE:
             outcome = f"{trial.value:.5g}"
+        elif "pruned_at_size" in trial.user_attrs:
+            outcome = f"PRUNED after {trial.user_attrs['pruned_at_size']} frames ({trial.user_attrs.get(self.study_cfg.metric, float('nan')):.5g})"
         else:
             outcome = f"{trial.state.name} ({trial.user_attrs.get('failure', 'error')})"
         try:
@@ -184,7 +208,7 @@ class Progress:
         except ValueError:
             best = "none yet"
         print(
-            f"[hpo] trial {trial.number}: {outcome} | finished {count(study, TrialState.COMPLETE)}/{self.study_cfg.n_trials}, "
+            f"[hpo] trial {trial.number}: {outcome} | finished {count_finished(study)}/{self.study_cfg.n_trials}, "
             f"failed {count(study, TrialState.FAIL)} | best {best} | {time.perf_counter() - self.started:.0f} s",
             flush=True,
         )
@@ -202,7 +226,7 @@ def run(cfg) -> optuna.Study:
     space = hpo_config.search_space(cfg)
     model = hpo_config.model_params(cfg)
     data = load_datasets(cfg)
-    study = open_study(cfg, space)
+    study = open_study(cfg, space, n_train=len(data.train))
     tracker = Tracker(cfg.tracking)
     n_workers = cfg.study.n_workers
     parent = tracker.start_run(
@@ -224,9 +248,9 @@ def run(cfg) -> optuna.Study:
     if cfg.study.enqueue_default:
         study.enqueue_trial(default_values(model, space), user_attrs={"is_default": True}, skip_if_exists=True)
 
-    remaining = cfg.study.n_trials - count(study, TrialState.COMPLETE)
+    remaining = cfg.study.n_trials - count_finished(study)
     print(
-        f"[hpo] study {cfg.study.name!r} in {cfg.study.storage}: {count(study, TrialState.COMPLETE)} finished, "
+        f"[hpo] study {cfg.study.name!r} in {cfg.study.storage}: {count_finished(study)} finished, "
         f"{max(remaining, 0)} to go with {n_workers} worker(s); {len(data.train)} training / {len(data.val)} validation frames",
         flush=True,
     )
@@ -281,7 +305,7 @@ def optimize(cfg, parent_run_id: str, data=None, worker: int = 0) -> None:
     space = hpo_config.search_space(cfg)
     model = hpo_config.model_params(cfg)
     data = data if data is not None else load_datasets(cfg)
-    study = open_study(cfg, space, worker)
+    study = open_study(cfg, space, worker, n_train=len(data.train))
     tracker = Tracker(cfg.tracking)
     workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
     objective = Objective(cfg, model, space, data, tracker, parent_run_id, workroot)
@@ -295,7 +319,7 @@ def optimize(cfg, parent_run_id: str, data=None, worker: int = 0) -> None:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(study)
             fail_unstarted_trials(study, cfg.study.grace_s)
-        done, running = count(study, TrialState.COMPLETE), count(study, TrialState.RUNNING)
+        done, running = count_finished(study), count(study, TrialState.RUNNING)
         if done >= cfg.study.n_trials or (done + running >= cfg.study.n_trials and not heartbeats):
             break
         if done + running >= cfg.study.n_trials:

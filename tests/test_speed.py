@@ -1,0 +1,104 @@
+"""Cheap evaluation and multi-fidelity search, on real gap_fit fits of tiny data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+from hpo import gap
+from hpo import study as hpo_study
+from hpo.cache import Cache
+from hpo.config import ConfigError, model_params, validate
+from hpo.data import load_datasets
+from hpo.objective import score
+from hpo.sparse_gap import SparseGap, descriptor_key
+
+
+@pytest.fixture
+def fitted(tiny_cfg, tmp_path):
+    """A tiny GAP fitted by gap_fit, with the frames it was trained and validated on."""
+    cfg = tiny_cfg()
+    data = load_datasets(cfg)
+    model = model_params(cfg)
+    model["n_sparse"] = gap.effective_n_sparse(model["n_sparse"], data.train.frames)
+    result = gap.fit(model, data.train.path, tmp_path / "fit", dict(cfg.dataset.e0), cfg.dataset.property_keys)
+    return model, data, result.model_file
+
+
+def quippy_energies(model_file, frames) -> np.ndarray:
+    energies, _ = gap.predict(gap.load(model_file), frames)
+    return energies
+
+
+def test_numpy_energies_equal_quippy(fitted, tmp_path):
+    model, data, model_file = fitted
+    frames = data.train.frames + data.val.frames
+    sparse = SparseGap.read(model_file)
+    assert len(sparse.gps) == 2  # one sparse GP per centre species (H, O)
+    difference = np.abs(sparse.predict(frames) - quippy_energies(model_file, frames))
+    assert difference.max() < 1e-6
+
+    # The descriptors hpo computes while gap_fit runs are the ones gap_fit writes into the model.
+    expected = sorted(descriptor_key(d) for d in gap.expected_descriptors(model, data.train.frames))
+    assert expected == sorted(descriptor_key(d) for d in sparse.descriptors)
+
+
+def test_descriptor_cache_is_reused_and_exact(fitted, tmp_path):
+    _, data, model_file = fitted
+    sparse = SparseGap.read(model_file)
+    cache = Cache(tmp_path / "cache")
+    first = sparse.predict(data.val.frames, cache)
+    assert cache.stats["gap_descriptors_miss"] == 2 and cache.stats["gap_descriptors_hit"] == 0
+    second = sparse.predict(data.val.frames, cache)
+    assert cache.stats["gap_descriptors_hit"] == 2
+    np.testing.assert_array_equal(first, second)
+    # A different frame set is a different entry, never a stale hit.
+    sparse.predict(data.val.frames[:3], cache)
+    assert cache.stats["gap_descriptors_miss"] == 4
+
+
+def test_trial_with_force_metrics_gives_the_same_energies(tiny_cfg, tmp_path):
+    energies_only = score(tiny_cfg(), model_params(tiny_cfg()), load_datasets(tiny_cfg()), tmp_path / "numpy")
+    cfg = tiny_cfg("model.force_metrics=true")
+    with_forces = score(cfg, model_params(cfg), load_datasets(cfg), tmp_path / "quippy")
+    assert "val_force_rmse" not in energies_only.metrics and with_forces.metrics["val_force_rmse"] > 0
+    for key in ("train_energy_rmse", "val_energy_rmse"):
+        assert energies_only.metrics[key] == pytest.approx(with_forces.metrics[key], abs=1e-9)
+    assert energies_only.metrics["descriptor_wait_s"] >= 0
+
+
+def test_multi_fidelity_study_prunes_and_records(tiny_cfg):
+    cfg = tiny_cfg(
+        "study.n_trials=6",
+        "study.fidelity_rungs=[0.5,1.0]",
+        "study.pruner=successive_halving",
+        "study.sampler=random",
+        "study.enqueue_default=false",
+    )
+    study = hpo_study.run(cfg)
+    pruned = study.get_trials(states=(TrialState.PRUNED,))
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert pruned and complete
+    assert len(pruned) + len(complete) == 6  # a pruned trial counts towards n_trials: its fit cost time
+    assert all(list(t.intermediate_values) == [5] for t in pruned)  # pruned after the 5-frame rung of 10
+    assert all(sorted(t.intermediate_values) == [5, 10] for t in complete)
+
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    for trial in pruned:
+        run = client.get_run(trial.user_attrs["mlflow_run_id"])
+        assert run.data.tags["state"] == "PRUNED" and run.info.status == "KILLED"
+        assert run.data.tags["pruned_at_size"] == "5"
+        history = client.get_metric_history(run.info.run_id, "val_energy_rmse")
+        assert [m.step for m in history] == [5]
+        assert history[0].value == pytest.approx(trial.intermediate_values[5])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["study.fidelity_rungs=[0.5,0.25]", "study.fidelity_rungs=[0.5]", "study.pruner=hyperband", "study.reduction_factor=1"],
+)
+def test_bad_fidelity_settings_are_refused(tiny_cfg, override):
+    with pytest.raises(ConfigError, match=r"study\.(fidelity_rungs|pruner|reduction_factor)="):
+        validate(tiny_cfg(override))
