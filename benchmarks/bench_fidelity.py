@@ -7,11 +7,15 @@ and reports, for the pruned search, the time until a complete trial came within 
 validation RMSE the full search found, over the full search's time. Times are measured from the
 first trial's start to a trial's end (Optuna's own timestamps).
 
-    python benchmarks/bench_fidelity.py [hydra overrides for both studies, e.g. study.n_trials=20]
+    python benchmarks/bench_fidelity.py [--pruned "OVERRIDES"] [hydra overrides for both studies]
+
+e.g. python benchmarks/bench_fidelity.py --pruned "study.fidelity_rungs=[0.25,1.0] study.reduction_factor=4 \
+     study.pruner=successive_halving" dataset.train_size=200 search=gap
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import sys
@@ -25,7 +29,7 @@ from hpo import study as hpo_study
 from hpo.config import load_config
 
 DEFAULTS = ["study.n_trials=20", "dataset.train_size=100", "search=gap_small", "study.enqueue_default=false"]
-PRUNED = ["study.fidelity_rungs=[0.25,0.5,1.0]", "study.pruner=successive_halving", "study.reduction_factor=2"]
+PRUNED = "study.fidelity_rungs=[0.25,0.5,1.0] study.pruner=successive_halving study.reduction_factor=2"
 TOLERANCE = 0.05
 
 
@@ -56,14 +60,17 @@ def time_to(rows, target: float) -> float | None:
 
 
 def main() -> None:
-    overrides = DEFAULTS + sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pruned", default=PRUNED, help="overrides of the pruned study only")
+    args, rest = parser.parse_known_args()
+    overrides, pruned_overrides = DEFAULTS + rest, args.pruned.split()
     print(f"command: python {shlex.join(sys.argv)}")
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
-    print(f"overrides of both studies: {' '.join(overrides)}; pruned study adds: {' '.join(PRUNED)}")
+    print(f"overrides of both studies: {' '.join(overrides)}; pruned study adds: {' '.join(pruned_overrides)}")
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         full = search(Path(tmp) / "full", overrides)
-        pruned = search(Path(tmp) / "pruned", overrides + PRUNED)
+        pruned = search(Path(tmp) / "pruned", overrides + pruned_overrides)
         wall = time.perf_counter() - started
     best_full = min(v for _, s, v in full if s == "COMPLETE")
     best_pruned = min(v for _, s, v in pruned if s == "COMPLETE")

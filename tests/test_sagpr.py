@@ -285,3 +285,9 @@ def test_cache_hits_and_changes_nothing(train, validate, tmp_path):
 
     # writes are atomic: no temporary files are left behind
     assert not list(tmp_path.rglob(".tmp-*"))
+
+
+@needs_data
+def test_training_predictions_come_with_the_fit(small_model, train):
+    frames, _ = train
+    np.testing.assert_allclose(small_model.train_predictions_, small_model.predict(frames[:20]), rtol=0, atol=1e-8)

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo import gap
+from hpo import gap, report
 from hpo import study as hpo_study
 from hpo.cache import Cache
 from hpo.config import ConfigError, model_params, validate
 from hpo.data import load_datasets
 from hpo.objective import score
+from hpo.promote import promote
 from hpo.sparse_gap import SparseGap, descriptor_key
 
 
@@ -102,3 +105,38 @@ def test_multi_fidelity_study_prunes_and_records(tiny_cfg):
 def test_bad_fidelity_settings_are_refused(tiny_cfg, override):
     with pytest.raises(ConfigError, match=r"study\.(fidelity_rungs|pruner|reduction_factor)="):
         validate(tiny_cfg(override))
+
+
+def test_multi_objective_study_keeps_a_front_and_promotes_a_point_of_it(tiny_cfg):
+    objectives = ["study.objectives=[val_energy_rmse,fit_time_s]", "study.sampler=random", "study.n_trials=4"]
+    cfg = tiny_cfg(*objectives)
+    study = hpo_study.run(cfg)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(study.directions) == 2 and len(complete) == 4
+    for trial in complete:
+        assert trial.values[1] == trial.user_attrs["fit_time_s"] > 0
+    front = {t.number for t in study.best_trials}
+    assert hpo_study.best_trial(study).number in front
+    assert (Path(cfg.experiments_dir) / study.study_name / "pareto_front.png").read_bytes().startswith(b"\x89PNG")
+    page = report.write_report(cfg).html.read_text()
+    assert f"<h2>{report.SECTIONS['pareto']}" in page
+
+    within = 0.5
+    best = min(t.values[0] for t in complete)
+    expected = min((t for t in complete if t.values[0] <= best * (1 + within)), key=lambda t: t.user_attrs["fit_time_s"])
+    lineage = promote(tiny_cfg(*objectives, "promote.pick=cheapest_within", f"promote.within={within}", "promote.cost=fit_time_s"))
+    assert lineage["trial"] == expected.number and lineage["pick"] == "cheapest_within"
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    promote_run = client.search_runs(
+        [client.get_experiment_by_name(cfg.tracking.experiment).experiment_id], "tags.command = 'promote'"
+    )[0]
+    assert any(a.path.endswith("-pareto.png") for a in client.list_artifacts(promote_run.info.run_id))
+
+
+def test_bad_objectives_are_refused(tiny_cfg):
+    with pytest.raises(ConfigError, match=r"study\.objectives="):
+        validate(tiny_cfg("study.objectives=[fit_time_s,val_energy_rmse]"))
+    with pytest.raises(ConfigError, match=r"md_ms_per_atom only with model.cost_frames"):
+        validate(tiny_cfg("study.objectives=[val_energy_rmse,md_ms_per_atom]"))
+    with pytest.raises(ConfigError, match=r"study\.pruner="):
+        validate(tiny_cfg("study.objectives=[val_energy_rmse,fit_time_s]", "study.fidelity_rungs=[0.5,1.0]", "study.pruner=hyperband"))

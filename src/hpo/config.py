@@ -197,6 +197,13 @@ def validate(cfg: DictConfig) -> None:
         _fail("study.n_trials", study.n_trials, "an integer >= 1")
     if study.timeout_s is not None and (not _is_number(study.timeout_s) or study.timeout_s <= 0):
         _fail("study.timeout_s", study.timeout_s, "null or a positive number of seconds")
+    objectives = list(study.objectives)
+    if not objectives or objectives[0] != study.metric or len(set(objectives)) != len(objectives):
+        _fail("study.objectives", objectives, f"distinct trial metrics, the first the validation metric study.metric={study.metric!r}")
+    if len(objectives) > 1 and study.pruner != "none":
+        _fail("study.pruner", study.pruner, "none in a multi-objective study (Optuna prunes single-objective studies only)")
+    if "md_ms_per_atom" in objectives and not model.get("cost_frames"):
+        _fail("study.objectives", objectives, "md_ms_per_atom only with model.cost_frames > 0 (the frames it is timed on)")
     rungs = list(study.fidelity_rungs)
     if not rungs or not all(_is_number(r) and 0 < r <= 1 for r in rungs) or rungs != sorted(set(rungs)) or rungs[-1] != 1:
         _fail("study.fidelity_rungs", rungs, "increasing fractions of the training set in (0, 1], the last 1.0")

@@ -36,7 +36,7 @@ from hpo.config import ConfigError
 from hpo.data import Datasets, load_datasets, subset_frames
 from hpo.objective import classify, score, with_values
 from hpo.plots import MODEL_NAMES, figure_title, log_axis_wanted, plt, save_figure
-from hpo.study import StudyError, load_study
+from hpo.study import StudyError, best_trial, load_study
 from hpo.tracking import Tracker, flatten, provenance_tags
 
 TIMESTAMP = "%Y%m%d-%H%M%S"  # as the fit command's working directories
@@ -128,7 +128,7 @@ def fixed_model(cfg: DictConfig, from_study: str | None) -> tuple[dict, str]:
         return model, "model defaults"
     study = load_study(str(cfg.study.storage), str(from_study))
     try:
-        best = study.best_trial
+        best = best_trial(study)
     except ValueError:
         raise StudyError(f"study {from_study!r} has no finished trial to take parameters from") from None
     try:

@@ -26,6 +26,12 @@ from hpo.config import ConfigError, SearchParam, check_model, get_dotted, set_do
 from hpo.data import Datasets, subset_frames
 from hpo.tracking import Tracker, flatten
 
+# Trial metrics also kept on the Optuna trial (the rest are in MLflow): what reports, promotion
+# rules and Pareto fronts read without a tracking server.
+TRIAL_ATTR_METRICS = (
+    "train_energy_rmse", "val_energy_rmse", "energy_rmse_ratio", "train_rmse", "val_rmse", "rmse_ratio",
+    "fit_time_s", "eval_time_s", "md_ms_per_atom",
+)
 FAILURE_REASONS = ("gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "error")
 
 
@@ -332,8 +338,9 @@ class Objective:
             self.tracker.log_artifacts(run_id, [workdir / "gap_fit.err", workdir / "gap_fit.out", workdir / "failure.txt"])
             self.tracker.end_run(run_id, "FAILED")
             raise
-        value = metric_value(scored.metrics, self.cfg.study.metric)
-        for key in (self.cfg.study.metric, "train_energy_rmse", "val_energy_rmse", "energy_rmse_ratio", "val_rmse", "train_rmse", "rmse_ratio"):
+        values = [metric_value(scored.metrics, name) for name in self.cfg.study.objectives]
+        kept = (*self.cfg.study.objectives, *TRIAL_ATTR_METRICS)
+        for key in kept:
             if key in scored.metrics:
                 trial.set_user_attr(key, scored.metrics[key])
         trial.set_user_attr("overfit", scored.tags.get("overfit") == "true")
@@ -341,7 +348,7 @@ class Objective:
         self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE"})
         self.tracker.log_artifacts(run_id, scored.artifacts)
         self.tracker.end_run(run_id, "FINISHED")
-        return float(value)
+        return values[0] if len(values) == 1 else tuple(values)
 
 
 def metric_value(metrics_: dict, key: str) -> float:

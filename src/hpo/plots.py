@@ -45,6 +45,22 @@ def parity_plot(
     return save_figure(fig, path)
 
 
+def pareto_plot(path: Path, study, names: list[str], title: str, picked=None) -> Path:
+    """Optuna's Pareto-front plot of a multi-objective study, with the promoted trial marked."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = optuna.visualization.matplotlib.plot_pareto_front(study, target_names=names)
+    if picked is not None:
+        ax.plot(*picked.values[:2], "kD", ms=11, mfc="none", label=f"promoted (trial {picked.number})")
+        ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return save_figure(ax.figure, path)
+
+
 def md_plot(path: Path, time_fs, potential, kinetic, temperature, title: str) -> Path:
     """Total, potential and kinetic energy (relative to the start) and temperature against time."""
     potential, kinetic = np.asarray(potential), np.asarray(kinetic)

@@ -22,7 +22,8 @@ from optuna.trial import TrialState
 from hpo import config as hpo_config
 from hpo.data import load_datasets
 from hpo.objective import score, with_values
-from hpo.study import load_study
+from hpo import plots
+from hpo.study import StudyError, best_trial, cheapest_within, load_study, primary
 from hpo.tracking import Tracker, flatten, package_versions, provenance_tags
 
 MODEL_DIR = "model_files"  # name of the pyfunc artifact that holds the model's own files
@@ -66,12 +67,22 @@ class SagprPyfunc(mlflow.pyfunc.PythonModel):
 PYFUNCS = {"gap": GapPyfunc, "sagpr": SagprPyfunc}
 
 
-def pick_trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial:
+PICKS = ("best", "cheapest_within")
+
+
+def pick_trial(study: optuna.Study, promote_cfg) -> optuna.trial.FrozenTrial:
+    """``promote.trial`` if given, else the trial ``promote.pick`` chooses."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not finished:
         raise PromoteError(f"study {study.study_name!r} has no finished trial to promote; run `hpo optimize` first")
+    number = promote_cfg.trial
+    if number is None and promote_cfg.pick == "best":
+        return best_trial(study)
     if number is None:
-        return study.best_trial
+        try:
+            return cheapest_within(study, float(promote_cfg.within), str(promote_cfg.cost))
+        except StudyError as exc:
+            raise PromoteError(str(exc)) from None
     for trial in finished:
         if trial.number == number:
             return trial
@@ -85,7 +96,11 @@ def promote(cfg) -> dict:
     """Register the best (or ``promote.trial``) trial's model; return the version's lineage."""
     hpo_config.validate(cfg)
     study = load_study(str(cfg.study.storage), cfg.study.name)
-    trial = pick_trial(study, cfg.promote.trial)
+    if cfg.promote.pick not in PICKS:
+        raise hpo_config.ConfigError(f"promote.pick={cfg.promote.pick!r} is not allowed: one of {PICKS}")
+    if not isinstance(cfg.promote.within, (int, float)) or cfg.promote.within < 0:
+        raise hpo_config.ConfigError(f"promote.within={cfg.promote.within!r} is not allowed: a fraction >= 0 of the best metric")
+    trial = pick_trial(study, cfg.promote)
     model = with_values(hpo_config.model_params(cfg), trial.params)
     name = cfg.promote.registered_model[model["kind"]]
     tracker = Tracker(cfg.tracking)
@@ -113,7 +128,8 @@ def promote(cfg) -> dict:
         "study": study.study_name,
         "storage": str(cfg.study.storage),
         "trial": trial.number,
-        "objective": trial.value,
+        "objective": primary(trial),
+        "pick": "trial" if cfg.promote.trial is not None else cfg.promote.pick,
         "search_time_s": round(search_time, 1),
         "n_trials": len(study.trials),
         **{f"param.{k}": v for k, v in flatten(model).items()},
@@ -126,6 +142,10 @@ def promote(cfg) -> dict:
         lineage["gap_fit_command"] = command_file.read_text().strip()
 
     run_id = tracker.start_run(f"promote-{study.study_name}-trial{trial.number}", tags={"command": "promote", **lineage})
+    if len(study.directions) > 1:  # show where the promoted model sits on the accuracy-cost front
+        figure = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-pareto.png"
+        title = f"{plots.MODEL_NAMES[model['kind']]} study {study.study_name}: promoted trial {trial.number} ({lineage['pick']})"
+        tracker.log_artifacts(run_id, [plots.pareto_plot(figure, study, list(cfg.study.objectives), title, picked=trial)])
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / MODEL_DIR
         bundle.mkdir()
@@ -151,7 +171,7 @@ def promote(cfg) -> dict:
     tracker.end_run(run_id)
     print(
         f"[hpo] registered {name} version {version.version} (alias {cfg.promote.alias!r}) from study "
-        f"{study.study_name!r} trial {trial.number}: {cfg.study.metric}={trial.value:.5g}"
+        f"{study.study_name!r} trial {trial.number}: {cfg.study.metric}={primary(trial):.5g}"
     )
     return dict(lineage, version=version.version, name=name)
 

@@ -29,14 +29,13 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from hpo import config as hpo_config
+from hpo import plots
 from hpo.atomic import write_text
 from hpo.config import ConfigError
 from hpo.curves import MetricSpec, metric_specs, param_axis_label
-from hpo.plots import data_line, figure_title, log_axis_wanted, save_figure
-from hpo.study import load_study
 from hpo.data import load_datasets
-from hpo.plots import plt
-from hpo.study import StudyError, default_trial
+from hpo.plots import data_line, figure_title, log_axis_wanted, plt, save_figure
+from hpo.study import StudyError, best_trial, default_trial, load_study, primary
 from hpo.tracking import Tracker, provenance_tags
 
 SECTIONS = {
@@ -45,6 +44,7 @@ SECTIONS = {
     "slice": "Slice plot",
     "train_val": "Training vs validation error",
     "best": "Best trial",
+    "pareto": "Accuracy vs cost (Pareto front)",
     "table": "Top trials",
 }
 
@@ -91,9 +91,12 @@ def write_report(cfg: DictConfig) -> ReportResult:
         importance_section(cfg, study, finished, figdir / "importance.png", title),
         Section(SECTIONS["slice"], [slice_figure(cfg, study, finished, metric, figdir / "slice.png", title)]),
         train_val_section(cfg, study, finished, metric, figdir / "train_vs_validation.png", title),
-        best_trial_section(cfg, study.best_trial),
+        best_trial_section(cfg, best_trial(study)),
         Section(SECTIONS["table"], [], table_html=top_trials_table(cfg, study, metric)),
     ]
+    if len(study.directions) > 1:
+        pareto = plots.pareto_plot(figdir / "pareto_front.png", study, list(cfg.study.objectives), title)
+        sections.insert(1, Section(SECTIONS["pareto"], [pareto]))
     page = hpo_config.output_path(cfg.report.dir) / f"{name}.html"
     write_text(page, render_page(cfg, study, finished, metric, data_description=data_text, sections=sections))
     figures = [path for section in sections for path in section.figures]
@@ -120,7 +123,7 @@ def study_metric(cfg: DictConfig) -> MetricSpec:
 
 
 def minimizing(study: optuna.Study) -> bool:
-    return study.direction == optuna.study.StudyDirection.MINIMIZE
+    return study.directions[0] == optuna.study.StudyDirection.MINIMIZE
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,14 +136,14 @@ def history_figure(study: optuna.Study, metric: MetricSpec, path: Path, title: s
     trials = study.get_trials(deepcopy=False)
     finished = [t for t in trials if t.state == TrialState.COMPLETE]
     numbers = np.array([t.number for t in finished])
-    values = np.array([t.value for t in finished])
+    values = np.array([primary(t) for t in finished])
     best_so_far = (np.minimum if minimizing(study) else np.maximum).accumulate(values)
     fig, ax = plt.subplots(figsize=(7, 4.4))
     ax.plot(numbers, values, "o", alpha=0.7, label="finished trial")
     ax.step(numbers, best_so_far, where="post", color="k", lw=1.2, label="best so far")
     default = default_trial(study)
     if default is not None:
-        ax.plot([default.number], [default.value], "*", color="tab:red", ms=14, label=f"default (trial {default.number})")
+        ax.plot([default.number], [primary(default)], "*", color="tab:red", ms=14, label=f"default (trial {default.number})")
     failed = [t.number for t in trials if t.state == TrialState.FAIL]
     if failed:
         # Failed trials have no value: tick them along the bottom so gaps in the numbering are explained.
@@ -165,7 +168,7 @@ def importance_section(cfg: DictConfig, study: optuna.Study, finished: list[Froz
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna warns about experimental arguments of its evaluators
             evaluator = optuna.importance.FanovaImportanceEvaluator(seed=cfg.study.seed)
-            importances = optuna.importance.get_param_importances(study, evaluator=evaluator)
+            importances = optuna.importance.get_param_importances(study, evaluator=evaluator, target=primary)
     except (RuntimeError, ValueError) as exc:
         return Section(heading, [], note=f"Parameter importances could not be computed: {exc}")
     if not importances:
@@ -185,19 +188,19 @@ def slice_figure(cfg: DictConfig, study: optuna.Study, finished: list[FrozenTria
     ncols = min(3, max(len(names), 1))
     nrows = -(-max(len(names), 1) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.6 * nrows), squeeze=False, layout="constrained")
-    best, default = study.best_trial, default_trial(study)
+    best, default = best_trial(study), default_trial(study)
     # one diverged trial (tens of eV) would flatten every other point onto the axis
-    log_values = log_axis_wanted(t.value for t in finished)
+    log_values = log_axis_wanted(primary(t) for t in finished)
     for ax, name in zip(axes.flat, names):
         trials = [t for t in finished if name in t.params]
         dist = trials[0].distributions[name]
         categorical = isinstance(dist, CategoricalDistribution)
         position = axis_position(dist)
         x = [position(t.params[name]) for t in trials]
-        points = ax.scatter(x, [t.value for t in trials], c=[t.number for t in trials], cmap="viridis", s=22, label="finished trial")
+        points = ax.scatter(x, [primary(t) for t in trials], c=[t.number for t in trials], cmap="viridis", s=22, label="finished trial")
         for trial, style, label in ((default, "r*", "default"), (best, "kD", "best")):
             if trial is not None and name in trial.params:
-                ax.plot([position(trial.params[name])], [trial.value], style, ms=10, mfc="none" if style == "kD" else None, label=label)
+                ax.plot([position(trial.params[name])], [primary(trial)], style, ms=10, mfc="none" if style == "kD" else None, label=label)
         if categorical:
             ax.set_xticks(range(len(dist.choices)), [str(c) for c in dist.choices])
         elif getattr(dist, "log", False):
@@ -228,14 +231,14 @@ def train_val_section(cfg: DictConfig, study: optuna.Study, finished: list[Froze
     if not trials:
         return Section(heading, [], note=f"No finished trial recorded {metric.train_key}.")
     train = np.array([t.user_attrs[metric.train_key] for t in trials])
-    val = np.array([t.value for t in trials])
+    val = np.array([primary(t) for t in trials])
     overfit = np.array([bool(t.user_attrs.get("overfit")) for t in trials])
     fig, ax = plt.subplots(figsize=(5.8, 5.2))
     ax.scatter(train[~overfit], val[~overfit], s=24, label="finished trial")
     ax.scatter(train[overfit], val[overfit], s=40, marker="x", color="tab:red", label=f"overfit (val/train > {cfg.overfit_ratio})")
-    best = study.best_trial
+    best = best_trial(study)
     if any(t.number == best.number for t in trials):
-        ax.plot([best.user_attrs[metric.train_key]], [best.value], "kD", ms=10, mfc="none", label=f"best (trial {best.number})")
+        ax.plot([best.user_attrs[metric.train_key]], [primary(best)], "kD", ms=10, mfc="none", label=f"best (trial {best.number})")
     span = np.array([min(train.min(), val.min()), max(train.max(), val.max())])
     ax.plot(span, span, "k--", lw=1, label="validation = training")
     ax.plot(span, cfg.overfit_ratio * span, ":", color="tab:red", lw=1, label=f"validation = {cfg.overfit_ratio} x training")
@@ -278,15 +281,15 @@ def _fmt(value) -> str:
 def top_trials_table(cfg: DictConfig, study: optuna.Study, metric: MetricSpec) -> str:
     """The ``report.top_n`` best finished trials: value, training error, their ratio, flags and parameters."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    ranked = sorted(finished, key=lambda t: t.value, reverse=not minimizing(study))[: cfg.report.top_n]
+    ranked = sorted(finished, key=primary, reverse=not minimizing(study))[: cfg.report.top_n]
     params = sorted({name for trial in ranked for name in trial.params})
     header = ["trial", f"validation {metric.label} ({metric.unit})", f"training {metric.label} ({metric.unit})",
               "ratio val/train", "overfit", "default", *params]
     rows = []
     for trial in ranked:
         train = trial.user_attrs.get(metric.train_key)
-        ratio = trial.value / train if _number(train) and train > 0 else None
-        cells = [trial.number, trial.value, train, ratio, bool(trial.user_attrs.get("overfit")),
+        ratio = primary(trial) / train if _number(train) and train > 0 else None
+        cells = [trial.number, primary(trial), train, ratio, bool(trial.user_attrs.get("overfit")),
                  bool(trial.user_attrs.get("is_default")), *(trial.params.get(p) for p in params)]
         rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
@@ -314,18 +317,18 @@ def render_page(
 ) -> str:
     """The whole page as one string: summary, then each section with its embedded figures."""
     trials = study.get_trials(deepcopy=False)
-    best, default = study.best_trial, default_trial(study)
+    best, default = best_trial(study), default_trial(study)
     summary = [
         f"storage: {cfg.study.storage}",
         f"model: {cfg.model.kind}; {data_description}",
-        f"objective: {cfg.study.metric} ({metric.unit}), {study.direction.name.lower()}",
+        f"objective: {cfg.study.metric} ({metric.unit}), {study.directions[0].name.lower()}",
         f"trials: {len(finished)} finished, {sum(t.state == TrialState.FAIL for t in trials)} failed, {len(trials)} in all; "
         f"{sum(bool(t.user_attrs.get('overfit')) for t in finished)} flagged overfit",
-        f"best: {best.value:.5g} {metric.unit} (trial {best.number})",
+        f"best: {primary(best):.5g} {metric.unit} (trial {best.number})",
     ]
     if default is not None:
-        gain = (default.value - best.value) / default.value if default.value else float("nan")
-        summary.append(f"default: {default.value:.5g} {metric.unit} (trial {default.number}); gain over the default {100 * gain:.1f}%")
+        gain = (primary(default) - primary(best)) / primary(default) if primary(default) else float("nan")
+        summary.append(f"default: {primary(default):.5g} {metric.unit} (trial {default.number}); gain over the default {100 * gain:.1f}%")
     summary.append(f"written {time.strftime('%Y-%m-%d %H:%M:%S')} by hpo report")
     parts = [
         "<!DOCTYPE html>",

@@ -283,6 +283,11 @@ class SAGPR(BaseEstimator):
         self.w0_ = _ridge_solve(k0, self.reg0, a0 - self.mean0_)
         n = len(frames)
         self.w2_ = _ridge_solve(k2.reshape(5 * n, 5 * n), self.reg2, a2.ravel())
+        # Training-set predictions come free with the training kernels; predict(frames) would rebuild
+        # or reload them.
+        self.train_predictions_ = spherical_to_cartesian(
+            k0 @ self.w0_ + self.mean0_, (k2.reshape(5 * n, 5 * n) @ self.w2_).reshape(-1, 5)
+        )
         t3 = time.perf_counter()
         self.timings_ = {
             "features_s": t1 - t0,

@@ -15,8 +15,8 @@ from hpo.atomic import write_text
 from hpo.data import Datasets
 from hpo.metrics import overfitting
 from hpo.objective import Scored, TrialFailure
-from hpo.sagpr import SAGPR, component_rmse, read_tensors
 from hpo.cache import Cache
+from hpo.sagpr import SAGPR, component_rmse, read_tensors
 from hpo.tracking import flatten
 
 # Constructor arguments of SAGPR that come from the model config.
@@ -51,7 +51,7 @@ def score_sagpr(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
         estimator.fit(data.train.frames, train_true)
         fit_time = time.perf_counter() - start
         start = time.perf_counter()
-        train_pred = estimator.predict(data.train.frames)
+        train_pred = estimator.train_predictions_
         val_pred = estimator.predict(data.val.frames)
         eval_time = time.perf_counter() - start
     except np.linalg.LinAlgError as exc:

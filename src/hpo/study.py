@@ -26,6 +26,7 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
+from hpo import plots
 from hpo.atomic import creation_lock
 from hpo.config import SearchParam
 from hpo.data import load_datasets
@@ -151,7 +152,7 @@ def open_study(cfg, space: list[SearchParam], worker: int = 0, n_train: int | No
                     study_name=cfg.study.name,
                     sampler=make_sampler(cfg, space, worker),
                     pruner=make_pruner(cfg, n_train or int(cfg.dataset.train_size)),
-                    direction=cfg.study.direction,
+                    directions=directions(cfg),
                     load_if_exists=True,
                 )
             break
@@ -176,6 +177,24 @@ def load_study(storage_url: str, study_name: str) -> optuna.Study:
         raise StudyError(f"no study named {study_name!r} in {storage_url}; it holds {names or 'no studies'}") from None
 
 
+def directions(cfg) -> list[str]:
+    """``study.direction`` for the first objective (the validation metric); costs are minimised."""
+    return [cfg.study.direction] + ["minimize"] * (len(cfg.study.objectives) - 1)
+
+
+def primary(trial: optuna.trial.FrozenTrial) -> float:
+    """The trial's validation metric: its only value, or the first of a multi-objective study."""
+    return trial.values[0]
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The trial with the best validation metric (in a multi-objective study: the front's most accurate)."""
+    if len(study.directions) == 1:
+        return study.best_trial
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    return min(study.best_trials, key=lambda t: sign * primary(t))
+
+
 def count(study: optuna.Study, *states: TrialState) -> int:
     return len(study.get_trials(deepcopy=False, states=states))
 
@@ -198,14 +217,15 @@ class Progress:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if trial.state == TrialState.COMPLETE:
-            outcome = f"{trial.value:.5g}"
+            outcome = ", ".join(f"{v:.5g}" for v in trial.values)
         elif "pruned_at_size" in trial.user_attrs:
             outcome = f"PRUNED after {trial.user_attrs['pruned_at_size']} frames ({trial.user_attrs.get(self.study_cfg.metric, float('nan')):.5g})"
         else:
             outcome = f"{trial.state.name} ({trial.user_attrs.get('failure', 'error')})"
-        try:
-            best = f"{study.best_value:.5g} (trial {study.best_trial.number})"
-        except ValueError:
+        if count(study, TrialState.COMPLETE):
+            best_ = best_trial(study)
+            best = f"{primary(best_):.5g} (trial {best_.number})"
+        else:
             best = "none yet"
         print(
             f"[hpo] trial {trial.number}: {outcome} | finished {count_finished(study)}/{self.study_cfg.n_trials}, "
@@ -277,7 +297,7 @@ def run(cfg) -> optuna.Study:
         close_orphan_runs(study, tracker)
         verdict = failure_verdict(study, cfg.study)
         if count(study, TrialState.COMPLETE):
-            summarise(study, tracker, parent)
+            summarise(study, tracker, parent, cfg)
         tracker.end_run(parent, "FAILED" if verdict else status)
     if verdict:
         raise StudyError(verdict)
@@ -383,23 +403,51 @@ def default_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
     return None
 
 
-def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str) -> dict:
-    """Print best vs default, log them on the parent run, and keep the best model (compressed)."""
-    best = study.best_trial
+def cheapest_within(study: optuna.Study, within: float, cost: str) -> optuna.trial.FrozenTrial:
+    """The finished trial of lowest ``cost`` (a trial metric) whose validation metric is within
+    ``within`` (a fraction) of the best: trade a little accuracy for a cheaper model."""
+    best = primary(best_trial(study))
+    minimize = study.directions[0] == optuna.study.StudyDirection.MINIMIZE
+    bound = best + abs(best) * within if minimize else best - abs(best) * within
+    close = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if (primary(t) <= bound if minimize else primary(t) >= bound) and cost in t.user_attrs
+    ]
+    if not close:
+        raise StudyError(f"no finished trial of study {study.study_name!r} records {cost!r}; pick another cost metric")
+    return min(close, key=lambda t: (t.user_attrs[cost], primary(t)))
+
+
+def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) -> dict:
+    """Print best vs default, log them on the parent run, and keep the best model (compressed).
+
+    A multi-objective study also gets its Pareto front printed and plotted.
+    """
+    best = best_trial(study)
     default = default_trial(study)
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     overfit = sum(bool(t.user_attrs.get("overfit")) for t in finished)
-    summary = {"best_value": best.value, "best_trial": best.number, "n_finished": len(finished), "n_overfit": overfit}
+    summary = {"best_value": primary(best), "best_trial": best.number, "n_finished": len(finished), "n_overfit": overfit}
     lines = [f"[hpo] study {study.study_name!r}: {len(finished)} finished trials, {overfit} flagged overfit"]
     lines.append(f"  {'parameter':<24}{'best':>14}{'default':>14}")
     for name, value in best.params.items():
         base = default.params.get(name) if default else None
         lines.append(f"  {name:<24}{_fmt(value):>14}{_fmt(base):>14}")
-    lines.append(f"  {'validation metric':<24}{_fmt(best.value):>14}{_fmt(default.value if default else None):>14}")
-    if default is not None and default.value:
-        gain = (default.value - best.value) / default.value
-        summary.update(default_value=default.value, gain=gain)
+    lines.append(f"  {'validation metric':<24}{_fmt(primary(best)):>14}{_fmt(primary(default) if default else None):>14}")
+    if default is not None and primary(default):
+        gain = (primary(default) - primary(best)) / primary(default)
+        summary.update(default_value=primary(default), gain=gain)
         lines.append(f"  gain over the default: {100 * gain:.1f}% (trial {best.number} vs trial {default.number})")
+    if len(study.directions) > 1:
+        front = sorted(study.best_trials, key=primary)
+        summary["n_pareto"] = len(front)
+        names = list(cfg.study.objectives)
+        lines.append(f"  Pareto front ({len(front)} trials): " + ", ".join(names))
+        lines += [f"    trial {t.number:<5}" + "".join(f"{_fmt(v):>14}" for v in t.values) for t in front]
+        path = hpo_config.output_path(cfg.experiments_dir) / study.study_name / "pareto_front.png"
+        title = f"{plots.MODEL_NAMES[cfg.model.kind]} study {study.study_name}: accuracy vs cost ({cfg.dataset.train_size} training frames)"
+        tracker.log_artifacts(parent_run_id, [plots.pareto_plot(path, study, names, title)])
     print("\n".join(lines), flush=True)
     tracker.log(parent_run_id, metrics={k: v for k, v in summary.items()}, tags={"best_trial": best.number})
     log_best_model(best, tracker)

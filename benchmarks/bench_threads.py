@@ -1,0 +1,77 @@
+"""How to spend this machine's cores: gap_fit threads, and workers x threads for a whole study.
+
+1. One gap_fit of the hand-tuned defaults at each training-set size, with OMP_NUM_THREADS = 1, 2, ...
+   up to the core count: fit time and speed-up over one thread.
+2. The same small study (search=gap_small, n trials, no default trial) run as
+   1 worker x all threads and as (cores) workers x 1 thread: wall time of each.
+
+    python benchmarks/bench_threads.py [--sizes 50 200] [--trials 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hpo import gap
+from hpo import study as hpo_study
+from hpo.config import load_config, model_params
+from hpo.data import load_datasets
+
+
+def fit_seconds(train_size: int, threads: int, root: Path) -> float:
+    cfg = load_config([f"dataset.train_size={train_size}"])
+    data = load_datasets(cfg)
+    model = model_params(cfg)
+    model["n_sparse"] = gap.effective_n_sparse(model["n_sparse"], data.train.frames)
+    fitted = gap.fit(model, data.train.path, root / f"fit-{train_size}-{threads}", dict(cfg.dataset.e0), cfg.dataset.property_keys, threads)
+    return fitted.fit_time_s
+
+
+def study_seconds(workers: int, threads: int, n_trials: int, root: Path) -> float:
+    cfg = load_config(
+        [
+            f"experiments_dir={root}/experiments",
+            f"study.storage=sqlite:///{root}/optuna.db",
+            f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
+            f"tracking.artifact_location={root}/artifacts",
+            "search=gap_small",
+            "study.enqueue_default=false",
+            f"study.n_trials={n_trials}",
+            f"study.n_workers={workers}",
+            f"threads={workers * threads}",
+        ]
+    )
+    start = time.perf_counter()
+    hpo_study.run(cfg)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--trials", type=int, default=8)
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    print(f"command: python {shlex.join(sys.argv)}")
+    print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.2f} at start")
+    thread_counts = sorted({1, *range(2, cores + 1)})
+    with tempfile.TemporaryDirectory() as tmp:
+        fits = {(size, n): fit_seconds(size, n, Path(tmp)) for size in args.sizes for n in thread_counts}
+        one_worker = study_seconds(1, cores, args.trials, Path(tmp) / "one-worker")
+        many_workers = study_seconds(cores, 1, args.trials, Path(tmp) / "many-workers")
+    print()
+    for size in args.sizes:
+        line = ", ".join(f"{n} thread(s) {fits[size, n]:.1f} s ({fits[size, 1] / fits[size, n]:.2f}x)" for n in thread_counts)
+        print(f"gap_fit, defaults, {size} snapshots: {line}")
+    print(f"study of {args.trials} gap_small trials: 1 worker x {cores} threads {one_worker:.1f} s, {cores} workers x 1 thread {many_workers:.1f} s")
+    print(f"workers over threads: {one_worker / many_workers:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
