@@ -140,3 +140,17 @@ def test_bad_objectives_are_refused(tiny_cfg):
         validate(tiny_cfg("study.objectives=[val_energy_rmse,md_ms_per_atom]"))
     with pytest.raises(ConfigError, match=r"study\.pruner="):
         validate(tiny_cfg("study.objectives=[val_energy_rmse,fit_time_s]", "study.fidelity_rungs=[0.5,1.0]", "study.pruner=hyperband"))
+
+
+def test_hyperband_study_counts_pruned_trials(tiny_cfg):
+    cfg = tiny_cfg(
+        "study.n_trials=4",
+        "study.fidelity_rungs=[0.3,1.0]",
+        "study.pruner=hyperband",
+        "study.sampler=random",
+        "study.enqueue_default=false",
+    )
+    study = hpo_study.run(cfg)
+    ended = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
+    assert len(ended) == 4 and all(t.intermediate_values for t in ended)
+    assert all(3 in t.intermediate_values for t in ended)  # every trial reported the 3-frame rung of 10
