@@ -26,7 +26,7 @@ from pathlib import Path
 from optuna.trial import TrialState
 
 from hpo import study as hpo_study
-from hpo.config import load_config
+from hpo.config import load_config, output_overrides
 
 DEFAULTS = ["study.n_trials=20", "dataset.train_size=100", "search=gap_small", "study.enqueue_default=false"]
 PRUNED = "study.fidelity_rungs=[0.25,0.5,1.0] study.pruner=successive_halving study.reduction_factor=2"
@@ -37,10 +37,7 @@ def search(root: Path, overrides: list[str]) -> list[tuple[float, str, float | N
     """(seconds since the first trial started, state, value) of every trial, in order of completion."""
     cfg = load_config(
         [
-            f"experiments_dir={root}/experiments",
-            f"study.storage=sqlite:///{root}/optuna.db",
-            f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-            f"tracking.artifact_location={root}/artifacts",
+            *output_overrides(root),
             "model.descriptor_cache_dir=null",  # no head start from the other search's descriptors
             *overrides,
         ]

@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 
 from hpo import study as hpo_study
-from hpo.config import load_config
+from hpo.config import load_config, output_overrides
 from hpo.data import load_datasets
 from hpo.sparse_gap import SparseGap
 
@@ -33,10 +33,7 @@ def one_trial(root: Path, train_size: int) -> tuple[float, float, Path]:
     """Wall time and gap_fit time of one default trial, and the model it fitted."""
     cfg = load_config(
         [
-            f"experiments_dir={root}/experiments",
-            f"study.storage=sqlite:///{root}/optuna.db",
-            f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-            f"tracking.artifact_location={root}/artifacts",
+            *output_overrides(root),
             f"dataset.train_size={train_size}",
             "study.n_trials=1",
         ]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from hpo import gap
 from hpo import study as hpo_study
-from hpo.config import load_config, model_params
+from hpo.config import load_config, model_params, output_overrides
 from hpo.data import load_datasets
 
 
@@ -36,10 +36,7 @@ def fit_seconds(train_size: int, threads: int, root: Path) -> float:
 def study_seconds(workers: int, threads: int, n_trials: int, root: Path) -> float:
     cfg = load_config(
         [
-            f"experiments_dir={root}/experiments",
-            f"study.storage=sqlite:///{root}/optuna.db",
-            f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-            f"tracking.artifact_location={root}/artifacts",
+            *output_overrides(root),
             "search=gap_small",
             "study.enqueue_default=false",
             f"study.n_trials={n_trials}",

@@ -15,17 +15,14 @@ import tempfile
 import time
 
 from hpo import study as hpo_study
-from hpo.config import load_config
+from hpo.config import load_config, output_overrides
 
 
 def wall_time(n_workers: int, n_trials: int) -> float:
     with tempfile.TemporaryDirectory() as root:
         cfg = load_config(
             [
-                f"experiments_dir={root}/experiments",
-                f"study.storage=sqlite:///{root}/optuna.db",
-                f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
-                f"tracking.artifact_location={root}/artifacts",
+                *output_overrides(root),
                 "search=gap_small",
                 "study.enqueue_default=false",  # the hand-tuned default is a much slower fit than the rest
                 f"study.n_trials={n_trials}",

@@ -13,7 +13,7 @@ from pathlib import Path
 import ase.io
 import pytest
 
-from hpo.config import load_config
+from hpo.config import load_config, output_overrides
 
 SHARED_WATER = Path(os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "water"))
 
@@ -37,16 +37,6 @@ def tiny_data(tmp_path_factory) -> Path:
     ase.io.write(target / "gap_input_100.xyz", train, format="extxyz")
     ase.io.write(target / "gap_validate.xyz", ase.io.read(source / "gap_validate.xyz", ":6"), format="extxyz")
     return target
-
-
-def output_overrides(root: Path) -> list[str]:
-    """Send every output of a run under ``root``."""
-    return [
-        f"experiments_dir={root}/experiments",
-        f"study.storage=sqlite:///{root}/experiments/optuna.db",
-        f"tracking.tracking_uri=sqlite:///{root}/mlruns/mlflow.db",
-        f"tracking.artifact_location={root}/mlruns/artifacts",
-    ]
 
 
 @pytest.fixture

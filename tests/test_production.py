@@ -13,9 +13,9 @@ import pytest
 from hpo import md as hpo_md
 from hpo import promote as hpo_promote
 from hpo import study as hpo_study
-from hpo.config import load_config
+from hpo.config import load_config, output_overrides
 
-from conftest import TINY_GAP, output_overrides
+from conftest import TINY_GAP
 
 
 @pytest.fixture(scope="module")

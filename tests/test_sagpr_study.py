@@ -10,9 +10,8 @@ from mlflow.tracking import MlflowClient
 from hpo import polarize
 from hpo import promote as hpo_promote
 from hpo import study as hpo_study
-from hpo.config import load_config
+from hpo.config import load_config, output_overrides
 
-from conftest import output_overrides
 from test_optimize import runs_of
 
 TINY_SAGPR = ["model=sagpr", "search=sagpr_small", "dataset.train_size=50", "model.n_max=2", "model.l_max=2", "model.nc=null", "model.rc=3.0"]

@@ -81,6 +81,17 @@ def load_config(overrides: list[str] | None = None, config_name: str = "config")
         return compose(config_name=config_name, overrides=list(overrides or []))
 
 
+def output_overrides(root: str | Path) -> list[str]:
+    """Overrides that send every output of a run (study storage, MLflow, trial directories) under ``root``:
+    benchmarks and tests run in throwaway directories this way."""
+    return [
+        f"experiments_dir={root}/experiments",
+        f"study.storage=sqlite:///{root}/experiments/optuna.db",
+        f"tracking.tracking_uri=sqlite:///{root}/mlruns/mlflow.db",
+        f"tracking.artifact_location={root}/mlruns/artifacts",
+    ]
+
+
 @dataclass(frozen=True)
 class SearchParam:
     """One dimension of the search space: a dotted path into ``model`` and its distribution."""
