@@ -15,13 +15,13 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from hpo import gap
-from hpo import study as hpo_study
-from hpo.config import load_config, model_params, output_overrides
+from hpo.config import load_config, model_params
 from hpo.data import load_datasets
+
+from bench_workers import wall_time  # the script's own directory is on sys.path
 
 
 def fit_seconds(train_size: int, threads: int, root: Path) -> float:
@@ -31,22 +31,6 @@ def fit_seconds(train_size: int, threads: int, root: Path) -> float:
     model["n_sparse"] = gap.effective_n_sparse(model["n_sparse"], data.train.frames)
     fitted = gap.fit(model, data.train.path, root / f"fit-{train_size}-{threads}", dict(cfg.dataset.e0), cfg.dataset.property_keys, threads)
     return fitted.fit_time_s
-
-
-def study_seconds(workers: int, threads: int, n_trials: int, root: Path) -> float:
-    cfg = load_config(
-        [
-            *output_overrides(root),
-            "search=gap_small",
-            "study.enqueue_default=false",
-            f"study.n_trials={n_trials}",
-            f"study.n_workers={workers}",
-            f"threads={workers * threads}",
-        ]
-    )
-    start = time.perf_counter()
-    hpo_study.run(cfg)
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -60,8 +44,8 @@ def main() -> None:
     thread_counts = sorted({1, *range(2, cores + 1)})
     with tempfile.TemporaryDirectory() as tmp:
         fits = {(size, n): fit_seconds(size, n, Path(tmp)) for size in args.sizes for n in thread_counts}
-        one_worker = study_seconds(1, cores, args.trials, Path(tmp) / "one-worker")
-        many_workers = study_seconds(cores, 1, args.trials, Path(tmp) / "many-workers")
+    one_worker = wall_time(1, args.trials, threads_per_worker=cores)
+    many_workers = wall_time(cores, args.trials)
     print()
     for size in args.sizes:
         line = ", ".join(f"{n} thread(s) {fits[size, n]:.1f} s ({fits[size, 1] / fits[size, n]:.2f}x)" for n in thread_counts)

@@ -64,9 +64,10 @@ def test_descriptor_cache_is_reused_and_exact(fitted, tmp_path):
 
 def test_trial_with_force_metrics_gives_the_same_energies(tiny_cfg, tmp_path):
     energies_only = score(tiny_cfg(), model_params(tiny_cfg()), load_datasets(tiny_cfg()), tmp_path / "numpy")
-    cfg = tiny_cfg("model.force_metrics=true")
+    cfg = tiny_cfg("model.force_metrics=true", "model.cost_frames=2")
     with_forces = score(cfg, model_params(cfg), load_datasets(cfg), tmp_path / "quippy")
     assert "val_force_rmse" not in energies_only.metrics and with_forces.metrics["val_force_rmse"] > 0
+    assert "md_ms_per_atom" not in energies_only.metrics and with_forces.metrics["md_ms_per_atom"] > 0
     for key in ("train_energy_rmse", "val_energy_rmse"):
         assert energies_only.metrics[key] == pytest.approx(with_forces.metrics[key], abs=1e-9)
     assert energies_only.metrics["descriptor_wait_s"] >= 0

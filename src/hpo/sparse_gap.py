@@ -56,11 +56,6 @@ class Environments:
     frame: np.ndarray  # (n_environments,) index of the frame each environment belongs to
     cutoff: np.ndarray  # (n_environments,) covariance cutoff of each environment
 
-    def first_frames(self, n: int) -> Environments:
-        """The environments of frames[:n] (training subsets are prefixes, so one computation serves all)."""
-        keep = self.frame < n
-        return Environments(self.vectors[keep], self.frame[keep], self.cutoff[keep])
-
 
 def environments(descriptor: str, frames: Sequence[ase.Atoms], cache: Cache | None = None) -> Environments:
     """quippy's descriptors of ``frames``, from ``cache`` when the same frames and descriptor were seen before."""
