@@ -25,7 +25,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from hpo import study as hpo_study
+from hpo.search import loop, selection, space, storage
 from hpo.config import load_config, output_overrides
 
 DEFAULTS = ["study.n_trials=20", "dataset.train_size=100", "search=gap_small", "study.enqueue_default=false"]
@@ -42,7 +42,7 @@ def search(root: Path, overrides: list[str]) -> list[tuple[float, str, float | N
             *overrides,
         ]
     )
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     ended = [t for t in study.trials if t.datetime_complete is not None]
     start = min(t.datetime_start for t in ended)
     rows = [((t.datetime_complete - start).total_seconds(), t.state.name, t.value) for t in ended]

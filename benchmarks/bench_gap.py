@@ -23,10 +23,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from hpo import study as hpo_study
+from hpo.search import loop, selection, space, storage
 from hpo.config import load_config, output_overrides
 from hpo.data import load_datasets
-from hpo.sparse_gap import SparseGap
+from hpo.models.gap.sparse_gap import SparseGap
 
 
 def one_trial(root: Path, train_size: int) -> tuple[float, float, Path]:
@@ -38,7 +38,7 @@ def one_trial(root: Path, train_size: int) -> tuple[float, float, Path]:
             "study.n_trials=1",
         ]
     )
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     trial = study.trials[0]
     wall = (trial.datetime_complete - trial.datetime_start).total_seconds()
     client = mlflow.MlflowClient(cfg.tracking.tracking_uri)

@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpo import gap
+from hpo.models.gap import gap_fit as gap
 from hpo.config import load_config, model_params
 from hpo.data import load_datasets
 
@@ -29,8 +29,8 @@ def fit_seconds(train_size: int, threads: int, root: Path) -> float:
     data = load_datasets(cfg)
     model = model_params(cfg)
     model["n_sparse"] = gap.effective_n_sparse(model["n_sparse"], data.train.frames)
-    fitted = gap.fit(model, data.train.path, root / f"fit-{train_size}-{threads}", dict(cfg.dataset.e0), cfg.dataset.property_keys, threads)
-    return fitted.fit_time_s
+    fitted = gap.GAP(model, dict(cfg.dataset.e0), cfg.dataset.property_keys, threads).fit(data.train.path, root / f"fit-{train_size}-{threads}")
+    return fitted.fit_time_s_
 
 
 def main() -> None:

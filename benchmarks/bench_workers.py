@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from hpo import study as hpo_study
+from hpo.search import loop, selection, space, storage
 from hpo.config import load_config, output_overrides
 
 
@@ -32,7 +32,7 @@ def wall_time(n_workers: int, n_trials: int, threads_per_worker: int = 1) -> flo
             ]
         )
         start = time.perf_counter()
-        hpo_study.run(cfg)
+        loop.run(cfg)
         return time.perf_counter() - start
 
 

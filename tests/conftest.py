@@ -7,34 +7,29 @@ in seconds.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import ase.io
 import pytest
 
 from hpo.config import load_config, output_overrides
+from hpo.data import shared_frames
 
-SHARED_WATER = Path(os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "water"))
-
-# Cheap GAP settings: a fit on 10 frames takes about a second.
-TINY_GAP = ["model.n_max=2", "model.l_max=2", "model.n_sparse=20", "model.cutoff=3.0", "search=gap_small"]
-
-
-def require_shared_water() -> Path:
-    if not (SHARED_WATER / "gap_input_50.xyz").is_file():
-        pytest.skip(f"water data not found in {SHARED_WATER} (set HPO_DATA_DIR)")
-    return SHARED_WATER
-
+from helpers import TINY_GAP, require_shared_water
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A data directory with 10/14 training frames and 6 validation frames, named like the real files."""
+    """A data directory named like the real files: 10/14 training frames, 6 validation frames, and a
+    "400" file of the 14 training frames plus 6 others (the test split of the 10- and 14-frame sets)."""
     source = require_shared_water()
     target = tmp_path_factory.mktemp("tiny_water")
     train = ase.io.read(source / "gap_input_100.xyz", ":14")
     ase.io.write(target / "gap_input_50.xyz", train[:10], format="extxyz")
     ase.io.write(target / "gap_input_100.xyz", train, format="extxyz")
+    pool = ase.io.read(source / "gap_input_400.xyz", ":40")
+    seen = {j for _, j in shared_frames(train, pool)}
+    others = [atoms for j, atoms in enumerate(pool) if j not in seen][:6]
+    ase.io.write(target / "gap_input_400.xyz", train + others, format="extxyz")
     ase.io.write(target / "gap_validate.xyz", ase.io.read(source / "gap_validate.xyz", ":6"), format="extxyz")
     return target
 

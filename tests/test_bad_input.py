@@ -9,7 +9,7 @@ import ase.io
 import pytest
 
 from hpo import config as hpo_config
-from hpo import study as hpo_study
+from hpo.search import loop, selection, space, storage
 from hpo.data import DataError, load_datasets, read_frames
 from hpo.config import ConfigError
 
@@ -96,15 +96,15 @@ def test_data_dir_without_the_files(tiny_cfg, tmp_path):
 
 def test_storage_that_cannot_be_opened(tiny_cfg):
     cfg = tiny_cfg("study.storage=sqlite:////proc/no/such/dir/optuna.db")
-    with pytest.raises(hpo_study.StudyError, match=r"study.storage='sqlite:////proc/no/such/dir/optuna.db' cannot be opened"):
-        hpo_study.open_study(cfg, hpo_config.search_space(cfg))
+    with pytest.raises(storage.StudyError, match=r"study.storage='sqlite:////proc/no/such/dir/optuna.db' cannot be opened"):
+        storage.open_study(cfg, space.search_space(cfg))
 
 
 def test_changed_search_space_names_parameter(tiny_cfg):
-    hpo_study.run(tiny_cfg("study.n_trials=1"))
+    loop.run(tiny_cfg("study.n_trials=1"))
     cfg = tiny_cfg("++search.space.n_max={type:categorical,choices:[2,3]}")
-    with pytest.raises(hpo_study.StudyError, match=r"already sampled n_max as IntDistribution.*give a new study.name"):
-        hpo_study.open_study(cfg, hpo_config.search_space(cfg))
+    with pytest.raises(storage.StudyError, match=r"already sampled n_max as IntDistribution.*give a new study.name"):
+        storage.open_study(cfg, space.search_space(cfg))
 
 
 def test_cli_reports_bad_input_in_one_paragraph(tiny_overrides, tmp_path):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hpo import curves
+from hpo.analysis import learning_curve, points, sweep
 from hpo.config import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -36,7 +36,7 @@ def parent_and_children(cfg, parent_run_id):
 def test_learning_curve_over_two_sizes(tiny_cfg, shared_mlflow):
     # force_metrics: the force panel, through quippy's calculator (trials default to energies only)
     cfg = tiny_cfg(*shared_mlflow, "learning_curve.sizes=[50,100]", "learning_curve.name=lc", "model.force_metrics=true")
-    result = curves.run_learning_curve(cfg)
+    result = learning_curve.run_learning_curve(cfg)
 
     rows = read_csv(result.csv)
     assert [(r["size"], r["n_train"], r["state"]) for r in rows] == [("50", "10", "COMPLETE"), ("100", "14", "COMPLETE")]
@@ -63,7 +63,7 @@ def test_learning_curve_over_two_sizes(tiny_cfg, shared_mlflow):
 
 def test_sweep_marks_the_validation_minimum(tiny_cfg, shared_mlflow):
     cfg = tiny_cfg(*shared_mlflow, "sweep.param=default_sigma.energy", "sweep.values=[0.1,0.001,0.01]")
-    result = curves.run_sweep(cfg)
+    result = sweep.run_sweep(cfg)
 
     rows = read_csv(result.csv)
     values = [float(r["default_sigma.energy"]) for r in rows]
@@ -85,26 +85,26 @@ def test_sweep_marks_the_validation_minimum(tiny_cfg, shared_mlflow):
 def test_sweep_of_unknown_parameter_is_refused_before_any_fit(tiny_cfg):
     cfg = tiny_cfg("sweep.param=default_sigma.energyy")
     with pytest.raises(ConfigError, match="sweep.param='default_sigma.energyy'"):
-        curves.run_sweep(cfg)
+        sweep.run_sweep(cfg)
     cfg = tiny_cfg("sweep.param=n_max", "sweep.values=[0,2]")
     with pytest.raises(ConfigError, match="n_max"):
-        curves.run_sweep(cfg)
+        sweep.run_sweep(cfg)
 
 
 def test_overfitting_region_follows_the_flexible_direction():
     x = [0.001, 0.01, 0.1, 1.0]
     train = np.array([0.01, 0.05, 0.10, 1.0])  # falls as sigma shrinks (more flexible)
     val = np.array([0.09, 0.07, 0.08, 1.1])  # minimum at 0.01, rises again at 0.001
-    assert curves.overfitting_steps(x, train, val, "down") == [(0.01, 0.001)]
+    assert sweep.overfitting_steps(x, train, val, "down") == [(0.01, 0.001)]
     # Seen the other way round (larger = more flexible) the same numbers hold no overfitting step.
-    assert curves.overfitting_steps(x, train, val, "up") == []
+    assert sweep.overfitting_steps(x, train, val, "up") == []
     # A failed point (NaN) is skipped, not treated as a rise.
     val_failed = np.array([0.09, np.nan, 0.08, 1.1])
-    assert curves.overfitting_steps(x, train, val_failed, "down") == [(0.1, 0.001)]
+    assert sweep.overfitting_steps(x, train, val_failed, "down") == [(0.1, 0.001)]
 
 
 def test_power_law_fit_recovers_slope():
     n = np.array([50.0, 100.0, 200.0, 400.0])
-    fit = curves.fit_power_law(n, 3.0 * n**-0.5)
+    fit = learning_curve.fit_power_law(n, 3.0 * n**-0.5)
     assert fit.slope == pytest.approx(-0.5) and fit.at(800) == pytest.approx(3.0 * 800**-0.5)
-    assert curves.fit_power_law(np.array([50.0]), np.array([0.1])) is None
+    assert learning_curve.fit_power_law(np.array([50.0]), np.array([0.1])) is None

@@ -10,8 +10,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo import study as hpo_study
-from hpo.config import load_config, search_space
+from hpo.search import loop, selection, space, storage
+from hpo.config import load_config
+
+from helpers import runs_of
+from hpo.search.space import search_space
 
 TRIAL_METRICS = {
     "train_energy_rmse",
@@ -24,18 +27,9 @@ TRIAL_METRICS = {
 }
 
 
-def runs_of(cfg):
-    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    runs = client.search_runs([experiment.experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    return parents, children
-
-
 def test_three_trial_study_is_tracked_and_resumes(tiny_cfg, capsys):
     cfg = tiny_cfg("study.n_trials=3")
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
     assert study.trials[0].user_attrs["is_default"] is True
     assert study.trials[0].params["n_max"] == 2  # the model default, enqueued as trial 0
@@ -57,7 +51,7 @@ def test_three_trial_study_is_tracked_and_resumes(tiny_cfg, capsys):
     assert best_run.data.tags.get("model_logged") == "true"
     assert "gain over the default" in capsys.readouterr().out
 
-    resumed = hpo_study.run(tiny_cfg("study.n_trials=5"))
+    resumed = loop.run(tiny_cfg("study.n_trials=5"))
     numbers = [t.number for t in resumed.trials]
     assert len(resumed.get_trials(states=(TrialState.COMPLETE,))) == 5
     assert numbers == sorted(set(numbers))
@@ -78,7 +72,7 @@ def test_failing_gap_fit_becomes_failed_trial_and_study_goes_on(tiny_cfg):
         "+search.space={l_max:{type:int,low:1,high:2}}",
         "study.sampler=grid",
     )
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     failed = study.get_trials(states=(TrialState.FAIL,))
     assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 1
     assert len(failed) == 1
@@ -111,9 +105,9 @@ def test_cli_fit_prints_metrics(tiny_overrides, tmp_path):
 def test_same_seed_same_suggestions(tiny_overrides, tmp_path):
     def suggestions(name):
         cfg = load_config([*tiny_overrides, f"study.name={name}"])
-        space = search_space(cfg)
-        study = hpo_study.open_study(cfg, space)
-        distributions = {p.name: hpo_study.distribution(p) for p in space}
+        params = search_space(cfg)
+        study = storage.open_study(cfg, params)
+        distributions = {p.name: space.distribution(p) for p in params}
         return [study.ask(distributions).params for _ in range(3)]
 
     assert suggestions("a") == suggestions("b")
@@ -125,19 +119,22 @@ def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
 
     import ase.io
 
-    from hpo import gap
+    from hpo.models.gap import gap_fit as gap
 
-    # every trial is over budget, so the study only ends by its timeout
-    cfg = tiny_cfg("study.n_trials=1", "study.timeout_s=3", "model.memory_budget_gb=0.0001")
-    study = hpo_study.run(cfg)
+    # every trial is over budget: the study stops after study.max_refused_trials refusals, with the reason
+    cfg = tiny_cfg("study.n_trials=1", "study.max_refused_trials=3", "model.memory_budget_gb=0.0001")
+    with pytest.raises(storage.StudyError, match="3 trials were refused before any fit.*memory_budget_gb=0.0001"):
+        loop.run(cfg)
+    study = storage.load_study(cfg.study)
     assert not study.get_trials(states=(TrialState.COMPLETE,))
     pruned = study.get_trials(states=(TrialState.PRUNED,))
-    assert pruned and pruned[0].user_attrs["failure"] == "memory_budget"
-    _, children = runs_of(cfg)
+    assert len(pruned) == 3 and pruned[0].user_attrs["failure"] == "memory_budget"
+    parents, children = runs_of(cfg)
     assert children[0].data.tags["state"] == "PRUNED" and children[0].data.metrics["memory_estimate_gb"] > 0
+    assert {run.info.status for run in parents + children} == {"FAILED", "KILLED"}  # nothing left RUNNING
 
     # the estimate is gap_fit's own: compare with the arrays it lists for a real fit
-    trial = hpo_study.run(tiny_cfg("study.n_trials=1", "study.name=fits")).best_trial
+    trial = loop.run(tiny_cfg("study.n_trials=1", "study.name=fits")).best_trial
     printed = (Path(trial.user_attrs["workdir"]) / "gap_fit.out").read_text()
     arrays = re.findall(r"^(?:yY|yy|A) +(\d+) +(\d+) +memory .*?( \* 2)?$", printed, re.M)
     assert len(arrays) == 3

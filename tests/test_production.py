@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 
 from hpo import md as hpo_md
-from hpo import promote as hpo_promote
-from hpo import study as hpo_study
+from hpo.registry import promote as hpo_promote
+from hpo.registry.resolve import PromoteError
+from hpo.search import loop, selection, space, storage
 from hpo.config import load_config, output_overrides
 
-from conftest import TINY_GAP
+from helpers import TINY_GAP
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def promoted_root(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("promoted")
     overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP]
     cfg = load_config([*overrides, "study.n_trials=2"])
-    hpo_study.run(cfg)
+    loop.run(cfg)
     return overrides, cfg, hpo_promote.promote(cfg)
 
 
@@ -88,12 +89,12 @@ def test_md_blow_up_guard_keeps_frames(promoted_cfg):
 
 
 def test_promote_bad_inputs(tiny_cfg, tiny_overrides, tmp_path):
-    with pytest.raises(hpo_study.StudyError, match="no study named 'nothing-here'"):
+    with pytest.raises(storage.StudyError, match="no study named 'nothing-here'"):
         hpo_promote.promote(tiny_cfg("study.name=nothing-here", "study.n_trials=1"))
     cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.fit_timeout_s=0.001")
-    with pytest.raises(hpo_study.StudyError, match=r"4 of 4 trials failed \(study.max_failure_rate=0.5\)"):
-        hpo_study.run(cfg)
-    with pytest.raises(hpo_promote.PromoteError, match="has no finished trial"):
+    with pytest.raises(storage.StudyError, match=r"4 of 4 trials failed \(study.max_failure_rate=0.5\)"):
+        loop.run(cfg)
+    with pytest.raises(PromoteError, match="has no finished trial"):
         hpo_promote.promote(cfg)
     done = subprocess.run(
         [sys.executable, "-m", "hpo", "md", *tiny_overrides, "md.model_uri=models:/water-gap@missing"],

@@ -12,29 +12,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo import study as hpo_study
-from test_optimize import runs_of
-
-
-def assert_intact(cfg, n_trials):
-    storage = hpo_study.make_storage(str(cfg.study.storage))
-    study = optuna.load_study(study_name=cfg.study.name, storage=storage)
-    numbers = [t.number for t in study.trials]
-    assert len(numbers) == len(set(numbers))
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == n_trials
-    assert not study.get_trials(states=(TrialState.RUNNING,))
-    _, children = runs_of(cfg)
-    assert all(run.info.status in ("FINISHED", "FAILED", "KILLED") for run in children)
-    finished_runs = {c.data.tags["trial_number"] for c in children if c.info.status == "FINISHED"}
-    assert finished_runs == {str(t.number) for t in study.get_trials(states=(TrialState.COMPLETE,))}
-    return study
+from hpo.search import loop, selection, space, storage
+from helpers import assert_intact, runs_of
 
 
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_two_workers_share_one_study(tiny_cfg, tmp_path, storage):
     url = f"journal:{tmp_path}/study.log" if storage == "journal" else f"sqlite:///{tmp_path}/workers.db"
     cfg = tiny_cfg("study.n_trials=4", "study.n_workers=2", "threads=2", f"study.storage={url}")
-    hpo_study.run(cfg)
+    loop.run(cfg)
     study = assert_intact(cfg, 4)
     parents, children = runs_of(cfg)
     assert len(parents) == 1
@@ -48,7 +34,7 @@ def test_sigkill_mid_trial_then_resume(tiny_overrides, tiny_cfg, tmp_path):
     cfg = tiny_cfg(*args[len(tiny_overrides):])
     command = [sys.executable, "-m", "hpo", "optimize", *args]
     process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    storage = hpo_study.make_storage(str(cfg.study.storage))
+    storage = storage.make_storage(str(cfg.study.storage))
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.5)

@@ -7,13 +7,13 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo import curves, report
-from hpo import study as hpo_study
+from hpo.analysis import learning_curve, points, report, sweep
+from hpo.search import loop, selection, space, storage
 
 
 def test_report_of_a_three_trial_study(tiny_cfg, tmp_path):
     overrides = ("study.n_trials=3",)
-    study = hpo_study.run(tiny_cfg(*overrides))
+    study = loop.run(tiny_cfg(*overrides))
 
     # Default config: 3 trials are too few for importances, which the page says instead of drawing noise.
     result = report.write_report(tiny_cfg(*overrides))
@@ -38,7 +38,7 @@ def test_report_of_a_three_trial_study(tiny_cfg, tmp_path):
     assert {"history.png", "slice.png", "train_vs_validation.png", "parity_energy.png", result.html.name} <= logged
 
     # The learning curve and sweep take their fixed parameters from the study's best trial.
-    model, source = curves.fixed_model(cfg, study.study_name)
+    model, source = points.fixed_model(cfg, study.study_name)
     assert source == f"best trial {study.best_trial.number} of study {study.study_name}"
     assert model["n_max"] == study.best_trial.params["n_max"]
     assert model["default_sigma"]["energy"] == study.best_trial.params["default_sigma.energy"]

@@ -1,7 +1,7 @@
 """Tests of hpo.sagpr: exactness against the reference table, symmetry, I/O, cache.
 
 The data-driven tests need the workshop water data; they look in $HPO_DATA_DIR,
-else in ../shared/data/water next to the repository, and are skipped (with the
+else in ../shared/data/water next to the repository, and fail (with the
 path in the reason) when neither exists.
 """
 
@@ -21,24 +21,25 @@ import pytest
 from sklearn.exceptions import NotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 
-from hpo.sagpr import (
+from hpo.data import read_tensors as _read_tensors
+from helpers import SHARED_WATER, require_shared_water
+
+from hpo.models.sagpr.estimator import (
     SAGPR,
     cartesian_to_spherical,
     component_rmse,
     predict_file,
-    read_tensors,
     spherical_to_cartesian,
 )
-from hpo.sagpr_features import farthest_point_columns
+from hpo.models.sagpr.features import farthest_point_columns
 
-DATA_DIR = Path(
-    os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/water")
-)
-TRAIN_FILE = DATA_DIR / "gap_input_200.xyz"
-VALIDATE_FILE = DATA_DIR / "gap_validate.xyz"
-needs_data = pytest.mark.skipif(
-    not DATA_DIR.is_dir(), reason=f"water data directory {DATA_DIR} not found (set HPO_DATA_DIR)"
-)
+
+def read_tensors(frames, source):
+    return _read_tensors(frames, "Polarizability", source, symmetry_tol=0.1)
+
+
+TRAIN_FILE = SHARED_WATER / "gap_input_200.xyz"
+VALIDATE_FILE = SHARED_WATER / "gap_validate.xyz"
 
 # sagpr-reference.md, unsparsified row: original code, same data and hyperparameters
 REFERENCE_RMSE = {
@@ -51,12 +52,14 @@ SMALL = dict(n_max=4, l_max=3, nc=40)
 
 @pytest.fixture(scope="module")
 def train():
+    require_shared_water()
     frames = ase.io.read(TRAIN_FILE, ":")
     return frames, read_tensors(frames, source=TRAIN_FILE.name)
 
 
 @pytest.fixture(scope="module")
 def validate():
+    require_shared_water()
     frames = ase.io.read(VALIDATE_FILE, ":")
     return frames, read_tensors(frames, source=VALIDATE_FILE.name)
 
@@ -83,7 +86,6 @@ def random_rotation(seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # numbers of the reference
 # --------------------------------------------------------------------------- #
-@needs_data
 def test_unsparsified_model_reproduces_reference_table(train, validate):
     model = SAGPR(rc=4.0, sigma=0.3, n_max=8, l_max=6, zeta=2, nc=None, reg0=1e-8, reg2=1e-5)
     model.fit(*train)
@@ -93,7 +95,6 @@ def test_unsparsified_model_reproduces_reference_table(train, validate):
         assert rmse[key] == pytest.approx(reference, rel=0.01), key
 
 
-@needs_data
 def test_sparsified_model_is_close_to_reference(train, validate):
     # the original's FPS start was random, so only a bound: reference 0.2465,
     # seeds 0-4 give 0.240-0.253 here
@@ -141,7 +142,6 @@ def test_component_rmse():
 # --------------------------------------------------------------------------- #
 # symmetry
 # --------------------------------------------------------------------------- #
-@needs_data
 def test_prediction_rotates_with_the_frame(small_model, validate):
     frames = validate[0][:3]
     for seed, atoms in enumerate(frames):
@@ -151,7 +151,6 @@ def test_prediction_rotates_with_the_frame(small_model, validate):
         np.testing.assert_allclose(pred, pred.T, rtol=0, atol=1e-12)
 
 
-@needs_data
 def test_prediction_ignores_atom_order_and_missing_species(small_model, validate):
     atoms = validate[0][0]
     order = np.random.default_rng(0).permutation(len(atoms))
@@ -163,7 +162,6 @@ def test_prediction_ignores_atom_order_and_missing_species(small_model, validate
     assert np.isfinite(small_model.predict([h2])).all()
 
 
-@needs_data
 def test_atoms_without_neighbours_give_finite_predictions(train):
     # rc below the O-H bond: every lambda = 2 feature vanishes (isotropic lone density)
     frames, tensors = train[0][:10], train[1][:10]
@@ -174,7 +172,6 @@ def test_atoms_without_neighbours_give_finite_predictions(train):
 # --------------------------------------------------------------------------- #
 # persistence
 # --------------------------------------------------------------------------- #
-@needs_data
 def test_save_load_in_fresh_process(small_model, tmp_path):
     model_dir = tmp_path / "model"
     small_model.save(model_dir)
@@ -187,7 +184,7 @@ def test_save_load_in_fresh_process(small_model, tmp_path):
     script = textwrap.dedent(
         f"""
         import ase.io, numpy as np
-        from hpo.sagpr import SAGPR
+        from hpo.models.sagpr.estimator import SAGPR
         model = SAGPR.load({str(model_dir)!r})
         frames = ase.io.read({str(VALIDATE_FILE)!r}, ":5")
         np.save({str(tmp_path / "pred.npy")!r}, model.predict(frames))
@@ -197,7 +194,6 @@ def test_save_load_in_fresh_process(small_model, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "pred.npy"), expected)
 
 
-@needs_data
 def test_predict_file_writes_nine_numbers_per_frame(small_model, tmp_path):
     out = tmp_path / "pred.txt"
     tensors = predict_file(small_model, VALIDATE_FILE, out)
@@ -209,7 +205,6 @@ def test_predict_file_writes_nine_numbers_per_frame(small_model, tmp_path):
 # --------------------------------------------------------------------------- #
 # bad input
 # --------------------------------------------------------------------------- #
-@needs_data
 def test_read_tensors_names_file_frame_and_key(train):
     frames = [a.copy() for a in train[0][:4]]
     del frames[2].info["Polarizability"]
@@ -224,7 +219,6 @@ def test_read_tensors_names_file_frame_and_key(train):
         read_tensors(frames, source="train.xyz")
 
 
-@needs_data
 def test_unseen_species_is_named(small_model, validate):
     atoms = validate[0][0].copy()
     atoms.numbers[3] = 6
@@ -242,7 +236,6 @@ def test_invalid_hyperparameters_raise(params):
         SAGPR(**params).fit(frames, np.eye(3)[None])
 
 
-@needs_data
 def test_bad_fit_arguments(train):
     frames, tensors = train
     with pytest.raises(ValueError, match=r"shape \(n_frames, 3, 3\) = \(5, 3, 3\)"):
@@ -258,7 +251,6 @@ def test_bad_fit_arguments(train):
 # --------------------------------------------------------------------------- #
 # cache
 # --------------------------------------------------------------------------- #
-@needs_data
 def test_cache_hits_and_changes_nothing(train, validate, tmp_path):
     frames, tensors = train[0][:30], train[1][:30]
     test_frames = validate[0][:10]
@@ -287,7 +279,6 @@ def test_cache_hits_and_changes_nothing(train, validate, tmp_path):
     assert not list(tmp_path.rglob(".tmp-*"))
 
 
-@needs_data
 def test_training_predictions_come_with_the_fit(small_model, train):
     frames, _ = train
     np.testing.assert_allclose(small_model.train_predictions_, small_model.predict(frames[:20]), rtol=0, atol=1e-8)

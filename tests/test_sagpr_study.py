@@ -8,11 +8,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpo import polarize
-from hpo import promote as hpo_promote
-from hpo import study as hpo_study
+from hpo.registry import promote as hpo_promote
+from hpo.search import loop, selection, space, storage
 from hpo.config import load_config, output_overrides
 
-from test_optimize import runs_of
+from helpers import runs_of
 
 TINY_SAGPR = ["model=sagpr", "search=sagpr_small", "dataset.train_size=50", "model.n_max=2", "model.l_max=2", "model.nc=null", "model.rc=3.0"]
 PER_COMPONENT = {f"val_rmse_{c}" for c in ("xx", "xy", "xz", "yy", "yz", "zz")}
@@ -26,7 +26,7 @@ def sagpr_cfg(tiny_data, tmp_path):
 
 def test_sagpr_study_promote_and_polarize(sagpr_cfg, tiny_data, tmp_path, capsys):
     cfg = sagpr_cfg("study.n_trials=3")
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     assert cfg.study.name == "water-sagpr-50" and cfg.study.metric == "val_rmse"
     assert len(study.trials) == 3
     parents, children = runs_of(cfg)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from hpo import study as hpo_study
-from test_reliability import assert_intact
+from hpo.search import loop, selection, space, storage
+from helpers import assert_intact
 
 
 def free_port() -> int:
@@ -86,5 +86,5 @@ def test_two_workers_on_postgres_and_mlflow_server(tiny_cfg, postgres_url, mlflo
         "study.n_trials=4", "study.n_workers=2", "threads=2",
         f"study.storage={postgres_url}", f"tracking.tracking_uri={mlflow_server}", "tracking.artifact_location=null",
     )
-    hpo_study.run(cfg)
+    loop.run(cfg)
     assert_intact(cfg, 4)

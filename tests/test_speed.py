@@ -9,14 +9,15 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo import gap, report
-from hpo import study as hpo_study
+from hpo.analysis import report
+from hpo.models.gap import gap_fit as gap
+from hpo.search import loop, selection, space, storage
 from hpo.cache import Cache
 from hpo.config import ConfigError, model_params, validate
 from hpo.data import load_datasets
-from hpo.objective import score
-from hpo.promote import promote
-from hpo.sparse_gap import SparseGap, descriptor_key
+from hpo.search.objective import score
+from hpo.registry.promote import promote
+from hpo.models.gap.sparse_gap import SparseGap, descriptor_key
 
 
 @pytest.fixture
@@ -26,8 +27,8 @@ def fitted(tiny_cfg, tmp_path):
     data = load_datasets(cfg)
     model = model_params(cfg)
     model["n_sparse"] = gap.effective_n_sparse(model["n_sparse"], data.train.frames)
-    result = gap.fit(model, data.train.path, tmp_path / "fit", dict(cfg.dataset.e0), cfg.dataset.property_keys)
-    return model, data, result.model_file
+    result = gap.GAP(model, dict(cfg.dataset.e0), cfg.dataset.property_keys).fit(data.train.path, tmp_path / "fit")
+    return model, data, result.model_file_
 
 
 def quippy_energies(model_file, frames) -> np.ndarray:
@@ -81,7 +82,7 @@ def test_multi_fidelity_study_prunes_and_records(tiny_cfg):
         "study.sampler=random",
         "study.enqueue_default=false",
     )
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     pruned = study.get_trials(states=(TrialState.PRUNED,))
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert pruned and complete
@@ -111,13 +112,13 @@ def test_bad_fidelity_settings_are_refused(tiny_cfg, override):
 def test_multi_objective_study_keeps_a_front_and_promotes_a_point_of_it(tiny_cfg):
     objectives = ["study.objectives=[val_energy_rmse,fit_time_s]", "study.sampler=random", "study.n_trials=4"]
     cfg = tiny_cfg(*objectives)
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     complete = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(study.directions) == 2 and len(complete) == 4
     for trial in complete:
         assert trial.values[1] == trial.user_attrs["fit_time_s"] > 0
     front = {t.number for t in study.best_trials}
-    assert hpo_study.best_trial(study).number in front
+    assert selection.best_trial(study).number in front
     assert (Path(cfg.experiments_dir) / study.study_name / "pareto_front.png").read_bytes().startswith(b"\x89PNG")
     page = report.write_report(cfg).html.read_text()
     assert f"<h2>{report.SECTIONS['pareto']}" in page
@@ -151,7 +152,7 @@ def test_hyperband_study_counts_pruned_trials(tiny_cfg):
         "study.sampler=random",
         "study.enqueue_default=false",
     )
-    study = hpo_study.run(cfg)
+    study = loop.run(cfg)
     ended = study.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))
     assert len(ended) == 4 and all(t.intermediate_values for t in ended)
     assert all(3 in t.intermediate_values for t in ended)  # every trial reported the 3-frame rung of 10

@@ -1,4 +1,7 @@
-"""Write files so that a crash never leaves a half-written one under the final name."""
+"""Write files so that a crash never leaves a half-written one under the final name.
+
+Also the one place that knows where an ``sqlite:///`` URL keeps its file.
+"""
 
 from __future__ import annotations
 
@@ -17,10 +20,34 @@ def atomic_write(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        # mkstemp makes 0600; outputs are meant to be shared like any file the user writes (umask)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_npz(path: Path, **arrays) -> None:
+    """Write an .npz so that readers (parallel workers) see either nothing or the whole file."""
+    import numpy as np
+
+    with atomic_write(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an ``sqlite:///path`` URL, None for any other URL."""
+    if not str(url).startswith("sqlite:///"):
+        return None
+    return Path(str(url).removeprefix("sqlite:///")).expanduser()
 
 
 def write_text(path: Path, text: str) -> Path:
@@ -37,12 +64,13 @@ def creation_lock(url: str):
     version conflicts, "table already exists"); holding an flock on a file next
     to the database while opening it avoids the race. Server URLs pass through.
     """
-    if not url.startswith("sqlite:///"):
+    database = sqlite_file(url)
+    if database is None:
         yield
         return
     import fcntl
 
-    lock_path = Path(url.removeprefix("sqlite:///")).expanduser().with_suffix(".lock")
+    lock_path = database.with_suffix(".lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -12,13 +12,14 @@ import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
 import ase
 import numpy as np
+
+from hpo.atomic import atomic_write_npz
 
 
 def frame_digests(frames: Sequence[ase.Atoms]) -> list[str]:
@@ -45,25 +46,6 @@ def digest(*parts: Any) -> str:
     """Stable sha256 of JSON-serialisable parts (used as cache file names)."""
     text = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def atomic_write_npz(path: Path, **arrays: np.ndarray) -> None:
-    """Write an .npz so that readers see either nothing or the whole file.
-
-    The temporary file sits in the target directory because os.replace is only
-    atomic within one file system; parallel workers writing the same key just
-    replace each other's identical file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; cache and models are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray] | None:

@@ -45,7 +45,7 @@ def fit(cfg: DictConfig) -> None:
     """One fit with the composed parameters, recorded as a single MLflow run."""
     from hpo import config as hpo_config
     from hpo.data import load_datasets
-    from hpo.objective import score
+    from hpo.search.objective import score
     from hpo.tracking import Tracker, provenance_tags
 
     hpo_config.validate(cfg)
@@ -53,16 +53,12 @@ def fit(cfg: DictConfig) -> None:
     model = hpo_config.model_params(cfg)
     workdir = hpo_config.output_path(cfg.experiments_dir) / "fit" / time.strftime("%Y%m%d-%H%M%S")
     tracker = Tracker(cfg.tracking)
-    run_id = tracker.start_run(f"fit-{model['kind']}", tags={**provenance_tags(), **data.hashes, "command": "fit"})
-    tracker.log_config(run_id, cfg)
-    try:
+    tags = {**provenance_tags(), **data.hashes, "command": "fit", "run_type": "fit"}
+    with tracker.run(f"fit-{model['kind']}", tags=tags) as run_id:
+        tracker.log_config(run_id, cfg)
         scored = score(cfg, model, data, workdir)
-    except Exception:
-        tracker.end_run(run_id, "FAILED")
-        raise
-    tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags=scored.tags)
-    tracker.log_artifacts(run_id, scored.artifacts + scored.model_files)
-    tracker.end_run(run_id)
+        tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags=scored.tags)
+        tracker.log_artifacts(run_id, scored.artifacts + scored.model_files)
     print(f"[hpo] fit in {workdir} (MLflow run {run_id})")
     for key in sorted(scored.metrics):
         print(f"  {key:<32}{scored.metrics[key]:.6g}")
@@ -80,15 +76,15 @@ def pipeline(cfg: DictConfig) -> None:
 # Command -> (module, function taking the composed config). Modules are imported only when their
 # command runs: quippy, featomic and MLflow take seconds to import.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "optimize": ("hpo.study", "run"),
+    "optimize": ("hpo.search.loop", "run"),
     "fit": ("hpo.cli", "fit"),
-    "promote": ("hpo.promote", "promote"),
+    "promote": ("hpo.registry.promote", "promote"),
     "md": ("hpo.md", "main"),
     "polarize": ("hpo.polarize", "main"),
     "pipeline": ("hpo.cli", "pipeline"),
-    "learning-curve": ("hpo.curves", "learning_curve"),
-    "sweep-param": ("hpo.curves", "sweep_param"),
-    "report": ("hpo.report", "report"),
+    "learning-curve": ("hpo.analysis.learning_curve", "learning_curve"),
+    "sweep-param": ("hpo.analysis.sweep", "sweep_param"),
+    "report": ("hpo.analysis.report", "report"),
 }
 
 
@@ -108,8 +104,8 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
         from hpo.data import DataError
         from hpo.md import MDBlowUp
         from hpo.polarize import PolarizeError
-        from hpo.promote import PromoteError
-        from hpo.study import StudyError
+        from hpo.registry.resolve import PromoteError
+        from hpo.search.storage import StudyError
 
         try:
             task(cfg)

@@ -8,7 +8,6 @@ the composed tree against the allowed values declared below and raises a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,60 +16,16 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from hpo.data import PROJECT_ROOT
+from hpo.models import kind
+from hpo.models.base import ConfigError, has_dotted
+from hpo.models.rules import allowed, describe, is_number as _is_number
 
 CONF_DIR = PROJECT_ROOT / "conf"
 
-MODEL_KINDS = ("gap", "sagpr")
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "successive_halving", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 PARAM_TYPES = ("float", "int", "categorical")
-
-# Allowed values of model parameters, as data: "positive" (> 0), "count" (integer >= 1),
-# "optional_count" (null or integer >= 1), "non_negative_int" (integer >= 0), or a tuple of allowed strings. gap_fit exits 0 on
-# some impossible values (delta < 0, zeta = 0), so every trial's parameters are checked too.
-MODEL_CONSTRAINTS = {
-    "gap": {
-        "cutoff": "positive",
-        "atom_sigma": "positive",
-        "delta": "positive",
-        "zeta": "count",
-        "n_max": "count",
-        "l_max": "non_negative_int",
-        "n_sparse": "count",
-        "default_sigma.energy": "positive",
-        "default_sigma.force": "positive",
-        "covariance_type": ("dot_product", "gaussian"),
-        "sparse_method": ("cur_points", "random", "uniform", "none"),
-        "fit_timeout_s": "positive",
-        "memory_budget_gb": "positive",
-        "force_metrics": (True, False),
-        "cost_frames": "non_negative_int",
-        "descriptor_cache_max_gb": "positive",
-    },
-    "sagpr": {
-        "rc": "positive",
-        "sigma": "positive",
-        "n_max": "count",
-        "l_max": "non_negative_int",
-        "zeta": "count",
-        "reg0": "positive",
-        "reg2": "positive",
-        "nc": "optional_count",
-        "symmetry_tol": "positive",
-        "cache_max_gb": "positive",
-    },
-}
-ALLOWED_TEXT = {
-    "positive": "a positive number",
-    "count": "an integer >= 1",
-    "optional_count": "null or an integer >= 1",
-    "non_negative_int": "an integer >= 0",
-}
-
-
-class ConfigError(ValueError):
-    """The composed config holds a value that is not allowed."""
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
@@ -92,109 +47,31 @@ def output_overrides(root: str | Path) -> list[str]:
     ]
 
 
-@dataclass(frozen=True)
-class SearchParam:
-    """One dimension of the search space: a dotted path into ``model`` and its distribution."""
-
-    name: str
-    type: str
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    step: float | None = None
-    choices: tuple | None = None
-
-
-def search_space(cfg: DictConfig) -> list[SearchParam]:
-    """The typed view of ``search.space``; ``validate`` has checked it."""
-    params = []
-    for name, spec in cfg.search.space.items():
-        spec = OmegaConf.to_container(spec, resolve=True)
-        params.append(
-            SearchParam(
-                name=str(name),
-                type=spec["type"],
-                low=spec.get("low"),
-                high=spec.get("high"),
-                log=bool(spec.get("log", False)),
-                step=spec.get("step"),
-                choices=tuple(spec["choices"]) if "choices" in spec else None,
-            )
-        )
-    return params
-
-
 def model_params(cfg: DictConfig) -> dict[str, Any]:
     """The model config as a plain nested dict."""
     return OmegaConf.to_container(cfg.model, resolve=True)
-
-
-def get_dotted(tree: dict, dotted: str) -> Any:
-    node = tree
-    for part in dotted.split("."):
-        node = node[part]
-    return node
-
-
-def set_dotted(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
-def has_dotted(tree: dict, dotted: str) -> bool:
-    try:
-        get_dotted(tree, dotted)
-    except (KeyError, TypeError):
-        return False
-    return True
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def allowed(rule, value) -> bool:
-    if isinstance(rule, tuple):
-        return value in rule
-    if rule == "positive":
-        return _is_number(value) and value > 0
-    if rule == "optional_count" and value is None:
-        return True
-    integer = isinstance(value, int) and not isinstance(value, bool)
-    return integer and value >= (0 if rule == "non_negative_int" else 1)
-
-
 def check_model(model: dict, prefix: str = "model") -> None:
-    """Raise ``ConfigError`` for a model parameter outside ``MODEL_CONSTRAINTS`` or an impossible combination."""
-    kind = model.get("kind")
-    if kind not in MODEL_KINDS:
-        _fail(f"{prefix}.kind", kind, f"one of {MODEL_KINDS}")
-    for name, rule in MODEL_CONSTRAINTS[kind].items():
-        value = get_dotted(model, name) if has_dotted(model, name) else None
-        if not allowed(rule, value):
-            _fail(f"{prefix}.{name}", value, ALLOWED_TEXT.get(rule, f"one of {rule}"))
-    if kind == "gap" and model["atom_sigma"] >= model["cutoff"]:
-        _fail(f"{prefix}.atom_sigma", model["atom_sigma"], f"smaller than the cutoff ({model['cutoff']})")
+    """Raise ``ConfigError`` for a model parameter outside its kind's table or an impossible combination."""
+    kind(model.get("kind")).check(model, prefix)
 
 
 def validate(cfg: DictConfig) -> None:
     """Check the composed config; raise ``ConfigError`` on the first wrong value."""
     model = model_params(cfg)
     check_model(model)
-    kind = model["kind"]
+    targets = kind(model["kind"]).targets
 
     dataset = cfg.dataset
     sizes = [int(k) for k in dataset.train_files]
     if int(dataset.train_size) not in sizes:
         _fail("dataset.train_size", dataset.train_size, f"one of {sorted(sizes)} (dataset.train_files)")
-    if kind == "gap":
+    if "energy" in targets:
         for symbol, energy in dataset.e0.items():
             if not _is_number(energy):
                 _fail(f"dataset.e0.{symbol}", energy, "a number (eV)")
@@ -224,12 +101,29 @@ def validate(cfg: DictConfig) -> None:
         _fail("study.pruner", study.pruner, "none unless study.fidelity_rungs has several rungs (e.g. [0.25, 0.5, 1.0])")
     if not _is_number(study.reduction_factor) or study.reduction_factor < 2 or int(study.reduction_factor) != study.reduction_factor:
         _fail("study.reduction_factor", study.reduction_factor, "an integer >= 2")
+    _validate_storage_dir(cfg)
     if not isinstance(cfg.threads, int) or cfg.threads < 1:
         _fail("threads", cfg.threads, "an integer >= 1")
     _validate_space(cfg, model)
 
 
+def _validate_storage_dir(cfg: DictConfig) -> None:
+    """A study database goes into a directory that exists, or into hpo's own experiments_dir (created on
+    demand): a typo in a path must not silently create a new tree and a new, empty study."""
+    from hpo.atomic import sqlite_file
+
+    url = str(cfg.study.storage)
+    database = sqlite_file(url) or (Path(url.removeprefix("journal:")).expanduser() if url.startswith("journal:") else None)
+    if database is None:
+        return
+    directory = output_path(database.parent)
+    experiments = output_path(cfg.experiments_dir)
+    if not directory.is_dir() and experiments not in (directory, *directory.parents):
+        _fail("study.storage", url, f"a database in an existing directory ({directory} does not exist) or under experiments_dir")
+
+
 def _validate_space(cfg: DictConfig, model: dict) -> None:
+    kind_of_model = kind(model["kind"])
     space = cfg.search.get("space")
     if space is None or len(space) == 0:
         _fail("search.space", space, "a mapping of model parameters to distributions")
@@ -237,17 +131,17 @@ def _validate_space(cfg: DictConfig, model: dict) -> None:
         key = f"search.space.{name}"
         if not has_dotted(model, str(name)):
             _fail(key, OmegaConf.to_container(spec), f"a parameter of model {model['kind']!r} (not in conf/model/)")
-        kind = spec.get("type")
-        if kind not in PARAM_TYPES:
-            _fail(f"{key}.type", kind, f"one of {PARAM_TYPES}")
-        if kind == "categorical":
+        param_type = spec.get("type")
+        if param_type not in PARAM_TYPES:
+            _fail(f"{key}.type", param_type, f"one of {PARAM_TYPES}")
+        if param_type == "categorical":
             choices = spec.get("choices")
             if not choices:
                 _fail(f"{key}.choices", choices, "a non-empty list")
-            rule = MODEL_CONSTRAINTS[model["kind"]].get(str(name))
+            rule = kind(model["kind"]).parameters.get(str(name))
             for choice in choices:
                 if rule is not None and not allowed(rule, choice):
-                    _fail(f"{key}.choices", list(choices), f"values model.{name} may take: {ALLOWED_TEXT.get(rule, rule)}")
+                    _fail(f"{key}.choices", list(choices), f"values model.{name} may take: {describe(rule)}")
             continue
         low, high = spec.get("low"), spec.get("high")
         for bound, value in (("low", low), ("high", high)):
@@ -255,20 +149,22 @@ def _validate_space(cfg: DictConfig, model: dict) -> None:
                 _fail(f"{key}.{bound}", value, "a number")
         if low > high:
             _fail(f"{key}.low", low, f"low <= high (high={high})")
-        if kind == "int" and (int(low) != low or int(high) != high):
+        if param_type == "int" and (int(low) != low or int(high) != high):
             _fail(f"{key}", f"[{low}, {high}]", "integer bounds for type int")
         if spec.get("log", False) and low <= 0:
             _fail(f"{key}.low", low, "a positive number when log: true")
         step = spec.get("step")
         if step is not None and (not _is_number(step) or step <= 0 or spec.get("log", False)):
             _fail(f"{key}.step", step, "a positive number, and no step together with log: true")
-        rule = MODEL_CONSTRAINTS[model["kind"]].get(str(name))
+        rule = kind_of_model.parameters.get(str(name))
         if rule is not None:
             for bound, value in (("low", low), ("high", high)):
-                if not allowed(rule, int(value) if kind == "int" else value):
-                    _fail(f"{key}.{bound}", value, f"a value model.{name} may take: {ALLOWED_TEXT.get(rule, rule)}")
+                if not allowed(rule, int(value) if param_type == "int" else value):
+                    _fail(f"{key}.{bound}", value, f"a value model.{name} may take: {describe(rule)}")
 
 
 def output_path(path: str | Path) -> Path:
-    """Output locations in the config are relative to the working directory."""
-    return Path(path).expanduser().resolve()
+    """Every path in the config follows one rule: ``~`` expanded, relative paths against the project root."""
+    from hpo.data import resolve_path
+
+    return resolve_path(path).resolve()

@@ -139,10 +139,8 @@ def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e
             energies.append(_frame_energy(atoms, keys.energy, where))
         if "force" in need:
             forces.append(_frame_forces(atoms, keys.force, where))
-        if "polarizability" in need:
-            value = atoms.info.get(keys.polarizability)
-            if value is None or np.size(value) != 9:
-                raise DataError(f"{where}: key {keys.polarizability!r} missing or not 9 numbers")
+    if "polarizability" in need:
+        read_tensors(frames, keys.polarizability, path.name, symmetry_tol=float("inf"))
     return FrameSet(
         path=path,
         frames=frames,
@@ -179,6 +177,38 @@ def _frame_forces(atoms: ase.Atoms, key: str, where: str) -> np.ndarray:
     return value
 
 
+def read_tensors(frames: list[ase.Atoms], key: str, source: str, symmetry_tol: float) -> np.ndarray:
+    """The (n, 3, 3) tensors stored as 9 row-major numbers in ``atoms.info[key]``.
+
+    Raises DataError naming ``source``, the frame index and the key when the key is missing, does
+    not hold 9 finite numbers, or when a tensor's antisymmetric part (T - T^T)/2 has an entry above
+    ``symmetry_tol`` (absolute): SA-GPR learns only the symmetric part, so a large antisymmetric
+    part means wrong data (e.g. a wrong key), not noise. The workshop data have an antisymmetric
+    RMS of about 0.005.
+    """
+    tensors = np.empty((len(frames), 3, 3))
+    for index, atoms in enumerate(frames):
+        if key not in atoms.info:
+            raise DataError(f"{source}: frame {index} has no '{key}' entry in its info line")
+        try:
+            values = np.asarray(atoms.info[key], dtype=float).ravel()
+        except (TypeError, ValueError):
+            values = np.empty(0)
+        if values.size != 9:
+            raise DataError(f"{source}: frame {index}: '{key}' must hold 9 numbers (3x3 row by row), got {atoms.info[key]!r}")
+        if not np.isfinite(values).all():
+            raise DataError(f"{source}: frame {index}: '{key}' holds a non-finite value: {values.tolist()}")
+        tensors[index] = values.reshape(3, 3)
+    asym = np.abs(tensors - tensors.transpose(0, 2, 1)).max(axis=(1, 2)) / 2
+    if asym.size and asym.max() > symmetry_tol:
+        index = int(np.argmax(asym))
+        raise DataError(
+            f"{source}: frame {index}: '{key}' is not symmetric: antisymmetric part "
+            f"{asym[index]:.3g} exceeds the tolerance {symmetry_tol} (absolute, max entry)"
+        )
+    return tensors
+
+
 def subset_frames(pool: FrameSet, indices: np.ndarray, path: Path) -> FrameSet:
     """The frames ``indices`` of ``pool``, also written to ``path`` (gap_fit reads its training set from a file)."""
     frames = [pool.frames[i] for i in indices]
@@ -200,7 +230,7 @@ def train_file(dataset_cfg) -> str:
 
 @dataclass
 class Datasets:
-    """The training and validation frames of one run."""
+    """The training and validation frames of one run (the test frames are read by ``load_test_set`` only)."""
 
     train: FrameSet
     val: FrameSet
@@ -210,15 +240,68 @@ class Datasets:
         return {f"sha256.{self.train.path.name}": self.train.sha256, f"sha256.{self.val.path.name}": self.val.sha256}
 
 
-TARGETS = {"gap": ("energy", "force"), "sagpr": ("polarizability",)}
-
-
 def load_datasets(cfg) -> Datasets:
     """Find and read the training file of ``dataset.train_size`` and the validation file."""
+    from hpo.models import kind
+
     names = [train_file(cfg.dataset), cfg.dataset.validation_file]
     data_dir = find_data_dir(cfg.dataset, names)
-    need = TARGETS[cfg.model.kind]
-    e0 = dict(cfg.dataset.e0) if cfg.model.kind == "gap" else None
+    need = kind(cfg.model.kind).targets
+    e0 = dict(cfg.dataset.e0) if "energy" in need else None
     train = read_frames(data_dir / names[0], cfg.dataset.property_keys, need, e0)
     val = read_frames(data_dir / cfg.dataset.validation_file, cfg.dataset.property_keys, need, e0)
+    refuse_shared_frames({"training": train, "validation": val})
     return Datasets(train=train, val=val)
+
+
+def shared_frames(a: list[ase.Atoms], b: list[ase.Atoms]) -> list[tuple[int, int]]:
+    """Index pairs (i in a, j in b) of identical frames (same species, positions, cell, pbc, bit for bit)."""
+    from hpo.cache import frame_digests
+
+    where = {}
+    for i, key in enumerate(frame_digests(a)):
+        where.setdefault(key, i)
+    return [(where[key], j) for j, key in enumerate(frame_digests(b)) if key in where]
+
+
+def refuse_shared_frames(splits: dict[str, FrameSet]) -> None:
+    """A frame in two splits leaks what a model is judged on into what it learns or is chosen by."""
+    names = list(splits)
+    for x, first in enumerate(names):
+        for second in names[x + 1 :]:
+            pairs = shared_frames(splits[first].frames, splits[second].frames)
+            if pairs:
+                shown = ", ".join(f"{i}<->{j}" for i, j in pairs[:10])
+                raise DataError(
+                    f"{len(pairs)} frame(s) of the {first} set ({splits[first].path.name}) are also in the {second} set "
+                    f"({splits[second].path.name}); frame indices {first}<->{second}: {shown}"
+                    f"{' ...' if len(pairs) > 10 else ''}. Splits must be disjoint."
+                )
+
+
+def load_test_set(cfg, data: Datasets) -> FrameSet | None:
+    """The test frames of the dataset config, disjoint from training and validation; None if it has none.
+
+    Only ``promote`` calls this, once, for the model it registers: no trial, sweep, learning curve or
+    promotion rule reads the test set, so its errors are free of the optimism of selection. With
+    ``dataset.test_excludes_train`` the frames of ``dataset.test_file`` that are in the training set are
+    dropped (the workshop files are nested: gap_input_400.xyz contains every smaller training file).
+    """
+    from hpo.models import kind
+
+    name = cfg.dataset.get("test_file")
+    if not name:
+        return None
+    path = find_data_dir(cfg.dataset, [name]) / name
+    need = kind(cfg.model.kind).targets
+    pool = read_frames(path, cfg.dataset.property_keys, need, dict(cfg.dataset.e0) if "energy" in need else None)
+    keep = np.arange(len(pool))
+    if cfg.dataset.get("test_excludes_train"):
+        in_train = {j for _, j in shared_frames(data.train.frames, pool.frames)}
+        keep = np.array([j for j in keep if j not in in_train], dtype=int)
+        if not len(keep):
+            return None
+        target = resolve_path(cfg.experiments_dir).resolve() / "test_splits" / f"{path.stem}-minus-{data.train.path.stem}.xyz"
+        pool = subset_frames(pool, keep, target)
+    refuse_shared_frames({"training": data.train, "validation": data.val, "test": pool})
+    return pool

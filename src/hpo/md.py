@@ -147,9 +147,10 @@ def cost_comparison(ml_s_per_step: float, reference_s_per_step: float, training_
 def main(cfg) -> dict:
     """``python -m hpo md``: MD with ``md.model_uri``, recorded in MLflow next to the model's lineage."""
     from hpo import config as hpo_config
-    from hpo import plots, promote
+    from hpo import plots
     from hpo.data import find_data_dir, read_frames
-    from hpo.gap import MODEL_FILE, load
+    from hpo.models.gap.gap_fit import MODEL_FILE, load
+    from hpo.registry.resolve import resolve_model, version_tags
     from hpo.tracking import Tracker, provenance_tags
 
     md_cfg = cfg.md
@@ -157,8 +158,8 @@ def main(cfg) -> dict:
     outdir = hpo_config.output_path(cfg.experiments_dir) / "md" / f"{md_cfg.ensemble}-{time.strftime('%Y%m%d-%H%M%S')}"
     given = Path(str(md_cfg.model_uri)).expanduser()
     # a local XML of any name, or the gap.xml inside a promoted model
-    model_file = given if given.is_file() else promote.resolve_model(str(md_cfg.model_uri), tracker.tracking_uri, outdir / "model") / MODEL_FILE
-    lineage = promote.version_tags(str(md_cfg.model_uri), tracker.tracking_uri)
+    model_file = given if given.is_file() else resolve_model(str(md_cfg.model_uri), tracker.tracking_uri, outdir / "model") / MODEL_FILE
+    lineage = version_tags(str(md_cfg.model_uri), tracker.tracking_uri)
     validation = find_data_dir(cfg.dataset, [cfg.dataset.validation_file]) / cfg.dataset.validation_file
     frames = read_frames(validation, cfg.dataset.property_keys, need=()).frames
     if not 0 <= md_cfg.start_frame < len(frames):
@@ -166,7 +167,7 @@ def main(cfg) -> dict:
 
     run_id = tracker.start_run(
         f"md-{md_cfg.ensemble}",
-        tags={"command": "md", "model_uri": md_cfg.model_uri, **{f"model.{k}": v for k, v in lineage.items() if not k.startswith("version.")}, **provenance_tags()},
+        tags={"command": "md", "run_type": "md", "model_uri": md_cfg.model_uri, **{f"model.{k}": v for k, v in lineage.items() if not k.startswith("version.")}, **provenance_tags()},
     )
     tracker.log_config(run_id, cfg)
     metrics, trace, blow_up = run(frames[md_cfg.start_frame], load(model_file), md_cfg, outdir)

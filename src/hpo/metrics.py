@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 
+# The 6 unique components of a symmetric 3x3 tensor and their (row, column).
+COMPONENTS = {"xx": (0, 0), "xy": (0, 1), "xz": (0, 2), "yy": (1, 1), "yz": (1, 2), "zz": (2, 2)}
+
+
 def rmse(error: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(error))))
 

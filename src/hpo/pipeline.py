@@ -9,31 +9,35 @@ polarizability outputs are keyed by the model version and their settings.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from optuna.trial import TrialState
 
 from hpo import md as hpo_md
 from hpo import polarize as hpo_polarize
-from hpo import promote as hpo_promote
-from hpo import study as hpo_study
 from hpo.atomic import write_text
-from hpo.config import load_config, output_path, search_space
+from hpo.cache import digest
+from hpo.config import load_config, output_path
+from hpo.registry import promote as hpo_promote
+from hpo.search import loop
+from hpo.search.selection import count
+from hpo.search.space import search_space
+from hpo.search.storage import open_study
 
 
 def stage_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return digest(*parts)[:12]
 
 
 def optimize_unless_done(cfg) -> None:
-    study = hpo_study.open_study(cfg, search_space(cfg))
-    done = hpo_study.count(study, hpo_study.TrialState.COMPLETE)
+    study = open_study(cfg, search_space(cfg))
+    done = count(study, TrialState.COMPLETE)
     if done >= cfg.study.n_trials:
         print(f"[hpo] pipeline: study {cfg.study.name!r} already holds {done} finished trials: reused", flush=True)
         return
-    hpo_study.run(cfg)
+    loop.run(cfg)
 
 
 def cached_stage(marker: Path, compute) -> dict:

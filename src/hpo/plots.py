@@ -12,12 +12,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from hpo.atomic import atomic_write  # noqa: E402
+from hpo.metrics import COMPONENTS, rmse  # noqa: E402
 
 if TYPE_CHECKING:
     from hpo.data import FrameSet
 
-# Display names of the model kinds in figure titles.
-MODEL_NAMES = {"gap": "GAP", "sagpr": "SA-GPR"}
 FIGURE_DPI = 110
 
 
@@ -32,8 +31,8 @@ def parity_plot(
     fig, ax = plt.subplots(figsize=(5, 5))
     values = []
     for label, (true, pred) in series.items():
-        rmse = float(np.sqrt(np.mean((np.asarray(pred) - np.asarray(true)) ** 2)))
-        ax.scatter(true, pred, s=12, alpha=0.7, label=f"{label} (RMSE {rmse:.3g} {unit})")
+        error = rmse(np.asarray(pred) - np.asarray(true))
+        ax.scatter(true, pred, s=12, alpha=0.7, label=f"{label} (RMSE {error:.3g} {unit})")
         values += [np.min(true), np.max(true), np.min(pred), np.max(pred)]
     low, high = min(values), max(values)
     pad = 0.05 * (high - low or 1.0)
@@ -80,26 +79,27 @@ def md_plot(path: Path, time_fs, potential, kinetic, temperature, title: str) ->
 
 
 def tensor_components_plot(path: Path, time_fs, tensors: np.ndarray, title: str, unit: str = "a.u.") -> Path:
-    """xx, yy, zz and xy components of a (n, 3, 3) tensor series against time."""
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, (i, j) in {"xx": (0, 0), "yy": (1, 1), "zz": (2, 2), "xy": (0, 1)}.items():
-        ax.plot(time_fs, tensors[:, i, j], label=label)
-    ax.set_xlabel("time (fs)")
-    ax.set_ylabel(f"polarizability ({unit})")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8, ncol=4)
+    """Every unique component of a (n, 3, 3) tensor series against time: diagonal above, off-diagonal below
+    (they differ by tens of units, so one axis would flatten the off-diagonal ones)."""
+    fig, (diagonal, off_diagonal) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for label, (i, j) in COMPONENTS.items():
+        (diagonal if i == j else off_diagonal).plot(time_fs, tensors[:, i, j], label=label)
+    for ax, what in ((diagonal, "diagonal"), (off_diagonal, "off-diagonal")):
+        ax.set_ylabel(f"{what} polarizability ({unit})")
+        ax.legend(fontsize=8, ncol=3)
+    off_diagonal.set_xlabel("time (fs)")
+    diagonal.set_title(title, fontsize=9)
     return save_figure(fig, path)
 
 
 def tensor_parity_plot(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray]], title: str, unit: str = "a.u.") -> Path:
     """Predicted vs reference for each of the 6 unique components of (n, 3, 3) tensors, one panel each."""
-    components = {"xx": (0, 0), "xy": (0, 1), "xz": (0, 2), "yy": (1, 1), "yz": (1, 2), "zz": (2, 2)}
     fig, axes = plt.subplots(2, 3, figsize=(11, 7))
-    for ax, (name, (i, j)) in zip(axes.ravel(), components.items()):
+    for ax, (name, (i, j)) in zip(axes.ravel(), COMPONENTS.items()):
         values = []
         for label, (true, pred) in series.items():
             t, p = true[:, i, j], pred[:, i, j]
-            ax.scatter(t, p, s=10, alpha=0.7, label=f"{label} (RMSE {np.sqrt(np.mean((p - t) ** 2)):.3g})")
+            ax.scatter(t, p, s=10, alpha=0.7, label=f"{label} (RMSE {rmse(p - t):.3g})")
             values += [t.min(), t.max(), p.min(), p.max()]
         low, high = min(values), max(values)
         ax.plot([low, high], [low, high], "k--", lw=1, label="y = x")
@@ -115,9 +115,9 @@ def data_line(training: str, val: FrameSet) -> str:
     return f"training: {training}; validation: {val.path.name} ({len(val)} frames)"
 
 
-def figure_title(kind: str, source: str, training: str, val: FrameSet) -> str:
+def figure_title(model_name: str, source: str, training: str, val: FrameSet) -> str:
     """A title naming the model, where its parameters came from, and the data (file names and frame counts)."""
-    return f"{MODEL_NAMES.get(kind, kind)} ({source})\n{data_line(training, val)}"
+    return f"{model_name} ({source})\n{data_line(training, val)}"
 
 
 def log_axis_wanted(values: Iterable[float]) -> bool:

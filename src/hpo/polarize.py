@@ -16,12 +16,12 @@ from pathlib import Path
 import ase.io
 import numpy as np
 
-from hpo import plots, promote
+from hpo import plots
 from hpo.atomic import atomic_write
-from hpo.data import DataError, find_data_dir, read_frames
+from hpo.data import DataError, find_data_dir, read_frames, read_tensors
+from hpo.metrics import COMPONENTS
+from hpo.registry.resolve import resolve_model
 from hpo.tracking import Tracker, provenance_tags
-
-DIAGONAL = {"xx": (0, 0), "yy": (1, 1), "zz": (2, 2), "xy": (0, 1)}
 
 
 class PolarizeError(ValueError):
@@ -39,7 +39,7 @@ def comparison_table(predicted: np.ndarray, reference: np.ndarray) -> tuple[str,
     """Mean and range of the predicted components next to the training data's."""
     lines = [f"  {'component':<10}{'predicted mean':>16}{'range':>22}{'training mean':>16}{'range':>22}"]
     metrics = {}
-    for name, (i, j) in DIAGONAL.items():
+    for name, (i, j) in COMPONENTS.items():
         p, r = predicted[:, i, j], reference[:, i, j]
         lines.append(
             f"  {name:<10}{p.mean():>16.3f}{f'[{p.min():.2f}, {p.max():.2f}]':>22}"
@@ -51,7 +51,7 @@ def comparison_table(predicted: np.ndarray, reference: np.ndarray) -> tuple[str,
 
 def main(cfg) -> dict:
     """``python -m hpo polarize``: predict ``polarize.trajectory`` with ``polarize.model_uri``."""
-    from hpo.sagpr import SAGPR
+    from hpo.models.sagpr.estimator import SAGPR
 
     settings = cfg.polarize
     trajectory = Path(settings.trajectory).expanduser()
@@ -59,7 +59,7 @@ def main(cfg) -> dict:
         raise DataError(f"polarize.trajectory={settings.trajectory!r} does not exist; run `hpo md` first or give a file")
     tracker = Tracker(cfg.tracking)
     outdir = Path(cfg.experiments_dir).expanduser().resolve() / "polarize" / time.strftime("%Y%m%d-%H%M%S")
-    model = SAGPR.load(promote.resolve_model(str(settings.model_uri), tracker.tracking_uri, outdir / "model"))
+    model = SAGPR.load(resolve_model(str(settings.model_uri), tracker.tracking_uri, outdir / "model"))
     frames = ase.io.read(trajectory, ":")
     try:
         predicted = model.predict(frames)
@@ -67,10 +67,8 @@ def main(cfg) -> dict:
         raise PolarizeError(f"{trajectory.name}: {exc}") from exc
 
     train_name = cfg.dataset.train_files[settings.reference_train_size]
-    reference_frames = read_frames(
-        find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=("polarizability",)
-    ).frames
-    reference = np.array([np.reshape(a.info[cfg.dataset.property_keys.polarizability], (3, 3)) for a in reference_frames])
+    reference_frames = read_frames(find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=()).frames
+    reference = read_tensors(reference_frames, cfg.dataset.property_keys.polarizability, train_name, cfg.model.symmetry_tol)
 
     with atomic_write(outdir / "trajectory_cartesian.out") as tmp:
         np.savetxt(tmp, predicted.reshape(len(frames), 9), fmt="%.10f")
@@ -86,7 +84,7 @@ def main(cfg) -> dict:
     table, metrics = comparison_table(predicted, reference)
     far = outliers(predicted, reference, settings.outlier_sigma)
     metrics.update(n_frames=len(frames), n_outside=len(far), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
-    run_id = tracker.start_run("polarize", tags={"command": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
+    run_id = tracker.start_run("polarize", tags={"command": "polarize", "run_type": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
     tracker.log(run_id, metrics=metrics)
     tracker.log_artifacts(run_id, [outdir / "trajectory_cartesian.out", outdir / "trajectory_polarizability.xyz", figure])
     tracker.end_run(run_id)

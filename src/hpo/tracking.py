@@ -7,6 +7,7 @@ parent when trials run in other threads or processes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import platform
 import subprocess
@@ -19,7 +20,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
-from hpo.atomic import creation_lock
+from hpo.atomic import creation_lock, sqlite_file
 from hpo.data import PROJECT_ROOT
 
 PACKAGES = ("hpo", "optuna", "mlflow", "hydra-core", "ase", "quippy-ase", "numpy", "scikit-learn", "featomic")
@@ -73,8 +74,8 @@ class Tracker:
 
     def __init__(self, tracking_cfg):
         uri = str(tracking_cfg.tracking_uri)
-        if uri.startswith("sqlite:///"):
-            Path(uri.removeprefix("sqlite:///")).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        if sqlite_file(uri) is not None:
+            sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = uri
         for attempt in range(CREATE_ATTEMPTS):
             try:
@@ -107,6 +108,23 @@ class Tracker:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
         return run.info.run_id
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: dict | None = None, parent_run_id: str | None = None):
+        """A run that always ends: FINISHED when the block completes, KILLED when it is pruned or
+        interrupted (Ctrl-C, SIGTERM), FAILED on any other exception (re-raised). Yields the run id."""
+        import optuna
+
+        run_id = self.start_run(name, tags, parent_run_id)
+        try:
+            yield run_id
+        except (optuna.TrialPruned, KeyboardInterrupt, SystemExit):
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
 
     def log(self, run_id: str, params: dict | None = None, metrics: dict | None = None, tags: dict | None = None, step: int = 0) -> None:
         """Everything in one call: one request per value is ~10x slower on SQLite."""

@@ -15,12 +15,13 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import ase
 import numpy as np
+
+from hpo.models.base import TrialFailure
 
 # Keys of the model config that go inside gap={soap ...}, in gap_fit's spelling.
 DESCRIPTOR_KEYS = (
@@ -43,27 +44,12 @@ PARTIAL_MODEL_FILE = "partial_gap.xml"
 TAIL_LINES = 30
 
 
-class GapFitError(RuntimeError):
+class GapFitError(TrialFailure):
     """gap_fit failed; ``reason`` is one of gap_fit_error, timeout, missing_model."""
 
     def __init__(self, reason: str, message: str, tail: str = ""):
-        super().__init__(f"{message}\n--- last lines of gap_fit output ---\n{tail}" if tail else message)
-        self.reason = reason
+        super().__init__(reason, f"{message}\n--- last lines of gap_fit output ---\n{tail}" if tail else message)
         self.tail = tail
-
-
-@dataclass
-class GapFit:
-    """A finished gap_fit: where the model is and what it cost."""
-
-    model_file: Path
-    command: list[str]
-    fit_time_s: float
-    workdir: Path
-
-    @property
-    def command_line(self) -> str:
-        return shlex.join(self.command)
 
 
 def environments_per_species(frames: list[ase.Atoms]) -> dict[str, int]:
@@ -136,65 +122,76 @@ def build_command(params: dict, train_file: str, e0: dict, keys, seed: int) -> l
     ]
 
 
-def fit(
-    params: dict,
-    train_file: Path,
-    workdir: Path,
-    e0: dict,
-    keys,
-    threads: int = 1,
-    seed: int = 0,
-    while_fitting: Callable[[], None] | None = None,
-) -> GapFit:
-    """Run gap_fit in ``workdir`` (it writes .idx and sparse files next to its input).
+class GAP:
+    """A GAP potential fitted by ``gap_fit``, in the shape of a scikit-learn estimator.
 
-    ``while_fitting`` runs in this process while gap_fit runs (gap_fit's time
-    does not include it): work that does not need the model, on a core gap_fit
-    leaves free. stdout and stderr go to ``gap_fit.out`` and ``gap_fit.err`` in
-    ``workdir``. Raises ``GapFitError`` on a non-zero exit, a ``SYSTEM ABORT``, a
-    timeout (``params['fit_timeout_s']``) or a missing model file.
+    ``GAP(params, e0, keys, threads, seed).fit(train_file, workdir)`` runs gap_fit in ``workdir``
+    (it writes .idx and sparse files next to its input) and sets the fitted attributes
+    ``model_file_`` (gap.xml), ``command_`` (the argument list) and ``fit_time_s_`` (gap_fit's own wall
+    time). ``params`` is the model config (``conf/model/gap.yaml`` layout), checked by the model kind
+    before it gets here: gap_fit exits 0 on some impossible values.
     """
-    workdir.mkdir(parents=True, exist_ok=True)
-    local_train = workdir / "train.xyz"
-    shutil.copyfile(train_file, local_train)
-    command = build_command(params, local_train.name, e0, keys, seed)
-    (workdir / "gap_fit.cmd").write_text(shlex.join(command) + "\n")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    out_path, err_path = workdir / "gap_fit.out", workdir / "gap_fit.err"
-    start = time.perf_counter()
-    with open(out_path, "w") as out, open(err_path, "w") as err:
-        process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err)
-        # A thread notes when gap_fit ends, so the fit time stays gap_fit's own even if
-        # while_fitting outlasts it (waiting on a process releases the GIL).
-        ended: list[float] = []
-        watcher = threading.Thread(target=lambda: (process.wait(), ended.append(time.perf_counter())), daemon=True)
-        watcher.start()
-        try:
-            if while_fitting is not None:
-                while_fitting()
-            watcher.join(timeout=max(params["fit_timeout_s"] - (time.perf_counter() - start), 0.0))
-        except BaseException:
-            process.kill()  # never leave a gap_fit running behind a failed or interrupted trial
-            process.wait()
-            raise
-        if watcher.is_alive():
-            process.kill()
-            process.wait()
-            raise GapFitError(
-                "timeout", f"gap_fit ran longer than model.fit_timeout_s={params['fit_timeout_s']} s", _tail(out_path, err_path)
-            )
-    watcher.join()
-    elapsed = ended[0] - start
-    returncode = process.returncode
-    tail = _tail(out_path, err_path)
-    if returncode != 0 or "SYSTEM ABORT" in tail:
-        raise GapFitError("gap_fit_error", f"gap_fit exited with code {returncode} in {workdir}", tail)
-    partial = workdir / PARTIAL_MODEL_FILE
-    if not partial.is_file():
-        raise GapFitError("missing_model", f"gap_fit exited 0 but wrote no {PARTIAL_MODEL_FILE} in {workdir}", tail)
-    model_file = workdir / MODEL_FILE
-    os.replace(partial, model_file)
-    return GapFit(model_file=model_file, command=command, fit_time_s=elapsed, workdir=workdir)
+
+    def __init__(self, params: dict, e0: dict, keys, threads: int = 1, seed: int = 0):
+        self.params = params
+        self.e0 = e0
+        self.keys = keys
+        self.threads = threads
+        self.seed = seed
+
+    def fit(self, train_file: Path, workdir: Path, while_fitting: Callable[[], None] | None = None) -> "GAP":
+        """Fit on the frames of ``train_file``.
+
+        ``while_fitting`` runs in this process while gap_fit runs (gap_fit's time does not include
+        it): work that does not need the model, on a core gap_fit leaves free. If gap_fit dies
+        meanwhile, the work is not waited for: the failure is raised as soon as it is seen.
+        stdout and stderr go to ``gap_fit.out`` and ``gap_fit.err``. Raises ``GapFitError`` on a
+        non-zero exit, a ``SYSTEM ABORT``, a timeout (``params['fit_timeout_s']``) or a missing model.
+        """
+        workdir.mkdir(parents=True, exist_ok=True)
+        local_train = workdir / "train.xyz"
+        shutil.copyfile(train_file, local_train)
+        command = build_command(self.params, local_train.name, self.e0, self.keys, self.seed)
+        (workdir / "gap_fit.cmd").write_text(shlex.join(command) + "\n")
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
+        out_path, err_path = workdir / "gap_fit.out", workdir / "gap_fit.err"
+        timeout = self.params["fit_timeout_s"]
+        start = time.perf_counter()
+        with open(out_path, "w") as out, open(err_path, "w") as err:
+            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err)
+            # A thread notes when gap_fit ends, so the fit time stays gap_fit's own even if
+            # while_fitting outlasts it (waiting on a process releases the GIL).
+            ended: list[float] = []
+            watcher = threading.Thread(target=lambda: (process.wait(), ended.append(time.perf_counter())), daemon=True)
+            watcher.start()
+            try:
+                if while_fitting is not None:
+                    while_fitting(lambda: process.poll() not in (None, 0))
+                watcher.join(timeout=max(timeout - (time.perf_counter() - start), 0.0))
+            except BaseException:
+                process.kill()  # never leave a gap_fit running behind a failed or interrupted trial
+                process.wait()
+                raise
+            if watcher.is_alive():
+                process.kill()
+                process.wait()
+                raise GapFitError("timeout", f"gap_fit ran longer than model.fit_timeout_s={timeout} s", _tail(out_path, err_path))
+        watcher.join()
+        tail = _tail(out_path, err_path)
+        if process.returncode != 0 or "SYSTEM ABORT" in tail:
+            raise GapFitError("gap_fit_error", f"gap_fit exited with code {process.returncode} in {workdir}", tail)
+        partial = workdir / PARTIAL_MODEL_FILE
+        if not partial.is_file():
+            raise GapFitError("missing_model", f"gap_fit exited 0 but wrote no {PARTIAL_MODEL_FILE} in {workdir}", tail)
+        self.model_file_ = workdir / MODEL_FILE
+        os.replace(partial, self.model_file_)
+        self.command_ = command
+        self.fit_time_s_ = ended[0] - start
+        return self
+
+    @property
+    def command_line(self) -> str:
+        return shlex.join(self.command_)
 
 
 def _tail(*paths: Path) -> str:

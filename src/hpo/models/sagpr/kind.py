@@ -1,6 +1,8 @@
-"""One SA-GPR fit as a trial: fit on the training frames, score both sets, write CSVs and plots.
+"""SA-GPR, the model kind: symmetry-adapted GPR of the polarizability on lambda-SOAP features.
 
-Kept apart from :mod:`hpo.objective` so GAP runs never import featomic.
+One trial fits ``estimator.SAGPR`` on the training frames, scores both sets per tensor component,
+and writes CSVs and a parity plot. The kind is imported only when asked for, so GAP runs never
+import featomic.
 """
 
 from __future__ import annotations
@@ -12,16 +14,13 @@ import numpy as np
 
 from hpo import plots
 from hpo.atomic import write_text
-from hpo.data import Datasets
-from hpo.metrics import overfitting
-from hpo.objective import Scored, TrialFailure
 from hpo.cache import Cache
-from hpo.sagpr import SAGPR, component_rmse, read_tensors
+from hpo.data import read_tensors
+from hpo.metrics import COMPONENTS, overfitting
+from hpo.models.base import ModelKind, Scored, TrialFailure
+from hpo.models.sagpr.estimator import SAGPR, component_rmse
+from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
 from hpo.tracking import flatten
-
-# Constructor arguments of SAGPR that come from the model config.
-ESTIMATOR_KEYS = ("rc", "sigma", "n_max", "l_max", "zeta", "nc", "reg0", "reg2", "seed", "cache_dir")
-COMPONENTS = ("xx", "xy", "xz", "yy", "yz", "zz")
 
 
 def tensors_of(frames, cfg, model: dict) -> np.ndarray:
@@ -38,14 +37,28 @@ def prefixed(prefix: str, errors: dict[str, float]) -> dict[str, float]:
 
 def write_errors(path: Path, true: np.ndarray, pred: np.ndarray) -> None:
     header = ",".join([f"true_{c}" for c in COMPONENTS] + [f"pred_{c}" for c in COMPONENTS])
-    rows = [np.concatenate([t[np.triu_indices(3)], p[np.triu_indices(3)]]) for t, p in zip(true, pred)]
+    index = tuple(np.array(list(COMPONENTS.values())).T)
+    rows = [np.concatenate([t[index], p[index]]) for t, p in zip(true, pred)]
     write_text(path, header + "\n" + "".join(",".join(f"{v:.8f}" for v in row) + "\n" for row in rows))
 
 
-def score_sagpr(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
+class SagprKind(ModelKind):
+    name = "sagpr"
+    display_name = "SA-GPR"
+    targets = ("polarizability",)
+    parameters = PARAMETERS
+    trial_metrics = ("train_rmse", "val_rmse", "rmse_ratio", "fit_time_s", "eval_time_s")
+    pyfunc_code = Path(__file__).with_name("pyfunc.py")
+
+    def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
+        self.check_trial(params)
+        return score_sagpr(cfg, params, data, workdir)
+
+
+def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
     """Fit an SA-GPR model of the polarizability; metrics are RMSEs per component, L=0, L=2 and overall."""
     train_true, val_true = tensors_of(data.train, cfg, model), tensors_of(data.val, cfg, model)
-    estimator = SAGPR(**{key: model[key] for key in ESTIMATOR_KEYS})
+    estimator = SAGPR(**{key: model[key] for key in ESTIMATOR_KEYS}, cache_dir=model["cache_dir"])
     try:
         start = time.perf_counter()
         estimator.fit(data.train.frames, train_true)
@@ -79,3 +92,6 @@ def score_sagpr(cfg, model: dict, data: Datasets, workdir: Path) -> Scored:
         artifacts=[workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
         model_files=[model_dir],
     )
+
+
+KIND = SagprKind()

@@ -21,7 +21,7 @@ import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ase
 import numpy as np
@@ -57,8 +57,14 @@ class Environments:
     cutoff: np.ndarray  # (n_environments,) covariance cutoff of each environment
 
 
-def environments(descriptor: str, frames: Sequence[ase.Atoms], cache: Cache | None = None) -> Environments:
-    """quippy's descriptors of ``frames``, from ``cache`` when the same frames and descriptor were seen before."""
+def environments(
+    descriptor: str, frames: Sequence[ase.Atoms], cache: Cache | None = None, should_stop: Callable[[], bool] | None = None
+) -> Environments | None:
+    """quippy's descriptors of ``frames``, from ``cache`` when the same frames and descriptor were seen before.
+
+    ``should_stop`` is asked between frames; when it says so the work is abandoned and None returned
+    (e.g. gap_fit died while these descriptors were computed beside it).
+    """
     key = digest("gap-descriptors", descriptor_key(descriptor), frame_digests(frames), quippy_version())
     cache = cache or Cache(None)
     hit = cache.get("gap_descriptors", key)
@@ -69,6 +75,8 @@ def environments(descriptor: str, frames: Sequence[ase.Atoms], cache: Cache | No
     calculator = Descriptor(descriptor)
     vectors, frame, cutoff = [], [], []
     for index, atoms in enumerate(frames):
+        if should_stop is not None and should_stop():
+            return None
         out = calculator.calc(atoms)
         data = np.asarray(out["data"], dtype=float).reshape(-1, calculator.dimensions())
         vectors.append(data)

@@ -1,10 +1,9 @@
-"""Promote the best trial of a study to the MLflow model registry, and load models back.
+"""Promote a study's trial to the MLflow model registry.
 
-A promoted model is an MLflow pyfunc whose artifacts hold the model files
-(a GAP is an XML file plus any sparseX files: they travel as one folder). The
-new version gets lineage tags (study, trial, parameters, data hashes, metrics,
-command line, package versions) and the alias ``champion``, which later stages
-(``md``, ``polarize``) load by default.
+A promoted model is an MLflow pyfunc logged from code (the kind's ``pyfunc.py``; nothing pickled) whose
+artifacts hold the model files (a GAP is an XML file plus any sparseX files: they travel as one
+folder). The new version gets lineage tags (study, trial, parameters, data hashes, metrics, command
+line, package versions) and the alias ``champion``, which later stages (``md``, ``polarize``) load.
 """
 
 from __future__ import annotations
@@ -20,54 +19,19 @@ from mlflow.exceptions import MlflowException
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
-from hpo.data import load_datasets
-from hpo.objective import score, with_values
 from hpo import plots
-from hpo.study import StudyError, best_trial, cheapest_within, load_study, primary
+from hpo.data import load_datasets
+from hpo.models import kind
+from hpo.models.base import with_values
+from hpo.redact import redact
+from hpo.registry.resolve import MODEL_DIR, PromoteError
+from hpo.search.objective import score
+from hpo.search.selection import best_trial, cheapest_within, primary
+from hpo.search.storage import StudyError, load_study
 from hpo.tracking import Tracker, flatten, package_versions, provenance_tags
 
-MODEL_DIR = "model_files"  # name of the pyfunc artifact that holds the model's own files
-
-
-class PromoteError(RuntimeError):
-    """Nothing to promote, or a model URI that does not resolve."""
-
-
-class GapPyfunc(mlflow.pyfunc.PythonModel):
-    """Energies (eV) of extended-XYZ frames under a GAP; the XML sits in the artifacts."""
-
-    def load_context(self, context):
-        self.model_dir = Path(context.artifacts[MODEL_DIR])
-
-    def predict(self, context, model_input: list[str], params=None):
-        import ase.io
-
-        from hpo import gap
-
-        frames = [ase.io.read(path, ":") for path in model_input]
-        energies, _ = gap.predict(gap.load(self.model_dir / gap.MODEL_FILE), [a for f in frames for a in f])
-        return energies
-
-
-class SagprPyfunc(mlflow.pyfunc.PythonModel):
-    """Polarizability tensors (n, 3, 3) of extended-XYZ frames under an SA-GPR model."""
-
-    def load_context(self, context):
-        from hpo.sagpr import SAGPR
-
-        self.model = SAGPR.load(Path(context.artifacts[MODEL_DIR]))
-
-    def predict(self, context, model_input: list[str], params=None):
-        import ase.io
-
-        frames = [a for path in model_input for a in ase.io.read(path, ":")]
-        return self.model.predict(frames)
-
-
-PYFUNCS = {"gap": GapPyfunc, "sagpr": SagprPyfunc}
-
-
 PICKS = ("best", "cheapest_within")
+
 
 
 def pick_trial(study: optuna.Study, promote_cfg) -> optuna.trial.FrozenTrial:
@@ -95,7 +59,7 @@ def pick_trial(study: optuna.Study, promote_cfg) -> optuna.trial.FrozenTrial:
 def promote(cfg) -> dict:
     """Register the best (or ``promote.trial``) trial's model; return the version's lineage."""
     hpo_config.validate(cfg)
-    study = load_study(str(cfg.study.storage), cfg.study.name)
+    study = load_study(cfg.study)
     if cfg.promote.pick not in PICKS:
         raise hpo_config.ConfigError(f"promote.pick={cfg.promote.pick!r} is not allowed: one of {PICKS}")
     if not isinstance(cfg.promote.within, (int, float)) or cfg.promote.within < 0:
@@ -126,7 +90,7 @@ def promote(cfg) -> dict:
     metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
     lineage = {
         "study": study.study_name,
-        "storage": str(cfg.study.storage),
+        "storage": redact(str(cfg.study.storage)),
         "trial": trial.number,
         "objective": primary(trial),
         "pick": "trial" if cfg.promote.trial is not None else cfg.promote.pick,
@@ -141,10 +105,11 @@ def promote(cfg) -> dict:
     if command_file.is_file():
         lineage["gap_fit_command"] = command_file.read_text().strip()
 
-    run_id = tracker.start_run(f"promote-{study.study_name}-trial{trial.number}", tags={"command": "promote", **lineage})
+    model_kind = kind(model["kind"])
+    run_id = tracker.start_run(f"promote-{study.study_name}-trial{trial.number}", tags={"command": "promote", "run_type": "promote", **lineage})
     if len(study.directions) > 1:  # show where the promoted model sits on the accuracy-cost front
         figure = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-pareto.png"
-        title = f"{plots.MODEL_NAMES[model['kind']]} study {study.study_name}: promoted trial {trial.number} ({lineage['pick']})"
+        title = f"{model_kind.display_name} study {study.study_name}: promoted trial {trial.number} ({lineage['pick']})"
         tracker.log_artifacts(run_id, [plots.pareto_plot(figure, study, list(cfg.study.objectives), title, picked=trial)])
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / MODEL_DIR
@@ -161,7 +126,7 @@ def promote(cfg) -> dict:
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=PYFUNCS[model["kind"]](),
+                python_model=str(model_kind.pyfunc_code),
                 artifacts={MODEL_DIR: str(bundle)},
                 # Listing requirements ourselves skips MLflow's slow import-tracing subprocess.
                 pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed" and pkg != "hpo"],
@@ -186,41 +151,4 @@ def find_version(tracker: Tracker, name: str, study_name: str, trial_number: int
         if version.tags.get("study") == study_name and version.tags.get("trial") == str(trial_number):
             return version
     return None
-
-
-def resolve_model(uri: str, tracking_uri: str, workdir: Path) -> Path:
-    """A folder holding the model's files, for a local path or any MLflow model URI."""
-    local = Path(uri).expanduser()
-    if local.exists():
-        return local.parent if local.is_file() else local
-    mlflow.set_tracking_uri(tracking_uri)
-    try:
-        root = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(workdir)))
-    except (MlflowException, OSError) as exc:
-        raise PromoteError(
-            f"model {uri!r} does not resolve in {tracking_uri}: {exc}. Promote a study first "
-            "(`hpo promote study.name=...`) or give a local model file."
-        ) from exc
-    found = [p for p in root.rglob(MODEL_DIR) if p.is_dir()]
-    if not found:
-        raise PromoteError(f"model {uri!r} holds no {MODEL_DIR}/ folder: not a model promoted by hpo")
-    return found[0]
-
-
-def version_tags(uri: str, tracking_uri: str) -> dict[str, str]:
-    """Lineage tags of a registered version (empty for local files and runs:/ URIs)."""
-    if not uri.startswith("models:/"):
-        return {}
-    client = mlflow.tracking.MlflowClient(tracking_uri=tracking_uri)
-    path = uri.removeprefix("models:/")
-    try:
-        if "@" in path:  # models:/name@alias
-            name, alias = path.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias)
-        else:  # models:/name/version
-            name, number = path.rsplit("/", 1)
-            version = client.get_model_version(name, number)
-    except (MlflowException, ValueError):
-        return {}
-    return dict(version.tags, registered_model=name, version=version.version)
 

@@ -10,12 +10,12 @@ data).
 
 Reference: ``shared/docs/sagpr-reference.md`` (algorithm and the numbers an
 implementation must reproduce). Numerical building blocks live in
-:mod:`hpo.sagpr_features`.
+:mod:`hpo.models.sagpr.features`.
 
 Typical use::
 
     frames = ase.io.read("gap_input_200.xyz", ":")
-    model = SAGPR(nc=200).fit(frames, read_tensors(frames, source="gap_input_200.xyz"))
+    model = SAGPR(nc=200).fit(frames, read_tensors(frames, "Polarizability", "gap_input_200.xyz", 0.1))
     errors = component_rmse(true_tensors, model.predict(validation_frames))
 """
 
@@ -37,12 +37,14 @@ import ase.io
 import numpy as np
 import scipy.linalg
 from sklearn.base import BaseEstimator
-from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
-from hpo.atomic import write_text
-from hpo.cache import Cache, atomic_write_npz, digest, frame_digests
-from hpo.sagpr_features import (
+from hpo.atomic import atomic_write_npz, write_text
+from hpo.cache import Cache, digest, frame_digests
+from hpo.metrics import COMPONENTS, rmse
+from hpo.models.rules import sklearn_constraints
+from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
+from hpo.models.sagpr.features import (
     FeatureBlock,
     Projection,
     fit_projection,
@@ -56,7 +58,6 @@ __all__ = [
     "cartesian_to_spherical",
     "component_rmse",
     "predict_file",
-    "read_tensors",
     "spherical_to_cartesian",
 ]
 
@@ -82,45 +83,6 @@ _B2[4] = np.diag([1.0, -1.0, 0.0]) / _SQRT2
 # --------------------------------------------------------------------------- #
 # targets
 # --------------------------------------------------------------------------- #
-def read_tensors(
-    frames: Sequence[ase.Atoms],
-    key: str = "Polarizability",
-    source: str = "<frames>",
-    symmetry_tol: float = 0.1,
-) -> np.ndarray:
-    """The 3x3 tensors stored as 9 row-major numbers in ``atoms.info[key]``.
-
-    Raises ValueError naming ``source``, the frame index and the key when the
-    key is missing or does not hold 9 numbers, and when a tensor's
-    antisymmetric part (T - T^T)/2 has an entry above ``symmetry_tol``
-    (absolute): SA-GPR learns only the symmetric part, so a large antisymmetric
-    part means wrong data (e.g. a wrong key), not noise. The workshop data
-    have an antisymmetric RMS of about 0.005.
-    """
-    tensors = np.empty((len(frames), 3, 3))
-    for index, atoms in enumerate(frames):
-        if key not in atoms.info:
-            raise ValueError(f"{source}: frame {index} has no '{key}' entry in its info line")
-        try:
-            values = np.asarray(atoms.info[key], dtype=float).ravel()
-        except (TypeError, ValueError):
-            values = np.empty(0)
-        if values.size != 9:
-            raise ValueError(
-                f"{source}: frame {index}: '{key}' must hold 9 numbers (3x3 row by row), "
-                f"got {atoms.info[key]!r}"
-            )
-        tensors[index] = values.reshape(3, 3)
-    asym = np.abs(tensors - tensors.transpose(0, 2, 1)).max(axis=(1, 2)) / 2
-    if asym.size and asym.max() > symmetry_tol:
-        index = int(np.argmax(asym))
-        raise ValueError(
-            f"{source}: frame {index}: '{key}' is not symmetric: antisymmetric part "
-            f"{asym[index]:.3g} exceeds the tolerance {symmetry_tol} (absolute, max entry)"
-        )
-    return tensors
-
-
 def cartesian_to_spherical(tensors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split (n, 3, 3) tensors into a0 (n,) and a2 (n, 5).
 
@@ -152,15 +114,13 @@ def component_rmse(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     if true.shape != pred.shape or true.shape[1:] != (3, 3):
         raise ValueError(f"need two (n, 3, 3) arrays, got {true.shape} and {pred.shape}")
     err = pred - true
-    out = {}
-    iu = np.triu_indices(3)
-    for (i, j) in zip(*iu):
-        out["xyz"[i] + "xyz"[j]] = float(np.sqrt(np.mean(err[:, i, j] ** 2)))
-    out["unique6"] = float(np.sqrt(np.mean(err[:, iu[0], iu[1]] ** 2)))
-    out["all9"] = float(np.sqrt(np.mean(err**2)))
+    out = {name: rmse(err[:, i, j]) for name, (i, j) in COMPONENTS.items()}
+    rows, cols = np.array(list(COMPONENTS.values())).T
+    out["unique6"] = rmse(err[:, rows, cols])
+    out["all9"] = rmse(err)
     e0, e2 = cartesian_to_spherical(err)
-    out["L0"] = float(np.sqrt(np.mean(e0**2)))
-    out["L2"] = float(np.sqrt(np.mean(e2**2)))
+    out["L0"] = rmse(e0)
+    out["L2"] = rmse(e2)
     return out
 
 
@@ -199,18 +159,9 @@ class SAGPR(BaseEstimator):
     ``predict_timings_``, ``cache_stats_`` (hit/miss counts).
     """
 
+    # The config's table (hpo.models.sagpr.parameters) is the one source of allowed values.
     _parameter_constraints: dict = {
-        "rc": [Interval(Real, 0, None, closed="neither")],
-        "sigma": [Interval(Real, 0, None, closed="neither")],
-        "n_max": [Interval(Integral, 1, None, closed="left")],
-        # lambda = 2 needs l1 + l2 >= 2, so at least l = 1
-        "l_max": [Interval(Integral, 1, None, closed="left")],
-        # integer: dot products of SOAP vectors may be negative
-        "zeta": [Interval(Integral, 1, None, closed="left")],
-        "nc": [Interval(Integral, 1, None, closed="left"), None],
-        "reg0": [Interval(Real, 0, None, closed="left")],
-        "reg2": [Interval(Real, 0, None, closed="left")],
-        "seed": [Interval(Integral, 0, 2**32 - 1, closed="both")],
+        **sklearn_constraints({key: PARAMETERS[key] for key in ESTIMATOR_KEYS}),
         "cache_dir": [str, os.PathLike, None],
     }
 

@@ -30,12 +30,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo import config as hpo_config
 from hpo import plots
+from hpo.analysis.points import MetricSpec, metric_specs, param_axis_label
 from hpo.atomic import write_text
 from hpo.config import ConfigError
-from hpo.curves import MetricSpec, metric_specs, param_axis_label
 from hpo.data import load_datasets
+from hpo.models import kind
 from hpo.plots import data_line, figure_title, log_axis_wanted, plt, save_figure
-from hpo.study import StudyError, best_trial, default_trial, load_study, primary
+from hpo.redact import redact
+from hpo.search.selection import best_trial, default_trial, primary
+from hpo.search.storage import StudyError, load_study
 from hpo.tracking import Tracker, provenance_tags
 
 SECTIONS = {
@@ -75,7 +78,7 @@ def write_report(cfg: DictConfig) -> ReportResult:
     """Draw every figure of the study, write the self-contained page and log both to MLflow."""
     hpo_config.validate(cfg)
     name = str(cfg.study.name)
-    study = load_study(str(cfg.study.storage), name)
+    study = load_study(cfg.study, name)
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not finished:
         raise StudyError(f"study {name!r} in {cfg.study.storage} has no finished trial to report on")
@@ -84,7 +87,7 @@ def write_report(cfg: DictConfig) -> ReportResult:
     # The data of the config: run the report with the overrides the study was run with.
     training = f"{data.train.path.name} ({len(data.train)} frames)"
     data_text = data_line(training, data.val)
-    title = figure_title(cfg.model.kind, f"study {name}, {len(finished)} finished trials", training, data.val)
+    title = figure_title(kind(cfg.model.kind).display_name, f"study {name}, {len(finished)} finished trials", training, data.val)
     figdir = hpo_config.output_path(cfg.report.dir) / name
     sections = [
         Section(SECTIONS["history"], [history_figure(study, metric, figdir / "history.png", title)]),
@@ -101,11 +104,9 @@ def write_report(cfg: DictConfig) -> ReportResult:
     write_text(page, render_page(cfg, study, finished, metric, data_description=data_text, sections=sections))
     figures = [path for section in sections for path in section.figures]
     tracker = Tracker(cfg.tracking)
-    run_id = tracker.start_run(
-        f"report-{name}", tags={**provenance_tags(), **data.hashes, "command": "report", "study": name, "storage": cfg.study.storage}
-    )
-    tracker.log_artifacts(run_id, [*figures, page])
-    tracker.end_run(run_id)
+    tags = {**provenance_tags(), **data.hashes, "command": "report", "run_type": "report", "study": name, "storage": redact(cfg.study.storage)}
+    with tracker.run(f"report-{name}", tags=tags) as run_id:
+        tracker.log_artifacts(run_id, [*figures, page])
     print(f"[hpo] report of study {name!r}: {page} (MLflow run {run_id})", flush=True)
     return ReportResult(page, figures, run_id)
 
@@ -319,7 +320,7 @@ def render_page(
     trials = study.get_trials(deepcopy=False)
     best, default = best_trial(study), default_trial(study)
     summary = [
-        f"storage: {cfg.study.storage}",
+        f"storage: {redact(cfg.study.storage)}",
         f"model: {cfg.model.kind}; {data_description}",
         f"objective: {cfg.study.metric} ({metric.unit}), {study.directions[0].name.lower()}",
         f"trials: {len(finished)} finished, {sum(t.state == TrialState.FAIL for t in trials)} failed, {len(trials)} in all; "

@@ -1,6 +1,6 @@
 """Lambda-SOAP features, their sparsification and the SA-GPR kernels.
 
-This is the numerical half of :mod:`hpo.sagpr` (the estimator lives there). The
+This is the numerical half of :mod:`hpo.models.sagpr.estimator` (the estimator lives there). The
 algorithm is written out in ``docs/sagpr-reference.md`` of the shared workspace;
 the short version:
 

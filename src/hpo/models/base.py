@@ -1,0 +1,131 @@
+"""The contract every model kind implements, and what one fit hands back.
+
+A model kind (GAP, SA-GPR, the next one) is a folder under ``hpo/models/`` whose ``kind.py``
+defines one :class:`ModelKind` subclass; ``hpo.models.KINDS`` registers it. The trial loop,
+promotion, plots and data loading ask the kind instead of comparing strings:
+
+- ``targets``: what the data must carry (read by ``hpo.data``);
+- ``parameters``: the constraint table (``hpo.models.rules``), the single source for config
+  validation, sampled-trial checks and the estimator;
+- ``score(cfg, params, data, workdir) -> Scored``: fit on the training frames, evaluate both sets,
+  write CSVs and figures, raise :class:`TrialFailure` with a reason when no metric can be had;
+- ``pyfunc_code``: the file MLflow loads the registered model with;
+- ``trial_metrics``: metrics kept on the Optuna trial (what reports and promotion rules read).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import optuna
+
+from hpo.models.rules import Rule, allowed, describe
+
+# Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna).
+FAILURE_REASONS = (
+    "gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "interrupted", "error",
+)
+
+
+class ConfigError(ValueError):
+    """The composed config (or a sampled trial) holds a value that is not allowed."""
+
+
+class TrialFailure(RuntimeError):
+    """A fit that cannot produce a metric, with a reason from ``FAILURE_REASONS``."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+class MemoryBudgetExceeded(optuna.TrialPruned):
+    """Refused before the fit: the estimated peak memory is over budget (pruned, not failed)."""
+
+    reason = "memory_budget"
+
+    def __init__(self, message: str, estimate_bytes: int):
+        super().__init__(message)
+        self.estimate_bytes = estimate_bytes
+
+
+@dataclass
+class Scored:
+    """What one fit produced: metrics, flags and the files worth keeping."""
+
+    metrics: dict[str, float]
+    params: dict[str, object]
+    tags: dict[str, str] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    model_files: list[Path] = field(default_factory=list)
+
+
+def get_dotted(tree: dict, dotted: str) -> Any:
+    node = tree
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def has_dotted(tree: dict, dotted: str) -> bool:
+    try:
+        get_dotted(tree, dotted)
+    except (KeyError, TypeError):
+        return False
+    return True
+
+
+def with_values(params: dict, values: dict[str, object]) -> dict:
+    """``params`` with the sampled (dotted) values put in; everything else keeps its value."""
+    merged = copy.deepcopy(params)
+    for name, value in values.items():
+        set_dotted(merged, name, value)
+    return merged
+
+
+class ModelKind:
+    """One kind of model: its data, its parameters and how a config of it is fitted and scored."""
+
+    name: ClassVar[str]
+    display_name: ClassVar[str]
+    targets: ClassVar[tuple[str, ...]]
+    parameters: ClassVar[dict[str, Rule]]
+    # Metrics kept on the Optuna trial besides the objectives.
+    trial_metrics: ClassVar[tuple[str, ...]]
+    # Module file that MLflow imports to load a registered model of this kind (models from code).
+    pyfunc_code: ClassVar[Path]
+
+    def check(self, params: dict, prefix: str = "model") -> None:
+        """Raise ``ConfigError`` for a parameter outside the table or an impossible combination."""
+        for name, rule in self.parameters.items():
+            value = get_dotted(params, name) if has_dotted(params, name) else None
+            if not allowed(rule, value):
+                raise ConfigError(f"{prefix}.{name}={value!r} is not allowed: {describe(rule)}")
+        self.check_combination(params, prefix)
+
+    def check_combination(self, params: dict, prefix: str) -> None:
+        """Cross-parameter checks of this kind (none by default)."""
+
+    def check_trial(self, params: dict) -> None:
+        """Sampled parameters must be as valid as the config's: the fitting program may accept nonsense."""
+        try:
+            self.check(params)
+        except ConfigError as exc:
+            raise TrialFailure("invalid_params", str(exc)) from exc
+
+    def preflight(self, params: dict, frames: list) -> None:
+        """Refuse a fit that cannot finish (e.g. over the memory budget) before it starts; none by default."""
+
+    def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
+        raise NotImplementedError

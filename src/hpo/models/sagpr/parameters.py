@@ -1,0 +1,21 @@
+"""Allowed values of the SA-GPR model config (conf/model/sagpr.yaml): one table for the config, every
+sampled trial and the estimator's ``_parameter_constraints``."""
+
+PARAMETERS = {
+    "rc": "positive",
+    "sigma": "positive",
+    "n_max": "count",
+    # lambda = 2 features need l1 + l2 >= 2, so at least l = 1
+    "l_max": "count",
+    # integer: dot products of SOAP vectors may be negative
+    "zeta": "count",
+    "reg0": "non_negative",
+    "reg2": "non_negative",
+    "nc": "optional_count",
+    "seed": "non_negative_int",
+    "symmetry_tol": "positive",
+    "cache_max_gb": "positive",
+}
+
+# The constructor arguments of the estimator, a subset of the config.
+ESTIMATOR_KEYS = ("rc", "sigma", "n_max", "l_max", "zeta", "nc", "reg0", "reg2", "seed")

@@ -1,0 +1,311 @@
+"""The study loop behind ``python -m hpo optimize``: workers, heartbeats, progress and the summary.
+
+Running the same command again resumes the study: ``study.n_trials`` counts finished trials over
+all invocations, never attempts. Trial 0 is the model's default config, so every study shows what
+the search gained over it. SIGTERM (what a scheduler sends at its time limit) and Ctrl-C end the
+current trial FAILED (reason ``interrupted``), close its MLflow run and the parent's, and exit non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import gzip
+import multiprocessing
+import os
+import shutil
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+from omegaconf import OmegaConf
+from optuna.storages import fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.trial import TrialState
+
+from hpo import config as hpo_config
+from hpo import plots
+from hpo.data import load_datasets
+from hpo.models import kind
+from hpo.redact import redact
+from hpo.search.objective import Objective
+from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
+from hpo.search.space import default_values, search_space
+from hpo.search.storage import StudyError, open_study, storage_of
+from hpo.tracking import Tracker, provenance_tags
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM arrived: end the current trial and the runs as Ctrl-C would."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts():
+    """Turn SIGTERM into ``Interrupted`` in the main thread while the block runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise Interrupted(f"signal {signal.Signals(signum).name}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Progress:
+    """Prints one line per ended trial: its value or failure, the count and the best so far."""
+
+    def __init__(self, study_cfg, unit: str):
+        self.study_cfg = study_cfg
+        self.unit = unit
+        self.started = time.perf_counter()
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.COMPLETE:
+            outcome = ", ".join(f"{v:.5g}" for v in trial.values) + f" {self.unit}"
+        elif "pruned_at_size" in trial.user_attrs:
+            outcome = f"PRUNED after {trial.user_attrs['pruned_at_size']} frames ({trial.user_attrs.get(self.study_cfg.metric, float('nan')):.5g})"
+        else:
+            outcome = f"{trial.state.name} ({trial.user_attrs.get('failure', 'error')})"
+        if count(study, TrialState.COMPLETE):
+            best_ = best_trial(study)
+            best = f"{primary(best_):.5g} {self.unit} (trial {best_.number})"
+        else:
+            best = "none yet"
+        print(
+            f"[hpo] trial {trial.number}: {outcome} | finished {count_finished(study)}/{self.study_cfg.n_trials}, "
+            f"failed {count(study, TrialState.FAIL)} | best {best} | {time.perf_counter() - self.started:.0f} s",
+            flush=True,
+        )
+
+
+def run(cfg) -> optuna.Study:
+    """Resume or start the study of ``cfg`` until it holds ``study.n_trials`` finished trials.
+
+    With ``study.n_workers`` > 1 the trials run in that many processes (quippy
+    holds the GIL, so threads would not help), all sharing the one storage and
+    the one MLflow parent run created here before any worker starts: concurrent
+    first creation of the databases races.
+    """
+    hpo_config.validate(cfg)
+    space = search_space(cfg)
+    model = hpo_config.model_params(cfg)
+    data = load_datasets(cfg)
+    study = open_study(cfg, space, n_train=len(data.train))
+    tracker = Tracker(cfg.tracking)
+    n_workers = cfg.study.n_workers
+    tags = {
+            **provenance_tags(),
+            **data.hashes,
+            "study": cfg.study.name,
+            "storage": redact(cfg.study.storage),
+            "run_type": "study",
+            "sampler": cfg.study.sampler,
+            "seed": cfg.study.seed,
+            "model_kind": model["kind"],
+            "threads": cfg.threads,
+            "n_workers": n_workers,
+    }
+    with sigterm_interrupts(), tracker.run(f"optimize-{cfg.study.name}", tags=tags) as parent:
+        run_study(cfg, study, tracker, parent, data, model, space)
+    return study
+
+
+def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, model: dict, space) -> None:
+    """Everything ``run`` does inside the parent run: enqueue the default, run the workers, summarise."""
+    n_workers = cfg.study.n_workers
+    tracker.log_config(parent, cfg)
+    tracker.log(parent, params={"study.n_trials": cfg.study.n_trials, "dataset.train_size": cfg.dataset.train_size, "study.metric": cfg.study.metric})
+    if cfg.study.enqueue_default:
+        study.enqueue_trial(default_values(model, space), user_attrs={"is_default": True}, skip_if_exists=True)
+
+    remaining = cfg.study.n_trials - count_finished(study)
+    print(
+        f"[hpo] study {cfg.study.name!r} in {redact(cfg.study.storage)}: {count_finished(study)} finished, "
+        f"{max(remaining, 0)} to go with {n_workers} worker(s); {len(data.train)} training / {len(data.val)} validation frames",
+        flush=True,
+    )
+    try:
+        if remaining > 0 and n_workers == 1:
+            optimize(cfg, parent, data)
+        elif remaining > 0:
+            spawn = multiprocessing.get_context("spawn")
+            container = OmegaConf.to_container(cfg, resolve=True)
+            first = cfg.worker * n_workers  # worker numbers for the logs; draws are seeded per trial
+            workers = [
+                spawn.Process(target=_worker, args=(container, parent, first + i), name=f"hpo-worker-{first + i}")
+                for i in range(n_workers)
+            ]
+            for worker in workers:
+                worker.start()
+            for worker in workers:
+                worker.join()
+    finally:
+        close_orphan_runs(study, tracker)
+        if count(study, TrialState.COMPLETE):
+            summarise(study, tracker, parent, cfg)
+    if failure_verdict(study, cfg.study):
+        tracker.log(parent, tags={"failure": "failure_rate"})
+        raise StudyError(failure_verdict(study, cfg.study))
+
+
+def threads_per_worker(cfg) -> int:
+    """``threads`` is the machine's budget: divide it among the workers."""
+    return max(1, cfg.threads // cfg.study.n_workers)
+
+
+def optimize(cfg, parent_run_id: str, data=None) -> None:
+    """One worker's loop: run trials until the study holds ``n_trials`` finished ones.
+
+    Before each trial the worker counts finished and running trials, so that
+    several workers together stop at exactly ``n_trials`` finished ones; a
+    running trial may still fail, so while others run the worker waits rather
+    than leaves. Trials of dead workers are failed first (heartbeats).
+    """
+    cfg = OmegaConf.merge(cfg, {"threads": threads_per_worker(cfg)})
+    space = search_space(cfg)
+    model = hpo_config.model_params(cfg)
+    data = data if data is not None else load_datasets(cfg)
+    study = open_study(cfg, space, n_train=len(data.train))
+    tracker = Tracker(cfg.tracking)
+    workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
+    objective = Objective(cfg, model, space, data, tracker, parent_run_id, workroot)
+    progress = Progress(cfg.study, metric_unit(cfg))
+    # Journal storage has no heartbeats: a killed worker's trial there stays RUNNING and is not waited for.
+    heartbeats = is_heartbeat_enabled(storage_of(study))
+    deadline = time.monotonic() + (cfg.study.timeout_s or float("inf"))
+    while time.monotonic() < deadline and not failure_verdict(study, cfg.study):
+        refused = count_refused(study)
+        if refused >= cfg.study.max_refused_trials:
+            last = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))[-1].user_attrs.get("failure_message", "")
+            raise StudyError(
+                f"{refused} trials were refused before any fit (study.max_refused_trials={cfg.study.max_refused_trials}); "
+                f"the search space or budgets leave nothing to fit. Last: {last}"
+            )
+        if heartbeats:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                fail_stale_trials(study)
+            fail_unstarted_trials(study, cfg.study.grace_s)
+        done, running = count_finished(study), count(study, TrialState.RUNNING)
+        if done >= cfg.study.n_trials or (done + running >= cfg.study.n_trials and not heartbeats):
+            break
+        if done + running >= cfg.study.n_trials:
+            time.sleep(1.0)
+            continue
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
+
+
+def count_refused(study: optuna.Study) -> int:
+    """Trials pruned before any fit (over the memory budget): they cost nothing, but a study made only
+    of them would loop for ever."""
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    return sum(1 for t in pruned if not t.intermediate_values)
+
+
+def metric_unit(cfg) -> str:
+    """The unit of the study's metric, from the figures config (e.g. "eV per cell")."""
+    for spec in cfg.figures.metrics.get(cfg.model.kind, []):
+        if f"val_{spec.name}" == cfg.study.metric:
+            return str(spec.unit)
+    return ""
+
+
+def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
+    """Fail RUNNING trials whose worker died before the objective started.
+
+    Optuna only fails trials that have sent a heartbeat; a worker killed between
+    creating a trial and its first heartbeat leaves it RUNNING forever. The
+    objective's first act is to set ``mlflow_run_id``, after the heartbeat
+    thread has started, so a trial without it after ``grace_s`` never ran.
+    """
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if "mlflow_run_id" not in trial.user_attrs and started and (now - started).total_seconds() > grace_s:
+            storage_of(study).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+
+
+def _worker(container: dict, parent_run_id: str, index: int) -> None:
+    """Entry point of a worker process (module level, so ``spawn`` can import it)."""
+    cfg = OmegaConf.create(container)
+    print(f"[hpo] worker {index} started (pid {os.getpid()}, {threads_per_worker(cfg)} thread(s))", flush=True)
+    optimize(cfg, parent_run_id)
+
+
+def close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:
+    """Trials of a killed worker end FAIL in Optuna; end their MLflow runs as KILLED, not RUNNING forever."""
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        run = tracker.client.get_run(run_id)
+        if run.info.status == "RUNNING":
+            tracker.log(run_id, tags={"state": "FAIL", "failure": "killed"})
+            tracker.end_run(run_id, "KILLED")
+
+
+def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) -> dict:
+    """Print best vs default, log them on the parent run, and keep the best model (compressed).
+
+    A multi-objective study also gets its Pareto front printed and plotted.
+    """
+    best = best_trial(study)
+    default = default_trial(study)
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    overfit = sum(bool(t.user_attrs.get("overfit")) for t in finished)
+    summary = {"best_value": primary(best), "best_trial": best.number, "n_finished": len(finished), "n_overfit": overfit}
+    lines = [f"[hpo] study {study.study_name!r}: {len(finished)} finished trials, {overfit} flagged overfit"]
+    lines.append(f"  {'parameter':<24}{'best':>14}{'default':>14}")
+    for name, value in best.params.items():
+        base = default.params.get(name) if default else None
+        lines.append(f"  {name:<24}{_fmt(value):>14}{_fmt(base):>14}")
+    lines.append(f"  {'validation metric':<24}{_fmt(primary(best)):>14}{_fmt(primary(default) if default else None):>14}")
+    if default is not None and primary(default):
+        gain = (primary(default) - primary(best)) / primary(default)
+        summary.update(default_value=primary(default), gain=gain)
+        lines.append(f"  gain over the default: {100 * gain:.1f}% (trial {best.number} vs trial {default.number})")
+    if len(study.directions) > 1:
+        front = sorted(study.best_trials, key=primary)
+        summary["n_pareto"] = len(front)
+        names = list(cfg.study.objectives)
+        lines.append(f"  Pareto front ({len(front)} trials): " + ", ".join(names))
+        lines += [f"    trial {t.number:<5}" + "".join(f"{_fmt(v):>14}" for v in t.values) for t in front]
+        path = hpo_config.output_path(cfg.experiments_dir) / study.study_name / "pareto_front.png"
+        title = f"{kind(cfg.model.kind).display_name} study {study.study_name}: accuracy vs cost ({cfg.dataset.train_size} training frames)"
+        tracker.log_artifacts(parent_run_id, [plots.pareto_plot(path, study, names, title)])
+    print("\n".join(lines), flush=True)
+    tracker.log(parent_run_id, metrics={k: v for k, v in summary.items()}, tags={"best_trial": best.number})
+    log_best_model(best, tracker)
+    return summary
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.5g}"
+    return str(value)
+
+
+def log_best_model(best: optuna.trial.FrozenTrial, tracker: Tracker) -> None:
+    """Models are large (17 MB of XML at 200 frames): only the best one goes to MLflow, gzipped."""
+    run_id = best.user_attrs.get("mlflow_run_id")
+    files = [Path(p) for p in best.user_attrs.get("model_files", [])]
+    if not run_id or not files or tracker.client.get_run(run_id).data.tags.get("model_logged") == "true":
+        return
+    for path in files:
+        if path.is_file():
+            packed = path.with_name(path.name + ".gz")
+            with open(path, "rb") as source, gzip.open(packed, "wb") as target:
+                shutil.copyfileobj(source, target)
+            tracker.log_artifacts(run_id, [packed], "model")
+    tracker.log(run_id, tags={"model_logged": "true"})
+

@@ -1,0 +1,154 @@
+"""One trial: parameters in, a fitted model, its metrics and its MLflow record out.
+
+``score`` fits and evaluates one model config through its kind (used by ``fit``, curves and every
+trial), on nested subsets first when the study has fidelity rungs; ``Objective`` wraps it for
+Optuna: it samples the parameters, opens the trial's child run, logs everything in one batch and
+turns any failure into a recorded reason instead of a lost trial.
+"""
+
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import optuna
+
+from hpo.atomic import write_text
+from hpo.data import Datasets, subset_frames
+from hpo.models import kind
+from hpo.models.base import MemoryBudgetExceeded, Scored, TrialFailure, with_values
+from hpo.search.fidelity import rung_sizes
+from hpo.search.space import SearchParam, suggest
+from hpo.tracking import Tracker
+
+# Called after each fidelity rung with (training-set size, what the rung scored); True stops the trial.
+RungReport = Callable[[int, Scored], bool]
+
+
+class RungPruned(optuna.TrialPruned):
+    """The pruner stopped the trial after a fidelity rung; ``scored`` is that rung's result."""
+
+    reason = "pruned"
+
+    def __init__(self, size: int, scored: Scored):
+        super().__init__(f"pruned after the rung of {size} training frames")
+        self.size = size
+        self.scored = scored
+
+
+def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | None = None) -> Scored:
+    """Fit ``model`` on the training frames, evaluate it on both sets, write CSVs and a parity plot.
+
+    With several ``study.fidelity_rungs`` the model is first fitted on nested
+    random subsets of the training set (rung directories under ``workdir``);
+    ``report(size, scored)`` is called after each and returns True to stop the
+    trial there (raising ``RungPruned``). The last rung is the whole training set.
+    """
+    model_kind = kind(model["kind"])
+    sizes = rung_sizes(cfg.study.fidelity_rungs, len(data.train))
+    if len(sizes) > 1:
+        model_kind.preflight(model, data.train.frames)  # before the small rungs spend time on a doomed trial
+    order = np.random.default_rng(cfg.study.seed).permutation(len(data.train))
+    for size in sizes[:-1]:
+        rung_dir = workdir / f"rung_{size:04d}"
+        subset = subset_frames(data.train, np.sort(order[:size]), rung_dir / "train_subset.xyz")
+        partial = model_kind.score(cfg, model, Datasets(train=subset, val=data.val), rung_dir)
+        if report is not None and report(size, partial):
+            raise RungPruned(size, partial)
+    scored = model_kind.score(cfg, model, data, workdir)
+    if report is not None and len(sizes) > 1:
+        report(sizes[-1], scored)
+    return scored
+
+
+def classify(exc: BaseException) -> str:
+    """The failure reason recorded for an exception that ended a fit."""
+    if isinstance(exc, TrialFailure):
+        return exc.reason
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, (ValueError, TypeError)):
+        return "invalid_params"
+    if isinstance(exc, MemoryError):
+        return "memory_budget"
+    return "error"
+
+
+class Objective:
+    """The Optuna objective: one call = one trial = one nested MLflow run.
+
+    The run ends FINISHED, KILLED (pruned, interrupted) or FAILED through ``Tracker.run``; the
+    branches below only record why.
+    """
+
+    def __init__(self, cfg, model: dict, space: list[SearchParam], data: Datasets, tracker: Tracker, parent_run_id: str, workroot: Path):
+        self.cfg = cfg
+        self.model = model
+        self.space = space
+        self.data = data
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        self.workroot = workroot
+        self.trial_metrics = kind(model["kind"]).trial_metrics
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        values = suggest(trial, self.space)
+        model = with_values(self.model, values)
+        workdir = self.workroot / f"trial_{trial.number:04d}"
+        tags = {"trial_number": trial.number, "study": trial.study.study_name, "state": "RUNNING", "run_type": "trial"}
+        with self.tracker.run(f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("workdir", str(workdir))
+
+            def report(size: int, rung: Scored) -> bool:
+                """Tell Optuna the rung's metric (step = training frames) and keep its metrics in MLflow's history."""
+                trial.report(metric_value(rung.metrics, self.cfg.study.metric), step=size)
+                self.tracker.log(run_id, metrics={**rung.metrics, "train_size": size}, step=size)
+                return trial.should_prune()
+
+            try:
+                scored = score(self.cfg, model, self.data, workdir, report)
+            except RungPruned as exc:
+                trial.set_user_attr("pruned_at_size", exc.size)
+                trial.set_user_attr(self.cfg.study.metric, metric_value(exc.scored.metrics, self.cfg.study.metric))
+                self.tracker.log(run_id, params=exc.scored.params, tags={**exc.scored.tags, "state": "PRUNED", "pruned_at_size": exc.size})
+                self.tracker.log_artifacts(run_id, exc.scored.artifacts)
+                raise
+            except MemoryBudgetExceeded as exc:
+                trial.set_user_attr("failure", exc.reason)
+                trial.set_user_attr("failure_message", str(exc))
+                trial.set_user_attr("memory_estimate_bytes", exc.estimate_bytes)
+                self.tracker.log(
+                    run_id,
+                    params=values,
+                    metrics={"memory_estimate_gb": exc.estimate_bytes / 1e9},
+                    tags={"state": "PRUNED", "failure": exc.reason, "failure_message": str(exc)},
+                )
+                raise
+            except BaseException as exc:
+                reason = classify(exc)
+                trial.set_user_attr("failure", reason)
+                trial.set_user_attr("failure_message", str(exc)[-2000:])
+                write_text(workdir / "failure.txt", "".join(traceback.format_exception(exc)))
+                self.tracker.log(run_id, params=values, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:]})
+                self.tracker.log_artifacts(run_id, [workdir / "gap_fit.err", workdir / "gap_fit.out", workdir / "failure.txt"])
+                raise
+            objectives = [metric_value(scored.metrics, name) for name in self.cfg.study.objectives]
+            for key in (*self.cfg.study.objectives, *self.trial_metrics):
+                if key in scored.metrics:
+                    trial.set_user_attr(key, scored.metrics[key])
+            trial.set_user_attr("overfit", scored.tags.get("overfit") == "true")
+            trial.set_user_attr("model_files", [str(p) for p in scored.model_files])
+            self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE"})
+            self.tracker.log_artifacts(run_id, scored.artifacts)
+        return objectives[0] if len(objectives) == 1 else tuple(objectives)
+
+
+def metric_value(metrics_: dict, key: str) -> float:
+    value = metrics_.get(key)
+    if value is None:
+        raise KeyError(f"study.metric={key!r} is not a metric of this model; available: {sorted(metrics_)}")
+    return float(np.asarray(value))
+

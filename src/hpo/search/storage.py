@@ -1,0 +1,185 @@
+"""Where studies live: Optuna storages, samplers, pruners, and opening (or resuming) a study.
+
+A study persists in ``study.storage`` (SQLite by default, Optuna's JournalStorage for network file
+systems, or any SQLAlchemy URL), so running the same command again resumes it. Every trial's draws
+are seeded from the study seed and the trial's number, which the storage hands out once: resumed
+and concurrent invocations never replay each other's draws, and a study is still reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import warnings
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import TrialState
+
+from hpo.atomic import creation_lock, sqlite_file
+from hpo.redact import redact, redact_text
+from hpo.search.fidelity import rung_sizes
+from hpo.search.space import SearchParam, distribution, grid
+
+CREATE_ATTEMPTS = 5
+# What a storage says when another process is creating the same tables or study right now.
+CREATION_RACE_SIGNS = ("already exists", "unique constraint", "duplicate", "database is locked")
+
+
+class StudyError(RuntimeError):
+    """The study cannot go on (storage, search space, failure rate)."""
+
+
+def make_storage(url: str, heartbeat_s: int, grace_s: int):
+    """An Optuna storage for ``study.storage``.
+
+    A trial whose worker died stops sending heartbeats; after ``grace_s`` the
+    next worker marks it failed and re-enqueues its parameters once.
+    """
+    # The directory was checked by hpo.config.validate: it exists, or it is inside experiments_dir.
+    database = sqlite_file(url) or (Path(url.removeprefix("journal:")).expanduser() if url.startswith("journal:") else None)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if url.startswith("journal:"):
+            from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+            path = Path(url.removeprefix("journal:")).expanduser()
+            return JournalStorage(JournalFileBackend(str(path)))
+        with warnings.catch_warnings():
+            # Heartbeats are marked experimental since Optuna 2.8; they are how a killed worker's trial gets failed.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(
+                url,
+                # several worker processes write to one SQLite file: wait for the lock instead of failing
+                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                heartbeat_interval=heartbeat_s,
+                grace_period=grace_s,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
+            )
+    except Exception as exc:
+        raise StudyError(
+            f"study.storage={redact(url)!r} cannot be opened: {redact_text(str(exc), url)}. Use sqlite:///path/to/file.db, "
+            "journal:/path/to/file.log, or an SQLAlchemy URL such as postgresql://user@host/db."
+        ) from exc
+
+
+def trial_seed(study_seed: int, trial_number: int) -> int:
+    """The seed of one trial's draws: the same study seed and trial number give the same draws."""
+    text = f"hpo-trial-seed:{study_seed}:{trial_number}".encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:4], "little")
+
+
+def _rngs(sampler: optuna.samplers.BaseSampler) -> list:
+    # Optuna's samplers keep their numpy RandomState in ``_rng`` (TPE also in its start-up random
+    # sampler); reseeding them per trial is what Optuna's own reseed_rng does, with a chosen seed.
+    found = [sampler._rng] if hasattr(sampler, "_rng") else []
+    inner = getattr(sampler, "_random_sampler", None)
+    return found + (_rngs(inner) if inner is not None else [])
+
+
+def trial_seeded(sampler: optuna.samplers.BaseSampler, study_seed: int) -> optuna.samplers.BaseSampler:
+    """``sampler`` reseeded before every trial with ``trial_seed(study_seed, trial.number)``."""
+    original = sampler.before_trial
+
+    def before_trial(study, trial) -> None:
+        seed = trial_seed(study_seed, trial.number)
+        for rng in _rngs(sampler):
+            rng.rng.seed(seed)
+        original(study, trial)
+
+    sampler.before_trial = before_trial
+    return sampler
+
+
+def make_sampler(cfg, space: list[SearchParam]) -> optuna.samplers.BaseSampler:
+    """The configured sampler, its draws seeded per trial (``trial_seed``)."""
+    study = cfg.study
+    if study.sampler == "tpe":
+        sampler = optuna.samplers.TPESampler(
+            seed=study.seed, n_startup_trials=study.tpe.n_startup_trials, multivariate=study.tpe.multivariate
+        )
+    elif study.sampler == "random":
+        sampler = optuna.samplers.RandomSampler(seed=study.seed)
+    else:
+        sampler = optuna.samplers.GridSampler(grid(space, study.grid_points), seed=study.seed)
+    return trial_seeded(sampler, study.seed)
+
+
+def make_pruner(cfg, n_train: int) -> optuna.pruners.BasePruner:
+    """The configured pruner; its resource is the number of training frames of a fidelity rung."""
+    study = cfg.study
+    if study.pruner == "none":
+        return optuna.pruners.NopPruner()
+    sizes = rung_sizes(study.fidelity_rungs, n_train)
+    if study.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=sizes[0], reduction_factor=int(study.reduction_factor))
+    return optuna.pruners.HyperbandPruner(min_resource=sizes[0], max_resource=sizes[-1], reduction_factor=int(study.reduction_factor))
+
+
+def check_space_matches(study: optuna.Study, space: list[SearchParam]) -> None:
+    """Optuna refuses a changed distribution deep inside a trial; say which one changed, up front."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not finished:
+        return
+    recorded = finished[-1].distributions
+    for param in space:
+        old = recorded.get(param.name)
+        new = distribution(param)
+        if old is not None and type(old) is not type(new):
+            raise StudyError(
+                f"study {study.study_name!r} already sampled {param.name} as {old}, the config now asks for {new}. "
+                "Optuna cannot change a parameter's kind inside a study: give a new study.name=... "
+                "(or delete the old study) to search this space."
+            )
+
+
+def open_study(cfg, space: list[SearchParam], n_train: int | None = None) -> optuna.Study:
+    """Create or resume the study of ``cfg``; ``n_train`` (training frames) sizes the pruner's rungs."""
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            with creation_lock(str(cfg.study.storage)):
+                storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
+                study = optuna.create_study(
+                    storage=storage,
+                    study_name=cfg.study.name,
+                    sampler=make_sampler(cfg, space),
+                    pruner=make_pruner(cfg, n_train or int(cfg.dataset.train_size)),
+                    directions=directions(cfg),
+                    load_if_exists=True,
+                )
+            break
+        except Exception as exc:
+            # Invocations on other machines (server storages) race to create the same tables or study;
+            # the loser retries.
+            racing = any(sign in str(exc).lower() for sign in CREATION_RACE_SIGNS)
+            if attempt == CREATE_ATTEMPTS - 1 or not racing:
+                raise StudyError(
+                    f"study.storage={redact(str(cfg.study.storage))!r} cannot be opened: {redact_text(str(exc), str(cfg.study.storage))}"
+                ) from exc
+            time.sleep(1.0 + attempt)
+    check_space_matches(study, space)
+    return study
+
+
+def load_study(study_cfg, study_name: str | None = None) -> optuna.Study:
+    """Load study ``study_name`` (default ``study.name``) that must exist; the error lists those the storage holds."""
+    storage_url = str(study_cfg.storage)
+    study_name = study_name or str(study_cfg.name)
+    storage = make_storage(storage_url, study_cfg.heartbeat_s, study_cfg.grace_s)
+    try:
+        return optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        names = sorted(s.study_name for s in optuna.get_all_study_summaries(storage))
+        raise StudyError(f"no study named {study_name!r} in {redact(storage_url)}; it holds {names or 'no studies'}") from None
+
+
+def directions(cfg) -> list[str]:
+    """``study.direction`` for the first objective (the validation metric); costs are minimised."""
+    return [cfg.study.direction] + ["minimize"] * (len(cfg.study.objectives) - 1)
+
+
+def storage_of(study: optuna.Study):
+    return study._storage  # Optuna exposes no public accessor; needed for the heartbeat check
+
