@@ -355,10 +355,11 @@ def distance_bands_plot(
 ) -> Path:
     """One panel per species pair: per-frame min..max nearest-neighbour distance against time.
 
-    The training range is shaded, the allowed departure drawn as dashed
-    lines; in each panel a dotted line marks the first frame where that pair
-    left the allowed band, and a solid red line the verdict's first unstable
-    time (``first_unstable_time_fs``, any rule) when given.
+    NN = nearest neighbour, as in :func:`nearest_neighbour_extremes`. The
+    training range is shaded, the allowed departure drawn as dashed lines; a
+    cross marks the first frame where a pair left the allowed band, and a red
+    line the verdict's first unstable time (``first_unstable_time_fs``, any
+    rule: the caller converts the step with its time step) when given.
     """
     import matplotlib
 
@@ -370,28 +371,35 @@ def distance_bands_plot(
     names = sorted(distances)
     if not names:
         raise ValueError("no species pairs to plot")
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.9 * len(names) + 0.8), sharex=True, squeeze=False)
+    fig, axes = plt.subplots(len(names), 1, figsize=(7.5, 1.9 * len(names) + 1.2), sharex=True, squeeze=False)
     departure = criteria.max_departure_A
     for ax, name in zip(axes[:, 0], names):
         extremes = np.asarray(distances[name], dtype=float)
-        ax.fill_between(time, extremes[:, 0], extremes[:, 1], color="tab:blue", alpha=0.45, lw=0, label="MD min..max")
-        ax.plot(time, extremes[:, 0], color="tab:blue", lw=0.8)
-        ax.plot(time, extremes[:, 1], color="tab:blue", lw=0.8)
+        ax.fill_between(time, extremes[:, 0], extremes[:, 1], color="tab:blue", alpha=0.45, lw=0, label="MD: min..max over atoms")
+        ax.plot(time, extremes, color="tab:blue", lw=0.8)
         if name in ranges:
             low, high = ranges[name]
-            ax.axhspan(low, high, color="tab:green", alpha=0.2, label=f"training {low:.2f}-{high:.2f} Å")
-            ax.axhline(low - departure, color="k", ls="--", lw=0.9, label=f"allowed departure ±{departure:g} Å")
+            ax.axhspan(low, high, color="tab:green", alpha=0.2, label="training range")
+            ax.axhline(low - departure, color="k", ls="--", lw=0.9, label=f"allowed departure (±{departure:g} Å)")
             ax.axhline(high + departure, color="k", ls="--", lw=0.9)
+            # the range in the panel itself: the legend is shared by all panels
+            ax.text(0.995, 0.04, f"training {low:.2f}-{high:.2f} Å", transform=ax.transAxes, ha="right", va="bottom", fontsize=7, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
             outside = (extremes[:, 0] < low - departure) | (extremes[:, 1] > high + departure)
             if outside.any():
-                ax.axvline(time[np.argmax(outside)], color="tab:orange", ls=":", lw=1.5, label="pair leaves band")
+                first = int(np.argmax(outside))
+                value = extremes[first, 0] if extremes[first, 0] < low - departure else extremes[first, 1]
+                ax.plot(time[first], value, "X", color="tab:orange", ms=9, mec="k", zorder=5, label="pair leaves allowed band")
         if first_unstable_time_fs is not None:
-            ax.axvline(first_unstable_time_fs, color="tab:red", lw=1.2, label="first unstable")
-        ax.set_ylabel(f"{name} NN (Å)")
-        ax.legend(fontsize=7, loc="upper left", ncol=2)
+            ax.axvline(first_unstable_time_fs, color="tab:red", lw=1.2, label=f"first unstable frame ({first_unstable_time_fs:g} fs)")
+        ax.set_ylabel(f"{name} NN distance (Å)", fontsize=8)
     axes[-1, 0].set_xlabel("time (fs)")
-    axes[0, 0].set_title(title, fontsize=9)
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[:, 0]:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.suptitle(title, fontsize=9)
+    fig.legend(handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.965), ncol=3, fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
