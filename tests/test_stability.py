@@ -190,6 +190,16 @@ def test_temperature_outside_bounds_is_unstable_and_first_bad_frame_decides(wate
     assert judge(frames, temperatures, steps, ranges, cold).first_unstable_step == steps[3]
 
 
+def test_non_finite_positions_are_unstable(water, ranges):
+    frames = [atoms.copy() for atoms in water["validate"]]
+    frames[FIRST_BAD].positions[3] = np.nan  # what a blown-up integrator leaves behind
+    steps = steps_of(frames)
+    verdict = judge(frames, [300.0] * len(frames), steps, ranges, CRITERIA)
+    assert verdict.first_unstable_step == steps[FIRST_BAD]
+    assert verdict.reason == f"non-finite atomic positions at step {steps[FIRST_BAD]}"
+    assert np.isnan(verdict.distances["O-O"][FIRST_BAD]).all() and np.isfinite(verdict.metrics["nn_min_O-O"])
+
+
 def test_bad_arguments_are_refused(water, ranges):
     frames = water["validate"][:3]
     with pytest.raises(ValueError, match="same length"):

@@ -17,9 +17,9 @@ values, with their sources::
 
     max_departure_A: 0.5     # Fu et al. 2023: a simulation is unstable once a bond
                              # length deviates from its reference by more than 0.5 Å
-    max_h_distance_A: 2.5    # an O-H / C-H / N-H bond is < 1.2 Å and a hydrogen bond
-                             # H...O about 1.6-2.2 Å; farther than 2.5 Å from every
-                             # heavy atom, the hydrogen belongs to no molecule
+    max_h_distance_A: 2.5    # MLIPAudit stability benchmark (InstaDeep, 2025): an H
+                             # farther than 2.5 Å from its bonded atom has detached;
+                             # covalent X-H < 1.2 Å, hydrogen bond H...O 1.6-2.2 Å
     min_temperature_K: 0.0   # a run is judged on physics, not on thermostat quality
     max_temperature_K: 2000.0  # same bound as md.max_temperature_K (blow-up guard)
 
@@ -67,9 +67,11 @@ class _FrameGeometry:
     """
 
     def __init__(self, atoms: ase.Atoms) -> None:
+        # a blown-up integrator leaves NaN/inf positions: no distance is defined then
+        self.finite = bool(np.isfinite(atoms.positions).all())
         self.pbc = np.asarray(atoms.pbc, dtype=bool)
         self.symbols = np.asarray(atoms.get_chemical_symbols())
-        if self.pbc.any():
+        if self.finite and self.pbc.any():
             cell = complete_cell(atoms.cell.array)
             self.cell = cell
             self.positions = wrap_positions(atoms.positions, cell, pbc=self.pbc)
@@ -130,6 +132,8 @@ def _pairs(count: Mapping[str, int]) -> list[tuple[str, str]]:
 
 
 def _frame_extremes(geometry: _FrameGeometry) -> dict[str, tuple[float, float]]:
+    if not geometry.finite:
+        return {name: (math.nan, math.nan) for name in (pair_name(a, b) for a, b in _pairs(geometry.counts))}
     out = {}
     for a, b in _pairs(geometry.counts):
         nearest = geometry.nearest([a], [b])
@@ -141,7 +145,7 @@ def _hydrogen_to_heavy(geometry: _FrameGeometry) -> tuple[float, int]:
     """Largest distance of a hydrogen to its nearest heavy atom, and that hydrogen's index; (nan, -1) if undefined."""
     hydrogens = geometry.indices([HYDROGEN])
     heavy = sorted(set(geometry.counts) - {HYDROGEN})
-    if len(hydrogens) == 0 or not heavy:
+    if len(hydrogens) == 0 or not heavy or not geometry.finite:
         return math.nan, -1
     nearest = geometry.nearest([HYDROGEN], heavy)
     worst = int(np.argmax(nearest))
@@ -166,7 +170,8 @@ def nearest_neighbour_extremes(frames: Sequence[ase.Atoms]) -> dict[str, np.ndar
 
     Returns ``{"A-B": array of shape (n_frames, 2)}`` with columns (min, max).
     A pair is skipped in a frame where B is absent or A == B has one atom; its
-    row is NaN there (a key appears when any frame has the pair).
+    row is NaN there (a key appears when any frame has the pair). Rows are NaN
+    too in a frame with non-finite positions.
     """
     return _collect([_frame_extremes(_FrameGeometry(atoms)) for atoms in frames])
 
@@ -203,7 +208,7 @@ class StabilityCriteria:
             raise ValueError(f"min_temperature_K must not exceed max_temperature_K: {self}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no single truth value: compare by identity
 class Verdict:
     """Outcome of :func:`judge`.
 
@@ -239,8 +244,9 @@ class Verdict:
         if self.first_unstable_step is not None:
             out["first_unstable_step"] = float(self.first_unstable_step)
         for name, extremes in self.distances.items():
-            out[f"nn_min_{name}"] = float(np.nanmin(extremes[:, 0]))
-            out[f"nn_max_{name}"] = float(np.nanmax(extremes[:, 1]))
+            if np.isfinite(extremes).any():
+                out[f"nn_min_{name}"] = float(np.nanmin(extremes[:, 0]))
+                out[f"nn_max_{name}"] = float(np.nanmax(extremes[:, 1]))
         if np.isfinite(self.h_heavy_A).any():
             out["h_heavy_max"] = float(np.nanmax(self.h_heavy_A))
         return out
@@ -263,15 +269,18 @@ def judge(
       max above ``high + max_departure_A``. A pair absent from ``ranges`` has
       no reference and is not judged.
     - hydrogen: a hydrogen farther than ``max_h_distance_A`` from every heavy atom.
-    - temperature: outside [``min_temperature_K``, ``max_temperature_K``].
+    - temperature: outside [``min_temperature_K``, ``max_temperature_K``]
+      (a NaN temperature is outside).
+    - a frame with non-finite positions is unstable.
     """
     if not len(frames) == len(temperatures_K) == len(steps):
         raise ValueError(f"frames ({len(frames)}), temperatures_K ({len(temperatures_K)}) and steps ({len(steps)}) must have the same length")
     if len(frames) == 0:
         raise ValueError("no frames to judge")
-    per_frame, h_heavy, h_index = [], [], []
+    per_frame, h_heavy, h_index, finite = [], [], [], []
     for atoms in frames:
         geometry = _FrameGeometry(atoms)
+        finite.append(geometry.finite)
         per_frame.append(_frame_extremes(geometry))
         distance, index = _hydrogen_to_heavy(geometry)
         h_heavy.append(distance)
@@ -281,7 +290,7 @@ def judge(
     departure = criteria.max_departure_A
 
     for i, step in enumerate(int(s) for s in steps):
-        broken = []
+        broken = [] if finite[i] else [f"non-finite atomic positions at step {step}"]
         for name, extremes in distances.items():
             if name not in ranges:
                 continue
