@@ -206,7 +206,7 @@ def test_bad_arguments_are_refused(water, ranges):
         judge(frames, [300.0] * 2, [0, 1, 2], ranges, CRITERIA)
     with pytest.raises(ValueError, match="min_temperature_K"):
         StabilityCriteria(max_departure_A=0.5, max_h_distance_A=2.5, min_temperature_K=500.0, max_temperature_K=400.0)
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match="max_departure_A must be >= 0"):
         StabilityCriteria(max_departure_A=-0.1, max_h_distance_A=2.5, min_temperature_K=0.0, max_temperature_K=400.0)
 
 

@@ -24,6 +24,13 @@ values, with their sources::
     max_temperature_K: 2000.0  # same bound as md.max_temperature_K (blow-up guard)
 
 Units: Å, fs, eV, K, as in ASE.
+
+Limit of the nearest-neighbour rule in dense phases: a hydrogen pulled 1 Å
+outward along its O-H bond in the 12-atom water cells lands 0.55-0.8 Å from
+the neighbouring oxygen it was hydrogen-bonded to, so its nearest O is that one
+and the H-O minimum stays within 0.5 Å of the training range. The rule sees
+atoms pushed together or pulled away from everything, not a proton hopping
+to a neighbour; a hydrogen count per oxygen would.
 """
 
 from __future__ import annotations
@@ -82,7 +89,7 @@ class _FrameGeometry:
             self.positions = np.asarray(atoms.positions, dtype=float)
             self.heights = np.full(3, np.inf)
         self._members = {name: np.flatnonzero(self.symbols == name) for name in np.unique(self.symbols).tolist()}
-        self._trees: dict[tuple[tuple[str, ...], tuple[int, int, int]], tuple[cKDTree, int]] = {}
+        self._trees: dict[tuple[tuple[str, ...], tuple[int, int, int]], cKDTree] = {}
 
     @property
     def counts(self) -> dict[str, int]:
@@ -91,13 +98,13 @@ class _FrameGeometry:
     def indices(self, species: Sequence[str]) -> np.ndarray:
         return np.sort(np.concatenate([self._members.get(name, np.empty(0, dtype=int)) for name in species]))
 
-    def _tree(self, species: tuple[str, ...], shells: tuple[int, int, int]) -> tuple[cKDTree, int]:
+    def _tree(self, species: tuple[str, ...], shells: tuple[int, int, int]) -> cKDTree:
         key = (species, shells)
         if key not in self._trees:
             points = self.positions[self.indices(species)]
             shifts = _shift_grid(shells) @ self.cell
             images = (points[None, :, :] + shifts[:, None, :]).reshape(-1, 3)
-            self._trees[key] = (cKDTree(images), len(points))
+            self._trees[key] = cKDTree(images)
         return self._trees[key]
 
     def nearest(self, source: Sequence[str], target: Sequence[str]) -> np.ndarray:
@@ -109,8 +116,7 @@ class _FrameGeometry:
         k = 2 if overlap else 1
         shells = tuple(1 if p else 0 for p in self.pbc)
         while True:
-            tree, _ = self._tree(target_key, shells)
-            found, _ = tree.query(queries, k=k)
+            found, _ = self._tree(target_key, shells).query(queries, k=k)
             nearest = found[:, -1] if overlap else found
             farthest = float(nearest.max())
             needed = tuple(int(math.ceil(farthest / h)) if p else 0 for h, p in zip(self.heights, self.pbc))
@@ -203,7 +209,7 @@ class StabilityCriteria:
 
     def __post_init__(self) -> None:
         if not self.max_departure_A >= 0 or not self.max_h_distance_A > 0:
-            raise ValueError(f"distances must be positive: {self}")
+            raise ValueError(f"max_departure_A must be >= 0 and max_h_distance_A positive: {self}")
         if not self.min_temperature_K <= self.max_temperature_K:
             raise ValueError(f"min_temperature_K must not exceed max_temperature_K: {self}")
 
@@ -274,7 +280,9 @@ def judge(
     - a frame with non-finite positions is unstable.
     """
     if not len(frames) == len(temperatures_K) == len(steps):
-        raise ValueError(f"frames ({len(frames)}), temperatures_K ({len(temperatures_K)}) and steps ({len(steps)}) must have the same length")
+        raise ValueError(
+            f"frames ({len(frames)}), temperatures_K ({len(temperatures_K)}) and steps ({len(steps)}) must have the same length"
+        )
     if len(frames) == 0:
         raise ValueError("no frames to judge")
     per_frame, h_heavy, h_index, finite = [], [], [], []
@@ -392,7 +400,10 @@ def distance_bands_plot(
             ax.axhline(low - departure, color="k", ls="--", lw=0.9, label=f"allowed departure (±{departure:g} Å)")
             ax.axhline(high + departure, color="k", ls="--", lw=0.9)
             # the range in the panel itself: the legend is shared by all panels
-            ax.text(0.995, 0.04, f"training {low:.2f}-{high:.2f} Å", transform=ax.transAxes, ha="right", va="bottom", fontsize=7, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1})
+            ax.text(
+                0.995, 0.04, f"training {low:.2f}-{high:.2f} Å", transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=7, bbox={"fc": "white", "ec": "none", "alpha": 0.8, "pad": 1},
+            )
             outside = (extremes[:, 0] < low - departure) | (extremes[:, 1] > high + departure)
             if outside.any():
                 first = int(np.argmax(outside))
