@@ -111,7 +111,7 @@ def test_nearest_neighbour_extremes_equal_brute_force_minimum_image(water):
     frame = water["validate"][0]
     sheared = frame.copy()
     cell = sheared.cell.array.copy()
-    cell[2] += 3 * cell[0] + 2 * cell[1]  # same lattice, skewed cell: needs more than one image shell
+    cell[2] += 10 * cell[0] + 7 * cell[1]  # same lattice, skewed cell (heights 0.7 and 1.0 Å): more image shells
     sheared.set_cell(cell, scale_atoms=False)
     slab = frame.copy()
     slab.pbc = [True, True, False]
