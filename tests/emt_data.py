@@ -5,14 +5,14 @@ the positive control of the data checks (``hpo.datacheck``): bonds that are
 stretched are pulled back and consecutive MD frames conserve energy with the
 work of the forces. Two corrupted copies are the negative controls:
 
-- ``shuffled_forces``: each frame's forces replaced by those of another frame
-  with the same number of atoms (still finite, same scale, wrong geometry);
+- ``shuffled_forces``: each frame's forces replaced by those of a frame of
+  another run with the same number of atoms (still finite, same scale, wrong geometry);
 - ``hartree_bohr``: the same data in Hartree and Bohr, to test unit conversion.
 
 Contract of the frames returned by :func:`make_emt_frames`:
 
 - MD frames of small periodic cells (fcc Cu with 4 and 8 atoms, a 16-atom Cu/Al
-  mix), each cell slightly randomised, Langevin MD at 300, 800 and 1500 K,
+  mix), each run's cell slightly randomised, Langevin MD at 300, 800 and 1500 K,
   sampled every ``SAMPLE_EVERY`` steps (consecutive frames of one run differ by a
   few hundredths of an Angstrom); ``info["config_type"]`` names the run;
 - then one isolated atom per species (one atom, ``pbc=False``, 20 Angstrom
@@ -35,7 +35,7 @@ from ase import units
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.md.langevin import Langevin
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.velocitydistribution import thermalize_momenta
 
 TEMPERATURES_K = (300.0, 800.0, 1500.0)
 TIMESTEP_FS = 1.0
@@ -50,19 +50,22 @@ SPECIES = ("Al", "Cu")
 
 
 def _systems(rng: np.random.Generator) -> list[tuple[str, ase.Atoms]]:
-    """Small periodic cells, each with a cell strained by up to 2 % so no two runs share a cell."""
+    """Small periodic cells: fcc Cu with 4 and 8 atoms and a 16-atom fcc cell, half of it Al at random."""
     cu4 = bulk("Cu", "fcc", a=3.61, cubic=True)
     cu8 = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
     mix = bulk("Cu", "fcc", a=3.70, cubic=True).repeat((2, 2, 1))
     symbols = np.array(mix.get_chemical_symbols())
     symbols[rng.choice(len(mix), size=len(mix) // 2, replace=False)] = "Al"
     mix.set_chemical_symbols(list(symbols))
-    systems = []
-    for name, atoms in (("Cu4", cu4), ("Cu8", cu8), ("CuAl16", mix)):
-        strain = np.eye(3) + rng.uniform(-0.02, 0.02, size=(3, 3))
-        atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
-        systems.append((name, atoms))
-    return systems
+    return [("Cu4", cu4), ("Cu8", cu8), ("CuAl16", mix)]
+
+
+def _strained(atoms: ase.Atoms, rng: np.random.Generator) -> ase.Atoms:
+    """A copy with the cell strained by up to 2 %: no two runs share a cell, so no frame of one run
+    looks like the next MD step of another."""
+    atoms = atoms.copy()
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + rng.uniform(-0.02, 0.02, size=(3, 3))), scale_atoms=True)
+    return atoms
 
 
 def _labelled(atoms: ase.Atoms, energy: float, forces: np.ndarray, energy_key: str, forces_key: str) -> ase.Atoms:
@@ -91,10 +94,10 @@ def make_emt_runs(seed: int = 0, energy_key: str = "REF_energy", forces_key: str
     runs = []
     for name, template in _systems(rng):
         for temperature in TEMPERATURES_K:
-            atoms = template.copy()
+            atoms = _strained(template, rng)
             atoms.calc = EMT()
             atoms.rattle(stdev=0.05, seed=int(rng.integers(1 << 31)))
-            MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
+            thermalize_momenta(atoms, temperature, rng=rng)
             dyn = Langevin(atoms, TIMESTEP_FS * units.fs, temperature_K=temperature, friction=0.02, fixcm=False, rng=rng)
             frames = []
             for _ in range(FRAMES_PER_RUN):
@@ -125,20 +128,23 @@ def emt_splits(seed: int = 0, energy_key: str = "REF_energy", forces_key: str = 
     return splits
 
 
-def shuffle_forces(frames: list[ase.Atoms], forces_key: str = "REF_forces", seed: int = 0) -> list[ase.Atoms]:
-    """Copies whose forces are permuted between frames with the same number of atoms.
+def shuffle_forces(frames: list[ase.Atoms], forces_key: str = "REF_forces") -> list[ase.Atoms]:
+    """Copies whose forces are moved between frames with the same number of atoms.
 
-    A cyclic shift within each size group guarantees no frame keeps its own forces
-    (a group of one frame, e.g. an isolated atom of a species, keeps them).
+    Within each size group (in file order) frame k gets the forces of frame
+    k + n/2 (cyclically). Frames of one MD run are contiguous and fewer than half a
+    group, so every frame gets the forces of another run: forces of a neighbouring
+    time step would still half follow the geometry and make a weak negative control.
+    A group of one frame (e.g. a single isolated atom) keeps its forces.
     """
-    rng = np.random.default_rng(seed)
     out = [frame.copy() for frame in frames]
     by_size: dict[int, list[int]] = {}
     for index, frame in enumerate(frames):
         by_size.setdefault(len(frame), []).append(index)
     for indices in by_size.values():
-        order = list(rng.permutation(indices))
-        for source, target in zip(order, order[1:] + order[:1]):
+        shift = len(indices) // 2
+        for position, target in enumerate(indices):
+            source = indices[(position + shift) % len(indices)]
             out[target].arrays[forces_key] = frames[source].arrays[forces_key].copy()
     return out
 
@@ -170,7 +176,7 @@ def write_emt_dataset(
     splits = emt_splits(seed, energy_key, forces_key)
     variants = {
         "": splits,
-        "shuffled_forces_": {name: shuffle_forces(frames, forces_key, seed) for name, frames in splits.items()},
+        "shuffled_forces_": {name: shuffle_forces(frames, forces_key) for name, frames in splits.items()},
         "hartree_bohr_": {name: to_hartree_bohr(frames, energy_key, forces_key) for name, frames in splits.items()},
     }
     paths: dict[str, Path] = {}
