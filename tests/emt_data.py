@@ -114,7 +114,9 @@ def make_emt_frames(seed: int = 0, energy_key: str = "REF_energy", forces_key: s
     return [frame for run in runs for frame in run] + make_isolated_atoms(energy_key, forces_key)
 
 
-def emt_splits(seed: int = 0, energy_key: str = "REF_energy", forces_key: str = "REF_forces") -> dict[str, list[ase.Atoms]]:
+def emt_splits(
+    seed: int = 0, energy_key: str = "REF_energy", forces_key: str = "REF_forces"
+) -> dict[str, list[ase.Atoms]]:
     """train/val/test frames: of each run the first frames to train, the next to val, the last to test.
 
     The isolated atoms go at the start of train (where gap_fit users keep them).
@@ -149,11 +151,15 @@ def shuffle_forces(frames: list[ase.Atoms], forces_key: str = "REF_forces") -> l
     return out
 
 
-def to_hartree_bohr(frames: list[ase.Atoms], energy_key: str = "REF_energy", forces_key: str = "REF_forces") -> list[ase.Atoms]:
+def to_hartree_bohr(
+    frames: list[ase.Atoms], energy_key: str = "REF_energy", forces_key: str = "REF_forces"
+) -> list[ase.Atoms]:
     """Copies in atomic units: energy in Hartree, positions and cell in Bohr, forces in Hartree/Bohr."""
     out = []
     for frame in frames:
-        copy = ase.Atoms(frame.numbers, positions=frame.positions / units.Bohr, cell=frame.cell.array / units.Bohr, pbc=frame.pbc)
+        copy = ase.Atoms(
+            frame.numbers, positions=frame.positions / units.Bohr, cell=frame.cell.array / units.Bohr, pbc=frame.pbc
+        )
         copy.info.update(frame.info)
         copy.info[energy_key] = frame.info[energy_key] / units.Hartree
         copy.arrays[forces_key] = frame.arrays[forces_key] / (units.Hartree / units.Bohr)

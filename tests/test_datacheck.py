@@ -10,9 +10,8 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
-from ase import units
 
-from emt_data import write_emt_dataset
+from emt_data import to_hartree_bohr, write_emt_dataset
 from hpo import datacheck as dc
 
 WATER = Path(os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "water"))
@@ -104,13 +103,7 @@ def test_hartree_bohr_copy_converts_back_to_the_ev_twin(emt, emt_files):
 
 def test_unit_conversion_round_trip_in_memory(emt):
     frames = emt["train"]
-    atomic = [f.copy() for f in frames]
-    for frame in atomic:
-        frame.positions /= units.Bohr
-        frame.set_cell(frame.cell.array / units.Bohr)
-        frame.info["REF_energy"] /= units.Hartree
-        frame.arrays["REF_forces"] = frame.arrays["REF_forces"] / (units.Hartree / units.Bohr)
-    back = dc.convert_units(atomic, EMT_KEYS, "Hartree", "Bohr")
+    back = dc.convert_units(to_hartree_bohr(frames), EMT_KEYS, "Hartree", "Bohr")
     for twin, frame in zip(frames, back):
         assert frame.calc is None
         assert np.abs(frame.positions - twin.positions).max() < 1e-8

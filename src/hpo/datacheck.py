@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
 
@@ -207,8 +207,7 @@ def detect_keys(frames: Sequence[ase.Atoms], explicit: Mapping[str, str | None] 
     for quantity, candidates in KEY_CANDIDATES.items():
         if explicit.get(quantity) is not None:
             key = explicit[quantity]
-            places = Counter(_where(atoms, key) for atoms in frames)
-            found = sum(n for place, n in places.items() if place)
+            found = sum(_where(atoms, key) is not None for atoms in frames)
             chosen[quantity] = key
             parts.append(f"{quantity}: {key!r} (given; in {found}/{len(frames)} frames)")
             continue
@@ -359,13 +358,15 @@ def keys_present(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys) -> Check
                     continue
                 problems.append({"split": label, "frame": index, "key": key, "problem": problem})
     if not problems:
-        return Check("keys_present", "pass", f"every frame has {keys}", {"keys": keys.__dict__})
-    text = [f"{p['split']} frame {p['frame']}: {p['key']} {p['problem']}" if p["split"] else p["problem"] for p in problems]
+        return Check("keys_present", "pass", f"every frame has {keys}", {"keys": asdict(keys)})
+    text = [
+        f"{p['split']} frame {p['frame']}: {p['key']} {p['problem']}" if p["split"] else p["problem"] for p in problems
+    ]
     return Check(
         "keys_present",
         "fail",
         f"{len(problems)} missing or malformed: {_listing(text)}",
-        {"keys": keys.__dict__, "problems": problems},
+        {"keys": asdict(keys), "problems": problems},
     )
 
 
@@ -476,20 +477,27 @@ def energy_outliers(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys, k: fl
         return Check("energy_outliers", "pass", f"all {len(rows)} energies per atom within {k} std", {"k": k})
     text = [f"{f['split']} frame {f['frame']} ({f['score']:+} std)" for f in flagged]
     return Check(
-        "energy_outliers", "warn", f"{len(flagged)} energy(ies) per atom beyond {k} std: {_listing(text)}", {"k": k, "frames": flagged}
+        "energy_outliers",
+        "warn",
+        f"{len(flagged)} energy(ies) per atom beyond {k} std: {_listing(text)}",
+        {"k": k, "frames": flagged},
     )
 
 
 def force_outliers(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys, k: float = 6.0) -> Check:
     """Frames whose largest |F| exceeds mean + k std of all atoms' |F| -> warn (a broken SCF, a clash)."""
     rows = [(label, index, forces_of(atoms, keys.forces)) for label, index, atoms in _bulk(splits)]
-    rows = [(label, index, np.linalg.norm(f, axis=1)) for label, index, f in rows if f is not None and np.isfinite(f).all()]
+    rows = [
+        (label, index, np.linalg.norm(f, axis=1)) for label, index, f in rows if f is not None and np.isfinite(f).all()
+    ]
     if not rows:
         return Check("force_outliers", "pass", "no forces to judge")
     norms = np.concatenate([r[2] for r in rows])
     limit = float(norms.mean() + k * norms.std())
     flagged = [
-        {"split": label, "frame": index, "max_force": round(float(n.max()), 4)} for label, index, n in rows if n.max() > limit
+        {"split": label, "frame": index, "max_force": round(float(n.max()), 4)}
+        for label, index, n in rows
+        if n.max() > limit
     ]
     details = {"k": k, "limit_eV_per_A": limit}
     if not flagged:
@@ -615,7 +623,9 @@ def forces_consistent(
         correlation, n_bonds, per_type = bond_force_correlation(bulk, keys.forces, thresholds.bond_factor)
         bonds[label] = {"correlation": correlation, "bonds": n_bonds, "per_pair_type": per_type}
     details: dict = {"bond_test": bonds}
-    judged = {label: b for label, b in bonds.items() if b["bonds"] >= thresholds.min_bonds and math.isfinite(b["correlation"])}
+    judged = {
+        label: b for label, b in bonds.items() if b["bonds"] >= thresholds.min_bonds and math.isfinite(b["correlation"])
+    }
     unjudged = sorted(set(bonds) - set(judged))
     if unjudged:
         parts.append(f"too few bonds in {', '.join(unjudged)} for the bond test")
@@ -649,8 +659,12 @@ def forces_consistent(
         details |= {
             "work_relative_error": error,
             "work_correlation": float(np.corrcoef(energy_change, work)[0, 1]) if len(work) > 1 else math.nan,
-            "worst_pair": {"split": where[worst][0], "frame": where[worst][1], "energy_change": float(energy_change[worst]),
-                           "minus_work": float(work[worst])},
+            "worst_pair": {
+                "split": where[worst][0],
+                "frame": where[worst][1],
+                "energy_change": float(energy_change[worst]),
+                "minus_work": float(work[worst]),
+            },
         }
         text = (
             f"energy change vs minus work of the forces over {len(work)} consecutive frame pairs: "
@@ -682,7 +696,9 @@ def isolated_atoms(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys) -> Che
         for symbol, energy in found.items():
             if symbol in e0 and abs(e0[symbol] - energy) > E0_TOLERANCE:
                 return Check(
-                    "isolated_atoms", "fail", f"isolated {symbol} atoms disagree between splits: {e0[symbol]!r} and {energy!r} ({label})"
+                    "isolated_atoms",
+                    "fail",
+                    f"isolated {symbol} atoms disagree between splits: {e0[symbol]!r}, then {energy!r} in {label}",
                 )
             e0[symbol] = energy
     species = sorted({s for _, _, atoms in _bulk(splits) for s in atoms.get_chemical_symbols()}, key=atomic_numbers.get)
@@ -835,9 +851,10 @@ def distributions_plot(path: str | Path, frames: Sequence[ase.Atoms], keys: Keys
     # Energies per atom are large with a small spread (-688.81 +- 0.01 eV for water):
     # plotted relative to their mean, which the label states, so the ticks stay readable.
     mean = float(np.mean(per_atom)) if len(per_atom) else 0.0
+    force_legend = f"mean {np.mean(norms):.3g} eV/Å" if len(norms) else ""
     panels = (
         (per_atom - mean, f"energy per atom ({keys.energy}) - mean (eV/atom)", "frames", f"mean {mean:.6g} eV/atom"),
-        (norms, f"|F| per atom ({keys.forces}) (eV/Å)", "atoms", f"mean {np.mean(norms):.3g} eV/Å" if len(norms) else ""),
+        (norms, f"|F| per atom ({keys.forces}) (eV/Å)", "atoms", force_legend),
     )
     for position, (values, xlabel, ylabel, legend) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, 2, position)
