@@ -78,6 +78,23 @@ def test_shuffled_forces_fail(emt_files):
     assert dc.exit_code(dc.run_checks(shuffled, EMT_KEYS)) == 1
 
 
+@pytest.mark.parametrize(
+    "factor, bond_verdict",
+    [(-1.0, "warn"), (1 / 51.42208619083232, "pass")],
+    ids=["gradients_not_forces", "forces_in_hartree_per_bohr"],
+)
+def test_forces_of_wrong_sign_or_units_fail_the_energy_work_test(emt, factor, bond_verdict):
+    scaled = {split: [f.copy() for f in frames] for split, frames in emt.items()}
+    for frames in scaled.values():
+        for frame in frames:
+            frame.arrays["REF_forces"] *= factor
+    check = dc.forces_consistent(scaled, EMT_KEYS)
+    assert check.verdict == "fail" and check.details["work_relative_error"] > 0.9, check.message
+    # The correlation ignores the scale but not the sign.
+    assert ("do not pull stretched bonds back" in check.message) == (bond_verdict == "warn")
+    assert ("wrong sign" in check.message) == (factor < 0)
+
+
 def test_water_force_column_is_flagged(water):
     keys, _ = dc.detect_keys(water)
     check = dc.forces_consistent({"gap_input_50.xyz": water}, keys)

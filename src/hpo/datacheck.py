@@ -635,8 +635,13 @@ def forces_consistent(
         verdicts.append("warn")
         parts.append(
             f"forces do not pull stretched bonds back in {', '.join(broken)}: correlation of bond stretch and "
-            f"force along the bond {summary} (gradient forces give {thresholds.bond_correlation_max} or lower); "
-            f"check the force key {keys.forces!r}, its units and atom order"
+            f"force along the bond {summary} (forces that are minus the energy gradient give "
+            f"{thresholds.bond_correlation_max} or lower); "
+            + (
+                "a positive correlation means gradients stored as forces (wrong sign)"
+                if any(bonds[label]["correlation"] > -thresholds.bond_correlation_max for label in broken)
+                else f"check that {keys.forces!r} holds these frames' forces in their atom order"
+            )
         )
     elif judged:
         verdicts.append("pass")
@@ -673,7 +678,8 @@ def forces_consistent(
         if error > thresholds.work_fail:
             verdicts.append("fail")
             parts.append(
-                f"{text} (above {thresholds.work_fail}): energies and forces contradict each other, "
+                f"{text} (above {thresholds.work_fail}): energies and forces contradict each other "
+                f"(forces of other frames, of another sign or in other units than the energy), "
                 f"worst {where[worst][0]} frames {where[worst][1]}-{where[worst][1] + 1}"
             )
         elif error > thresholds.work_warn:
