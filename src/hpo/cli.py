@@ -29,6 +29,8 @@ commands:
   learning-curve   train/validation RMSE vs training-set size (learning_curve.sizes), CSV + PNG + slope
   sweep-param      train/validation RMSE vs one or two parameters (sweep.param, sweep.values)
   report     one self-contained HTML page for a study (study.name=...)
+  data check       check the dataset's files (keys, units, NaN, duplicates, outliers, forces vs energies);
+                   exit 1 on a failed check (also: data check "data.files=[a.xyz,b.xyz]")
 
 examples:
   python -m hpo optimize dataset.train_size=100 study.n_trials=30
@@ -38,6 +40,8 @@ examples:
   python -m hpo promote study.name=water-gap-50
   python -m hpo md md=nvt
   python -m hpo sweep-param sweep.param=default_sigma.energy "sweep.values=[0.001,0.01,0.1]"
+  python -m hpo data check dataset=files dataset.train=train.xyz dataset.val=val.xyz
+  python -m hpo optimize dataset=pool "dataset.files=[md1.xyz,md2.xyz]" dataset.units.energy=Hartree
 """
 
 
@@ -85,7 +89,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learning-curve": ("hpo.analysis.learning_curve", "learning_curve"),
     "sweep-param": ("hpo.analysis.sweep", "sweep_param"),
     "report": ("hpo.analysis.report", "report"),
+    "data check": ("hpo.own_data", "check_command"),
 }
+# Two-word commands: the first word and the words it may be followed by.
+SUBCOMMANDS = {"data": ("check",)}
 
 
 def task_of(command: str) -> Callable[[DictConfig], None]:
@@ -122,10 +129,12 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         raise SystemExit(0 if argv else 2)
     command = argv.pop(0)
+    if command in SUBCOMMANDS and argv and argv[0] in SUBCOMMANDS[command]:
+        command = f"{command} {argv.pop(0)}"
     if command not in COMMANDS:
         print(f"hpo: unknown command {command!r}; one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
-    sys.argv = [f"hpo {command}", *argv]
+    sys.argv = [f"hpo {command.replace(' ', '-')}", *argv]
     # MLflow's per-file download bars would flood the log of every command that loads a model
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_friendly(task_of(command)))

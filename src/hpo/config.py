@@ -22,10 +22,15 @@ from hpo.models.rules import allowed, describe, is_number as _is_number
 
 CONF_DIR = PROJECT_ROOT / "conf"
 
+# ${hpo.or:VALUE,DEFAULT}: DEFAULT when VALUE is null (e.g. the study name of dataset.train_size=null).
+OmegaConf.register_new_resolver("hpo.or", lambda value, default: default if value is None else value, replace=True)
+
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "successive_halving", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 PARAM_TYPES = ("float", "int", "categorical")
+DATASET_SOURCES = ("files", "pool")
+E0_MODES = ("isolated_atoms", "average")
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
@@ -68,13 +73,22 @@ def validate(cfg: DictConfig) -> None:
     targets = kind(model["kind"]).targets
 
     dataset = cfg.dataset
-    sizes = [int(k) for k in dataset.train_files]
-    if int(dataset.train_size) not in sizes:
-        _fail("dataset.train_size", dataset.train_size, f"one of {sorted(sizes)} (dataset.train_files)")
-    if "energy" in targets:
-        for symbol, energy in dataset.e0.items():
-            if not _is_number(energy):
-                _fail(f"dataset.e0.{symbol}", energy, "a number (eV)")
+    if dataset.get("source") is not None and dataset.source not in DATASET_SOURCES:
+        _fail("dataset.source", dataset.source, f"one of {DATASET_SOURCES} (conf/dataset/files.yaml, pool.yaml), or absent (water)")
+    if dataset.get("source") in DATASET_SOURCES:
+        _validate_own_dataset(dataset, targets)
+    else:
+        sizes = [int(k) for k in dataset.train_files]
+        if int(dataset.train_size) not in sizes:
+            _fail("dataset.train_size", dataset.train_size, f"one of {sorted(sizes)} (dataset.train_files)")
+        if "energy" in targets:
+            for symbol, energy in dataset.e0.items():
+                if not _is_number(energy):
+                    _fail(f"dataset.e0.{symbol}", energy, "a number (eV)")
+    files = (cfg.get("data") or {}).get("files")
+    if files is not None and (not OmegaConf.is_list(files) or not all(isinstance(f, str) and f for f in files)):
+        _fail("data.files", files, "null or a list of file paths")
+    _validate_loss(cfg, model)
 
     study = cfg.study
     if study.sampler not in SAMPLERS:
@@ -105,6 +119,85 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.threads, int) or cfg.threads < 1:
         _fail("threads", cfg.threads, "an integer >= 1")
     _validate_space(cfg, model)
+
+
+def _validate_own_dataset(dataset, targets) -> None:
+    """dataset=files / dataset=pool: paths, split fractions, keys, units and e0."""
+    from hpo.datacheck import ENERGY_UNITS, KEY_CANDIDATES, LENGTH_UNITS
+
+    def path(key: str, value, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not isinstance(value, str) or not value:
+            _fail(key, value, "a path to an extended XYZ file" + (" or null" if optional else f" (set {key}=PATH)"))
+
+    if dataset.source == "files":
+        path("dataset.train", dataset.get("train"))
+        path("dataset.val", dataset.get("val"))
+        path("dataset.test", dataset.get("test"), optional=True)
+        if dataset.get("train_size") is not None:
+            _fail("dataset.train_size", dataset.train_size, "null with dataset=files (the whole training file; dataset=pool takes subsets)")
+    else:
+        files = dataset.get("files")
+        if not OmegaConf.is_list(files) or not files:
+            _fail("dataset.files", files, "a non-empty list of extended XYZ files (dataset.files=[a.xyz,b.xyz])")
+        for index, value in enumerate(files):
+            path(f"dataset.files[{index}]", value)
+        split = dataset.get("split") or {}
+        for name in ("val", "test"):
+            value = split.get(name)
+            if not _is_number(value) or not 0 <= value < 1:
+                _fail(f"dataset.split.{name}", value, "a fraction of the pool in [0, 1)")
+        if not split["val"] > 0:
+            _fail("dataset.split.val", split["val"], "a fraction in (0, 1): the study needs validation frames")
+        if split["val"] + split["test"] >= 1:
+            _fail("dataset.split", OmegaConf.to_container(split), "val + test < 1 (the rest is the training set)")
+        if not isinstance(split.get("seed"), int) or isinstance(split.get("seed"), bool):
+            _fail("dataset.split.seed", split.get("seed"), "an integer")
+        size = dataset.get("train_size")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            _fail("dataset.train_size", size, "null (every training frame) or an integer >= 1")
+    keys = dataset.get("keys") or {}
+    for name, value in keys.items():
+        if name not in KEY_CANDIDATES:
+            _fail(f"dataset.keys.{name}", value, f"keys of {', '.join(KEY_CANDIDATES)} only")
+        if value is not None and (not isinstance(value, str) or not value):
+            _fail(f"dataset.keys.{name}", value, f"null (detected among {', '.join(KEY_CANDIDATES[name])}) or a key name")
+    units = dataset.get("units") or {}
+    for name, table in (("energy", ENERGY_UNITS), ("length", LENGTH_UNITS)):
+        value = units.get(name)
+        if not isinstance(value, str) or value.lower() not in {unit.lower() for unit in table}:
+            _fail(f"dataset.units.{name}", value, f"one of {', '.join(table)}")
+    e0 = dataset.get("e0")
+    if "energy" in targets:
+        if isinstance(e0, str):
+            if e0 not in E0_MODES:
+                _fail("dataset.e0", e0, f"one of {E0_MODES} or a mapping {{symbol: eV}}")
+        elif OmegaConf.is_dict(e0):
+            for symbol, energy in e0.items():
+                if not _is_number(energy):
+                    _fail(f"dataset.e0.{symbol}", energy, "a number (eV)")
+        else:
+            _fail("dataset.e0", e0, f"one of {E0_MODES} or a mapping {{symbol: eV}}")
+
+
+def _validate_loss(cfg: DictConfig, model: dict) -> None:
+    """study.loss weights and scales; val_loss only for models that record it (GAP)."""
+    loss = cfg.study.get("loss")
+    if loss is not None:
+        for name in ("energy_weight", "force_weight"):
+            value = loss.get(name)
+            if not _is_number(value) or value < 0:
+                _fail(f"study.loss.{name}", value, "a number >= 0")
+        if not loss.energy_weight > 0 and not (loss.force_weight > 0 and model.get("force_metrics")):
+            _fail("study.loss", OmegaConf.to_container(loss), "energy_weight > 0, or force_weight > 0 with model.force_metrics=true")
+        for name in ("energy_scale", "force_scale"):
+            value = loss.get(name)
+            if value is not None and (not _is_number(value) or value <= 0):
+                _fail(f"study.loss.{name}", value, "null (the validation set's standard deviation) or a positive number")
+    loss_metrics = {"val_loss", "train_loss"}
+    if model["kind"] != "gap" and loss_metrics & {cfg.study.metric, *cfg.study.objectives}:
+        _fail("study.metric", cfg.study.metric, f"a metric of model {model['kind']!r}: the loss (study.loss) is recorded by GAP trials only")
 
 
 def _validate_storage_dir(cfg: DictConfig) -> None:

@@ -112,6 +112,22 @@ class FrameSet:
         return np.array([len(atoms) for atoms in self.frames])
 
 
+@dataclass(frozen=True)
+class DataKeys:
+    """Where a data set stores each quantity (``None``: it does not have it), in the spelling of
+    ``dataset.property_keys`` (energy, force, polarizability)."""
+
+    energy: str | None = "energy"
+    force: str | None = "force"
+    polarizability: str | None = None
+
+    @classmethod
+    def of(cls, dataset_cfg) -> "DataKeys":
+        """The keys of a dataset config with ``property_keys`` (the workshop water set)."""
+        keys = dataset_cfg.property_keys
+        return cls(energy=keys.get("energy"), force=keys.get("force"), polarizability=keys.get("polarizability"))
+
+
 def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e0: dict | None = None) -> FrameSet:
     """Read every frame of ``path`` and check it carries ``need`` (names in ``keys``).
 
@@ -150,27 +166,27 @@ def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e
     )
 
 
-def _frame_energy(atoms: ase.Atoms, key: str, where: str) -> float:
+def _frame_energy(atoms: ase.Atoms, key: str, where: str, setting: str = "dataset.property_keys.energy") -> float:
     # ASE moves a comment-line `energy` onto a SinglePointCalculator; other keys stay in info.
     if key in atoms.info:
         value = atoms.info[key]
     elif key == "energy" and atoms.calc is not None and "energy" in atoms.calc.results:
         value = atoms.calc.results["energy"]
     else:
-        raise DataError(f"{where}: energy key {key!r} is missing (dataset.property_keys.energy)")
+        raise DataError(f"{where}: energy key {key!r} is missing ({setting})")
     try:
         return float(value)
     except (TypeError, ValueError) as exc:
         raise DataError(f"{where}: energy key {key!r} is not a number: {value!r}") from exc
 
 
-def _frame_forces(atoms: ase.Atoms, key: str, where: str) -> np.ndarray:
+def _frame_forces(atoms: ase.Atoms, key: str, where: str, setting: str = "dataset.property_keys.force") -> np.ndarray:
     if key in atoms.arrays:
         value = atoms.arrays[key]
     elif key in ("force", "forces") and atoms.calc is not None and "forces" in atoms.calc.results:
         value = atoms.calc.results["forces"]
     else:
-        raise DataError(f"{where}: per-atom force column {key!r} is missing (dataset.property_keys.force)")
+        raise DataError(f"{where}: per-atom force column {key!r} is missing ({setting})")
     value = np.asarray(value, dtype=float)
     if value.shape != (len(atoms), 3):
         raise DataError(f"{where}: force column {key!r} has shape {value.shape}, expected ({len(atoms)}, 3)")
@@ -230,19 +246,50 @@ def train_file(dataset_cfg) -> str:
 
 @dataclass
 class Datasets:
-    """The training and validation frames of one run (the test frames are read by ``load_test_set`` only)."""
+    """The training and validation frames of one run (the test frames are read by ``load_test_set`` only).
+
+    ``keys`` and ``e0`` are what gap_fit is told (key names in ``train.path``, isolated-atom energies in
+    eV, ``e0_average``: gap_fit's ``e0_method=average`` instead); ``None``: those of the dataset config
+    (``dataset.property_keys``, ``dataset.e0``), as for the workshop water set.
+    """
 
     train: FrameSet
     val: FrameSet
+    keys: DataKeys | None = None
+    e0: dict[str, float] | None = None
+    e0_average: bool = False
+
+    def fit_keys(self, dataset_cfg) -> DataKeys:
+        return self.keys if self.keys is not None else DataKeys.of(dataset_cfg)
+
+    def fit_e0(self, dataset_cfg) -> dict[str, float] | None:
+        """Isolated-atom energies for gap_fit; None: ``e0_method=average``."""
+        if self.e0_average:
+            return None
+        return dict(self.e0) if self.e0 is not None else dict(dataset_cfg.e0)
 
     @property
     def hashes(self) -> dict[str, str]:
         return {f"sha256.{self.train.path.name}": self.train.sha256, f"sha256.{self.val.path.name}": self.val.sha256}
 
 
+def is_own_data(dataset_cfg) -> bool:
+    """``dataset=files`` or ``dataset=pool``: a user's own files (``hpo.own_data``), not the workshop set."""
+    return dataset_cfg.get("source") in ("files", "pool")
+
+
 def load_datasets(cfg) -> Datasets:
-    """Find and read the training file of ``dataset.train_size`` and the validation file."""
+    """Find and read the training file of ``dataset.train_size`` and the validation file.
+
+    Own data (``dataset=files|pool``): keys detected, units converted, isolated atoms taken out and the
+    splits written under ``experiments_dir/datasets/`` (``hpo.own_data.load``).
+    """
     from hpo.models import kind
+
+    if is_own_data(cfg.dataset):
+        from hpo import own_data
+
+        return own_data.load(cfg)
 
     names = [train_file(cfg.dataset), cfg.dataset.validation_file]
     data_dir = find_data_dir(cfg.dataset, names)
@@ -289,6 +336,10 @@ def load_test_set(cfg, data: Datasets) -> FrameSet | None:
     """
     from hpo.models import kind
 
+    if is_own_data(cfg.dataset):
+        from hpo import own_data
+
+        return own_data.load_test(cfg, data)
     name = cfg.dataset.get("test_file")
     if not name:
         return None

@@ -27,7 +27,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
-from hpo import plots
+from hpo import own_data, plots
 from hpo.data import load_datasets
 from hpo.models import kind
 from hpo.redact import redact
@@ -97,6 +97,7 @@ def run(cfg) -> optuna.Study:
     hpo_config.validate(cfg)
     space = search_space(cfg)
     model = hpo_config.model_params(cfg)
+    checks = own_data.preflight(cfg)  # the data checks, before any fit: DataError on a fail
     data = load_datasets(cfg)
     study = open_study(cfg, space, n_train=len(data.train))
     tracker = Tracker(cfg.tracking)
@@ -112,6 +113,7 @@ def run(cfg) -> optuna.Study:
             "model_kind": model["kind"],
             "threads": cfg.threads,
             "n_workers": n_workers,
+            **checks,
     }
     with sigterm_interrupts(), tracker.run(f"optimize-{cfg.study.name}", tags=tags) as parent:
         run_study(cfg, study, tracker, parent, data, model, space)

@@ -8,6 +8,7 @@ turns any failure into a recorded reason instead of a lost trial.
 
 from __future__ import annotations
 
+import dataclasses
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -54,7 +55,7 @@ def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | 
     for size in sizes[:-1]:
         rung_dir = workdir / f"rung_{size:04d}"
         subset = subset_frames(data.train, np.sort(order[:size]), rung_dir / "train_subset.xyz")
-        partial = model_kind.score(cfg, model, Datasets(train=subset, val=data.val), rung_dir)
+        partial = model_kind.score(cfg, model, dataclasses.replace(data, train=subset), rung_dir)
         if report is not None and report(size, partial):
             raise RungPruned(size, partial)
     scored = model_kind.score(cfg, model, data, workdir)

@@ -99,20 +99,29 @@ def expected_descriptors(params: dict, frames: list[ase.Atoms]) -> list[str]:
     return [f"{descriptor_text(params)} n_species={len(species)} Z={z} species_Z={species_z}" for z in species]
 
 
-def build_command(params: dict, train_file: str, e0: dict, keys, seed: int) -> list[str]:
-    """The gap_fit argument list for one model config (``conf/model/gap.yaml`` layout)."""
+def build_command(params: dict, train_file: str, e0: dict | None, keys, seed: int) -> list[str]:
+    """The gap_fit argument list for one model config (``conf/model/gap.yaml`` layout).
+
+    ``e0``: isolated-atom energies (eV) per species, or None for gap_fit's ``e0_method=average``;
+    ``keys.energy`` / ``keys.force``: the names in the training file (no force key: energies only).
+    """
     descriptor = descriptor_text(params)
     sigma = params["default_sigma"]
     default_sigma = " ".join(_number(sigma[k]) for k in ("energy", "force", "virial", "hessian"))
-    e0_arg = ":".join(f"{symbol}:{_number(energy)}" for symbol, energy in sorted(e0.items()))
+    if e0 is None:  # the mean energy per atom of the training set
+        e0_args = ["e0_method=average"]
+    else:
+        e0_args = ["e0={" + ":".join(f"{symbol}:{_number(energy)}" for symbol, energy in sorted(e0.items())) + "}"]
+    # No force key: a file without forces, fitted on energies only.
+    force_args = [f"force_parameter_name={keys.force}"] if keys.force else []
     return [
         "gap_fit",
         f"at_file={train_file}",
         f"gap={{{descriptor}}}",
         f"default_sigma={{{default_sigma}}}",
-        f"e0={{{e0_arg}}}",
+        *e0_args,
         f"energy_parameter_name={keys.energy}",
-        f"force_parameter_name={keys.force}",
+        *force_args,
         f"sparse_jitter={_number(params['sparse_jitter'])}",
         # gap_fit aborts on rnd_seed=0 ("linear-congruential ... fail with seed idum=0").
         f"rnd_seed={seed + 1}",

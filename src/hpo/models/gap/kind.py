@@ -48,7 +48,9 @@ class GapKind(ModelKind):
     display_name = "GAP"
     targets = ("energy", "force")
     parameters = PARAMETERS
-    trial_metrics = ("train_energy_rmse", "val_energy_rmse", "energy_rmse_ratio", "fit_time_s", "eval_time_s", "md_ms_per_atom")
+    trial_metrics = (
+        "train_energy_rmse", "val_energy_rmse", "energy_rmse_ratio", "val_force_rmse", "val_loss", "fit_time_s", "eval_time_s", "md_ms_per_atom",
+    )
     pyfunc_code = Path(__file__).with_name("pyfunc.py")
 
     def check_combination(self, params: dict, prefix: str) -> None:
@@ -90,7 +92,8 @@ class GapKind(ModelKind):
                     found_envs[name, sparse_gap.descriptor_key(descriptor)] = found
 
         start = time.perf_counter()
-        fitted = gap_fit.GAP(params, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed).fit(
+        keys, e0 = data.fit_keys(cfg.dataset), data.fit_e0(cfg.dataset)
+        fitted = gap_fit.GAP(params, e0, keys, cfg.threads, cfg.study.seed).fit(
             data.train.path, workdir, while_fitting=compute_descriptors
         )
         fit_wall = time.perf_counter() - start
@@ -121,6 +124,7 @@ class GapKind(ModelKind):
             found["md_ms_per_atom"] = md_cost_ms_per_atom(fitted.model_file_, data.val.frames[: params["cost_frames"]])
         eval_time = time.perf_counter() - start
 
+        found.update(trial_loss(cfg, found, data.val, params["force_metrics"]))
         nan = [k for k, v in found.items() if not math.isfinite(v)]
         if nan:
             raise TrialFailure("nan_metric", f"non-finite metrics {nan} (the fit diverged)")
@@ -150,6 +154,19 @@ class GapKind(ModelKind):
             artifacts=[workdir / "gap_fit.cmd", workdir / "gap_fit.out", workdir / "gap_fit.err", workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
             model_files=[fitted.model_file_],
         )
+
+
+def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool) -> dict[str, float]:
+    """``train_loss`` and ``val_loss`` (``hpo.metrics.loss``) with the weights and scales of ``study.loss``;
+    a null scale is the validation set's spread (``hpo.metrics.loss_scales``)."""
+    weights = cfg.study.get("loss") or {"energy_weight": 1.0, "force_weight": 1.0, "energy_scale": None, "force_scale": None}
+    try:
+        scales = metrics.loss_scales(
+            val.energies, val.n_atoms, val.forces if force_metrics else None, weights["energy_scale"], weights["force_scale"]
+        )
+        return metrics.loss_metrics(found, weights, scales)
+    except ValueError as exc:
+        raise TrialFailure("nan_metric", f"no loss: {exc}") from exc
 
 
 def md_cost_ms_per_atom(model_file: Path, frames) -> float:

@@ -23,9 +23,9 @@ from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
 from hpo.tracking import flatten
 
 
-def tensors_of(frames, cfg, model: dict) -> np.ndarray:
+def tensors_of(frames, cfg, model: dict, key: str | None = None) -> np.ndarray:
     return read_tensors(
-        frames.frames, key=cfg.dataset.property_keys.polarizability, source=frames.path.name, symmetry_tol=model["symmetry_tol"]
+        frames.frames, key=key or cfg.dataset.property_keys.polarizability, source=frames.path.name, symmetry_tol=model["symmetry_tol"]
     )
 
 
@@ -57,7 +57,8 @@ class SagprKind(ModelKind):
 
 def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
     """Fit an SA-GPR model of the polarizability; metrics are RMSEs per component, L=0, L=2 and overall."""
-    train_true, val_true = tensors_of(data.train, cfg, model), tensors_of(data.val, cfg, model)
+    tensor_key = data.keys.polarizability if getattr(data, "keys", None) is not None else None
+    train_true, val_true = tensors_of(data.train, cfg, model, tensor_key), tensors_of(data.val, cfg, model, tensor_key)
     estimator = SAGPR(**{key: model[key] for key in ESTIMATOR_KEYS}, cache_dir=model["cache_dir"])
     try:
         start = time.perf_counter()
