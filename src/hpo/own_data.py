@@ -97,6 +97,15 @@ def read_source(files: dict[str, str | Path], dataset_cfg, quiet: bool = False) 
         }
     except dc.DataCheckError as exc:
         raise DataError(str(exc)) from exc
+    for quantity, key in _explicit_keys(dataset_cfg).items():
+        if key is not None and not any(dc._where(atoms, key) for atoms in everything):
+            label = next(iter(raw))
+            atoms = raw[label][0]
+            stored = sorted({*atoms.info, *atoms.arrays, *(getattr(atoms.calc, "results", None) or {})} - {"numbers", "positions"})
+            raise DataError(
+                f"{paths[label].name}, frame 0: {quantity} key {key!r} is missing (dataset.keys.{quantity}; "
+                f"in no frame of {', '.join(p.name for p in paths.values())}); this frame stores {', '.join(stored)}"
+            )
     if not quiet:
         print(f"[hpo] data keys: {report}", flush=True)
     return Source(frames=converted, paths=paths, keys=keys, report=report)

@@ -78,10 +78,14 @@ def environments(
         if should_stop is not None and should_stop():
             return None
         out = calculator.calc(atoms)
+        if "covariance_cutoff" not in out:  # no centre of this descriptor's species in the frame
+            continue
         data = np.asarray(out["data"], dtype=float).reshape(-1, calculator.dimensions())
         vectors.append(data)
         frame.append(np.full(len(data), index))
         cutoff.append(np.asarray(out["covariance_cutoff"], dtype=float).reshape(len(data)))
+    if not vectors:
+        vectors, frame, cutoff = [np.empty((0, calculator.dimensions()))], [np.empty(0, dtype=int)], [np.empty(0)]
     found = Environments(np.concatenate(vectors), np.concatenate(frame), np.concatenate(cutoff))
     cache.put("gap_descriptors", key, {"vectors": found.vectors, "frame": found.frame, "cutoff": found.cutoff})
     return found
