@@ -32,6 +32,20 @@ def emt(tmp_path_factory) -> dict[str, Path]:
     return write_emt_dataset(tmp_path_factory.mktemp("emt"))
 
 
+@pytest.fixture(scope="module")
+def mlruns(tmp_path_factory) -> list[str]:
+    """One MLflow store for the data-check tests: creating a store costs ~10 s."""
+    root = tmp_path_factory.mktemp("mlruns")
+    return [f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_location={root}/artifacts"]
+
+
+def last_check_run(cfg):
+    client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.run_type = 'data_check'", order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0]
+
+
 def files_overrides(paths: dict[str, Path], prefix: str = "", test: bool = True) -> list[str]:
     out = ["dataset=files", f"dataset.train={paths[prefix + 'train']}", f"dataset.val={paths[prefix + 'val']}"]
     return out + ([f"dataset.test={paths[prefix + 'test']}"] if test else [])
@@ -199,8 +213,49 @@ def test_e0_average_is_passed_to_gap_fit(emt, tmp_path):
 # --------------------------------------------------------------------------- data check
 
 
-def test_data_check_command_passes_the_emt_set(emt, tmp_path):
-    overrides = [*output_overrides(tmp_path), *files_overrides(emt)]
+def _check_exit(cfg) -> int:
+    try:
+        own_data.check_command(cfg)
+    except SystemExit as exc:
+        return exc.code
+    return 0
+
+
+def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_forces(emt, tmp_path, capsys, mlruns):
+    frames = ase.io.read(emt["val"], ":")
+    frames[3].info["REF_energy"] = float("nan")
+    nan_val = tmp_path / "nan_val.xyz"
+    ase.io.write(nan_val, frames, format="extxyz")
+    cfg = make_cfg(tmp_path / "nan", *mlruns, "dataset=files", f"dataset.train={emt['train']}", f"dataset.val={nan_val}")
+    assert _check_exit(cfg) == 1
+    assert "finite" in capsys.readouterr().out
+    assert last_check_run(cfg).data.tags["check.finite"] == "fail"
+    # optimize stops before any fit with the check's message
+    with pytest.raises(DataError, match="data check failed: finite"):
+        loop.run(cfg)
+    assert not (tmp_path / "nan" / "experiments" / cfg.study.name).exists()
+
+    val = ase.io.read(emt["val"], ":") + [ase.io.read(emt["train"], "5")]
+    leaked = tmp_path / "leaked_val.xyz"
+    ase.io.write(leaked, val, format="extxyz")
+    cfg = make_cfg(tmp_path / "dup", *mlruns, "dataset=files", f"dataset.train={emt['train']}", f"dataset.val={leaked}")
+    assert _check_exit(cfg) == 1
+    assert last_check_run(cfg).data.tags["check.duplicates"] == "fail"
+
+    cfg = make_cfg(tmp_path / "shuffled", *mlruns, *files_overrides(emt, "shuffled_forces_"))
+    _check_exit(cfg)
+    assert last_check_run(cfg).data.tags["check.forces_consistent"] in ("warn", "fail")
+
+
+def test_data_check_on_given_files(emt, tmp_path, mlruns):
+    cfg = make_cfg(tmp_path, *mlruns, f"data.files=[{emt['train']},{emt['val']}]")
+    assert _check_exit(cfg) == 0
+    tags = last_check_run(cfg).data.tags
+    assert tags["run_type"] == "data_check" and tags["check.keys_present"] == "pass"
+
+
+def test_data_check_command_passes_the_emt_set(emt, tmp_path, mlruns):
+    overrides = [*output_overrides(tmp_path), *mlruns, *files_overrides(emt)]
     env = dict(os.environ, PYTHONPATH=str(PROJECT / "src"))
     done = subprocess.run(
         [sys.executable, "-m", "hpo", "data", "check", *overrides], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
@@ -210,51 +265,9 @@ def test_data_check_command_passes_the_emt_set(emt, tmp_path):
     pngs = list((tmp_path / "experiments" / "data_check").glob("*.png"))
     assert len(pngs) == 1
     cfg = load_config(overrides)
-    parents, _ = runs_of(cfg)
-    assert len(parents) == 1 and parents[0].data.tags["run_type"] == "data_check"
-    tags = parents[0].data.tags
+    run = last_check_run(cfg)
+    assert run.data.tags["command"] == "data check" and run.info.status == "FINISHED"
+    tags = run.data.tags
     assert {tags[k] for k in tags if k.startswith("check.")} == {"pass"} and len([k for k in tags if k.startswith("check.")]) == 7
-    artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(parents[0].info.run_id)}
+    artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(run.info.run_id)}
     assert pngs[0].name in artifacts and "data_check.json" in artifacts
-
-
-def _check_exit(cfg) -> int:
-    try:
-        own_data.check_command(cfg)
-    except SystemExit as exc:
-        return exc.code
-    return 0
-
-
-def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_forces(emt, tmp_path, capsys):
-    frames = ase.io.read(emt["val"], ":")
-    frames[3].info["REF_energy"] = float("nan")
-    nan_val = tmp_path / "nan_val.xyz"
-    ase.io.write(nan_val, frames, format="extxyz")
-    cfg = make_cfg(tmp_path / "nan", "dataset=files", f"dataset.train={emt['train']}", f"dataset.val={nan_val}")
-    assert _check_exit(cfg) == 1
-    assert "finite" in capsys.readouterr().out
-    parents, _ = runs_of(cfg)
-    assert parents[0].data.tags["check.finite"] == "fail"
-    # optimize stops before any fit with the check's message
-    with pytest.raises(DataError, match="data check failed: finite"):
-        loop.run(cfg)
-    assert not (tmp_path / "nan" / "experiments" / cfg.study.name).exists()
-
-    val = ase.io.read(emt["val"], ":") + [ase.io.read(emt["train"], "5")]
-    leaked = tmp_path / "leaked_val.xyz"
-    ase.io.write(leaked, val, format="extxyz")
-    cfg = make_cfg(tmp_path / "dup", "dataset=files", f"dataset.train={emt['train']}", f"dataset.val={leaked}")
-    assert _check_exit(cfg) == 1
-    assert runs_of(cfg)[0][0].data.tags["check.duplicates"] == "fail"
-
-    cfg = make_cfg(tmp_path / "shuffled", *files_overrides(emt, "shuffled_forces_"))
-    _check_exit(cfg)
-    assert runs_of(cfg)[0][0].data.tags["check.forces_consistent"] in ("warn", "fail")
-
-
-def test_data_check_on_given_files(emt, tmp_path):
-    cfg = make_cfg(tmp_path, f"data.files=[{emt['train']},{emt['val']}]")
-    assert _check_exit(cfg) == 0
-    tags = runs_of(cfg)[0][0].data.tags
-    assert tags["run_type"] == "data_check" and tags["check.keys_present"] == "pass"
