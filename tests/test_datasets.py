@@ -142,6 +142,14 @@ def test_missing_key_names_file_frame_and_key(emt, tmp_path):
         load_datasets(cfg)
 
 
+def test_e0_from_isolated_atoms_needs_them(emt, tmp_path):
+    cfg = make_cfg(tmp_path, "dataset=files", f"dataset.train={emt['val']}", f"dataset.val={emt['test']}")
+    with pytest.raises(DataError, match=r"no isolated-atom frame for Al, Cu.*dataset.e0=average"):
+        load_datasets(cfg)
+    data = load_datasets(make_cfg(tmp_path, "dataset=files", f"dataset.train={emt['val']}", f"dataset.val={emt['test']}", "dataset.e0={Al: 3.0, Cu: 3.5}"))
+    assert data.e0 == {"Al": 3.0, "Cu": 3.5}
+
+
 def test_pool_split_is_disjoint_and_reproducible(emt, tmp_path):
     pool = ["dataset=pool", f"dataset.files=[{emt['train']},{emt['val']},{emt['test']}]", "dataset.split.val=0.2", "dataset.split.test=0.2"]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,8 +122,8 @@ def own_files(dataset_cfg, include_test: bool = True) -> dict[str, str]:
     files = {}
     for path in dataset_cfg.files:
         label = Path(str(path)).name
-        while label in files:  # two files of one name in different directories
-            label = f"{label}'"
+        if label in files:  # two files of one name in different directories
+            label = f"{Path(str(path)).parent.name}/{label}"
         files[label] = path
     return files
 
@@ -373,6 +374,11 @@ def preflight(cfg) -> dict[str, str]:
     return verdict_tags(checks)
 
 
+def _tag_safe(name: str) -> str:
+    """MLflow tag keys allow letters, digits, _ - . / and spaces only."""
+    return re.sub(r"[^\w\-./ ]", "_", name)
+
+
 def check_command(cfg) -> None:
     """``python -m hpo data check``: table, PNG of the distributions, one MLflow run; exit 1 on a fail."""
     from hpo.config import output_path
@@ -393,7 +399,7 @@ def check_command(cfg) -> None:
     tags = {
         **provenance_tags(),
         **verdict_tags(checks),
-        **{f"sha256.{path.name}": sha256sum(path) for path in source.paths.values()},
+        **{f"sha256.{_tag_safe(path.name)}": sha256sum(path) for path in source.paths.values()},
         "run_type": "data_check",
         "command": "data check",
         "data_keys": source.report,
