@@ -266,9 +266,8 @@ def _digest(cfg, source: Source, e0, average: bool) -> str:
 
 def _write(split: Split, path: Path, keys: dc.Keys, need) -> FrameSet:
     energies, forces = _require(split, keys, need)
-    if not path.is_file():
-        with atomic_write(path) as tmp:
-            ase.io.write(tmp, split.frames, format="extxyz")
+    with atomic_write(path) as tmp:  # replaced whole: a worker's gap_fit reading the old copy is unaffected
+        ase.io.write(tmp, split.frames, format="extxyz")
     return FrameSet(path=path, frames=split.frames, sha256=sha256sum(path), energies=energies, forces=forces)
 
 
