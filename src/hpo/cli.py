@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> None:
         print(USAGE)
         raise SystemExit(0 if argv else 2)
     command = argv.pop(0)
-    if command in SUBCOMMANDS and argv and argv[0] in SUBCOMMANDS[command]:
+    if command in SUBCOMMANDS:
+        if not argv or argv[0] not in SUBCOMMANDS[command]:
+            print(f"hpo: {command} needs one of: {', '.join(SUBCOMMANDS[command])} (e.g. python -m hpo {command} {SUBCOMMANDS[command][0]})", file=sys.stderr)
+            raise SystemExit(2)
         command = f"{command} {argv.pop(0)}"
     if command not in COMMANDS:
         print(f"hpo: unknown command {command!r}; one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
