@@ -1,0 +1,400 @@
+"""A sparse-GP solver in numpy that gives the same GAP as ``gap_fit``, on sparse points hpo chooses.
+
+Two halves, each checked against gap_fit itself (``tests/test_gap_solver.py``):
+
+* **Sparse points chosen by hpo.** ``select_sparse`` picks environments by
+  farthest-point sampling (or CUR, or at random) on quippy's descriptors;
+  ``write_sparse_index_file`` and ``gap_fit_sparse_args`` hand exactly those to
+  gap_fit (``sparse_method=index_file sparse_file=<file>``: 1-based indices, one
+  per line, into the list of environments of that descriptor, frame by frame
+  in file order, atom by atom). gap_fit copies one ``sparse_file`` to every
+  species it splits a multi-species descriptor into, so hpo writes the
+  per-species descriptors itself (``add_species=F``, joined by ``:``), each with
+  its own index file. gap_fit sorts the indices; the model lists sparse points
+  in increasing index order.
+
+* **The same fit without gap_fit.** ``fit`` builds gap_fit's linear system from
+  the same descriptors and solves it. gap_fit's model (gp_predict.F90,
+  gap_fit_module.F90 of GAP, verified here by equality):
+
+    - one sparse GP per descriptor (per centre species), dot-product kernel
+      k(q, x) = delta^2 * c_q * c_x * (q . x)^zeta (c: covariance cutoff,
+      1 for SOAP centres); K_MM is block diagonal over descriptors, plus
+      ``sparse_jitter`` on its diagonal;
+    - an energy target per frame: E - sum_atoms e0(Z), covariance with sparse
+      point s the sum over the frame's environments of k(q_i, x_s); its noise
+      sigma_E = default_sigma[0] * sqrt(n_atoms) (``sigma_per_atom=T``, the default);
+    - a target per force component: -F (the energy gradient), covariance the
+      gradient of the energy row w.r.t. that atom's position (descriptor
+      gradients, plus the covariance cutoff's gradient); noise default_sigma[1],
+      unscaled;
+    - alpha from the least-squares problem [Lambda^-1/2 K_NM; U] alpha = [Lambda^-1/2 y; 0]
+      with K_MM = U^T U, solved by QR (gap_fit's own route).
+
+  The result is a ``sparse_gap.SparseGap``: it predicts like a model read from
+  gap_fit's XML.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import ase
+import numpy as np
+import scipy.linalg
+
+from hpo import gap
+from hpo.cache import Cache, digest, frame_digests
+from hpo.sparse_gap import SparseGap, SparseGP, descriptor_key, quippy_version
+
+SPARSE_METHODS = ("fps", "cur", "random")
+# force_parameter_name for an energy-only gap_fit: no frame has this column, so gap_fit adds no force targets.
+NO_FORCE_KEY = "hpo_no_force_targets"
+
+
+# --------------------------------------------------------------------------- descriptors
+
+
+@dataclass(frozen=True)
+class TrainingEnvironments:
+    """quippy's descriptors of every environment of some frames for one descriptor string, with gradients if asked.
+
+    Environments are in gap_fit's order (frame by frame, then by centre atom), so
+    index ``i`` here is index ``i + 1`` in a gap_fit ``sparse_file``.
+    """
+
+    vectors: np.ndarray  # (n_env, d)
+    frame: np.ndarray  # (n_env,) frame of each environment
+    cutoff: np.ndarray  # (n_env,) covariance cutoff
+    n_frames: int
+    # Gradients, one row per (environment, neighbour atom) pair; None without gradients.
+    grad: np.ndarray | None = None  # (n_pairs, 3, d) d q_env / d r_atom
+    grad_cutoff: np.ndarray | None = None  # (n_pairs, 3)
+    grad_env: np.ndarray | None = None  # (n_pairs,) environment index
+    grad_atom: np.ndarray | None = None  # (n_pairs,) atom index over all frames (frame offsets added)
+
+    @property
+    def has_gradients(self) -> bool:
+        return self.grad is not None
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"vectors": self.vectors, "frame": self.frame, "cutoff": self.cutoff, "n_frames": np.array(self.n_frames)}
+        if self.has_gradients:
+            out.update(grad=self.grad, grad_cutoff=self.grad_cutoff, grad_env=self.grad_env, grad_atom=self.grad_atom)
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: Mapping[str, np.ndarray]) -> TrainingEnvironments:
+        return cls(
+            a["vectors"], a["frame"], a["cutoff"], int(a["n_frames"]),
+            a.get("grad"), a.get("grad_cutoff"), a.get("grad_env"), a.get("grad_atom"),
+        )
+
+
+def training_environments(
+    descriptor: str, frames: Sequence[ase.Atoms], gradients: bool = False, cache: Cache | None = None
+) -> TrainingEnvironments:
+    """quippy's descriptors (and their gradients) of ``frames``; cached by content like ``sparse_gap.environments``."""
+    key = digest("gap-solver-descriptors", descriptor_key(descriptor), frame_digests(frames), quippy_version(), gradients)
+    cache = cache or Cache(None)
+    hit = cache.get("gap_solver_descriptors", key)
+    if hit is not None:
+        return TrainingEnvironments.from_arrays(hit)
+    from quippy.descriptors import Descriptor  # imported late: loading the Fortran library is slow
+
+    calculator = Descriptor(descriptor)
+    dimensions = calculator.dimensions()
+    vectors, frame, cutoff = [], [], []
+    grad, grad_cutoff, grad_env, grad_atom = [], [], [], []
+    n_env = atom_offset = 0
+    for index, atoms in enumerate(frames):
+        out = calculator.calc(atoms, grad=gradients)
+        data = np.asarray(out["data"], dtype=float).reshape(-1, dimensions) if len(out.get("data", [])) else np.zeros((0, dimensions))
+        vectors.append(data)
+        frame.append(np.full(len(data), index))
+        cutoff.append(np.asarray(out["covariance_cutoff"], dtype=float).reshape(len(data)) if len(data) else np.zeros(0))
+        if gradients and len(data):
+            sizes = [len(neighbours) for neighbours in out["ii"]]
+            g = np.asarray(out["grad_data"], dtype=float).reshape(-1, 3, dimensions)
+            assert len(g) == sum(sizes) and len(sizes) == len(data)
+            grad.append(g)
+            grad_cutoff.append(np.asarray(out["grad_covariance_cutoff"], dtype=float).reshape(-1, 3))
+            grad_env.append(n_env + np.repeat(np.arange(len(data)), sizes))
+            grad_atom.append(atom_offset + np.asarray(out["grad_index_0based"])[:, 1].astype(int))
+        n_env += len(data)
+        atom_offset += len(atoms)
+    found = TrainingEnvironments(
+        np.concatenate(vectors), np.concatenate(frame), np.concatenate(cutoff), len(frames),
+    )
+    if gradients:
+        d = dimensions
+        found = TrainingEnvironments(
+            found.vectors, found.frame, found.cutoff, found.n_frames,
+            np.concatenate(grad) if grad else np.zeros((0, 3, d)),
+            np.concatenate(grad_cutoff) if grad_cutoff else np.zeros((0, 3)),
+            np.concatenate(grad_env) if grad_env else np.zeros(0, int),
+            np.concatenate(grad_atom) if grad_atom else np.zeros(0, int),
+        )
+    cache.put("gap_solver_descriptors", key, found.arrays())
+    return found
+
+
+# --------------------------------------------------------------------------- sparse points
+
+
+def select_sparse(environments: np.ndarray | TrainingEnvironments, n_sparse: int, method: str = "fps", seed: int = 0) -> np.ndarray:
+    """0-based indices of ``n_sparse`` environments, in selection order (a smaller n_sparse gives a prefix for fps/cur).
+
+    fps: farthest-point sampling in descriptor space (Euclidean), starting from
+    an environment drawn with ``seed``; already chosen points are never chosen
+    again, even when all remaining ones coincide with them. cur: skmatter's CUR
+    on the descriptor matrix (deterministic). random: a seeded draw.
+    """
+    x = environments.vectors if isinstance(environments, TrainingEnvironments) else np.asarray(environments, float)
+    n = len(x)
+    n_sparse = int(min(n_sparse, n))
+    if n_sparse <= 0:
+        return np.zeros(0, dtype=int)
+    rng = np.random.default_rng(seed)
+    if method == "random":
+        return rng.choice(n, n_sparse, replace=False)
+    if method == "cur":
+        from skmatter.sample_selection import CUR
+
+        return np.asarray(CUR(n_to_select=n_sparse).fit(x).selected_idx_, dtype=int)
+    if method != "fps":
+        raise ValueError(f"unknown sparse method {method!r}; expected one of {SPARSE_METHODS}")
+    chosen = np.empty(n_sparse, dtype=int)
+    chosen[0] = rng.integers(n)
+    squared_norms = np.einsum("ij,ij->i", x, x)
+    distance = np.full(n, np.inf)
+    for k in range(1, n_sparse):
+        last = chosen[k - 1]
+        d2 = squared_norms + squared_norms[last] - 2.0 * (x @ x[last])
+        distance = np.minimum(distance, np.maximum(d2, 0.0))
+        distance[chosen[:k]] = -1.0
+        chosen[k] = int(np.argmax(distance))
+    return chosen
+
+
+def write_sparse_index_file(path: Path, indices: Sequence[int]) -> Path:
+    """gap_fit's ``sparse_method=index_file`` format: 1-based environment indices, one per line."""
+    path = Path(path)
+    path.write_text("".join(f"{int(i) + 1}\n" for i in indices))
+    return path
+
+
+def read_sparse_index_file(path: Path) -> np.ndarray:
+    """0-based indices of a gap_fit index file."""
+    return np.array(Path(path).read_text().split(), dtype=int) - 1
+
+
+def gap_fit_sparse_args(params: dict, frames: Sequence[ase.Atoms], index_files: Sequence[str | Path], counts: Sequence[int]) -> list[str]:
+    """The ``gap={...}`` argument making gap_fit use hpo's sparse points: one descriptor per centre species.
+
+    ``index_files`` (paths as gap_fit sees them from its working directory) and
+    ``counts`` (indices in each) follow ``gap.expected_descriptors(params, frames)``
+    (species in order of first appearance). Replaces gap_fit's own split (``add_species=F``)
+    because gap_fit would give every species the same ``sparse_file``.
+    """
+    descriptors = gap.expected_descriptors(params, frames)
+    if len(index_files) != len(descriptors):
+        raise ValueError(f"{len(descriptors)} descriptors (one per species) but {len(index_files)} index files")
+    parts = []
+    for descriptor, index_file, n in zip(descriptors, index_files, counts):
+        text = _replace_keys(descriptor, n_sparse=str(n), sparse_method="index_file")
+        # gap_fit strips one level of braces when it splits gap={a : b}: species_Z={8 1 } must arrive doubled.
+        text = text.replace("={", "={{").replace("}", "}}")
+        parts.append(f"{text} sparse_file={index_file} add_species=F")
+    return ["gap={" + " : ".join(parts) + "}"]
+
+
+def _replace_keys(descriptor: str, **values: str) -> str:
+    words = descriptor.split(" ")
+    for i, word in enumerate(words):
+        key = word.split("=", 1)[0]
+        if key in values:
+            words[i] = f"{key}={values[key]}"
+    return " ".join(words)
+
+
+def build_sparse_command(
+    params: dict, train_file: str, e0: dict, keys, seed: int, frames: Sequence[ase.Atoms],
+    index_files: Sequence[str | Path], counts: Sequence[int], energy_only: bool = False,
+) -> list[str]:
+    """``gap.build_command`` with hpo's sparse points (and, if ``energy_only``, no force targets)."""
+    command = gap.build_command(params, train_file, e0, keys, seed)
+    (gap_arg,) = gap_fit_sparse_args(params, frames, index_files, counts)
+    out = []
+    for arg in command:
+        if arg.startswith("gap="):
+            arg = gap_arg
+        elif energy_only and arg.startswith("force_parameter_name="):
+            arg = f"force_parameter_name={NO_FORCE_KEY}"
+        out.append(arg)
+    return out
+
+
+# --------------------------------------------------------------------------- the solver
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """The GP settings of one fit, in gap_fit's meaning."""
+
+    delta: float
+    zeta: float
+    energy_sigma: float  # default_sigma[0], per atom (scaled by sqrt(n_atoms))
+    force_sigma: float  # default_sigma[1]
+    sparse_jitter: float
+    e0: Mapping[int, float]  # isolated-atom energy per atomic number
+
+    @classmethod
+    def from_params(cls, params: dict, e0: Mapping[str, float]) -> Hyper:
+        from ase.data import atomic_numbers
+
+        sigma = params["default_sigma"]
+        return cls(
+            delta=float(params["delta"]), zeta=float(params["zeta"]),
+            energy_sigma=float(sigma["energy"]), force_sigma=float(sigma["force"]),
+            sparse_jitter=float(params["sparse_jitter"]),
+            e0={atomic_numbers[s]: float(v) for s, v in e0.items()},
+        )
+
+
+@dataclass
+class SolveTimes:
+    kernels_s: float = 0.0
+    solve_s: float = 0.0
+
+
+def _kernel_blocks(env: TrainingEnvironments, sparse: np.ndarray, hyper: Hyper, forces: bool):
+    """Energy rows (n_frames, M) and force rows (3 * n_atoms, M, in atom-major order) of one descriptor."""
+    x = env.vectors[sparse]
+    c_sparse = env.cutoff[sparse]
+    dots = env.vectors @ x.T  # (n_env, M)
+    z = hyper.zeta
+    k_env = hyper.delta**2 * env.cutoff[:, None] * dots**z * c_sparse[None, :]
+    energy_rows = np.zeros((env.n_frames, len(sparse)))
+    np.add.at(energy_rows, env.frame, k_env)
+    if not forces:
+        return energy_rows, None
+    if not env.has_gradients:
+        raise ValueError("force targets need descriptor gradients: training_environments(..., gradients=True)")
+    pair_dots = dots[env.grad_env]  # (n_pairs, M)
+    grad_dots = np.einsum("pkd,md->pkm", env.grad, x)  # (n_pairs, 3, M)
+    d_k = z * (pair_dots ** (z - 1))[:, None, :] * grad_dots * env.cutoff[env.grad_env][:, None, None]
+    d_k += env.grad_cutoff[:, :, None] * (pair_dots**z)[:, None, :]
+    d_k *= hyper.delta**2 * c_sparse[None, None, :]
+    n_atoms = int(env.grad_atom.max()) + 1 if len(env.grad_atom) else 0
+    return energy_rows, (d_k, env.grad_atom, n_atoms)
+
+
+def fit(
+    found: Mapping[str, TrainingEnvironments],
+    sparse: Mapping[str, np.ndarray],
+    frames: Sequence[ase.Atoms],
+    energies: np.ndarray,
+    hyper: Hyper,
+    forces: Sequence[np.ndarray] | None = None,
+    times: SolveTimes | None = None,
+) -> SparseGap:
+    """The GAP gap_fit would fit on ``frames`` with these sparse points: a ``SparseGap`` (alphas solved in numpy).
+
+    ``found`` maps each descriptor string (one per centre species, as in
+    ``gap.expected_descriptors``) to the frames' environments; ``sparse`` maps it
+    to 0-based environment indices (any order: used sorted, like gap_fit).
+    ``forces`` (per frame, (n_atoms, 3), eV/A) adds force targets, which need
+    environments with gradients.
+    """
+    times = times if times is not None else SolveTimes()
+    start = time.perf_counter()
+    descriptors = list(found)
+    n_frames = len(frames)
+    n_atoms = np.array([len(a) for a in frames])
+    total_atoms = int(n_atoms.sum())
+    use_forces = forces is not None
+    columns, k_mm_blocks, energy_cols, force_cols = [], [], [], []
+    for descriptor in descriptors:
+        env = found[descriptor]
+        index = np.sort(np.asarray(sparse[descriptor], dtype=int))
+        columns.append(index)
+        x = env.vectors[index]
+        c = env.cutoff[index]
+        k_mm_blocks.append(hyper.delta**2 * np.outer(c, c) * (x @ x.T) ** hyper.zeta)
+        energy_rows, force_part = _kernel_blocks(env, index, hyper, use_forces)
+        energy_cols.append(energy_rows)
+        if use_forces:
+            d_k, atom, _ = force_part
+            rows = np.zeros((total_atoms, 3, len(index)))
+            np.add.at(rows, atom, d_k)
+            force_cols.append(rows.reshape(3 * total_atoms, len(index)))
+    k_mm = scipy.linalg.block_diag(*k_mm_blocks)
+    k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
+    k_nm = np.hstack(energy_cols)
+    e0 = np.array([sum(hyper.e0.get(int(z), 0.0) for z in atoms.numbers) for atoms in frames])
+    y = np.asarray(energies, dtype=float) - e0
+    sigma = hyper.energy_sigma * np.sqrt(n_atoms)
+    if use_forces:
+        k_nm = np.vstack([k_nm, np.hstack(force_cols)])
+        y = np.concatenate([y, -np.concatenate([np.asarray(f, float).reshape(-1) for f in forces])])
+        sigma = np.concatenate([sigma, np.full(3 * total_atoms, hyper.force_sigma)])
+    times.kernels_s += time.perf_counter() - start
+    start = time.perf_counter()
+    alpha = solve_alphas(k_mm, k_nm, y, sigma)
+    times.solve_s += time.perf_counter() - start
+    gps, offset = [], 0
+    for descriptor, index in zip(descriptors, columns):
+        env = found[descriptor]
+        gps.append(
+            SparseGP(
+                descriptor=descriptor, delta=hyper.delta, zeta=hyper.zeta,
+                alpha=alpha[offset : offset + len(index)], sparse_points=env.vectors[index],
+            )
+        )
+        offset += len(index)
+    species = sorted({int(z) for atoms in frames for z in atoms.numbers})
+    return SparseGap(e0={z: float(hyper.e0.get(z, 0.0)) for z in species}, gps=tuple(gps))
+
+
+def solve_alphas(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """alpha minimising |Lambda^-1/2 (y - K_NM alpha)|^2 + alpha^T K_MM alpha, by QR as gap_fit does."""
+    u = scipy.linalg.cholesky(k_mm, lower=False)  # K_MM = U^T U
+    a = np.vstack([k_nm / sigma[:, None], u])
+    b = np.concatenate([y / sigma, np.zeros(len(u))])
+    q, r = np.linalg.qr(a)
+    return scipy.linalg.solve_triangular(r, q.T @ b)
+
+
+# --------------------------------------------------------------------------- forces of a SparseGap
+
+
+def predict_forces(model: SparseGap, found: Mapping[str, TrainingEnvironments], frames: Sequence[ase.Atoms]) -> list[np.ndarray]:
+    """Forces (eV/A) per frame from environments with gradients (``training_environments(..., gradients=True)``)."""
+    total_atoms = sum(len(a) for a in frames)
+    forces = np.zeros((total_atoms, 3))
+    for gp in model.gps:
+        env = found[gp.descriptor]
+        dots = env.vectors @ gp.sparse_points.T
+        pair_dots = dots[env.grad_env]
+        grad_dots = np.einsum("pkd,md->pkm", env.grad, gp.sparse_points)
+        d_k = gp.zeta * (pair_dots ** (gp.zeta - 1))[:, None, :] * grad_dots * env.cutoff[env.grad_env][:, None, None]
+        d_k += env.grad_cutoff[:, :, None] * (pair_dots**gp.zeta)[:, None, :]
+        d_e = gp.delta**2 * (d_k @ gp.alpha)  # (n_pairs, 3) dE / dr_atom
+        np.add.at(forces, env.grad_atom, -d_e)
+    out, offset = [], 0
+    for atoms in frames:
+        out.append(forces[offset : offset + len(atoms)])
+        offset += len(atoms)
+    return out
+
+
+def energies_of(model: SparseGap, found: Mapping[str, TrainingEnvironments], frames: Sequence[ase.Atoms]) -> np.ndarray:
+    """Energies (eV) per frame from precomputed environments (with or without gradients)."""
+    from hpo.sparse_gap import Environments
+
+    envs = {d: Environments(e.vectors, e.frame, e.cutoff) for d, e in found.items()}
+    return model.energies(frames, envs)
