@@ -162,9 +162,13 @@ def select_sparse(environments: np.ndarray | TrainingEnvironments, n_sparse: int
     if method == "random":
         return rng.choice(n, n_sparse, replace=False)
     if method == "cur":
+        import warnings
+
         from skmatter.sample_selection import CUR
 
-        return np.asarray(CUR(n_to_select=n_sparse).fit(x).selected_idx_, dtype=int)
+        with warnings.catch_warnings():  # SOAP has all-zero columns (absent species pairs): harmless here
+            warnings.filterwarnings("ignore", message="Column vector contains only zeros")
+            return np.asarray(CUR(n_to_select=n_sparse).fit(x).selected_idx_, dtype=int)
     if method != "fps":
         raise ValueError(f"unknown sparse method {method!r}; expected one of {SPARSE_METHODS}")
     chosen = np.empty(n_sparse, dtype=int)
@@ -236,6 +240,53 @@ def build_sparse_command(
             arg = f"force_parameter_name={NO_FORCE_KEY}"
         out.append(arg)
     return out
+
+
+def gap_fit_with_sparse(
+    params: dict,
+    train_file: Path,
+    workdir: Path,
+    e0: dict,
+    keys,
+    frames: Sequence[ase.Atoms],
+    sparse: Sequence[np.ndarray],
+    energy_only: bool = False,
+    threads: int = 1,
+    seed: int = 0,
+) -> gap.GapFit:
+    """Run gap_fit in ``workdir`` on hpo's sparse points (``sparse``: 0-based indices per descriptor of
+    ``gap.expected_descriptors``); ``frames`` are the frames of ``train_file``. The model is ``workdir/gap.xml``.
+    """
+    import os
+    import shlex
+    import shutil
+    import subprocess
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(train_file, workdir / "train.xyz")
+    names = [write_sparse_index_file(workdir / f"sparse_{i}.idx", idx).name for i, idx in enumerate(sparse)]
+    command = build_sparse_command(
+        params, "train.xyz", e0, keys, seed, frames, names, [len(idx) for idx in sparse], energy_only=energy_only
+    )
+    (workdir / "gap_fit.cmd").write_text(shlex.join(command) + "\n")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    start = time.perf_counter()
+    with open(workdir / "gap_fit.out", "w") as out, open(workdir / "gap_fit.err", "w") as err:
+        try:
+            process = subprocess.run(command, cwd=workdir, env=env, stdout=out, stderr=err, timeout=params.get("fit_timeout_s"))
+        except subprocess.TimeoutExpired as exc:
+            raise gap.GapFitError("timeout", f"gap_fit ran longer than {params.get('fit_timeout_s')} s") from exc
+    elapsed = time.perf_counter() - start
+    tail = gap._tail(workdir / "gap_fit.out", workdir / "gap_fit.err")
+    if process.returncode != 0 or "SYSTEM ABORT" in tail:
+        raise gap.GapFitError("gap_fit_error", f"gap_fit exited with code {process.returncode} in {workdir}", tail)
+    partial = workdir / gap.PARTIAL_MODEL_FILE
+    if not partial.is_file():
+        raise gap.GapFitError("missing_model", f"gap_fit wrote no {gap.PARTIAL_MODEL_FILE} in {workdir}", tail)
+    model_file = workdir / gap.MODEL_FILE
+    os.replace(partial, model_file)
+    return gap.GapFit(model_file=model_file, command=command, fit_time_s=elapsed, workdir=workdir)
 
 
 # --------------------------------------------------------------------------- the solver
@@ -358,6 +409,25 @@ def fit(
         offset += len(index)
     species = sorted({int(z) for atoms in frames for z in atoms.numbers})
     return SparseGap(e0={z: float(hyper.e0.get(z, 0.0)) for z in species}, gps=tuple(gps))
+
+
+def fit_frames(
+    params: dict,
+    frames: Sequence[ase.Atoms],
+    energies: np.ndarray,
+    e0: Mapping[str, float],
+    forces: Sequence[np.ndarray] | None = None,
+    sparse_method: str = "fps",
+    seed: int = 0,
+    cache: Cache | None = None,
+    times: SolveTimes | None = None,
+) -> tuple[SparseGap, dict[str, np.ndarray]]:
+    """Everything after the data: descriptors (cached), hpo's sparse points, the solve. Returns the model and the sparse indices."""
+    descriptors = gap.expected_descriptors(params, frames)
+    found = {d: training_environments(d, frames, gradients=forces is not None, cache=cache) for d in descriptors}
+    sparse = {d: select_sparse(found[d], params["n_sparse"], sparse_method, seed) for d in descriptors}
+    model = fit(found, sparse, frames, energies, Hyper.from_params(params, e0), forces=forces, times=times)
+    return model, sparse
 
 
 def solve_alphas(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
