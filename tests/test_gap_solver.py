@@ -50,6 +50,15 @@ def test_index_file_is_one_based(tmp_path):
     np.testing.assert_array_equal(gs.read_sparse_index_file(path), [0, 7, 3])
 
 
+def test_fps_matches_skmatter():
+    from skmatter.sample_selection import FPS
+
+    x = np.random.default_rng(5).normal(size=(80, 12)) ** 3
+    for seed in range(3):
+        expected = FPS(n_to_select=20, initialize="random", random_state=seed).fit(x).selected_idx_
+        np.testing.assert_array_equal(gs.select_sparse(x, 20, "fps", seed), expected)
+
+
 @pytest.mark.parametrize("method", ["fps", "cur"])
 def test_a_smaller_selection_is_a_prefix(water, method):
     _, train, _ = water

@@ -148,19 +148,21 @@ def training_environments(
 def select_sparse(environments: np.ndarray | TrainingEnvironments, n_sparse: int, method: str = "fps", seed: int = 0) -> np.ndarray:
     """0-based indices of ``n_sparse`` environments, in selection order (a smaller n_sparse gives a prefix for fps/cur).
 
-    fps: farthest-point sampling in descriptor space (Euclidean), starting from
-    an environment drawn with ``seed``; already chosen points are never chosen
-    again, even when all remaining ones coincide with them. cur: skmatter's CUR
-    on the descriptor matrix (deterministic). random: a seeded draw.
+    fps: farthest-point sampling in descriptor space (Euclidean); the same
+    points as ``skmatter.sample_selection.FPS(initialize="random",
+    random_state=seed)`` (a test checks this) without re-reading the matrix
+    at every step; a chosen point is never chosen again, even when all the
+    remaining ones coincide with it. cur: skmatter's CUR on the descriptor
+    matrix (deterministic; skmatter is only in the ``test`` extra). random: a
+    seeded draw.
     """
     x = environments.vectors if isinstance(environments, TrainingEnvironments) else np.asarray(environments, float)
     n = len(x)
     n_sparse = int(min(n_sparse, n))
     if n_sparse <= 0:
         return np.zeros(0, dtype=int)
-    rng = np.random.default_rng(seed)
     if method == "random":
-        return rng.choice(n, n_sparse, replace=False)
+        return np.random.default_rng(seed).choice(n, n_sparse, replace=False)
     if method == "cur":
         import warnings
 
@@ -171,8 +173,10 @@ def select_sparse(environments: np.ndarray | TrainingEnvironments, n_sparse: int
             return np.asarray(CUR(n_to_select=n_sparse).fit(x).selected_idx_, dtype=int)
     if method != "fps":
         raise ValueError(f"unknown sparse method {method!r}; expected one of {SPARSE_METHODS}")
+    from sklearn.utils import check_random_state
+
     chosen = np.empty(n_sparse, dtype=int)
-    chosen[0] = rng.integers(n)
+    chosen[0] = check_random_state(seed).randint(n)  # skmatter's draw of the first point
     squared_norms = np.einsum("ij,ij->i", x, x)
     distance = np.full(n, np.inf)
     for k in range(1, n_sparse):
@@ -352,6 +356,7 @@ def fit(
     hyper: Hyper,
     forces: Sequence[np.ndarray] | None = None,
     times: SolveTimes | None = None,
+    threads: int = 1,
 ) -> SparseGap:
     """The GAP gap_fit would fit on ``frames`` with these sparse points: a ``SparseGap`` (alphas solved in numpy).
 
@@ -359,12 +364,18 @@ def fit(
     ``gap.expected_descriptors``) to the frames' environments; ``sparse`` maps it
     to 0-based environment indices (any order: used sorted, like gap_fit).
     ``forces`` (per frame, (n_atoms, 3), eV/A) adds force targets, which need
-    environments with gradients.
+    environments with gradients. ``threads``: BLAS threads of the solve (on a
+    loaded machine, many threads make a small QR a hundred times slower).
     """
-    times = times if times is not None else SolveTimes()
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
+    with threadpool_limits(limits=threads):
+        return _fit(found, sparse, frames, energies, hyper, forces, times if times is not None else SolveTimes())
+
+
+def _fit(found, sparse, frames, energies, hyper: Hyper, forces, times: SolveTimes) -> SparseGap:
     start = time.perf_counter()
     descriptors = list(found)
-    n_frames = len(frames)
     n_atoms = np.array([len(a) for a in frames])
     total_atoms = int(n_atoms.sum())
     use_forces = forces is not None
@@ -421,12 +432,13 @@ def fit_frames(
     seed: int = 0,
     cache: Cache | None = None,
     times: SolveTimes | None = None,
+    threads: int = 1,
 ) -> tuple[SparseGap, dict[str, np.ndarray]]:
     """Everything after the data: descriptors (cached), hpo's sparse points, the solve. Returns the model and the sparse indices."""
     descriptors = gap.expected_descriptors(params, frames)
     found = {d: training_environments(d, frames, gradients=forces is not None, cache=cache) for d in descriptors}
     sparse = {d: select_sparse(found[d], params["n_sparse"], sparse_method, seed) for d in descriptors}
-    model = fit(found, sparse, frames, energies, Hyper.from_params(params, e0), forces=forces, times=times)
+    model = fit(found, sparse, frames, energies, Hyper.from_params(params, e0), forces=forces, times=times, threads=threads)
     return model, sparse
 
 
