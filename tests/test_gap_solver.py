@@ -122,10 +122,11 @@ def emt(tmp_path_factory):
     return root, ase.io.read(root / "train.xyz", ":"), ase.io.read(root / "val.xyz", ":")
 
 
-def test_energy_and_force_fit_equals_gap_fit_on_emt(emt, tmp_path):
+@pytest.mark.parametrize("zeta", [2, 4])
+def test_energy_and_force_fit_equals_gap_fit_on_emt(emt, tmp_path, zeta):
     root, train, val = emt
     params = tiny_params(
-        atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
+        atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=zeta,
         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0),
     )
     e0 = {"Cu": -0.1, "Al": -0.2}
@@ -144,3 +145,21 @@ def test_energy_and_force_fit_equals_gap_fit_on_emt(emt, tmp_path):
     # The fit learned something: forces closer to EMT's than zero is.
     reference = np.concatenate([a.get_forces() for a in val])
     assert np.sqrt(np.mean((np.concatenate(forces) - reference) ** 2)) < 0.5 * np.sqrt(np.mean(reference**2))
+
+
+def test_water_fit_with_its_force_column_equals_gap_fit(water, tmp_path):
+    """The fit hpo runs today (force_parameter_name=force, default_sigma force 0.5): same model in numpy."""
+    root, train, val = water
+    params = tiny_params(n_sparse=10, zeta=2)
+    descriptors = gap.expected_descriptors(params, train)
+    train_forces = [a.arrays["force"] for a in train]
+    model, sparse = gs.fit_frames(params, train, energies(train), WATER_E0, forces=train_forces, seed=0)
+    keys = SimpleNamespace(energy="energy", force="force")
+    result = gs.gap_fit_with_sparse(params, root / "train.xyz", tmp_path / "fit", WATER_E0, keys, train, [sparse[d] for d in descriptors])
+    assert "Number of target forces (property name: force) found: 288" in (tmp_path / "fit" / "gap_fit.out").read_text()
+    reference = SparseGap.read(result.model_file)
+    assert np.abs(model.predict(val) - reference.predict(val)).max() < ENERGY_TOL
+    found = {d: gs.training_environments(d, val, gradients=True) for d in descriptors}
+    ref_found = {gp.descriptor: gs.training_environments(gp.descriptor, val, gradients=True) for gp in reference.gps}
+    for mine, theirs in zip(gs.predict_forces(model, found, val), gs.predict_forces(reference, ref_found, val)):
+        assert np.abs(mine - theirs).max() < FORCE_TOL
