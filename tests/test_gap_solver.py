@@ -163,3 +163,19 @@ def test_water_fit_with_its_force_column_equals_gap_fit(water, tmp_path):
     ref_found = {gp.descriptor: gs.training_environments(gp.descriptor, val, gradients=True) for gp in reference.gps}
     for mine, theirs in zip(gs.predict_forces(model, found, val), gs.predict_forces(reference, ref_found, val)):
         assert np.abs(mine - theirs).max() < FORCE_TOL
+
+
+def test_written_model_is_loaded_by_quippy(emt, tmp_path):
+    _, train, val = emt
+    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=8, zeta=2)
+    model, _ = gs.fit_frames(params, train, energies(train), {"Cu": -0.1, "Al": -0.2}, forces=[a.get_forces() for a in train])
+    path = gs.write_xml(model, tmp_path / "hpo_gap.xml")
+    back = SparseGap.read(path)
+    for gp, read in zip(model.gps, back.gps):
+        np.testing.assert_array_equal(read.alpha, gp.alpha)
+        np.testing.assert_array_equal(read.sparse_points, gp.sparse_points)
+    quippy_energies, quippy_forces = gap.predict(gap.load(path), val)
+    assert np.abs(model.predict(val) - quippy_energies).max() < ENERGY_TOL
+    found = {d: gs.training_environments(d, val, gradients=True) for d in model.descriptors}
+    for mine, theirs in zip(gs.predict_forces(model, found, val), quippy_forces):
+        assert np.abs(mine - theirs).max() < FORCE_TOL

@@ -480,3 +480,46 @@ def energies_of(model: SparseGap, found: Mapping[str, TrainingEnvironments], fra
 
     envs = {d: Environments(e.vectors, e.frame, e.cutoff) for d, e in found.items()}
     return model.energies(frames, envs)
+
+
+# --------------------------------------------------------------------------- a model quippy can load
+
+N_ELEMENTS = 118  # gap_fit writes an e0 for every element
+# gap_version of the quippy-ase 0.10.3 gap_fit; quippy reads older models differently (its compatibility switches).
+GAP_VERSION = 1769700636
+
+
+def write_xml(model: SparseGap, path: Path, label: str = "GAP_hpo") -> Path:
+    """Write ``model`` in gap_fit's XML layout (``sparse_separate_file=F``), loadable by quippy's ``Potential``.
+
+    For what needs quippy itself (MD, ``gap.load``) on a model hpo solved;
+    ``SparseGap.read`` reads it back. ``label`` must be a valid XML name.
+    """
+    from xml.sax.saxutils import escape
+
+    def number(value: float) -> str:
+        return repr(float(value))
+
+    lines = [f"<{label}>", f'<Potential label="{label}" init_args="IP GAP label={label}"/>']
+    lines.append(f'<GAP_params label="{label}" gap_version="{GAP_VERSION}">')
+    lines.append('  <GAP_data do_core="F">')
+    lines += [f'    <e0 Z="{z}" value="{number(model.e0.get(z, 0.0))}"/>' for z in range(1, N_ELEMENTS + 1)]
+    lines.append("  </GAP_data>")
+    lines.append(f'  <gpSparse label="{label}" n_coordinate="{len(model.gps)}" fitted="T">')
+    for i, gp in enumerate(model.gps, start=1):
+        n, d = gp.sparse_points.shape
+        lines.append(
+            f'    <gpCoordinates label="{label}{i}" dimensions="{d}" signal_variance="{number(gp.delta)}" '
+            f'signal_mean="0.0" sparsified="T" n_permutations="1" covariance_type="2" zeta="{number(gp.zeta)}" '
+            f'n_sparseX="{n}">'
+        )
+        lines.append(f"      <descriptor>{escape(gp.descriptor)}</descriptor>")
+        lines.append('      <permutation i="1">1</permutation>')
+        for j, (alpha, point) in enumerate(zip(gp.alpha, gp.sparse_points), start=1):
+            values = " ".join(number(v) for v in point)
+            lines.append(f'      <sparseX i="{j}" alpha="{number(alpha)}" sparseCutoff="1.0">{values}</sparseX>')
+        lines.append("    </gpCoordinates>")
+    lines += ["  </gpSparse>", "</GAP_params>", f"</{label}>"]
+    path = Path(path)
+    path.write_text("\n".join(lines) + "\n")
+    return path
