@@ -326,26 +326,40 @@ class SolveTimes:
     solve_s: float = 0.0
 
 
-def _kernel_blocks(env: TrainingEnvironments, sparse: np.ndarray, hyper: Hyper, forces: bool):
-    """Energy rows (n_frames, M) and force rows (3 * n_atoms, M, in atom-major order) of one descriptor."""
+def _sum_rows(groups: np.ndarray, n_groups: int, values: np.ndarray) -> np.ndarray:
+    """Rows of ``values`` summed by group (a sparse 0/1 matrix product: much faster than np.add.at)."""
+    import scipy.sparse
+
+    ones = np.ones(len(groups))
+    matrix = scipy.sparse.csr_matrix((ones, (groups, np.arange(len(groups)))), shape=(n_groups, len(groups)))
+    return np.asarray(matrix @ values.reshape(len(groups), -1)).reshape((n_groups,) + values.shape[1:])
+
+
+def _energy_gradient_kernels(env: TrainingEnvironments, x: np.ndarray, c_sparse: np.ndarray, delta: float, zeta: float) -> np.ndarray:
+    """d k(q_env, x_s) / d r_atom per gradient pair: (n_pairs, 3, M); zero cutoff gradients (SOAP) cost nothing."""
+    pair_dots = (env.vectors @ x.T)[env.grad_env]  # (n_pairs, M)
+    n_pairs, d = len(env.grad_env), x.shape[1]
+    grad_dots = (env.grad.reshape(n_pairs * 3, d) @ x.T).reshape(n_pairs, 3, -1)
+    scale = zeta * pair_dots ** (zeta - 1) * env.cutoff[env.grad_env][:, None]
+    d_k = grad_dots * scale[:, None, :]
+    if np.any(env.grad_cutoff):
+        d_k += env.grad_cutoff[:, :, None] * (pair_dots**zeta)[:, None, :]
+    d_k *= delta**2 * c_sparse[None, None, :]
+    return d_k
+
+
+def _kernel_blocks(env: TrainingEnvironments, sparse: np.ndarray, hyper: Hyper, n_atoms: int | None):
+    """Energy rows (n_frames, M) and, if ``n_atoms``, force rows (3 * n_atoms, M, atom-major) of one descriptor."""
     x = env.vectors[sparse]
     c_sparse = env.cutoff[sparse]
-    dots = env.vectors @ x.T  # (n_env, M)
-    z = hyper.zeta
-    k_env = hyper.delta**2 * env.cutoff[:, None] * dots**z * c_sparse[None, :]
-    energy_rows = np.zeros((env.n_frames, len(sparse)))
-    np.add.at(energy_rows, env.frame, k_env)
-    if not forces:
+    k_env = hyper.delta**2 * env.cutoff[:, None] * (env.vectors @ x.T) ** hyper.zeta * c_sparse[None, :]
+    energy_rows = _sum_rows(env.frame, env.n_frames, k_env)
+    if n_atoms is None:
         return energy_rows, None
     if not env.has_gradients:
         raise ValueError("force targets need descriptor gradients: training_environments(..., gradients=True)")
-    pair_dots = dots[env.grad_env]  # (n_pairs, M)
-    grad_dots = np.einsum("pkd,md->pkm", env.grad, x)  # (n_pairs, 3, M)
-    d_k = z * (pair_dots ** (z - 1))[:, None, :] * grad_dots * env.cutoff[env.grad_env][:, None, None]
-    d_k += env.grad_cutoff[:, :, None] * (pair_dots**z)[:, None, :]
-    d_k *= hyper.delta**2 * c_sparse[None, None, :]
-    n_atoms = int(env.grad_atom.max()) + 1 if len(env.grad_atom) else 0
-    return energy_rows, (d_k, env.grad_atom, n_atoms)
+    d_k = _energy_gradient_kernels(env, x, c_sparse, hyper.delta, hyper.zeta)
+    return energy_rows, _sum_rows(env.grad_atom, n_atoms, d_k).reshape(3 * n_atoms, len(sparse))
 
 
 def fit(
@@ -387,13 +401,10 @@ def _fit(found, sparse, frames, energies, hyper: Hyper, forces, times: SolveTime
         x = env.vectors[index]
         c = env.cutoff[index]
         k_mm_blocks.append(hyper.delta**2 * np.outer(c, c) * (x @ x.T) ** hyper.zeta)
-        energy_rows, force_part = _kernel_blocks(env, index, hyper, use_forces)
+        energy_rows, force_rows = _kernel_blocks(env, index, hyper, total_atoms if use_forces else None)
         energy_cols.append(energy_rows)
         if use_forces:
-            d_k, atom, _ = force_part
-            rows = np.zeros((total_atoms, 3, len(index)))
-            np.add.at(rows, atom, d_k)
-            force_cols.append(rows.reshape(3 * total_atoms, len(index)))
+            force_cols.append(force_rows)
     k_mm = scipy.linalg.block_diag(*k_mm_blocks)
     k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
     k_nm = np.hstack(energy_cols)
@@ -460,13 +471,9 @@ def predict_forces(model: SparseGap, found: Mapping[str, TrainingEnvironments], 
     forces = np.zeros((total_atoms, 3))
     for gp in model.gps:
         env = found[gp.descriptor]
-        dots = env.vectors @ gp.sparse_points.T
-        pair_dots = dots[env.grad_env]
-        grad_dots = np.einsum("pkd,md->pkm", env.grad, gp.sparse_points)
-        d_k = gp.zeta * (pair_dots ** (gp.zeta - 1))[:, None, :] * grad_dots * env.cutoff[env.grad_env][:, None, None]
-        d_k += env.grad_cutoff[:, :, None] * (pair_dots**gp.zeta)[:, None, :]
-        d_e = gp.delta**2 * (d_k @ gp.alpha)  # (n_pairs, 3) dE / dr_atom
-        np.add.at(forces, env.grad_atom, -d_e)
+        ones = np.ones(len(gp.alpha))
+        d_k = _energy_gradient_kernels(env, gp.sparse_points, ones, gp.delta, gp.zeta)
+        forces -= _sum_rows(env.grad_atom, total_atoms, d_k @ gp.alpha)  # dE / dr_atom
     out, offset = [], 0
     for atoms in frames:
         out.append(forces[offset : offset + len(atoms)])
