@@ -32,7 +32,14 @@ Two halves, each checked against gap_fit itself (``tests/test_gap_solver.py``):
       with K_MM = U^T U, solved by QR (gap_fit's own route).
 
   The result is a ``sparse_gap.SparseGap``: it predicts like a model read from
-  gap_fit's XML.
+  gap_fit's XML (energies; ``predict_forces`` for forces), and ``write_xml``
+  writes it in gap_fit's layout for quippy's ``Potential`` (MD).
+
+Descriptors and their gradients are computed once per (descriptor, frames) and
+cached by content (``training_environments``, kind ``gap_solver_descriptors``);
+a refit that changes only delta, zeta, sigmas, jitter, e0 or the sparse points
+reuses them. Gradients are large (n_pairs x 3 x d doubles: about 3.5 MB per
+12-atom water frame at n_max=4, l_max=6, cutoff 5).
 """
 
 from __future__ import annotations
@@ -119,7 +126,8 @@ def training_environments(
         if gradients and len(data):
             sizes = [len(neighbours) for neighbours in out["ii"]]
             g = np.asarray(out["grad_data"], dtype=float).reshape(-1, 3, dimensions)
-            assert len(g) == sum(sizes) and len(sizes) == len(data)
+            if len(g) != sum(sizes) or len(sizes) != len(data):
+                raise ValueError(f"{descriptor}: quippy gave {len(g)} gradient rows for neighbour lists of {sum(sizes)}")
             grad.append(g)
             grad_cutoff.append(np.asarray(out["grad_covariance_cutoff"], dtype=float).reshape(-1, 3))
             grad_env.append(n_env + np.repeat(np.arange(len(data)), sizes))
