@@ -8,11 +8,12 @@ import ase.io
 import numpy as np
 import pytest
 
-from conftest import require_shared_water
-from hpo import gap
-from hpo import gap_solver as gs
+from helpers import require_shared_water
+from hpo.models.gap import gap_fit as gap
+from hpo.models.gap import solver as gs
+from hpo.models.gap.descriptors import environments
 from hpo.cache import Cache
-from hpo.sparse_gap import SparseGap
+from hpo.models.gap.sparse_gap import SparseGap
 
 WATER_E0 = {"H": -12.13639159, "O": -2026.441234142}
 ENERGY_TOL = 1e-6  # eV
@@ -45,9 +46,9 @@ def energies(frames) -> np.ndarray:
 
 
 def test_index_file_is_one_based(tmp_path):
-    path = gs.write_sparse_index_file(tmp_path / "s.idx", [0, 7, 3])
+    path = gap.write_sparse_index_file(tmp_path / "s.idx", [0, 7, 3])
     assert path.read_text() == "1\n8\n4\n"
-    np.testing.assert_array_equal(gs.read_sparse_index_file(path), [0, 7, 3])
+    np.testing.assert_array_equal(gap.read_sparse_index_file(path), [0, 7, 3])
 
 
 def test_fps_matches_skmatter():
@@ -62,7 +63,7 @@ def test_fps_matches_skmatter():
 @pytest.mark.parametrize("method", ["fps", "cur"])
 def test_a_smaller_selection_is_a_prefix(water, method):
     _, train, _ = water
-    found = gs.training_environments(gap.expected_descriptors(tiny_params(), train)[1], train)
+    found = environments(gap.expected_descriptors(tiny_params(), train)[1], train)
     big = gs.select_sparse(found, 20, method, seed=3)
     assert len(set(big.tolist())) == 20
     np.testing.assert_array_equal(gs.select_sparse(found, 7, method, seed=3), big[:7])
@@ -76,21 +77,19 @@ def test_energy_only_fit_equals_gap_fit(water, tmp_path, zeta):
     cache = Cache(tmp_path / "cache")
     model, sparse = gs.fit_frames(params, train, energies(train), WATER_E0, sparse_method="fps", seed=zeta, cache=cache)
     keys = SimpleNamespace(energy="energy", force="force")
-    result = gs.gap_fit_with_sparse(
-        params, root / "train.xyz", tmp_path / "fit", WATER_E0, keys, train, [sparse[d] for d in descriptors], energy_only=True
-    )
+    result = gap.GAP(params, WATER_E0, keys, sparse=gap.SparsePoints(train, tuple([sparse[d] for d in descriptors])), energy_only=True).fit(root / "train.xyz", tmp_path / "fit")
     out = (tmp_path / "fit" / "gap_fit.out").read_text()
     assert "Number of target forces (property name: hpo_no_force_targets) found: 0" in out
-    reference = SparseGap.read(result.model_file)
+    reference = SparseGap.read(result.model_file_)
 
     # gap_fit used exactly hpo's sparse points (it lists them sorted by index), one GP per species in the same order.
     assert len(reference.gps) == len(model.gps) == 2
     for ref_gp, gp, descriptor in zip(reference.gps, model.gps, descriptors):
-        found = gs.training_environments(descriptor, train, cache=cache)
+        found = environments(descriptor, train, cache=cache)
         # (to the last bits: gap_fit writes what its own descriptor call gave, hpo asks quippy again)
         np.testing.assert_allclose(ref_gp.sparse_points, found.vectors[np.sort(sparse[descriptor])], rtol=0, atol=1e-12)
         np.testing.assert_array_equal(gp.sparse_points, found.vectors[np.sort(sparse[descriptor])])
-    assert cache.stats["gap_solver_descriptors_hit"] == 2
+    assert cache.stats["gap_descriptors_hit"] == 2 * len(train)  # one entry per frame and species
 
     for frames in (train, val):
         assert np.abs(model.predict(frames) - reference.predict(frames)).max() < ENERGY_TOL
@@ -134,12 +133,12 @@ def test_energy_and_force_fit_equals_gap_fit_on_emt(emt, tmp_path, zeta):
     model, sparse = gs.fit_frames(params, train, energies(train), e0, forces=train_forces, seed=1)
     keys = SimpleNamespace(energy="energy", force="forces")
     descriptors = gap.expected_descriptors(params, train)
-    result = gs.gap_fit_with_sparse(params, root / "train.xyz", tmp_path / "fit", e0, keys, train, [sparse[d] for d in descriptors])
+    result = gap.GAP(params, e0, keys, sparse=gap.SparsePoints(train, tuple([sparse[d] for d in descriptors]))).fit(root / "train.xyz", tmp_path / "fit")
     assert "Number of target forces (property name: forces) found: 144" in (tmp_path / "fit" / "gap_fit.out").read_text()
 
-    quippy_energies, quippy_forces = gap.predict(gap.load(result.model_file), val)
+    quippy_energies, quippy_forces = gap.predict(gap.load(result.model_file_), val)
     assert np.abs(model.predict(val) - quippy_energies).max() < ENERGY_TOL
-    found = {d: gs.training_environments(d, val, gradients=True) for d in descriptors}
+    found = {d: environments(d, val, gradients=True) for d in descriptors}
     forces = gs.predict_forces(model, found, val)
     assert max(np.abs(f - q).max() for f, q in zip(forces, quippy_forces)) < FORCE_TOL
     # The fit learned something: forces closer to EMT's than zero is.
@@ -155,12 +154,12 @@ def test_water_fit_with_its_force_column_equals_gap_fit(water, tmp_path):
     train_forces = [a.arrays["force"] for a in train]
     model, sparse = gs.fit_frames(params, train, energies(train), WATER_E0, forces=train_forces, seed=0)
     keys = SimpleNamespace(energy="energy", force="force")
-    result = gs.gap_fit_with_sparse(params, root / "train.xyz", tmp_path / "fit", WATER_E0, keys, train, [sparse[d] for d in descriptors])
+    result = gap.GAP(params, WATER_E0, keys, sparse=gap.SparsePoints(train, tuple([sparse[d] for d in descriptors]))).fit(root / "train.xyz", tmp_path / "fit")
     assert "Number of target forces (property name: force) found: 288" in (tmp_path / "fit" / "gap_fit.out").read_text()
-    reference = SparseGap.read(result.model_file)
+    reference = SparseGap.read(result.model_file_)
     assert np.abs(model.predict(val) - reference.predict(val)).max() < ENERGY_TOL
-    found = {d: gs.training_environments(d, val, gradients=True) for d in descriptors}
-    ref_found = {gp.descriptor: gs.training_environments(gp.descriptor, val, gradients=True) for gp in reference.gps}
+    found = {d: environments(d, val, gradients=True) for d in descriptors}
+    ref_found = {gp.descriptor: environments(gp.descriptor, val, gradients=True) for gp in reference.gps}
     for mine, theirs in zip(gs.predict_forces(model, found, val), gs.predict_forces(reference, ref_found, val)):
         assert np.abs(mine - theirs).max() < FORCE_TOL
 
@@ -176,6 +175,6 @@ def test_written_model_is_loaded_by_quippy(emt, tmp_path):
         np.testing.assert_array_equal(read.sparse_points, gp.sparse_points)
     quippy_energies, quippy_forces = gap.predict(gap.load(path), val)
     assert np.abs(model.predict(val) - quippy_energies).max() < ENERGY_TOL
-    found = {d: gs.training_environments(d, val, gradients=True) for d in model.descriptors}
+    found = {d: environments(d, val, gradients=True) for d in model.descriptors}
     for mine, theirs in zip(gs.predict_forces(model, found, val), quippy_forces):
         assert np.abs(mine - theirs).max() < FORCE_TOL

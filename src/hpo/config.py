@@ -102,6 +102,8 @@ def validate(cfg: DictConfig) -> None:
     if not _is_number(study.reduction_factor) or study.reduction_factor < 2 or int(study.reduction_factor) != study.reduction_factor:
         _fail("study.reduction_factor", study.reduction_factor, "an integer >= 2")
     _validate_storage_dir(cfg)
+    if not isinstance(study.cv_folds, int) or isinstance(study.cv_folds, bool) or study.cv_folds < 1:
+        _fail("study.cv_folds", study.cv_folds, "an integer >= 1 (1: no cross-validation)")
     if not isinstance(cfg.threads, int) or cfg.threads < 1:
         _fail("threads", cfg.threads, "an integer >= 1")
     _validate_space(cfg, model)

@@ -24,10 +24,11 @@ from types import SimpleNamespace
 import ase.io
 import numpy as np
 
-from hpo import gap
-from hpo import gap_solver as gs
+from hpo.models.gap import gap_fit as gap
+from hpo.models.gap import solver as gs
+from hpo.models.gap.descriptors import environments
 from hpo.cache import Cache
-from hpo.sparse_gap import SparseGap
+from hpo.models.gap.sparse_gap import SparseGap
 
 E0 = {"H": -12.13639159, "O": -2026.441234142}
 
@@ -73,25 +74,25 @@ def main() -> None:
             descriptors = gap.expected_descriptors(params, frames)
             runs = []
             for run in range(2):
-                runs.append(gs.gap_fit_with_sparse(
-                    params, train_file, root / f"fit_{size}_{run}", E0, keys, frames, [sparse[d] for d in descriptors],
-                    energy_only=not args.forces, threads=args.threads,
+                points = gap.SparsePoints(frames, tuple(sparse[d] for d in descriptors))
+                runs.append(gap.GAP(params, E0, keys, args.threads, sparse=points, energy_only=not args.forces).fit(
+                    train_file, root / f"fit_{size}_{run}"
                 ))
-            references = [SparseGap.read(r.model_file) for r in runs]
+            references = [SparseGap.read(r.model_file_) for r in runs]
             val_cache = Cache(root / "val_cache")
             mine = model.predict(val, val_cache)
             theirs = [ref.predict(val, val_cache) for ref in references]
             n_sparse = [len(sparse[d]) for d in descriptors]
             force_note = ""
             if args.forces:
-                _, quippy_forces = gap.predict(gap.load(runs[0].model_file), val[:10])
-                found = {d: gs.training_environments(d, val[:10], gradients=True) for d in descriptors}
+                _, quippy_forces = gap.predict(gap.load(runs[0].model_file_), val[:10])
+                found = {d: environments(d, val[:10], gradients=True) for d in descriptors}
                 hpo_forces = gs.predict_forces(model, found, val[:10])
                 worst = max(np.abs(a - b).max() for a, b in zip(hpo_forces, quippy_forces))
                 force_note = f"; max |F_hpo - F_gap_fit| on 10 validation frames {worst:.2e} eV/A"
             cold, warm = timings["cold"], timings["warm"]
             print(
-                f"{size} frames, sparse {n_sparse}: gap_fit {runs[0].fit_time_s:.2f} s / {runs[1].fit_time_s:.2f} s; "
+                f"{size} frames, sparse {n_sparse}: gap_fit {runs[0].fit_time_s_:.2f} s / {runs[1].fit_time_s_:.2f} s; "
                 f"hpo cold {cold[0]:.3f} s (kernels {cold[1].kernels_s:.4f} s, solve {cold[1].solve_s:.4f} s), "
                 f"warm {warm[0]:.3f} s (kernels {warm[1].kernels_s:.4f} s, solve {warm[1].solve_s:.4f} s); "
                 f"max |E_hpo - E_gap_fit| on validation {np.abs(mine - theirs[0]).max():.2e} eV; "
