@@ -6,7 +6,12 @@ the sparse points by FPS and solves; gap_fit fits the same model on the same spa
 difference of the two models on the validation frames, and gap_fit's own run-to-run spread
 (a second gap_fit run on the same input).
 
-    python benchmarks/bench_gap_solver.py [--sizes 20 50] [--n-sparse 100] [--n-max 4 --l-max 6 --cutoff 5.0] [--forces]
+    python benchmarks/bench_solver.py [--sizes 50 200] [--n-sparse 100] [--n-max 4 --l-max 6 --cutoff 5.0] [--forces]
+    python benchmarks/bench_solver.py --sizes --studies 100 20 --study-size 200
+
+With --studies N M, two real studies (python -m hpo optimize, full search space, TPE, seed 0) follow on
+--study-size training frames: N trials with the numpy solver, then M trials with gap_fit; printed
+side by side are their wall times, best validation energy RMSE and trials per minute.
 
 With --forces, both fit the data's force column as well (sigma 0.5 eV/A) and the largest validation
 force difference is reported too (hpo's forces from descriptor gradients, against quippy's calculator).
@@ -36,7 +41,7 @@ E0 = {"H": -12.13639159, "O": -2026.441234142}
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", default=os.environ.get("HPO_DATA_DIR", "../shared/data/water"))
-    parser.add_argument("--sizes", type=int, nargs="+", default=[20, 50])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[50, 200])
     parser.add_argument("--n-sparse", type=int, default=100)
     parser.add_argument("--n-max", type=int, default=4)
     parser.add_argument("--l-max", type=int, default=6)
@@ -44,7 +49,13 @@ def main() -> None:
     parser.add_argument("--zeta", type=float, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--forces", action="store_true", help="fit the force column too (what hpo's gap_fit does today)")
+    parser.add_argument("--studies", type=int, nargs=2, metavar=("NUMPY_TRIALS", "GAP_FIT_TRIALS"))
+    parser.add_argument("--study-size", type=int, default=200)
     args = parser.parse_args()
+    import platform
+
+    print(f"command: python benchmarks/bench_solver.py {' '.join(os.sys.argv[1:])}")
+    print(f"machine: {platform.node()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
     data = Path(args.data)
     params = dict(
         descriptor="soap", l_max=args.l_max, n_max=args.n_max, atom_sigma=0.3, cutoff=args.cutoff,
@@ -98,6 +109,33 @@ def main() -> None:
                 f"max |E_hpo - E_gap_fit| on validation {np.abs(mine - theirs[0]).max():.2e} eV; "
                 f"gap_fit run-to-run {np.abs(theirs[0] - theirs[1]).max():.2e} eV{force_note}"
             )
+
+
+    if args.studies:
+        compare_studies(*args.studies, args.study_size)
+
+
+def compare_studies(numpy_trials: int, gap_fit_trials: int, size: int) -> None:
+    """Wall time and best validation RMSE of a numpy-solver study next to a gap_fit study, same data and seed."""
+    from hpo.config import load_config, output_overrides
+    from hpo.search import loop, selection
+
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for solver, trials in (("numpy", numpy_trials), ("gap_fit", gap_fit_trials)):
+            overrides = [*output_overrides(Path(tmp) / solver), f"dataset.train_size={size}", f"study.n_trials={trials}",
+                         f"model.solver={solver}", f"study.name=bench-{solver}"]
+            start = time.perf_counter()
+            study = loop.run(load_config(overrides))
+            wall = time.perf_counter() - start
+            best = selection.best_trial(study)
+            results[solver] = (trials, wall, selection.primary(best), best.number)
+    print(f"\nstudies on {size} training frames (search=gap, TPE seed 0):")
+    for solver, (trials, wall, best, number) in results.items():
+        print(f"  {solver:<8} {trials:>4} trials  {wall / 60:7.2f} min  {60 * trials / wall:6.1f} trials/min  "
+              f"best val_energy_rmse {best:.5f} eV (trial {number})")
+    (_, n_wall, n_best, _), (_, g_wall, g_best, _) = results["numpy"], results["gap_fit"]
+    print(f"  wall time numpy / gap_fit: {n_wall / g_wall:.3f}; best RMSE numpy / gap_fit: {n_best / g_best:.3f}")
 
 
 if __name__ == "__main__":

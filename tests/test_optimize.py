@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, space, storage
 from hpo.config import load_config
 
 from helpers import runs_of

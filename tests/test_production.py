@@ -13,7 +13,7 @@ import pytest
 from hpo import md as hpo_md
 from hpo.registry import promote as hpo_promote
 from hpo.registry.resolve import PromoteError
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, storage
 from hpo.config import load_config, output_overrides
 
 from helpers import TINY_GAP

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from hpo.analysis import report
 from hpo.models.gap import gap_fit as gap
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, selection
 from hpo.cache import Cache
 from hpo.config import ConfigError, model_params, validate
 from hpo.data import load_datasets

@@ -7,7 +7,6 @@ the composed tree against the allowed values declared below and raises a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 

@@ -33,7 +33,6 @@ from hpo.tracking import Tracker, flatten, package_versions, provenance_tags
 PICKS = ("best", "cheapest_within")
 
 
-
 def pick_trial(study: optuna.Study, promote_cfg) -> optuna.trial.FrozenTrial:
     """``promote.trial`` if given, else the trial ``promote.pick`` chooses."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))

@@ -27,7 +27,6 @@ import platform
 import time
 from collections import Counter
 from importlib import metadata
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Sequence
 
