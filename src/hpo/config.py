@@ -62,6 +62,9 @@ def check_model(model: dict, prefix: str = "model") -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check the composed config; raise ``ConfigError`` on the first wrong value."""
+    from hpo import schema
+
+    schema.check(cfg)
     model = model_params(cfg)
     check_model(model)
     targets = kind(model["kind"]).targets
