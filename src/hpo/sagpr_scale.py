@@ -1,0 +1,286 @@
+"""SA-GPR kernels and predictions whose cost is linear in the number of atoms.
+
+For an integer zeta the SA-GPR atom-pair kernels are polynomials of the
+features, so they factorise into per-structure sums (the definitions of
+:func:`hpo.sagpr_features.structure_kernels`, same normalisation):
+
+    K0[i, j]         = <phi_i, phi_j>,          phi_i     = 1/N_i sum_{a in i} p_a^(x zeta)
+    K2[i, mu, j, nu] = <psi_i[mu], psi_j[nu]>,  psi_i[mu] = 1/N_i sum_{a in i} P_a[mu] (x) p_a^(x (zeta-1))
+
+since (p_a . p_b)^zeta = <p_a^(x zeta), p_b^(x zeta)> and
+(P_a P_b^T)[mu, nu] (p_a . p_b)^(zeta-1) = <P_a[mu] (x) p_a^(x(zeta-1)), P_b[nu] (x) p_b^(x(zeta-1))>.
+The tensor powers are stored in their symmetric form: one column per multiset
+of feature indices, times sqrt(multinomial coefficient), which keeps every dot
+product exact with about 1/k! of the columns (:func:`symmetric_power`).
+
+Two uses:
+
+* :func:`factorised_kernels`: the structure kernels as one BLAS product of
+  per-structure sums. Cost (N_atoms) x D to build the sums plus
+  n_frames^2 x D for the product, against N_atoms^2 x F for the atom-pair
+  loop: it wins for large cells and loses for the 12-atom workshop cells at
+  large D (see :func:`kernel_costs`, used by ``structure_kernels(method="auto")``).
+* :class:`PrimalWeights`: the fitted weights folded into the feature space,
+  m0 = sum_j w0_j phi_j and m2 = sum_{j, nu} w2_{j nu} psi_j[nu], so a
+  prediction is a0_i = <phi_i, m0> + mean and a2_i[mu] = <psi_i[mu], m2>: per
+  atom work, independent of the training-set size. This is what
+  ``SAGPR.predict`` streams long trajectories through.
+
+Features of many frames are always reduced in chunks of frames or atoms, so
+no (atoms x D) array larger than :data:`CHUNK_BYTES` is ever held.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from itertools import combinations_with_replacement
+
+import numpy as np
+
+from hpo.sagpr_features import FeatureBlock
+
+__all__ = [
+    "PrimalWeights",
+    "factorised_kernels",
+    "kernel_costs",
+    "structure_sums",
+    "symmetric_power",
+    "symmetric_power_dim",
+]
+
+# Bytes a temporary (atoms x D) array may take while building sums or predicting.
+CHUNK_BYTES = 2**26
+# Bytes the per-structure sums of one kernel call (both sides) may take; above
+# this structure_kernels(method="auto") keeps the atom-pair loop.
+FACTORISED_MAX_BYTES = 2**30
+# Bytes the folded weights m0 and m2 may take; above this prediction goes
+# through kernels against the training set instead.
+PRIMAL_MAX_BYTES = 2**28
+
+
+# --------------------------------------------------------------------------- #
+# symmetric tensor powers
+# --------------------------------------------------------------------------- #
+def symmetric_power_dim(n_features: int, k: int) -> int:
+    """Columns of the symmetric k-th power of an n_features vector: C(n + k - 1, k)."""
+    return math.comb(n_features + k - 1, k)
+
+
+@functools.lru_cache(maxsize=8)
+def _symmetric_index(n_features: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index tuples i_1 <= ... <= i_k (shape (D, k)) and their weights sqrt(k! / prod(mult!))."""
+    if k == 2:
+        index = np.stack(np.triu_indices(n_features), axis=1).astype(np.int64)
+    else:
+        index = np.array(list(combinations_with_replacement(range(n_features), k)), dtype=np.int64)
+        index = index.reshape(-1, k)
+    # k! / prod(mult!): along a sorted tuple, divide by the running length of each run of equal indices
+    weight = np.full(len(index), float(math.factorial(k)))
+    run = np.ones(len(index))
+    for j in range(1, k):
+        same = index[:, j] == index[:, j - 1]
+        run = np.where(same, run + 1, 1.0)
+        weight /= run
+    return index, np.sqrt(weight)
+
+
+def symmetric_power(x: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise symmetric tensor power: <S(x), S(y)> = (x . y)^k for rows x, y.
+
+    ``x`` is (n, F); the result is (n, C(F + k - 1, k)); k = 0 gives a column of
+    ones and k = 1 returns ``x`` itself.
+    """
+    n, f = x.shape
+    if k == 0:
+        return np.ones((n, 1))
+    if k == 1:
+        return x
+    index, weight = _symmetric_index(f, k)
+    out = x[:, index[:, 0]] * weight
+    for j in range(1, k):
+        out *= x[:, index[:, j]]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# per-structure sums and kernels
+# --------------------------------------------------------------------------- #
+def _dims(block: FeatureBlock, zeta: int) -> tuple[int, int, int]:
+    """(D0, F2, D2'): columns of phi, lambda = 2 features, columns of p^(x(zeta-1))."""
+    f0, f2 = block.x0.shape[1], block.x2.shape[-1]
+    return symmetric_power_dim(f0, zeta), f2, symmetric_power_dim(f0, zeta - 1)
+
+
+def _atom_batches(block: FeatureBlock, width: int, start: int = 0, stop: int | None = None):
+    """Frame ranges [f0, f1) of at most CHUNK_BYTES // (8 width) atoms (at least one frame)."""
+    stop = block.n_frames if stop is None else stop
+    budget = max(1, CHUNK_BYTES // (8 * max(width, 1)))
+    offsets, counts = block.offsets, block.counts
+    f0 = start
+    while f0 < stop:
+        f1 = f0 + 1
+        while f1 < stop and offsets[f1] + counts[f1] - offsets[f0] <= budget:
+            f1 += 1
+        yield f0, f1
+        f0 = f1
+
+
+def structure_sums(
+    block: FeatureBlock, zeta: int, start: int = 0, stop: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """phi (n, D0) and psi (n, 5, F2 * D2') of frames [start, stop) of ``block``.
+
+    Both include the 1/N_i of the kernel definition. Computed a chunk of
+    frames at a time (CHUNK_BYTES), never for all atoms at once.
+    """
+    stop = block.n_frames if stop is None else stop
+    d0, f2, d2 = _dims(block, zeta)
+    phi = np.empty((stop - start, d0))
+    psi = np.empty((stop - start, 5, f2 * d2))
+    offsets, counts = block.offsets, block.counts
+    for f0, f1 in _atom_batches(block, max(d0, d2), start, stop):
+        rows = slice(offsets[f0], offsets[f1 - 1] + counts[f1 - 1])
+        local = offsets[f0:f1] - offsets[f0]
+        p0 = block.x0[rows]
+        phi[f0 - start : f1 - start] = (
+            np.add.reduceat(symmetric_power(p0, zeta), local, axis=0) / counts[f0:f1, None]
+        )
+        h = symmetric_power(p0, zeta - 1)  # (atoms, D2')
+        p2 = block.x2[rows]  # (atoms, 5, F2)
+        for i, (lo, n) in enumerate(zip(local, counts[f0:f1])):
+            # sum_a P_a[mu, f] h_a[d] for the atoms of one frame: one matmul
+            frame = p2[lo : lo + n].reshape(n, 5 * f2).T @ h[lo : lo + n]
+            psi[f0 - start + i] = frame.reshape(5, f2 * d2) / n
+    return phi, psi
+
+
+def kernel_costs(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> dict[str, float]:
+    """Flop estimates of the pair loop and of the factorised kernels, and the latter's memory.
+
+    pair:       A_l A_b (F0 + 25 F2)                 (halved for right=None)
+    factorised: (A_l + A_r)(D0 + 5 F2 D2') to build the sums, n_l n_r (D0 + 25 F2 D2') to
+                multiply them (halved for right=None)
+    bytes:      the sums of ``right`` plus one chunk of ``left``'s (what factorised_kernels holds)
+    """
+    symmetric = right is None
+    right = left if symmetric else right
+    f0, f2 = left.x0.shape[1], left.x2.shape[-1]
+    d0, _, d2 = _dims(left, zeta)
+    atoms_l, atoms_r = len(left.x0), len(right.x0)
+    n_l, n_r = left.n_frames, right.n_frames
+    half = 0.5 if symmetric else 1.0
+    pair = half * atoms_l * atoms_r * (f0 + 25 * f2)
+    build = (atoms_l + (0 if symmetric else atoms_r)) * (d0 + 5 * f2 * d2)
+    product = half * n_l * n_r * (d0 + 25 * f2 * d2)
+    width = d0 + 5 * f2 * d2
+    held = n_r * width + (0 if symmetric else min(n_l, _chunk_frames(width)) * width)
+    return {"pair_flops": pair, "factorised_flops": build + product, "factorised_bytes": 8.0 * held}
+
+
+def prefer_factorised(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> bool:
+    """Whether structure_kernels(method="auto") should use :func:`factorised_kernels`."""
+    costs = kernel_costs(left, right, zeta)
+    return (
+        costs["factorised_bytes"] <= FACTORISED_MAX_BYTES
+        and costs["factorised_flops"] < costs["pair_flops"]
+    )
+
+
+def _chunk_frames(width: int) -> int:
+    """Frames of ``left`` whose sums are held at once in factorised_kernels."""
+    return max(1, CHUNK_BYTES // (8 * width))
+
+
+def factorised_kernels(
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """K0 (n_l, n_r) and K2 (n_l, 5, n_r, 5) as products of per-structure sums.
+
+    Same definition as the atom-pair loop of ``structure_kernels`` (equal to
+    round-off). For right=None the result is exactly symmetric. ``right``'s
+    sums are held; ``left``'s are built and used a chunk of frames at a time.
+    """
+    if right is None:
+        phi, psi = structure_sums(left, zeta)
+        n = left.n_frames
+        flat = psi.reshape(5 * n, -1)
+        k0, k2 = phi @ phi.T, flat @ flat.T
+        del psi, flat
+        # mirror the upper triangle: exact symmetry whatever BLAS did
+        k0 = np.triu(k0) + np.triu(k0, 1).T
+        k2 = np.triu(k2) + np.triu(k2, 1).T
+        return k0, k2.reshape(n, 5, n, 5)
+    phi_r, psi_r = structure_sums(right, zeta)
+    n_l, n_r = left.n_frames, right.n_frames
+    flat_r = psi_r.reshape(5 * n_r, -1)
+    k0 = np.empty((n_l, n_r))
+    k2 = np.empty((n_l, 5, n_r, 5))
+    step = _chunk_frames(phi_r.shape[1] + flat_r.shape[1] * 5)
+    for start in range(0, n_l, step):
+        stop = min(n_l, start + step)
+        phi, psi = structure_sums(left, zeta, start, stop)
+        k0[start:stop] = phi @ phi_r.T
+        k2[start:stop] = (psi.reshape(5 * (stop - start), -1) @ flat_r.T).reshape(-1, 5, n_r, 5)
+    return k0, k2
+
+
+# --------------------------------------------------------------------------- #
+# prediction in the primal (feature) space
+# --------------------------------------------------------------------------- #
+@dataclass
+class PrimalWeights:
+    """Fitted SA-GPR weights folded into feature space.
+
+    ``m0`` (D0,) = sum_j w0_j phi_j and ``m2`` (F2, D2') = sum_{j nu} w2_{j nu} psi_j[nu], so
+    a0_i = <phi_i, m0> + mean0 and a2_i[mu] = <psi_i[mu], m2>: the same numbers as
+    K_test @ w (to round-off) at a cost per test atom independent of the training set.
+    """
+
+    zeta: int
+    m0: np.ndarray
+    m2: np.ndarray
+    mean0: float
+
+    @staticmethod
+    def nbytes(train: FeatureBlock, zeta: int) -> int:
+        d0, f2, d2 = _dims(train, zeta)
+        return 8 * (d0 + f2 * d2)
+
+    @classmethod
+    def fit(
+        cls, train: FeatureBlock, zeta: int, w0: np.ndarray, w2: np.ndarray, mean0: float
+    ) -> "PrimalWeights":
+        """Fold ``w0`` (n,) and ``w2`` (5 n,) of a model trained on ``train``."""
+        d0, f2, d2 = _dims(train, zeta)
+        m0 = np.zeros(d0)
+        m2 = np.zeros((f2, d2))
+        w2 = np.asarray(w2).reshape(-1, 5)
+        offsets, counts = train.offsets, train.counts
+        for f0, f1 in _atom_batches(train, max(d0, d2)):
+            rows = slice(offsets[f0], offsets[f1 - 1] + counts[f1 - 1])
+            repeat = counts[f0:f1]
+            c0 = np.repeat(w0[f0:f1] / repeat, repeat)  # per atom: w0_frame / N_frame
+            c2 = np.repeat(w2[f0:f1] / repeat[:, None], repeat, axis=0)  # (atoms, 5)
+            p0 = train.x0[rows]
+            m0 += c0 @ symmetric_power(p0, zeta)
+            q = np.einsum("amf,am->af", train.x2[rows], c2)  # sum_nu c2_nu P_a[nu]
+            m2 += q.T @ symmetric_power(p0, zeta - 1)
+        return cls(zeta=zeta, m0=m0, m2=m2, mean0=float(mean0))
+
+    def predict(self, block: FeatureBlock) -> tuple[np.ndarray, np.ndarray]:
+        """a0 (n,) and a2 (n, 5) of the frames of ``block`` (normalised features)."""
+        per_atom0 = np.empty(len(block.x0))
+        per_atom2 = np.empty((len(block.x0), 5))
+        width = max(len(self.m0), self.m2.shape[1], self.m2.shape[0])
+        offsets, counts = block.offsets, block.counts
+        for f0, f1 in _atom_batches(block, width):
+            rows = slice(offsets[f0], offsets[f1 - 1] + counts[f1 - 1])
+            p0 = block.x0[rows]
+            per_atom0[rows] = symmetric_power(p0, self.zeta) @ self.m0
+            y = symmetric_power(p0, self.zeta - 1) @ self.m2.T  # (atoms, F2)
+            per_atom2[rows] = np.einsum("amf,af->am", block.x2[rows], y)
+        a0 = np.add.reduceat(per_atom0, offsets) / counts + self.mean0
+        a2 = np.add.reduceat(per_atom2, offsets, axis=0) / counts[:, None]
+        return a0, a2
