@@ -229,13 +229,32 @@ def factorised_kernels(
 # --------------------------------------------------------------------------- #
 # prediction in the primal (feature) space
 # --------------------------------------------------------------------------- #
+def tensor_power(x: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise full tensor power x^(x k), flattened: (n, F^k); k = 0 gives ones."""
+    out = np.ones((len(x), 1))
+    for _ in range(k):
+        out = (out[:, :, None] * x[:, None, :]).reshape(len(x), -1)
+    return out
+
+
+def _contract(y: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """Contract the last k axes (each of size F) of rows y (n, G F^k) with rows x (n, F): (n, G)."""
+    f = x.shape[1]
+    for _ in range(k):
+        y = np.einsum("agf,af->ag", y.reshape(len(y), -1, f), x)
+    return y
+
+
 @dataclass
 class PrimalWeights:
     """Fitted SA-GPR weights folded into feature space.
 
-    ``m0`` (D0,) = sum_j w0_j phi_j and ``m2`` (F2, D2') = sum_{j nu} w2_{j nu} psi_j[nu], so
-    a0_i = <phi_i, m0> + mean0 and a2_i[mu] = <psi_i[mu], m2>: the same numbers as
-    K_test @ w (to round-off) at a cost per test atom independent of the training set.
+    With c_b = w_frame(b) / N_frame(b) per training atom b:
+    ``m0`` (F0^zeta,) = sum_b c0_b p_b^(x zeta), ``m2`` (F2, F0^(zeta-1)) = sum_b q_b (x) p_b^(x(zeta-1))
+    with q_b = sum_nu c2_{b nu} P_b[nu]. Then a0_i = 1/N_i sum_a <p_a^(x zeta), m0> + mean0 and
+    a2_i[mu] = 1/N_i sum_a P_a[mu] . (m2 contracted zeta-1 times with p_a): the same numbers as
+    K_test @ w (to round-off) at a cost per test atom independent of the training set
+    (zeta = 2: p^T M0 p and P (M2 p), two small matrix products).
     """
 
     zeta: int
@@ -245,41 +264,46 @@ class PrimalWeights:
 
     @staticmethod
     def nbytes(train: FeatureBlock, zeta: int) -> int:
-        d0, f2, d2 = _dims(train, zeta)
-        return 8 * (d0 + f2 * d2)
+        f0, f2 = train.x0.shape[1], train.x2.shape[-1]
+        return 8 * (f0**zeta + f2 * f0 ** (zeta - 1))
 
     @classmethod
     def fit(
         cls, train: FeatureBlock, zeta: int, w0: np.ndarray, w2: np.ndarray, mean0: float
     ) -> "PrimalWeights":
         """Fold ``w0`` (n,) and ``w2`` (5 n,) of a model trained on ``train``."""
-        d0, f2, d2 = _dims(train, zeta)
-        m0 = np.zeros(d0)
-        m2 = np.zeros((f2, d2))
+        f0, f2 = train.x0.shape[1], train.x2.shape[-1]
+        m0 = np.zeros((f0 ** (zeta - 1), f0))
+        m2 = np.zeros((f2, f0 ** (zeta - 1)))
         w2 = np.asarray(w2).reshape(-1, 5)
         offsets, counts = train.offsets, train.counts
-        for f0, f1 in _atom_batches(train, max(d0, d2)):
-            rows = slice(offsets[f0], offsets[f1 - 1] + counts[f1 - 1])
-            repeat = counts[f0:f1]
-            c0 = np.repeat(w0[f0:f1] / repeat, repeat)  # per atom: w0_frame / N_frame
-            c2 = np.repeat(w2[f0:f1] / repeat[:, None], repeat, axis=0)  # (atoms, 5)
+        for f_start, f_stop in _atom_batches(train, max(f0 ** (zeta - 1), f0)):
+            rows = slice(offsets[f_start], offsets[f_stop - 1] + counts[f_stop - 1])
+            repeat = counts[f_start:f_stop]
+            c0 = np.repeat(w0[f_start:f_stop] / repeat, repeat)  # per atom: w0_frame / N_frame
+            c2 = np.repeat(w2[f_start:f_stop] / repeat[:, None], repeat, axis=0)  # (atoms, 5)
             p0 = train.x0[rows]
-            m0 += c0 @ symmetric_power(p0, zeta)
+            h = tensor_power(p0, zeta - 1)  # (atoms, F0^(zeta-1))
+            m0 += (h * c0[:, None]).T @ p0
             q = np.einsum("amf,am->af", train.x2[rows], c2)  # sum_nu c2_nu P_a[nu]
-            m2 += q.T @ symmetric_power(p0, zeta - 1)
-        return cls(zeta=zeta, m0=m0, m2=m2, mean0=float(mean0))
+            m2 += q.T @ h
+        return cls(zeta=zeta, m0=m0.ravel(), m2=m2, mean0=float(mean0))
 
     def predict(self, block: FeatureBlock) -> tuple[np.ndarray, np.ndarray]:
         """a0 (n,) and a2 (n, 5) of the frames of ``block`` (normalised features)."""
         per_atom0 = np.empty(len(block.x0))
         per_atom2 = np.empty((len(block.x0), 5))
-        width = max(len(self.m0), self.m2.shape[1], self.m2.shape[0])
+        f0 = block.x0.shape[1]
+        k = self.zeta - 1
+        m0 = self.m0.reshape(-1, f0)  # (F0^(zeta-1), F0)
+        m2 = self.m2.reshape(-1, f0) if k else self.m2  # (F2 F0^(zeta-2), F0) or (F2, 1)
+        width = max(m0.shape[0], m2.shape[0])
         offsets, counts = block.offsets, block.counts
-        for f0, f1 in _atom_batches(block, width):
-            rows = slice(offsets[f0], offsets[f1 - 1] + counts[f1 - 1])
+        for f_start, f_stop in _atom_batches(block, width):
+            rows = slice(offsets[f_start], offsets[f_stop - 1] + counts[f_stop - 1])
             p0 = block.x0[rows]
-            per_atom0[rows] = symmetric_power(p0, self.zeta) @ self.m0
-            y = symmetric_power(p0, self.zeta - 1) @ self.m2.T  # (atoms, F2)
+            per_atom0[rows] = _contract(p0 @ m0.T, p0, k)[:, 0]
+            y = _contract(p0 @ m2.T, p0, k - 1) if k else np.broadcast_to(m2[:, 0], (len(p0), m2.shape[0]))
             per_atom2[rows] = np.einsum("amf,af->am", block.x2[rows], y)
         a0 = np.add.reduceat(per_atom0, offsets) / counts + self.mean0
         a2 = np.add.reduceat(per_atom2, offsets, axis=0) / counts[:, None]
