@@ -17,7 +17,7 @@ from hpo.sagpr_features import (
     normalise,
     structure_kernels,
 )
-from hpo.sagpr_scale import PrimalWeights, factorised_kernels, kernel_costs, symmetric_power
+from hpo.sagpr_scale import PrimalWeights, kernel_costs, lambda_soap_columns, symmetric_power
 
 DATA_DIR = Path(
     os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/water")
@@ -134,3 +134,18 @@ def test_streamed_predict_equals_kernel_route_and_reports_progress(water, tmp_pa
     reference = cached.predict(test_frames)  # kernels against the training set
     assert cached.cache_stats_["test_kernels_miss"] == 1
     assert relative_error(pred, reference) < 1e-10
+
+
+@needs_data
+def test_selected_columns_equal_full_features(water):
+    import ase
+
+    frames = [*water, ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], cell=[8, 8, 8], pbc=True)]
+    full = lambda_soap(frames, [1, 8], rc=4.0, sigma=0.3, n_max=4, l_max=3)
+    rng = np.random.default_rng(0)
+    c0 = rng.choice(full.x0.shape[1], 25, replace=False)
+    c2 = rng.choice(full.x2.shape[2], 40, replace=False)
+    sel = lambda_soap_columns(frames, [1, 8], 4.0, 0.3, 4, 3, c0, c2, chunk_frames=5)
+    np.testing.assert_array_equal(sel.counts, full.counts)
+    assert relative_error(sel.x0, full.x0[:, c0]) < 1e-12
+    assert relative_error(sel.x2, full.x2[..., c2]) < 1e-12

@@ -50,7 +50,7 @@ from hpo.sagpr_features import (
     normalise,
     structure_kernels,
 )
-from hpo.sagpr_scale import PRIMAL_MAX_BYTES, PrimalWeights
+from hpo.sagpr_scale import PRIMAL_MAX_BYTES, PrimalWeights, lambda_soap_columns
 
 __all__ = [
     "SAGPR",
@@ -331,7 +331,7 @@ class SAGPR(BaseEstimator):
             chunk = frames[start : start + step]
             t0 = time.perf_counter()
             if primal is not None:
-                features = self._transform(chunk, cache)
+                features = self._stream_features(chunk, cache)
                 t1 = time.perf_counter()
                 a0, a2 = primal.predict(features)
                 out[start : start + len(chunk)] = spherical_to_cartesian(a0, a2)
@@ -362,6 +362,18 @@ class SAGPR(BaseEstimator):
         self.predict_timings_ = dict(timings)
         self.cache_stats_ = getattr(self, "cache_stats_", Counter()) + cache.stats
         return out
+
+    def _stream_features(self, frames: list[ase.Atoms], cache: "Cache") -> FeatureBlock:
+        """As :meth:`_transform`; a sparsified model computes only its kept raw columns."""
+        if self.projections_ is None or cache.root is not None:
+            return self._transform(frames, cache)
+        proj0, proj2 = self.projections_
+        raw = lambda_soap_columns(
+            frames, self.species_, self.rc, self.sigma, self.n_max, self.l_max,
+            proj0.columns, proj2.columns,
+        )
+        p0, p2 = normalise(raw.x0 @ proj0.matrix, raw.x2 @ proj2.matrix)
+        return FeatureBlock(p0, p2, raw.counts)
 
     def _primal_weights(self) -> PrimalWeights | None:
         """The weights folded into feature space (built once per fit), or None if too large."""
