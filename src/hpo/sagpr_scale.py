@@ -25,6 +25,10 @@ Two uses:
   prediction is a0_i = <phi_i, m0> + mean and a2_i[mu] = <psi_i[mu], m2>: per
   atom work, independent of the training-set size. This is what
   ``SAGPR.predict`` streams long trajectories through.
+* :func:`lambda_soap_columns`: only the lambda-SOAP columns a sparsified model
+  keeps (nc of ~2000), from featomic's spherical expansion and CG
+  coefficients; with the folded weights this makes featurisation, not
+  kernels, the whole cost of predicting a trajectory, and 5-10x smaller.
 
 Features of many frames are always reduced in chunks of frames or atoms, so
 no (atoms x D) array larger than :data:`CHUNK_BYTES` is ever held.
@@ -128,32 +132,55 @@ def _atom_batches(block: FeatureBlock, width: int, start: int = 0, stop: int | N
         f0 = f1
 
 
+def _symmetric_flat(n_features: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the sorted index tuples in a flattened F^k tensor, and their weights."""
+    if k == 0:
+        return np.zeros(1, dtype=np.int64), np.ones(1)
+    index, weight = _symmetric_index(n_features, k)
+    flat = np.zeros(len(index), dtype=np.int64)
+    for j in range(k):
+        flat = flat * n_features + index[:, j]
+    return flat, weight
+
+
 def structure_sums(
     block: FeatureBlock, zeta: int, start: int = 0, stop: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """phi (n, D0) and psi (n, 5, F2 * D2') of frames [start, stop) of ``block``.
 
-    Both include the 1/N_i of the kernel definition. Computed a chunk of
-    frames at a time (CHUNK_BYTES), never for all atoms at once.
+    Both include the 1/N_i of the kernel definition. Per frame, the full tensors
+    sum_a p_a^(x(zeta-1)) (x) p_a and sum_a P_a (x) p_a^(x(zeta-1)) are two matrix
+    products (batched over frames of equal size); their symmetric entries are then
+    picked once per frame, not per atom. Computed a chunk of frames at a time
+    (CHUNK_BYTES), never for all atoms at once.
     """
     stop = block.n_frames if stop is None else stop
-    d0, f2, d2 = _dims(block, zeta)
-    phi = np.empty((stop - start, d0))
-    psi = np.empty((stop - start, 5, f2 * d2))
+    f0, f2 = block.x0.shape[1], block.x2.shape[-1]
+    flat0, weight0 = _symmetric_flat(f0, zeta)
+    flat2, weight2 = _symmetric_flat(f0, zeta - 1)
+    phi = np.empty((stop - start, len(flat0)))
+    psi = np.empty((stop - start, 5, f2 * len(flat2)))
     offsets, counts = block.offsets, block.counts
-    for f0, f1 in _atom_batches(block, max(d0, d2), start, stop):
-        rows = slice(offsets[f0], offsets[f1 - 1] + counts[f1 - 1])
-        local = offsets[f0:f1] - offsets[f0]
+    width = 5 * f2 + f0 ** (zeta - 1)
+    for b0, b1 in _atom_batches(block, width, start, stop):
+        sizes = counts[b0:b1]
+        rows = slice(offsets[b0], offsets[b1 - 1] + sizes[-1])
         p0 = block.x0[rows]
-        phi[f0 - start : f1 - start] = (
-            np.add.reduceat(symmetric_power(p0, zeta), local, axis=0) / counts[f0:f1, None]
-        )
-        h = symmetric_power(p0, zeta - 1)  # (atoms, D2')
-        p2 = block.x2[rows]  # (atoms, 5, F2)
-        for i, (lo, n) in enumerate(zip(local, counts[f0:f1])):
-            # sum_a P_a[mu, f] h_a[d] for the atoms of one frame: one matmul
-            frame = p2[lo : lo + n].reshape(n, 5 * f2).T @ h[lo : lo + n]
-            psi[f0 - start + i] = frame.reshape(5, f2 * d2) / n
+        h = tensor_power(p0, zeta - 1)  # (atoms, F0^(zeta-1))
+        p2 = block.x2[rows].reshape(len(p0), 5 * f2)
+        if (sizes == sizes[0]).all():  # one batched matmul for all frames
+            n = int(sizes[0])
+            h3 = h.reshape(b1 - b0, n, -1)
+            g0 = h3.transpose(0, 2, 1) @ p0.reshape(b1 - b0, n, f0)
+            g2 = p2.reshape(b1 - b0, n, -1).transpose(0, 2, 1) @ h3
+        else:
+            cuts = np.cumsum(sizes)[:-1]
+            g0 = np.stack([a.T @ b for a, b in zip(np.split(h, cuts), np.split(p0, cuts))])
+            g2 = np.stack([a.T @ b for a, b in zip(np.split(p2, cuts), np.split(h, cuts))])
+        scale = 1.0 / sizes[:, None]
+        phi[b0 - start : b1 - start] = g0.reshape(b1 - b0, -1)[:, flat0] * weight0 * scale
+        g2 = g2.reshape(b1 - b0, 5, f2, -1)[..., flat2] * weight2
+        psi[b0 - start : b1 - start] = g2.reshape(b1 - b0, 5, -1) * scale[:, :, None]
     return phi, psi
 
 
@@ -161,7 +188,7 @@ def kernel_costs(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> d
     """Flop estimates of the pair loop and of the factorised kernels, and the latter's memory.
 
     pair:       A_l A_b (F0 + 25 F2)                 (halved for right=None)
-    factorised: (A_l + A_r)(D0 + 5 F2 D2') to build the sums, n_l n_r (D0 + 25 F2 D2') to
+    factorised: (A_l + A_r)(F0^zeta + 5 F2 F0^(zeta-1)) to build the sums, n_l n_r (D0 + 25 F2 D2') to
                 multiply them (halved for right=None)
     bytes:      the sums of ``right`` plus one chunk of ``left``'s (what factorised_kernels holds)
     """
@@ -173,7 +200,7 @@ def kernel_costs(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> d
     n_l, n_r = left.n_frames, right.n_frames
     half = 0.5 if symmetric else 1.0
     pair = half * atoms_l * atoms_r * (f0 + 25 * f2)
-    build = (atoms_l + (0 if symmetric else atoms_r)) * (d0 + 5 * f2 * d2)
+    build = (atoms_l + (0 if symmetric else atoms_r)) * (f0**zeta + 5 * f2 * f0 ** (zeta - 1))
     product = half * n_l * n_r * (d0 + 25 * f2 * d2)
     width = d0 + 5 * f2 * d2
     held = n_r * width + (0 if symmetric else min(n_l, _chunk_frames(width)) * width)
