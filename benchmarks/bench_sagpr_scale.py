@@ -13,7 +13,8 @@ In one run (every figure below comes from this one process):
      wall time per stage, kernel time pairs vs factorised, peak memory.
 
 Peak memory: tracemalloc peak of each stage (numpy arrays; featomic's native buffers are
-not seen) and the process peak RSS (ru_maxrss, monotonic) after it.
+not seen; off for the long prediction, where its bookkeeping of 10000 ase.Atoms would
+dominate) and the process peak RSS (ru_maxrss, monotonic) before and after it.
 
 Usage: python benchmarks/bench_sagpr_scale.py [--data-dir DIR] [--frames 10000]
 """
@@ -47,19 +48,27 @@ def rss_mb() -> float:
 
 
 @contextmanager
-def stage(label: str, out: dict):
-    """Time a stage and record its tracemalloc peak (MB) and the process peak RSS after it."""
-    tracemalloc.start()
+def stage(label: str, out: dict, trace: bool = True):
+    """Time a stage and record its tracemalloc peak (MB) and the process peak RSS before/after it.
+
+    trace=False leaves tracemalloc off: its own bookkeeping of many small Python objects
+    (e.g. 10000 ase.Atoms) inflates RSS and time.
+    """
+    before = rss_mb()
+    if trace:
+        tracemalloc.start()
     t0 = time.perf_counter()
     try:
         yield
     finally:
         out["s"] = time.perf_counter() - t0
-        out["traced_mb"] = tracemalloc.get_traced_memory()[1] / 2**20
-        tracemalloc.stop()
+        traced = ""
+        if trace:
+            traced = f"numpy peak {tracemalloc.get_traced_memory()[1] / 2**20:7.0f} MB   "
+            tracemalloc.stop()
         out["rss_mb"] = rss_mb()
-        print(f"  {label:44s} {out['s']:8.2f} s   numpy peak {out['traced_mb']:7.0f} MB   "
-              f"process peak RSS {out['rss_mb']:6.0f} MB", flush=True)
+        print(f"  {label:44s} {out['s']:8.2f} s   {traced}"
+              f"process peak RSS {before:6.0f} -> {out['rss_mb']:6.0f} MB", flush=True)
 
 
 def displaced(frames, n: int, amplitude: float, seed: int):
@@ -130,7 +139,7 @@ def main() -> None:
     def progress(done, total):
         ticks.append(done)
 
-    with stage(f"streamed predict, {args.frames} frames", info):
+    with stage(f"streamed predict, {args.frames} frames", info, trace=False):
         pred = model.predict(long, progress=progress)
     print(f"    {args.frames / info['s']:.0f} frames/s; stages "
           + ", ".join(f"{k} {v:.2f}" for k, v in model.predict_timings_.items())
