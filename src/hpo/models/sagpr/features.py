@@ -259,7 +259,7 @@ def _safe_divide(x: np.ndarray, norm: np.ndarray) -> np.ndarray:
 # kernels
 # --------------------------------------------------------------------------- #
 def structure_kernels(
-    left: FeatureBlock, right: FeatureBlock | None, zeta: int
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int, method: str = "auto"
 ) -> tuple[np.ndarray, np.ndarray]:
     """Structure kernels between the frames of ``left`` and ``right`` (None: left vs left).
 
@@ -272,7 +272,19 @@ def structure_kernels(
     KERNEL_BLOCK_BYTES however many frames there are. For right=None only the
     upper triangle of frame blocks is computed and mirrored, which also makes
     K exactly symmetric.
+
+    ``method``: "pairs" (this atom-pair loop, cost ~ atoms^2), "factorised"
+    (:func:`hpo.sagpr_scale.factorised_kernels`: per-structure sums, cost
+    linear in atoms, memory ~ frames x F^zeta) or "auto" (factorised when its
+    sums fit in memory and its flop estimate is lower; same kernels to round-off).
     """
+    if method not in ("auto", "pairs", "factorised"):
+        raise ValueError(f"method must be 'auto', 'pairs' or 'factorised', got {method!r}")
+    if method != "pairs":
+        from hpo.sagpr_scale import factorised_kernels, prefer_factorised
+
+        if method == "factorised" or prefer_factorised(left, right, zeta):
+            return factorised_kernels(left, right, zeta)
     symmetric = right is None
     a, b = left, (left if symmetric else right)
     n_a, n_b = a.n_frames, b.n_frames
