@@ -38,9 +38,10 @@ import ase.io
 import numpy as np
 
 from hpo.cache import Cache
-from hpo.sagpr import SAGPR, component_rmse, read_tensors
-from hpo.sagpr_features import structure_kernels
-from hpo.sagpr_scale import kernel_costs
+from hpo.data import read_tensors as _read_tensors
+from hpo.models.sagpr.estimator import SAGPR, component_rmse
+from hpo.models.sagpr.scale import structure_kernels
+from hpo.models.sagpr.scale import kernel_costs
 
 REPEATS = 3
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "water"
@@ -122,8 +123,8 @@ def main() -> None:
 
     train_frames = ase.io.read(args.data_dir / "gap_input_200.xyz", ":")
     validate_frames = ase.io.read(args.data_dir / "gap_validate.xyz", ":")
-    train_tensors = read_tensors(train_frames, source="gap_input_200.xyz")
-    validate_tensors = read_tensors(validate_frames, source="gap_validate.xyz")
+    train_tensors = _read_tensors(train_frames, "Polarizability", "gap_input_200.xyz", 0.1)
+    validate_tensors = _read_tensors(validate_frames, "Polarizability", "gap_validate.xyz", 0.1)
     params = dict(rc=4.0, sigma=0.3, n_max=8, l_max=6, nc=200, seed=0, reg0=1e-8, reg2=1e-5)
 
     # 1 ------------------------------------------------------------------------

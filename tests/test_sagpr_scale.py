@@ -1,30 +1,27 @@
-"""Tests of hpo.sagpr_scale: factorised kernels and folded-weight prediction equal the atom-pair definitions."""
+"""Tests of hpo.models.sagpr.scale: factorised kernels and folded-weight prediction equal the atom-pair definitions."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 
-from hpo.sagpr import SAGPR, read_tensors
-from hpo.sagpr_features import (
+from helpers import SHARED_WATER, require_shared_water
+from hpo.data import read_tensors as _read_tensors
+from hpo.models.sagpr.estimator import SAGPR
+from hpo.models.sagpr.features import (
     FeatureBlock,
     fit_projection,
     lambda_soap,
     normalise,
-    structure_kernels,
 )
-from hpo.sagpr_scale import PrimalWeights, kernel_costs, lambda_soap_columns, symmetric_power
+from hpo.models.sagpr.scale import PrimalWeights, kernel_costs, lambda_soap_columns, structure_kernels, symmetric_power
 
-DATA_DIR = Path(
-    os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[1].parent / "shared/data/water")
-)
-needs_data = pytest.mark.skipif(
-    not DATA_DIR.is_dir(), reason=f"water data directory {DATA_DIR} not found (set HPO_DATA_DIR)"
-)
+DATA_DIR = SHARED_WATER
+
+
+def read_tensors(frames):
+    return _read_tensors(frames, "Polarizability", "frames", symmetry_tol=0.1)
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -33,6 +30,7 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 
 @pytest.fixture(scope="module")
 def water():
+    require_shared_water()
     frames = ase.io.read(DATA_DIR / "gap_input_50.xyz", ":12")
     # frames of different sizes: per-frame sums must not straddle frames
     frames[3] = frames[3][:9]
@@ -65,7 +63,6 @@ def test_symmetric_power_reproduces_powers_of_dot_products():
         np.testing.assert_allclose(s @ s.T, (x @ x.T) ** k, rtol=1e-12, atol=1e-12)
 
 
-@needs_data
 @pytest.mark.parametrize("zeta, nc", [(1, None), (2, None), (2, 30), (3, 12)])
 def test_factorised_kernels_equal_pair_loop(water, zeta, nc):
     block = features(water, nc)
@@ -105,7 +102,6 @@ def test_auto_method_picks_factorised_for_large_cells():
         structure_kernels(big, None, 2, method="fast")
 
 
-@needs_data
 @pytest.mark.parametrize("zeta, nc", [(1, 30), (2, None), (3, 12)])
 def test_primal_weights_equal_kernel_prediction(water, zeta, nc):
     block = features(water, nc)
@@ -120,7 +116,6 @@ def test_primal_weights_equal_kernel_prediction(water, zeta, nc):
     assert relative_error(a2, expected2) < 1e-10
 
 
-@needs_data
 def test_streamed_predict_equals_kernel_route_and_reports_progress(water, tmp_path):
     frames = ase.io.read(DATA_DIR / "gap_input_50.xyz", ":")
     tensors = read_tensors(frames)
@@ -136,7 +131,6 @@ def test_streamed_predict_equals_kernel_route_and_reports_progress(water, tmp_pa
     assert relative_error(pred, reference) < 1e-10
 
 
-@needs_data
 def test_selected_columns_equal_full_features(water):
     import ase
 

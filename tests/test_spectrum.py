@@ -99,3 +99,51 @@ def test_csv_and_plot(tmp_path):
     assert acf[0] == ["time_fs", "acf_iso", "acf_aniso"] and len(acf) == len(spectra.acf_iso) + 1
     png = spectrum_plot(tmp_path / "raman.png", spectra, "synthetic: iso 1600, aniso 3400 cm$^{-1}$")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _trajectory(path, n_frames, timestep_fs=0.5, wavenumber=1600.0):
+    """Water frames whose polarizability oscillates at ``wavenumber`` (isotropic part), as `hpo polarize` writes them."""
+    import ase.io
+    from ase.build import molecule
+
+    frames = []
+    for i in range(n_frames):
+        atoms = molecule("H2O")
+        t = i * timestep_fs
+        alpha = 9.0 + 0.3 * np.cos(2 * np.pi * SPEED_OF_LIGHT_CM_PER_FS * wavenumber * t)
+        atoms.info["Polarizability"] = (alpha * np.eye(3)).ravel()
+        atoms.info["time_fs"] = t
+        frames.append(atoms)
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def test_spectrum_command_finds_the_band_and_logs_it(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from hpo.config import load_config, output_overrides
+    from hpo.spectrum import main
+
+    trajectory = _trajectory(tmp_path / "trajectory_polarizability.xyz", 800)
+    cfg = load_config([*output_overrides(tmp_path), f"spectrum.trajectory={trajectory}", "spectrum.correction=null"])
+    result = main(cfg)
+    assert abs(result["peak_iso_cm"] - 1600.0) < 40.0
+    assert {p.name for p in result["outdir"].iterdir()} >= {"raman.csv", "polarizability_acf.csv", "raman.png"}
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert runs[0].data.tags["run_type"] == "spectrum" and runs[0].data.metrics["timestep_fs"] == 0.5
+
+
+def test_spectrum_command_refuses_short_or_uneven_trajectories(tmp_path):
+    import ase.io
+
+    from hpo.config import load_config, output_overrides
+    from hpo.spectrum import SpectrumError, main, timestep_of
+
+    short = _trajectory(tmp_path / "short.xyz", 50)
+    with pytest.raises(SpectrumError, match="holds 50 frames, fewer than spectrum.min_frames=400"):
+        main(load_config([*output_overrides(tmp_path), f"spectrum.trajectory={short}"]))
+    frames = ase.io.read(short, ":")
+    frames[10].info["time_fs"] += 0.1
+    with pytest.raises(SpectrumError, match="not evenly spaced"):
+        timestep_of(frames)

@@ -240,3 +240,65 @@ def spectrum_plot(
     bottom.legend(fontsize=8)
     top.set_title(title, fontsize=9)
     return save_figure(fig, Path(path))
+
+
+class SpectrumError(ValueError):
+    """The trajectory cannot give a spectrum (too short, uneven time step, no tensors)."""
+
+
+def timestep_of(frames) -> float:
+    """The MD time step between saved frames (fs), from each frame's ``time_fs``; it must be uniform."""
+    times = np.array([atoms.info.get("time_fs", np.nan) for atoms in frames], dtype=float)
+    if not np.isfinite(times).all():
+        raise SpectrumError("the trajectory's frames carry no time_fs (write them with `hpo md` and `hpo polarize`)")
+    steps = np.diff(times)
+    if not len(steps) or steps.min() <= 0 or not np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9):
+        raise SpectrumError(f"the frames' time_fs are not evenly spaced (steps {np.unique(np.round(steps, 6))[:5]} fs)")
+    return float(steps[0])
+
+
+def main(cfg) -> dict:
+    """``python -m hpo spectrum``: Raman spectra of ``spectrum.trajectory``, CSV + PNG, one MLflow run."""
+    import time
+
+    import ase.io
+
+    from hpo.config import output_path
+    from hpo.data import DataError, read_tensors
+    from hpo.tracking import Tracker, provenance_tags
+
+    settings = cfg.spectrum
+    path = Path(str(settings.trajectory)).expanduser()
+    if not path.is_file():
+        raise DataError(f"spectrum.trajectory={settings.trajectory!r} does not exist; run `hpo polarize` first")
+    frames = ase.io.read(path, ":")
+    if len(frames) < settings.min_frames:
+        raise SpectrumError(
+            f"{path.name} holds {len(frames)} frames, fewer than spectrum.min_frames={settings.min_frames}: "
+            "run a longer MD (md.steps) for a spectrum whose bands can be told apart"
+        )
+    tensors = read_tensors(frames, cfg.dataset.property_keys.polarizability, path.name, symmetry_tol=float("inf"))
+    timestep = timestep_of(frames)
+    spectra = raman_spectra(
+        tensors, timestep, window=settings.window, max_wavenumber=settings.max_wavenumber_cm,
+        correlation_fs=settings.correlation_fs, correction=settings.correction, temperature_k=settings.temperature_K,
+    )
+    outdir = output_path(cfg.experiments_dir) / "spectrum" / time.strftime("%Y%m%d-%H%M%S")
+    files = [
+        write_csv(outdir / "raman.csv", spectra),
+        write_csv(outdir / "polarizability_acf.csv", spectra, acf=True),
+        spectrum_plot(outdir / "raman.png", spectra, f"Raman spectra of {path.name}: {len(frames)} frames every {timestep:g} fs"),
+    ]
+    peaks = {
+        f"peak_{name}_cm": float(spectra.wavenumber_cm[np.argmax(values)])
+        for name, values in (("iso", spectra.iso), ("aniso", spectra.aniso))
+    }
+    tracker = Tracker(cfg.tracking)
+    tags = {"command": "spectrum", "run_type": "spectrum", "trajectory": str(path), **provenance_tags()}
+    with tracker.run("spectrum", tags=tags) as run_id:
+        tracker.log(run_id, params={f"spectrum.{k}": v for k, v in settings.items() if k != "trajectory"},
+                    metrics={"n_frames": len(frames), "timestep_fs": timestep, **peaks})
+        tracker.log_artifacts(run_id, files)
+    print(f"[hpo] Raman spectra of {len(frames)} frames ({timestep:g} fs apart) in {outdir} (MLflow run {run_id})")
+    print("  highest peak: " + ", ".join(f"{k.split('_')[1]} {v:.0f} cm^-1" for k, v in peaks.items()))
+    return {"outdir": outdir, **peaks}

@@ -49,9 +49,8 @@ from hpo.models.sagpr.features import (
     fit_projection,
     lambda_soap,
     normalise,
-    structure_kernels,
 )
-from hpo.sagpr_scale import PRIMAL_MAX_BYTES, PrimalWeights, lambda_soap_columns
+from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, lambda_soap_columns, structure_kernels
 
 __all__ = [
     "SAGPR",

@@ -33,7 +33,7 @@ __all__ = [
     "fit_projection",
     "lambda_soap",
     "normalise",
-    "structure_kernels",
+    "pair_kernels",
 ]
 
 # Bytes one temporary atom-pair array may take while building kernels. Bounds
@@ -258,9 +258,7 @@ def _safe_divide(x: np.ndarray, norm: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # kernels
 # --------------------------------------------------------------------------- #
-def structure_kernels(
-    left: FeatureBlock, right: FeatureBlock | None, zeta: int, method: str = "auto"
-) -> tuple[np.ndarray, np.ndarray]:
+def pair_kernels(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> tuple[np.ndarray, np.ndarray]:
     """Structure kernels between the frames of ``left`` and ``right`` (None: left vs left).
 
     K0[i, j]         = 1/(N_i N_j) sum_{a in i, b in j} (p_a . p_b)^zeta
@@ -273,18 +271,9 @@ def structure_kernels(
     upper triangle of frame blocks is computed and mirrored, which also makes
     K exactly symmetric.
 
-    ``method``: "pairs" (this atom-pair loop, cost ~ atoms^2), "factorised"
-    (:func:`hpo.sagpr_scale.factorised_kernels`: per-structure sums, cost
-    linear in atoms, memory ~ frames x F^zeta) or "auto" (factorised when its
-    sums fit in memory and its flop estimate is lower; same kernels to round-off).
+    Cost grows with the square of the atoms: ``hpo.models.sagpr.scale.structure_kernels`` chooses
+    between this and the factorised kernels (linear in atoms).
     """
-    if method not in ("auto", "pairs", "factorised"):
-        raise ValueError(f"method must be 'auto', 'pairs' or 'factorised', got {method!r}")
-    if method != "pairs":
-        from hpo.sagpr_scale import factorised_kernels, prefer_factorised
-
-        if method == "factorised" or prefer_factorised(left, right, zeta):
-            return factorised_kernels(left, right, zeta)
     symmetric = right is None
     a, b = left, (left if symmetric else right)
     n_a, n_b = a.n_frames, b.n_frames

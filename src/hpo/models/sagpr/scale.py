@@ -2,7 +2,7 @@
 
 For an integer zeta the SA-GPR atom-pair kernels are polynomials of the
 features, so they factorise into per-structure sums (the definitions of
-:func:`hpo.sagpr_features.structure_kernels`, same normalisation):
+:func:`hpo.models.sagpr.features.pair_kernels`, same normalisation):
 
     K0[i, j]         = <phi_i, phi_j>,          phi_i     = 1/N_i sum_{a in i} p_a^(x zeta)
     K2[i, mu, j, nu] = <psi_i[mu], psi_j[nu]>,  psi_i[mu] = 1/N_i sum_{a in i} P_a[mu] (x) p_a^(x (zeta-1))
@@ -43,7 +43,7 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 
-from hpo.sagpr_features import FeatureBlock
+from hpo.models.sagpr.features import FeatureBlock, pair_kernels
 
 __all__ = [
     "PrimalWeights",
@@ -360,7 +360,7 @@ def lambda_soap_columns(
     hundred out of thousands of columns) featurises new frames several times
     faster, which is what dominates predicting long trajectories.
     """
-    from hpo.sagpr_features import FEATURE_CHUNK_FRAMES
+    from hpo.models.sagpr.features import FEATURE_CHUNK_FRAMES
 
     chunk_frames = chunk_frames or FEATURE_CHUNK_FRAMES
     plan = _column_plan(
@@ -380,7 +380,7 @@ def _column_plan(rc, sigma, n_max, l_max, species, columns0, columns2):
     import ase as _ase
     from metatensor import Labels
 
-    from hpo.sagpr_features import _power_spectrum_calculator, _unique_couplings
+    from hpo.models.sagpr.features import _power_spectrum_calculator, _unique_couplings
 
     calculator = _power_spectrum_calculator(rc, sigma, n_max, l_max, species)
     keys = Labels(["o3_lambda", "o3_sigma"], np.array([[0, 1], [2, 1]], dtype=np.int32))
@@ -448,3 +448,20 @@ def _columns_chunk(frames, plan, species) -> FeatureBlock:
                 local[:, members] = (c2 @ y)[:, :, 0, :] * weights[:, None]
             out[lam][rows] = local.transpose(0, 2, 1)
     return FeatureBlock(x0=out[0][:, 0, :], x2=out[2], counts=counts)
+
+
+def structure_kernels(
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int, method: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Structure kernels K0 (n_left, n_right) and K2 (n_left, 5, n_right, 5) between the frames of ``left``
+    and ``right`` (None: left vs left), as defined by :func:`hpo.models.sagpr.features.pair_kernels`.
+
+    ``method``: "pairs" (the atom-pair loop, cost ~ atoms^2), "factorised" (:func:`factorised_kernels`:
+    per-structure sums, cost linear in atoms, memory ~ frames x F^zeta) or "auto" (factorised when its
+    sums fit in memory and its flop estimate is lower; the same kernels to round-off).
+    """
+    if method not in ("auto", "pairs", "factorised"):
+        raise ValueError(f"method must be 'auto', 'pairs' or 'factorised', got {method!r}")
+    if method == "factorised" or (method == "auto" and prefer_factorised(left, right, zeta)):
+        return factorised_kernels(left, right, zeta)
+    return pair_kernels(left, right, zeta)
