@@ -129,7 +129,11 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
     ]
     first = pipeline.run(overrides)
     assert first["md"]["steps_completed"] == 10
-    assert first["polarize"]["n_frames"] == 11
+    assert first["polarize"]["n_frames"] == 11 and 0 <= first["polarize"]["fraction_outside"] <= 1
+    assert first["md"]["md_stable"] is True
+    client = mlflow.tracking.MlflowClient(load_config(overrides).tracking.tracking_uri)
+    sagpr = client.get_model_version("water-sagpr", first["sagpr_version"]).tags
+    assert float(sagpr["test_rmse"]) > 0 and float(sagpr["test_rmse_xx"]) > 0 and "md_stable" not in sagpr
     # the same through the command line: every stage is found done and reused
     done = subprocess.run(
         [sys.executable, "-m", "hpo", "pipeline", *overrides], capture_output=True, text=True, cwd=tmp_path, timeout=600

@@ -292,10 +292,6 @@ def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, trac
     potential = load(xml)  # parsing the XML costs seconds: once per candidate
     with tracker.run(f"screen-trial{trial.number}", tags=tags, parent_run_id=parent) as run_id:
         for start in screen["start_frames"]:
-            if start >= len(data.val):
-                raise hpo_config.ConfigError(
-                    f"promote.screen.start_frames={screen['start_frames']} is not allowed: indices 0..{len(data.val) - 1} of {data.val.path.name}"
-                )
             where = outdir / f"trial{trial.number}" / f"start{start}"
             found, trace, blow_up = hpo_md.run(data.val.frames[start], potential, md_cfg, where)
             title = f"screen: trial {trial.number}, {md_cfg.ensemble.upper()} from {data.val.path.name}[{start}]"
@@ -321,6 +317,10 @@ def screen_candidates(cfg, study, candidates, data, screen: dict, tracker: Track
     """The gate: screen the candidates in order; the first stable one wins (``promote.trial``: that one, stable or not)."""
     from hpo import stability
 
+    if max(screen["start_frames"]) >= len(data.val):
+        raise hpo_config.ConfigError(
+            f"promote.screen.start_frames={screen['start_frames']} is not allowed: indices 0..{len(data.val) - 1} of {data.val.path.name}"
+        )
     ranges = stability.training_ranges(data.train.frames)
     print(f"[hpo] screening {len(candidates)} candidate(s) of study {study.study_name!r} with {screen['steps']} "
           f"{screen['ensemble'].upper()} steps from validation frames {screen['start_frames']} (promote.screen)", flush=True)
