@@ -104,7 +104,7 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
 
     def wrapped(cfg: DictConfig) -> None:
         from hpo.data import DataError
-        from hpo.md import MDBlowUp
+        from hpo.md import MDBlowUp, MDUnstable
         from hpo.polarize import PolarizeError
         from hpo.registry.resolve import PromoteError
         from hpo.search.storage import StudyError
@@ -112,7 +112,7 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
 
         try:
             task(cfg)
-        except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp, SpectrumError) as exc:
+        except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp, MDUnstable, SpectrumError) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 

@@ -46,7 +46,11 @@ def cached_stage(marker: Path, compute) -> dict:
         print(f"[hpo] pipeline: reusing {marker.parent}", flush=True)
         return json.loads(marker.read_text())
     result = compute()
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items() if not hasattr(v, "shape")}
+    summary = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in result.items()
+        if isinstance(v, (Path, str, int, float, bool, type(None)))  # arrays and the MD verdict object stay out
+    }
     write_text(marker, json.dumps(summary, indent=2))
     return summary
 
@@ -81,6 +85,13 @@ def run(overrides: list[str]) -> dict:
         lambda: hpo_md.main(load_config([*gap_overrides, f"md.model_uri=models:/{gap_version['name']}/{gap_version['version']}"])),
     )
     trajectory = md_result["trajectory"]
+    if not md_result.get("md_stable", False):
+        raise hpo_md.MDUnstable(
+            f"the MD with GAP version {gap_version['version']} is not stable (md_stable=false): "
+            f"{md_result.get('stability_reason') or 'no stability verdict recorded'}; first unstable step "
+            f"{md_result.get('first_unstable_step')}. Its trajectory {trajectory} left the training distribution, so no "
+            "polarizabilities are predicted from it. Promote a stable model (promote.screen) or change the MD settings."
+        )
     polarize_dir = root / f"polarize-{stage_key(sagpr_version['name'], sagpr_version['version'], trajectory)}"
     polarize_result = cached_stage(
         polarize_dir / "polarize.json",

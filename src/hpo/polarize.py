@@ -83,7 +83,7 @@ def main(cfg) -> dict:
 
     table, metrics = comparison_table(predicted, reference)
     far = outliers(predicted, reference, settings.outlier_sigma)
-    metrics.update(n_frames=len(frames), n_outside=len(far), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
+    metrics.update(n_frames=len(frames), n_outside=len(far), fraction_outside=len(far) / len(frames), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
     run_id = tracker.start_run("polarize", tags={"command": "polarize", "run_type": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
     tracker.log(run_id, metrics=metrics)
     tracker.log_artifacts(run_id, [outdir / "trajectory_cartesian.out", outdir / "trajectory_polarizability.xyz", figure])
@@ -92,7 +92,7 @@ def main(cfg) -> dict:
     print(f"  predicted vs training data ({train_name}):\n{table}")
     if len(far):
         print(
-            f"[hpo] warning: {len(far)} frame(s) lie more than {settings.outlier_sigma} training std from the training mean "
+            f"[hpo] warning: {len(far)} frame(s) ({len(far) / len(frames):.1%}) lie more than {settings.outlier_sigma} training std from the training mean "
             f"(first: {far[:10].tolist()}): the model extrapolates there",
             flush=True,
         )
