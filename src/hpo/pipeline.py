@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from hpo import md as hpo_md
 from hpo import polarize as hpo_polarize
+from hpo import spectrum as hpo_spectrum
 from hpo.atomic import write_text
 from hpo.cache import digest
 from hpo.config import load_config, output_path
@@ -106,6 +107,20 @@ def run(overrides: list[str]) -> dict:
             )
         ),
     )
+    spectrum_result = None
+    if budget.spectrum and polarize_result["n_frames"] >= base.spectrum.min_frames:
+        spectrum_result = cached_stage(
+            root / f"spectrum-{stage_key(polarize_result['outdir'], OmegaConf.to_container(base.spectrum, resolve=True))}" / "spectrum.json",
+            lambda: hpo_spectrum.main(
+                load_config([*sagpr_overrides, f"spectrum.trajectory={Path(polarize_result['outdir']) / 'trajectory_polarizability.xyz'}"])
+            ),
+        )
+    elif budget.spectrum:
+        print(
+            f"[hpo] pipeline: no Raman spectrum from {polarize_result['n_frames']} frames (spectrum.min_frames="
+            f"{base.spectrum.min_frames}); run a longer MD for one, e.g. md.steps=4000 (2 ps at 0.5 fs)",
+            flush=True,
+        )
     summary = {
         "gap_version": gap_version["version"],
         "gap_val_energy_rmse": gap_version.get("objective"),
@@ -113,6 +128,7 @@ def run(overrides: list[str]) -> dict:
         "sagpr_val_rmse": sagpr_version.get("objective"),
         "md": md_result,
         "polarize": polarize_result,
+        "spectrum": spectrum_result,
     }
     print(f"[hpo] pipeline done: GAP version {gap_version['version']}, SA-GPR version {sagpr_version['version']}", flush=True)
     return summary

@@ -60,6 +60,15 @@ class Tracking:
 
 
 @dataclass
+class Screen:
+    k: int
+    steps: int
+    start_frames: list[int]
+    ensemble: str
+    friction_per_fs: Optional[float]
+
+
+@dataclass
 class Promote:
     trial: Optional[int]
     pick: str
@@ -67,6 +76,18 @@ class Promote:
     cost: str
     alias: str
     registered_model: dict[str, str]
+    screen: Screen
+
+
+@dataclass
+class Spectrum:
+    trajectory: str
+    window: str
+    max_wavenumber_cm: float
+    correlation_fs: Optional[float]
+    correction: Optional[str]
+    temperature_K: float
+    min_frames: int
 
 
 @dataclass
@@ -85,19 +106,23 @@ class Pipeline:
     sagpr_train_size: int
     gap_overrides: list[str]
     sagpr_overrides: list[str]
+    spectrum: bool
 
 
 # Groups checked key by key; the others (dataset, model, search, figures, curves, report, md) hold
 # kind- or data-dependent tables and are checked by hpo.config.validate.
-GROUPS: dict[str, type] = {"study": Study, "tracking": Tracking, "promote": Promote, "polarize": Polarize, "pipeline": Pipeline}
+GROUPS: dict[str, type] = {
+    "study": Study, "tracking": Tracking, "promote": Promote, "polarize": Polarize, "pipeline": Pipeline, "spectrum": Spectrum,
+}
 
 
 def _known_keys(schema: type, prefix: str) -> list[str]:
     keys = []
     for f in fields(schema):
         keys.append(f"{prefix}.{f.name}")
-        if is_dataclass(f.type if isinstance(f.type, type) else None):
-            keys += _known_keys(f.type, f"{prefix}.{f.name}")
+        nested = globals().get(str(f.type))
+        if is_dataclass(nested):
+            keys += _known_keys(nested, f"{prefix}.{f.name}")
     return keys
 
 

@@ -26,7 +26,7 @@ from hpo import config as hpo_config
 from hpo import plots
 from hpo.data import load_datasets, load_test_set
 from hpo.models import kind
-from hpo.models.base import with_values
+from hpo.models.base import TrialFailure, with_values
 from hpo.redact import redact
 from hpo.registry.resolve import MODEL_DIR, PromoteError
 from hpo.search.objective import score
@@ -110,6 +110,14 @@ def promote(cfg) -> dict:
             files, workdir = model_files(cfg, study, trial, data)
             screened = None
         model = with_values(hpo_config.model_params(cfg), trial.params)
+        try:
+            # e.g. a GAP solved with numpy is refitted by gap_fit on the same sparse points and compared
+            files, production = model_kind.production_model(cfg, model, data, files, promote_dir / "production")
+        except TrialFailure as exc:
+            raise PromoteError(f"trial {trial.number}: {exc}") from None
+        if production:
+            workdir = files[0].parent
+            tracker.log(run_id, metrics=production)
         metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
         lineage = {
             "study": study.study_name,
