@@ -209,13 +209,21 @@ def test_hartree_bohr_file_gives_the_same_metrics(emt, tmp_path):
         assert au[key] == pytest.approx(ev[key], rel=1e-6), key
 
 
-def test_e0_average_is_passed_to_gap_fit(emt, tmp_path):
-    cfg = make_cfg(tmp_path, *files_overrides(emt, test=False), "dataset.e0=average", "model.force_metrics=false")
-    found = _fit(cfg, tmp_path / "fit")
-    command = (tmp_path / "fit" / "gap_fit.cmd").read_text()
+def test_e0_average_is_passed_to_gap_fit_and_matched_by_the_numpy_solver(emt, tmp_path):
+    from hpo.models.gap.sparse_gap import SparseGap
+
+    base = [*files_overrides(emt, test=False), "dataset.e0=average", "model.force_metrics=false"]
+    found = _fit(make_cfg(tmp_path, *base, "model.solver=gap_fit"), tmp_path / "gap_fit")
+    command = (tmp_path / "gap_fit" / "gap_fit.cmd").read_text()
     assert "e0_method=average" in command and "e0={" not in command
     assert math.isfinite(found["val_loss"]) and "val_force_rmse" not in found
     assert found["val_loss"] == pytest.approx(found["val_energy_rmse_per_atom"] / found["loss_energy_scale"])
+    _fit(make_cfg(tmp_path, *base, "model.solver=numpy"), tmp_path / "numpy")
+    data = load_datasets(make_cfg(tmp_path, *base))
+    mean = np.mean(data.train.energies / data.train.n_atoms)  # gap_fit's average: of energy per atom over frames
+    for solver in ("gap_fit", "numpy"):
+        e0 = SparseGap.read(tmp_path / solver / "gap.xml").e0
+        assert e0[13] == pytest.approx(mean, rel=1e-10) and e0[29] == pytest.approx(mean, rel=1e-10), solver
 
 
 # --------------------------------------------------------------------------- data check

@@ -239,6 +239,21 @@ def subset_frames(pool: FrameSet, indices: np.ndarray, path: Path) -> FrameSet:
     )
 
 
+def joined_frames(sets: list[FrameSet], path: Path) -> FrameSet:
+    """Several frame sets as one (e.g. training + validation for k-fold cross-validation), written to ``path``."""
+    frames = [atoms for s in sets for atoms in s.frames]
+    with atomic_write(path) as tmp:
+        ase.io.write(tmp, frames, format="extxyz")
+    energies = [s.energies for s in sets]
+    return FrameSet(
+        path=path,
+        frames=frames,
+        sha256=sha256sum(path),
+        energies=np.concatenate(energies) if all(e is not None for e in energies) else None,
+        forces=[f for s in sets for f in s.forces] if all(s.forces for s in sets) else [],
+    )
+
+
 def train_file(dataset_cfg) -> str:
     files = {int(k): v for k, v in dataset_cfg.train_files.items()}
     return files[int(dataset_cfg.train_size)]
@@ -267,6 +282,14 @@ class Datasets:
         if self.e0_average:
             return None
         return dict(self.e0) if self.e0 is not None else dict(dataset_cfg.e0)
+
+    def solver_e0(self, dataset_cfg) -> dict[str, float]:
+        """Isolated-atom energies for hpo's own solver: with ``e0_average`` the value gap_fit's
+        ``e0_method=average`` takes (the mean over training frames of energy per atom, every species)."""
+        if not self.e0_average:
+            return self.fit_e0(dataset_cfg)
+        mean = float(np.mean(self.train.energies / self.train.n_atoms))
+        return {symbol: mean for symbol in sorted({s for atoms in self.train.frames for s in atoms.get_chemical_symbols()})}
 
     @property
     def hashes(self) -> dict[str, str]:
