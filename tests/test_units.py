@@ -22,7 +22,10 @@ from hpo.redact import redact, redact_text
 from hpo.search.selection import cheapest_within, failure_verdict
 from hpo.search.storage import trial_seed
 
-GAP_PARAMS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "gap.yaml"))
+# gap.yaml reads its own-data defaults (force_metrics, metric) from the dataset group: resolved here without one
+GAP_PARAMS = OmegaConf.to_container(
+    OmegaConf.create({"experiments_dir": "experiments", "dataset": {}, "model": OmegaConf.load(CONF_DIR / "model" / "gap.yaml")}), resolve=True
+)["model"]
 SAGPR_PARAMS = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / "sagpr.yaml"))["model"]
 
 
