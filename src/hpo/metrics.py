@@ -99,14 +99,16 @@ def loss(
     return float(np.sqrt(sum(w * x**2 for w, x in terms) / sum(w for w, _ in terms)))
 
 
-def loss_metrics(found: dict[str, float], weights: dict, scales: tuple[float, float | None]) -> dict[str, float]:
-    """``train_loss`` / ``val_loss`` (:func:`loss`) of the ``{prefix}_energy_rmse_per_atom`` and
-    ``{prefix}_force_rmse`` in ``found``, plus the scales used (``loss_energy_scale``, ``loss_force_scale``)."""
+def loss_metrics(
+    found: dict[str, float], weights: dict, scales: tuple[float, float | None], prefixes: tuple[str, ...] = ("train", "val")
+) -> dict[str, float]:
+    """``train_loss`` / ``val_loss`` (:func:`loss`; any ``prefixes``) of the ``{prefix}_energy_rmse_per_atom``
+    and ``{prefix}_force_rmse`` in ``found``, plus the scales used (``loss_energy_scale``, ``loss_force_scale``)."""
     energy_scale, force_scale = scales
     out = {"loss_energy_scale": energy_scale}
     if force_scale is not None:
         out["loss_force_scale"] = force_scale
-    for prefix in ("train", "val"):
+    for prefix in prefixes:
         if f"{prefix}_energy_rmse_per_atom" in found:
             out[f"{prefix}_loss"] = loss(
                 found[f"{prefix}_energy_rmse_per_atom"],

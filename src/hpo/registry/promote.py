@@ -398,8 +398,13 @@ def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str
         return {}, {"test_split": "none"}
     model = with_values(hpo_config.model_params(cfg), trial.params)
     found = test_errors(cfg, model, files, test, model_kind)
+    if model_kind.name == "gap":  # test_loss, with the scales of the study's val_loss
+        from hpo.models.gap.kind import trial_loss
+
+        found.update({k: v for k, v in trial_loss(cfg, found, data.val, bool(model.get("force_metrics")), ("test",)).items() if k == "test_loss"})
     split = hashlib.sha256("".join(frame_digests(test.frames)).encode()).hexdigest()
-    tags = {"test_split": "frames of " + str(cfg.dataset.test_file) + (" not in " + data.train.path.name if cfg.dataset.get("test_excludes_train") else ""),
+    source = cfg.dataset.get("test_file") or test.path
+    tags = {"test_split": "frames of " + str(source) + (" not in " + data.train.path.name if cfg.dataset.get("test_excludes_train") else ""),
             "test_size": str(len(test)), "test_split_sha256": split}
     default = default_trial(study)
     if default is not None:

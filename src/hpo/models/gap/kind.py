@@ -246,15 +246,15 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     )
 
 
-def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool) -> dict[str, float]:
-    """``train_loss`` and ``val_loss`` (``hpo.metrics.loss``) with the weights and scales of ``study.loss``;
-    a null scale is the validation set's spread (``hpo.metrics.loss_scales``)."""
+def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool, prefixes: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
+    """``train_loss`` and ``val_loss`` (``hpo.metrics.loss``; any ``prefixes``, e.g. ``test``) with the weights
+    and scales of ``study.loss``; a null scale is the validation set's spread (``hpo.metrics.loss_scales``)."""
     weights = cfg.study.get("loss") or {"energy_weight": 1.0, "force_weight": 1.0, "energy_scale": None, "force_scale": None}
     try:
         scales = metrics.loss_scales(
             val.energies, val.n_atoms, val.forces if force_metrics else None, weights["energy_scale"], weights["force_scale"]
         )
-        return metrics.loss_metrics(found, weights, scales)
+        return metrics.loss_metrics(found, weights, scales, prefixes)
     except ValueError as exc:
         raise TrialFailure("nan_metric", f"no loss: {exc}") from exc
 
