@@ -193,6 +193,16 @@ def test_files_study_with_energy_force_loss(emt, tmp_path):
     assert children[0].data.metrics["loss_energy_scale"] == pytest.approx(np.std(data.val.energies / data.val.n_atoms))
 
 
+def test_own_data_study_promotes_with_test_loss(emt, tmp_path, capsys):
+    from hpo.registry.promote import promote
+
+    cfg = make_cfg(tmp_path, *files_overrides(emt), "study.n_trials=1", "promote.screen.k=1", "promote.screen.steps=10")
+    loop.run(cfg)
+    promote(cfg)
+    out = capsys.readouterr().out
+    assert "registered files-gap version 1" in out and "val_loss / test_loss" in out
+
+
 def _fit(cfg, workdir):
     return score(cfg, model_params(cfg), load_datasets(cfg), workdir).metrics
 
