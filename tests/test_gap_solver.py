@@ -178,3 +178,15 @@ def test_written_model_is_loaded_by_quippy(emt, tmp_path):
     found = {d: environments(d, val, gradients=True) for d in model.descriptors}
     for mine, theirs in zip(gs.predict_forces(model, found, val), quippy_forces):
         assert np.abs(mine - theirs).max() < FORCE_TOL
+
+
+def test_written_model_with_long_sparse_points_is_loaded_by_quippy(water, tmp_path):
+    """Descriptors longer than 50 values are written in gap_fit's slices (quippy reads them by fixed width)."""
+    _, train, val = water
+    params = tiny_params(n_max=8, l_max=8, cutoff=4.0, n_sparse=6)
+    model, _ = gs.fit_frames(params, train[:4], energies(train[:4]), WATER_E0)
+    assert model.gps[0].sparse_points.shape[1] > 50
+    path = gs.write_xml(model, tmp_path / "long.xml")
+    assert "sparseX_slice" in path.read_text()
+    quippy_energies, _ = gap.predict(gap.load(path), val[:2])
+    assert np.abs(model.predict(val[:2]) - quippy_energies).max() < ENERGY_TOL

@@ -23,7 +23,8 @@ from helpers import TINY_GAP
 def promoted_root(tiny_data, tmp_path_factory):
     """One promoted study shared by this module's tests (promotion is the slow part)."""
     root = tmp_path_factory.mktemp("promoted")
-    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP]
+    # gap_fit solver: its fits of these slices include a stable trial for the screen (see test_trust)
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit"]
     cfg = load_config([*overrides, "study.n_trials=2"])
     loop.run(cfg)
     return overrides, cfg, hpo_promote.promote(cfg)
@@ -101,7 +102,7 @@ def test_md_blow_up_guard_keeps_frames(promoted_cfg):
 def test_promote_bad_inputs(tiny_cfg, tiny_overrides, tmp_path):
     with pytest.raises(storage.StudyError, match="no study named 'nothing-here'"):
         hpo_promote.promote(tiny_cfg("study.name=nothing-here", "study.n_trials=1"))
-    cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.fit_timeout_s=0.001")
+    cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.solver=gap_fit", "model.fit_timeout_s=0.001")
     with pytest.raises(storage.StudyError, match=r"4 of 4 trials failed \(study.max_failure_rate=0.5\)"):
         loop.run(cfg)
     with pytest.raises(PromoteError, match="has no finished trial"):
@@ -145,3 +146,19 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
     # (the gate is off, else promote itself would refuse every candidate under that floor)
     with pytest.raises(hpo_md.MDUnstable, match=r"not stable \(md_stable=false\): temperature .* at step 0"):
         pipeline.run([*overrides, "promote.screen.k=0", "md.stability.min_temperature_K=1000"])
+
+
+def test_numpy_solved_trial_is_refitted_by_gap_fit_at_promotion(tiny_cfg):
+    cfg = tiny_cfg("study.n_trials=2", "promote.screen.k=0")
+    study = loop.run(cfg)
+    assert {t.user_attrs.get("model_files") is not None for t in study.trials} == {True}
+    lineage = hpo_promote.promote(cfg)
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    version = client.get_model_version("water-gap", lineage["version"])
+    assert "gap_fit" in version.tags["gap_fit_command"] and "sparse_method=index_file" in version.tags["gap_fit_command"]
+    promote_run = client.get_run(version.run_id)
+    # gap_fit, handed hpo's sparse points, fits the model the numpy solver fitted
+    assert promote_run.data.metrics["refit_max_energy_difference_eV"] < 1e-6
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/water-gap/{lineage['version']}", tracking_uri=cfg.tracking.tracking_uri))
+    (registered,) = list(model_dir.rglob("gap.xml"))
+    assert "GAP_hpo" not in registered.read_text()[:500]  # gap_fit's own XML, not the one hpo's solver wrote

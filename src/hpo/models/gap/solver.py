@@ -298,6 +298,8 @@ def predict_forces(model: SparseGap, found: Mapping[str, Environments], frames: 
 # --------------------------------------------------------------------------- a model quippy can load
 
 N_ELEMENTS = 118  # gap_fit writes an e0 for every element
+SLICE = 50  # values per <sparseX_slice>, as gap_fit writes long sparse points
+SLICE_FIELD = 26  # characters per value in a slice (repr of a double takes at most 24)
 # gap_version of the quippy-ase 0.10.3 gap_fit; quippy reads older models differently (its compatibility switches).
 GAP_VERSION = 1769700636
 
@@ -329,8 +331,18 @@ def write_xml(model: SparseGap, path: Path, label: str = "GAP_hpo") -> Path:
         lines.append(f"      <descriptor>{escape(gp.descriptor)}</descriptor>")
         lines.append('      <permutation i="1">1</permutation>')
         for j, (alpha, point) in enumerate(zip(gp.alpha, gp.sparse_points), start=1):
-            values = " ".join(number(v) for v in point)
-            lines.append(f'      <sparseX i="{j}" alpha="{number(alpha)}" sparseCutoff="1.0">{values}</sparseX>')
+            if len(point) <= SLICE:
+                values = " ".join(number(v) for v in point)
+                lines.append(f'      <sparseX i="{j}" alpha="{number(alpha)}" sparseCutoff="1.0">{values}</sparseX>')
+                continue
+            # quippy cannot read a long vector from one line: gap_fit writes slices of 50 values, and quippy
+            # reads a slice by fixed-width fields of 26 characters (measured: single-spaced values fail)
+            lines.append(f'      <sparseX i="{j}" alpha="{number(alpha)}" sparseCutoff="1.0" sliced="T">')
+            for start in range(0, len(point), SLICE):
+                chunk = point[start : start + SLICE]
+                values = "".join(f"{number(v):>{SLICE_FIELD}}" for v in chunk)
+                lines.append(f'        <sparseX_slice start="{start + 1}" end="{start + len(chunk)}">{values}</sparseX_slice>')
+            lines.append("      </sparseX>")
         lines.append("    </gpCoordinates>")
     lines += ["  </gpSparse>", "</GAP_params>", f"</{label}>"]
     path = Path(path)
