@@ -30,6 +30,7 @@ from hpo import config as hpo_config
 from hpo import plots
 from hpo.data import load_datasets
 from hpo.models import kind
+from hpo.progress import quiet
 from hpo.redact import redact
 from hpo.search.objective import Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
@@ -236,6 +237,7 @@ def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
 def _worker(container: dict, parent_run_id: str, index: int) -> None:
     """Entry point of a worker process (module level, so ``spawn`` can import it)."""
     cfg = OmegaConf.create(container)
+    quiet(bool(cfg.get("verbose", False)))  # a spawned process starts with Optuna's INFO lines on
     print(f"[hpo] worker {index} started (pid {os.getpid()}, {threads_per_worker(cfg)} thread(s))", flush=True)
     optimize(cfg, parent_run_id)
 
