@@ -118,3 +118,42 @@ class Cache:
             path.unlink(missing_ok=True)
             freed += size
         return freed
+
+
+def directory_bytes(path: str | os.PathLike | None) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    if path is None or not Path(path).is_dir():
+        return 0
+    total = 0
+    for entry in Path(path).rglob("*"):
+        with contextlib.suppress(OSError):  # removed by another worker meanwhile
+            if entry.is_file():
+                total += entry.stat().st_size
+    return total
+
+
+# model kind -> (key of the cache directory, key of its bound in GB) in the model config
+CACHE_KEYS = {"gap": ("descriptor_cache_dir", "descriptor_cache_max_gb"), "sagpr": ("cache_dir", "cache_max_gb")}
+
+
+def disk_report(*cfgs) -> str:
+    """What the commands' outputs hold on disk: each model cache against its bound, and the study's trial
+    directories (printed at the end of ``optimize`` and ``pipeline``)."""
+    from hpo.config import output_path
+
+    lines, seen = ["[hpo] disk:"], set()
+    for cfg in cfgs:
+        dir_key, max_key = CACHE_KEYS.get(str(cfg.model.kind), (None, None))
+        cache_dir = cfg.model.get(dir_key) if dir_key else None
+        if cache_dir and ("cache", str(cache_dir)) not in seen:
+            seen.add(("cache", str(cache_dir)))
+            path = output_path(cache_dir)
+            lines.append(
+                f"  model.{dir_key} {path}: {directory_bytes(path) / 1e9:.2f} GB "
+                f"(model.{max_key}={cfg.model[max_key]} GB; deleting it is always safe)"
+            )
+        trials = output_path(cfg.experiments_dir) / str(cfg.study.name)
+        if ("trials", str(trials)) not in seen and trials.is_dir():
+            seen.add(("trials", str(trials)))
+            lines.append(f"  trial directories {trials}: {directory_bytes(trials) / 1e9:.2f} GB")
+    return "\n".join(lines)

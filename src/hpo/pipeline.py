@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from hpo import md as hpo_md
 from hpo import polarize as hpo_polarize
 from hpo.atomic import write_text
-from hpo.cache import digest
+from hpo.cache import digest, disk_report
 from hpo.config import load_config, output_path
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
@@ -103,5 +103,6 @@ def run(overrides: list[str]) -> dict:
         "md": md_result,
         "polarize": polarize_result,
     }
+    print(disk_report(gap_cfg, sagpr_cfg), flush=True)
     print(f"[hpo] pipeline done: GAP version {gap_version['version']}, SA-GPR version {sagpr_version['version']}", flush=True)
     return summary

@@ -141,6 +141,10 @@ class Objective:
                 if key in scored.metrics:
                     trial.set_user_attr(key, scored.metrics[key])
             trial.set_user_attr("overfit", scored.tags.get("overfit") == "true")
+            # values the fit used where they differ from the sampled ones (gap_fit caps n_sparse)
+            effective = {k: scored.params[k] for k in values if k in scored.params and scored.params[k] != values[k]}
+            if effective:
+                trial.set_user_attr("effective_params", effective)
             trial.set_user_attr("model_files", [str(p) for p in scored.model_files])
             note = trial_note(self.cfg, trial.number, trial.study.study_name, scored, values)
             self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE", NOTE_TAG: note})

@@ -134,11 +134,12 @@ class GapKind(ModelKind):
         found.update(fit_time_s=fitted.fit_time_s_, descriptor_wait_s=fit_wall - fitted.fit_time_s_, eval_time_s=eval_time)
 
         title = f"GAP, {data.train.path.name} ({len(data.train)}) / {data.val.path.name} ({len(data.val)})"
-        parity = plots.parity_plot(
+        parity = plots.energy_parity_plot(
             workdir / "parity_energy.png",
-            {"train": (data.train.energies, predicted["train"]), "validation": (data.val.energies, predicted["val"])},
-            "energy",
-            "eV",
+            {
+                "train": (data.train.energies, predicted["train"], data.train.n_atoms),
+                "validation": (data.val.energies, predicted["val"], data.val.n_atoms),
+            },
             title,
         )
         if params["descriptor_cache_dir"]:
