@@ -132,6 +132,13 @@ def directory_bytes(path: str | os.PathLike | None) -> int:
     return total
 
 
+def size_text(n_bytes: int) -> str:
+    """Bytes in the unit a reader takes in at a glance: 0.4 MB, 12 MB, 1.3 GB."""
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.1f} GB"
+    return f"{n_bytes / 1e6:.{1 if n_bytes < 1e7 else 0}f} MB"
+
+
 # model kind -> (key of the cache directory, key of its bound in GB) in the model config
 CACHE_KEYS = {"gap": ("descriptor_cache_dir", "descriptor_cache_max_gb"), "sagpr": ("cache_dir", "cache_max_gb")}
 
@@ -149,11 +156,11 @@ def disk_report(*cfgs) -> str:
             seen.add(("cache", str(cache_dir)))
             path = output_path(cache_dir)
             lines.append(
-                f"  model.{dir_key} {path}: {directory_bytes(path) / 1e9:.2f} GB "
+                f"  model.{dir_key} {path}: {size_text(directory_bytes(path))} "
                 f"(model.{max_key}={cfg.model[max_key]} GB; deleting it is always safe)"
             )
         trials = output_path(cfg.experiments_dir) / str(cfg.study.name)
         if ("trials", str(trials)) not in seen and trials.is_dir():
             seen.add(("trials", str(trials)))
-            lines.append(f"  trial directories {trials}: {directory_bytes(trials) / 1e9:.2f} GB")
+            lines.append(f"  trial directories {trials}: {size_text(directory_bytes(trials))}")
     return "\n".join(lines)

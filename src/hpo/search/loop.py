@@ -30,6 +30,7 @@ from hpo import config as hpo_config
 from hpo import plots
 from hpo.cache import disk_report
 from hpo.data import load_datasets
+from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
 from hpo.progress import quiet
 from hpo.redact import redact
@@ -104,6 +105,8 @@ def run(cfg) -> optuna.Study:
     study = open_study(cfg, space, n_train=len(data.train))
     origin.record(study, cfg)  # model kind and data: report, promote and curves read them back
     tracker = Tracker(cfg.tracking)
+    view = save_trials_view(tracker, cfg, [p.name for p in space])
+    print(f"[hpo] trials in MLflow: mlflow ui --backend-store-uri {redact(tracker.tracking_uri)} ; open {view}", flush=True)
     n_workers = cfg.study.n_workers
     tags = {
             **provenance_tags(),

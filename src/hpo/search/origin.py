@@ -109,4 +109,10 @@ def config_for_study(
     print(f"[hpo] study {name!r} was run with {', '.join(additions)}: the config is composed with them", flush=True)
     if study_name is None and "study.name" not in typed:
         additions.append(f"study.name={name}")  # study.name's default follows model.kind: keep this study
-    return load_config([*overrides, *additions])
+    from hydra.errors import HydraException
+
+    try:
+        return load_config([*overrides, *additions])
+    except HydraException as exc:  # e.g. model.n_sparse=... given for a study of SA-GPR models
+        first = str(exc).splitlines()[0]
+        raise ConfigError(f"study {name!r} was run with {', '.join(additions)}; the command's overrides do not fit it: {first}") from None
