@@ -59,7 +59,7 @@ def dashboard(cfg) -> None:
     if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
         raise DashboardError(f"dashboard.port={port!r} is not allowed: an integer in 1..65535")
     storage = open_storage(url)
-    names = [s.study_name for s in optuna.get_all_studies(storage)]
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     shown = f"[{host}]" if ":" in host else host
     print(
         f"[hpo] optuna-dashboard of {redact(url)} ({len(names)} studies: {', '.join(names) or 'none yet'})\n"
@@ -74,9 +74,39 @@ def dashboard(cfg) -> None:
             flush=True,
         )
     try:
-        optuna_dashboard.run_server(storage, host=host, port=port)
-    except KeyboardInterrupt:
-        pass
+        serve(optuna_dashboard.wsgi(storage), host, port)
     except OSError as exc:  # port in use, address not on this machine
         raise DashboardError(f"dashboard cannot listen on {host}:{port} ({exc}); pick another, e.g. dashboard.port={port + 1}") from None
     print("[hpo] dashboard stopped", flush=True)
+
+
+def serve(app, host: str, port: int) -> None:
+    """Serve ``app`` until Ctrl-C or SIGTERM, then stop between requests (optuna_dashboard.run_server would
+    let the signal interrupt a response half written, and logs every request)."""
+    import signal
+    import socket
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, format, *args):  # noqa: A002 - the signature of BaseHTTPRequestHandler
+            pass
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = make_server(host, port, app, server_class=Server, handler_class=Quiet)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    thread.start()
+    try:
+        while not stop.wait(0.5):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -60,7 +60,7 @@ def energy_parity_plot(path: Path, series: dict[str, tuple[np.ndarray, np.ndarra
         label: (1e3 * (np.asarray(true) / np.asarray(atoms) - mean), 1e3 * (np.asarray(pred) / np.asarray(atoms) - mean))
         for label, (true, pred, atoms) in series.items()
     }
-    return parity_plot(path, relative, f"energy - mean ({mean:.3f} eV/atom)", "meV/atom", title)
+    return parity_plot(path, relative, "energy per atom − training mean", "meV/atom", f"{title}\ntraining mean {mean:.4f} eV/atom")
 
 
 def plain_ticks(ax) -> None:
