@@ -81,6 +81,7 @@ def test_study_records_what_the_ui_and_readers_need(tiny_cfg, tiny_overrides, tm
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert experiment.tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    assert "tags.run_type = 'trial'" in experiment.tags[NOTE_TAG]  # the experiment's description
     view = json.loads(experiment.tags[f"mlflow.sharedViewState.{TRIALS_VIEW}"])
     state = json.loads(view["state"])
     assert state["searchFilter"] == TRIAL_FILTER == "tags.run_type = 'trial'"

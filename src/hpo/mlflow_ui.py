@@ -33,7 +33,8 @@ import time
 from collections.abc import Sequence
 from urllib.parse import urlencode, urlsplit, urlunsplit
 
-from hpo.tracking import EXPERIMENT_KIND_TAG, EXPERIMENT_KIND as KIND_VALUE
+from hpo.tracking import EXPERIMENT_KIND as KIND_VALUE
+from hpo.tracking import EXPERIMENT_KIND_TAG, NOTE_TAG
 
 EXPERIMENT_KIND = (EXPERIMENT_KIND_TAG, KIND_VALUE)  # hpo.tracking sets it on every experiment it opens
 SAVED_VIEW_PREFIX = "mlflow.sharedViewState."
@@ -100,6 +101,10 @@ def experiment_url(ui_url: str, experiment_id: str, view_id: str | None = None) 
 TRIALS_VIEW = "hpo-trials"
 TRIAL_FILTER = "tags.run_type = 'trial'"
 DEFAULT_UI = "http://127.0.0.1:5000"
+EXPERIMENT_NOTE = (
+    "hpo studies: one parent run per optimize invocation (run_type=study) with one nested run per trial "
+    "(run_type=trial). Views > 'hpo: trials' lists the trials with their metrics; or search tags.run_type = 'trial'."
+)
 
 
 def save_trials_view(tracker, cfg, param_names: Sequence[str]) -> str:
@@ -115,4 +120,7 @@ def save_trials_view(tracker, cfg, param_names: Sequence[str]) -> str:
         tracker.client, tracker.experiment_id, TRIALS_VIEW, "hpo: trials", list(dict.fromkeys(metrics)),
         params=params, ascending=ascending, search_filter=TRIAL_FILTER,
     )
+    experiment = tracker.client.get_experiment(tracker.experiment_id)
+    if NOTE_TAG not in experiment.tags:  # the Description column of the UI's experiment list
+        tracker.client.set_experiment_tag(tracker.experiment_id, NOTE_TAG, EXPERIMENT_NOTE)
     return experiment_url(DEFAULT_UI, tracker.experiment_id, TRIALS_VIEW)
