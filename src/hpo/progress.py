@@ -96,7 +96,11 @@ class Bar:
         return f"{self.label}: {self.done}/{self.total}{unit} ({100 * fraction:.0f}%), {timing}"
 
     def update(self, n: int = 1) -> None:
-        self.done = min(self.done + n, self.total) if self.total else self.done + n
+        self.set(self.done + n)
+
+    def set(self, done: int) -> None:
+        """``done`` units finished so far (e.g. an integrator's step count)."""
+        self.done = min(done, self.total) if self.total else done
         now = time.perf_counter()
         if self.tty:
             self.stream.write("\r" + self.line())
