@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 def test_config_mistakes_are_named(tmp_path):
-    with pytest.raises(ConfigError, match=r"\+study\.n_trial is not a key.*did you mean study\.n_trials\?"):
+    with pytest.raises(ConfigError, match=r"study\.n_trial is not a key of the study config \(did you mean study\.n_trials\?\)"):
         load_config(["+study.n_trial=5"])
     with pytest.raises(ConfigError, match="did you mean model.cutoff"):
         load_config(["+model.cutof=3.0"])

@@ -108,9 +108,12 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
             continue  # ~key +key=... replaces a key conf/ has
         existing = [k for k in keys if k not in added_keys and not any(k.startswith(f"{a}.") for a in added_keys)]
         hint = nearest_key(key, existing)
+        group = key.partition(".")[0]
+        # worded as hpo.schema words the same mistake when a command validates its config
+        what = {"model": f"a parameter of model {str(cfg.model.get('kind'))!r}"}.get(group, f"a key of the {group} config" if "." in key else "a key of the config")
         raise ConfigError(
-            f"+{key} is not a key of the config" + (f"; did you mean {hint}?" if hint else ".")
-            + f" Keys can be added only under {', '.join(OPEN_MAPPINGS[:3])}, ... (see `python -m hpo COMMAND --cfg job`)."
+            f"{key} is not {what}" + (f" (did you mean {hint}?)" if hint else "")
+            + f"; +key adds a key only under {', '.join(OPEN_MAPPINGS[:3])}, ... (`python -m hpo COMMAND --cfg job` prints the config)"
         )
 
 

@@ -19,8 +19,9 @@ from hpo import md as hpo_md
 from hpo import polarize as hpo_polarize
 from hpo import spectrum as hpo_spectrum
 from hpo.atomic import write_text
-from hpo.cache import digest, disk_report
+from hpo.cache import digest
 from hpo.config import load_config, output_path
+from hpo.disk import disk_report
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
 from hpo.search.selection import count

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from hpo import config as hpo_config
 from hpo import plots
-from hpo.cache import disk_report
+from hpo.disk import disk_report
 from hpo.data import load_datasets
 from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
