@@ -124,7 +124,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
         "pipeline.gap_train_size=50",
         "pipeline.sagpr_trials=2",
         "pipeline.sagpr_train_size=50",
-        "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small']",
+        "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small','model.solver=gap_fit']",
         "pipeline.sagpr_overrides=['search=sagpr_small','model.n_max=2','model.l_max=2','model.nc=null','model.rc=3.0']",
         "md.steps=10",
     ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -16,7 +18,13 @@ def test_report_of_a_three_trial_study(tiny_cfg, tmp_path):
     study = loop.run(tiny_cfg(*overrides))
 
     # Default config: 3 trials are too few for importances, which the page says instead of drawing noise.
-    result = report.write_report(tiny_cfg(*overrides))
+    previous = os.umask(0o022)  # the usual umask: the page must be readable by the group, not 0600 as mkstemp makes it
+    try:
+        result = report.write_report(tiny_cfg(*overrides))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(result.html.stat().st_mode) == 0o644
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in result.figures)
     page = result.html.read_text()
     assert result.html.name == f"{study.study_name}.html"
     for key, heading in report.SECTIONS.items():

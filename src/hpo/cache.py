@@ -118,3 +118,4 @@ class Cache:
             path.unlink(missing_ok=True)
             freed += size
         return freed
+

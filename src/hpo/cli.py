@@ -6,6 +6,7 @@ so overrides, ``--multirun`` and ``--cfg job`` work as in any Hydra app.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -30,6 +31,7 @@ commands:
   sweep-param      train/validation RMSE vs one or two parameters (sweep.param, sweep.values)
   report     one self-contained HTML page for a study (study.name=...)
   spectrum   Raman spectra of a predicted polarizability trajectory (spectrum.trajectory=...)
+  dashboard  optuna-dashboard on study.storage (http://127.0.0.1:8080 by default)
   data check       check the dataset's files (keys, units, NaN, duplicates, outliers, forces vs energies);
                    exit 1 on a failed check (also: data check "data.files=[a.xyz,b.xyz]")
 
@@ -91,6 +93,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep-param": ("hpo.analysis.sweep", "sweep_param"),
     "report": ("hpo.analysis.report", "report"),
     "spectrum": ("hpo.spectrum", "main"),
+    "dashboard": ("hpo.dashboard", "dashboard"),
     "data check": ("hpo.own_data", "check_command"),
 }
 # Two-word commands: the first word and the words it may be followed by.
@@ -110,6 +113,12 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
     """Known user errors become one paragraph and exit code 2, not a traceback."""
 
     def wrapped(cfg: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        from hpo.config import check_added_keys
+        from hpo.progress import quiet
+
+        quiet(bool(cfg.get("verbose", False)))
         from hpo.data import DataError
         from hpo.md import MDBlowUp, MDUnstable
         from hpo.polarize import PolarizeError
@@ -118,6 +127,7 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
         from hpo.spectrum import SpectrumError
 
         try:
+            check_added_keys(cfg, list(HydraConfig.get().overrides.task))
             task(cfg)
         except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp, MDUnstable, SpectrumError) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
@@ -138,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(2)
         command = f"{command} {argv.pop(0)}"
     if command not in COMMANDS:
-        print(f"hpo: unknown command {command!r}; one of {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
+        near = difflib.get_close_matches(command, COMMANDS, n=1, cutoff=0.5)
+        hint = f"; did you mean {near[0]}?" if near else "."
+        print(f"hpo: unknown command {command!r}{hint} Commands: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
     sys.argv = [f"hpo {command.replace(' ', '-')}", *argv]
     # MLflow's per-file download bars would flood the log of every command that loads a model

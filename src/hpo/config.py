@@ -7,6 +7,7 @@ the composed tree against the allowed values declared below and raises a
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +32,94 @@ PARAM_TYPES = ("float", "int", "categorical")
 DATASET_SOURCES = ("files", "pool")
 E0_MODES = ("isolated_atoms", "average")
 
+# Mappings whose keys are the user's to choose: a key added with `+` is accepted only under one of these
+# (anywhere else an added key is a typo that would be silently ignored, e.g. +study.n_trial=5).
+OPEN_MAPPINGS = (
+    "search.space",
+    "dataset.e0",
+    "dataset.train_files",
+    "dataset.sha256",
+    "figures.metrics",
+    "figures.param_units",
+    "sweep.flexible_towards",
+    "promote.registered_model",
+    "report.metrics",
+    "sweep.metrics",
+    "learning_curve.metrics",
+    "report.param_units",
+    "sweep.param_units",
+)
+
 
 def load_config(overrides: list[str] | None = None, config_name: str = "config") -> DictConfig:
     """Compose ``conf/`` with Hydra overrides, as the CLI does (for tests, scripts and the pipeline's stages)."""
+    overrides = list(overrides or [])
     if GlobalHydra.instance().is_initialized():  # inside a running `python -m hpo` command
-        return compose(config_name=config_name, overrides=list(overrides or []))
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        return compose(config_name=config_name, overrides=list(overrides or []))
+        cfg = compose(config_name=config_name, overrides=overrides)
+    else:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+            cfg = compose(config_name=config_name, overrides=overrides)
+    check_added_keys(cfg, overrides)
+    return cfg
+
+
+def config_keys(cfg: DictConfig) -> list[str]:
+    """Every dotted key of the composed config (mappings and leaves; Hydra's own node excluded)."""
+    keys: list[str] = []
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                name = f"{prefix}{key}"
+                keys.append(name)
+                walk(value, name + ".")
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    return [k for k in keys if k != "hydra" and not k.startswith("hydra.")]
+
+
+def nearest_key(key: str, candidates: list[str]) -> str | None:
+    """The existing key ``key`` was most likely meant to be (same parent first), or None."""
+    parent = key.rpartition(".")[0]
+    siblings = [c for c in candidates if c.rpartition(".")[0] == parent]
+    for pool in (siblings, candidates):
+        match = difflib.get_close_matches(key, pool, n=1, cutoff=0.6)
+        if match:
+            return match[0]
+    leaf = key.rpartition(".")[2]  # the right name under the wrong parent: +n_trials=5
+    by_leaf = [c for c in candidates if difflib.get_close_matches(leaf, [c.rpartition(".")[2]], n=1, cutoff=0.8)]
+    return by_leaf[0] if by_leaf else None
+
+
+def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a key added with ``+`` that does not exist in ``conf/``, unless it goes into an open mapping
+    (``OPEN_MAPPINGS``: search.space, dataset.e0, ...): Hydra adds any key, and nothing reads a misspelt
+    one, so ``+study.n_trial=5`` would run 30 trials without a word. (``++key=value``, Hydra's
+    add-or-override, is taken as deliberate.)"""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides([str(o) for o in overrides])
+    added = [o for o in parsed if o.is_add()]
+    if not added:
+        return
+    keys = config_keys(cfg)
+    added_keys = {o.key_or_group for o in added}
+    deleted = {o.key_or_group for o in parsed if o.is_delete()}
+    for override in added:
+        key = override.key_or_group
+        if key.startswith("hydra.") or "/" in key or (CONF_DIR / key).is_dir():  # Hydra's own node, config groups
+            continue
+        if key in deleted or any(key == open_ or key.startswith(f"{open_}.") for open_ in OPEN_MAPPINGS):
+            continue  # ~key +key=... replaces a key conf/ has
+        existing = [k for k in keys if k not in added_keys and not any(k.startswith(f"{a}.") for a in added_keys)]
+        hint = nearest_key(key, existing)
+        group = key.partition(".")[0]
+        # worded as hpo.schema words the same mistake when a command validates its config
+        what = {"model": f"a parameter of model {str(cfg.model.get('kind'))!r}"}.get(group, f"a key of the {group} config" if "." in key else "a key of the config")
+        raise ConfigError(
+            f"{key} is not {what}" + (f" (did you mean {hint}?)" if hint else "")
+            + f"; +key adds a key only under {', '.join(OPEN_MAPPINGS[:3])}, ... (`python -m hpo COMMAND --cfg job` prints the config)"
+        )
 
 
 def output_overrides(root: str | Path) -> list[str]:

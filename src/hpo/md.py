@@ -30,6 +30,7 @@ from ase.md.verlet import VelocityVerlet
 from hpo import stability
 from hpo.atomic import write_text
 from hpo.config import ConfigError
+from hpo.progress import Bar
 
 
 class MDBlowUp(RuntimeError):
@@ -114,12 +115,15 @@ def run(atoms: ase.Atoms, calculator, md_cfg, outdir: Path) -> tuple[dict, Trace
             )
 
     dynamics.attach(observe, interval=md_cfg.log_interval)
+    bar = Bar(md_cfg.steps, f"[hpo] {md_cfg.ensemble.upper()} MD", "steps")  # a bar on a terminal, a line every 10 s in a log
+    dynamics.attach(lambda: bar.set(dynamics.nsteps), interval=1)
     blow_up = None
     start = time.perf_counter()
     try:
         dynamics.run(md_cfg.steps)
     except MDBlowUp as exc:
         blow_up = str(exc)
+    bar.close()
     wall = time.perf_counter() - start
     steps_done = dynamics.nsteps
     write_text(

@@ -21,6 +21,7 @@ from hpo import spectrum as hpo_spectrum
 from hpo.atomic import write_text
 from hpo.cache import digest
 from hpo.config import load_config, output_path
+from hpo.disk import disk_report
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
 from hpo.search.selection import count
@@ -130,5 +131,6 @@ def run(overrides: list[str]) -> dict:
         "polarize": polarize_result,
         "spectrum": spectrum_result,
     }
+    print(disk_report(gap_cfg, sagpr_cfg), flush=True)
     print(f"[hpo] pipeline done: GAP version {gap_version['version']}, SA-GPR version {sagpr_version['version']}", flush=True)
     return summary

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
@@ -39,9 +40,36 @@ def parity_plot(
     ax.plot([low - pad, high + pad], [low - pad, high + pad], "k--", lw=1, label="y = x")
     ax.set_xlabel(f"reference {quantity} ({unit})")
     ax.set_ylabel(f"predicted {quantity} ({unit})")
+    plain_ticks(ax)
+    ax.set_aspect("equal", adjustable="datalim")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
+
+
+def energy_parity_plot(path: Path, series: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], title: str) -> Path:
+    """Energies per atom relative to the training set's mean reference energy per atom, in meV/atom.
+
+    ``series``: label -> (reference energies, predicted energies, atoms per frame), eV per cell. Total
+    energies of a cell are thousands of eV apart from zero and differ in the last digits: plotted raw,
+    the axes carry an offset ("+2.1e4") and ticks nobody can read. The first series is the training one.
+    """
+    true0, _, atoms0 = next(iter(series.values()))
+    mean = float(np.mean(np.asarray(true0) / np.asarray(atoms0)))
+    relative = {
+        label: (1e3 * (np.asarray(true) / np.asarray(atoms) - mean), 1e3 * (np.asarray(pred) / np.asarray(atoms) - mean))
+        for label, (true, pred, atoms) in series.items()
+    }
+    return parity_plot(path, relative, "energy per atom − training mean", "meV/atom", f"{title}\ntraining mean {mean:.4f} eV/atom")
+
+
+def plain_ticks(ax) -> None:
+    """Tick labels as plain numbers: no offset ("+2.1e4") and no scientific multiplier on the axes."""
+    for axis in (ax.xaxis, ax.yaxis):
+        formatter = axis.get_major_formatter()
+        if isinstance(formatter, matplotlib.ticker.ScalarFormatter):
+            formatter.set_useOffset(False)
+            formatter.set_scientific(False)
 
 
 def pareto_plot(path: Path, study, names: list[str], title: str, picked=None) -> Path:

@@ -26,6 +26,13 @@ from hpo.data import PROJECT_ROOT
 PACKAGES = ("hpo", "optuna", "mlflow", "hydra-core", "ase", "quippy-ase", "numpy", "scikit-learn", "featomic")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
 CREATE_ATTEMPTS = 5
+# MLflow 3's UI opens an experiment in its GenAI view (traces, sessions) or its model-training view (runs,
+# metrics, parameters) by this experiment tag (values in the UI's ExperimentKind enum; the UI sets it itself
+# when a user picks a view). Our experiments hold training runs only.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+# A run's description in the UI (the "Description" box of the run page).
+NOTE_TAG = "mlflow.note.content"
 
 
 def package_versions() -> dict[str, str]:
@@ -92,12 +99,16 @@ class Tracker:
     def _experiment(self, name: str, artifact_location: str | None) -> str:
         experiment = self.client.get_experiment_by_name(name)
         if experiment is not None:
+            if EXPERIMENT_KIND_TAG not in experiment.tags:  # made by an older hpo: open it on the runs too
+                self.client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return experiment.experiment_id
         location = None
         if artifact_location and "://" not in str(artifact_location):
             location = Path(artifact_location).expanduser().resolve().as_uri()
         try:
-            return self.client.create_experiment(name, artifact_location=location or artifact_location)
+            return self.client.create_experiment(
+                name, artifact_location=location or artifact_location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
         except MlflowException:
             # Another worker created it between our lookup and our create.
             return self.client.get_experiment_by_name(name).experiment_id

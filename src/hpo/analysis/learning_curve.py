@@ -23,6 +23,7 @@ from hpo.config import ConfigError
 from hpo.data import Datasets, load_datasets, subset_frames
 from hpo.models import kind
 from hpo.plots import figure_title, plt, save_figure
+from hpo.search.origin import config_for_study
 from hpo.tracking import Tracker, flatten
 
 
@@ -113,6 +114,8 @@ class CurveResult:
 
 def run_learning_curve(cfg: DictConfig) -> CurveResult:
     """Fit the fixed model at every training size and fit a power law to the validation curve."""
+    if cfg.learning_curve.from_study:  # the study's own model kind (hpo.search.origin)
+        cfg = config_for_study(cfg, str(cfg.learning_curve.from_study), keys=("model_kind",))
     hpo_config.validate(cfg)
     section = cfg.learning_curve
     model, source = fixed_model(cfg, section.from_study)

@@ -37,6 +37,8 @@ from hpo.data import load_datasets
 from hpo.models import kind
 from hpo.plots import data_line, figure_title, log_axis_wanted, plt, save_figure
 from hpo.redact import redact
+from hpo.search.origin import config_for_study
+from hpo.search.loop import fitted
 from hpo.search.selection import best_trial, default_trial, primary
 from hpo.search.storage import StudyError, load_study
 from hpo.tracking import Tracker, provenance_tags
@@ -70,12 +72,18 @@ class ReportResult:
 
 
 def report(cfg: DictConfig) -> None:
-    """``python -m hpo report``: the HTML report of study ``study.name``."""
+    """``python -m hpo report``: the HTML report of study ``study.name``, composed for the study's own
+    model kind and training size (``hpo.search.origin``)."""
     write_report(cfg)
 
 
-def write_report(cfg: DictConfig) -> ReportResult:
-    """Draw every figure of the study, write the self-contained page and log both to MLflow."""
+def write_report(cfg: DictConfig, overrides: list[str] | None = None) -> ReportResult:
+    """Draw every figure of the study, write the self-contained page and log both to MLflow.
+
+    ``overrides``: those ``cfg`` was composed with, to recompose it for the study's model kind and
+    training size (default: the command line's; outside the CLI a config that disagrees with the study
+    is refused)."""
+    cfg = config_for_study(cfg, overrides=overrides)
     hpo_config.validate(cfg)
     name = str(cfg.study.name)
     study = load_study(cfg.study, name)
@@ -291,7 +299,7 @@ def top_trials_table(cfg: DictConfig, study: optuna.Study, metric: MetricSpec) -
         train = trial.user_attrs.get(metric.train_key)
         ratio = primary(trial) / train if _number(train) and train > 0 else None
         cells = [trial.number, primary(trial), train, ratio, bool(trial.user_attrs.get("overfit")),
-                 bool(trial.user_attrs.get("is_default")), *(trial.params.get(p) for p in params)]
+                 bool(trial.user_attrs.get("is_default")), *(fitted(trial, p) for p in params)]
         rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     return f"<table>\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"

@@ -25,6 +25,7 @@ from hpo.data import Datasets, load_datasets
 from hpo.models import kind
 from hpo.models.base import has_dotted, with_values
 from hpo.plots import figure_title, log_axis_wanted, plt, save_figure
+from hpo.search.origin import config_for_study
 from hpo.tracking import Tracker, flatten
 
 
@@ -95,6 +96,8 @@ def overfitting_steps(x: list, train: np.ndarray, val: np.ndarray, towards: str)
 
 def run_sweep(cfg: DictConfig) -> SweepResult:
     """Fit the model at every value (or grid point) of the swept parameter(s); find the validation minimum."""
+    if cfg.sweep.from_study:  # the study's own model kind (hpo.search.origin)
+        cfg = config_for_study(cfg, str(cfg.sweep.from_study), keys=("model_kind",))
     hpo_config.validate(cfg)
     section = cfg.sweep
     model, source = fixed_model(cfg, section.from_study)

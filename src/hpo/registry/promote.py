@@ -30,6 +30,7 @@ from hpo.models.base import TrialFailure, with_values
 from hpo.redact import redact
 from hpo.registry.resolve import MODEL_DIR, PromoteError
 from hpo.search.objective import score
+from hpo.search.origin import config_for_study
 from hpo.search.selection import best_trial, cheapest_within, primary
 from hpo.search.storage import StudyError, load_study
 from hpo.tracking import Tracker, flatten, package_versions, provenance_tags
@@ -73,6 +74,7 @@ def promote(cfg) -> dict:
     ``test_*`` metrics on the promote run and tags on the version, next to the hand-tuned default
     trial's test error when the study has one.
     """
+    cfg = config_for_study(cfg)  # the model kind and training size the study itself records
     hpo_config.validate(cfg)
     study = load_study(cfg.study)
     if cfg.promote.pick not in PICKS:
@@ -128,6 +130,8 @@ def promote(cfg) -> dict:
             "search_time_s": round(search_time, 1),
             "n_trials": len(study.trials),
             "train_file": data.train.path.name,
+            # the trial's own MLflow run: its metrics, plots and parameters (the version's run is the promote run)
+            "trial_run_id": trial.user_attrs.get("mlflow_run_id", ""),
             "train_size": len(data.train),
             **{f"param.{k}": v for k, v in flatten(model).items()},
             **{f"metric.{k}": v for k, v in metrics.items()},

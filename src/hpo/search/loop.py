@@ -28,9 +28,13 @@ from optuna.trial import TrialState
 
 from hpo import config as hpo_config
 from hpo import own_data, plots
+from hpo.disk import disk_report
 from hpo.data import load_datasets
+from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
+from hpo.progress import quiet
 from hpo.redact import redact
+from hpo.search import origin
 from hpo.search.objective import Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
 from hpo.search.space import default_values, search_space
@@ -100,7 +104,10 @@ def run(cfg) -> optuna.Study:
     checks = own_data.preflight(cfg)  # the data checks, before any fit: DataError on a fail
     data = load_datasets(cfg)
     study = open_study(cfg, space, n_train=len(data.train))
+    origin.record(study, cfg)  # model kind and data: report, promote and curves read them back
     tracker = Tracker(cfg.tracking)
+    view = save_trials_view(tracker, cfg, [p.name for p in space])
+    print(f"[hpo] trials in MLflow: mlflow ui --backend-store-uri {redact(tracker.tracking_uri)} ; open {view}", flush=True)
     n_workers = cfg.study.n_workers
     tags = {
             **provenance_tags(),
@@ -117,6 +124,7 @@ def run(cfg) -> optuna.Study:
     }
     with sigterm_interrupts(), tracker.run(f"optimize-{cfg.study.name}", tags=tags) as parent:
         run_study(cfg, study, tracker, parent, data, model, space)
+    print(disk_report(cfg), flush=True)
     return study
 
 
@@ -238,6 +246,7 @@ def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
 def _worker(container: dict, parent_run_id: str, index: int) -> None:
     """Entry point of a worker process (module level, so ``spawn`` can import it)."""
     cfg = OmegaConf.create(container)
+    quiet(bool(cfg.get("verbose", False)))  # a spawned process starts with Optuna's INFO lines on
     print(f"[hpo] worker {index} started (pid {os.getpid()}, {threads_per_worker(cfg)} thread(s))", flush=True)
     optimize(cfg, parent_run_id)
 
@@ -265,11 +274,12 @@ def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) ->
     overfit = sum(bool(t.user_attrs.get("overfit")) for t in finished)
     summary = {"best_value": primary(best), "best_trial": best.number, "n_finished": len(finished), "n_overfit": overfit}
     lines = [f"[hpo] study {study.study_name!r}: {len(finished)} finished trials, {overfit} flagged overfit"]
-    lines.append(f"  {'parameter':<24}{'best':>14}{'default':>14}")
-    for name, value in best.params.items():
-        base = default.params.get(name) if default else None
-        lines.append(f"  {name:<24}{_fmt(value):>14}{_fmt(base):>14}")
-    lines.append(f"  {'validation metric':<24}{_fmt(primary(best)):>14}{_fmt(primary(default) if default else None):>14}")
+    lines.append(f"  {'parameter':<24}{'best':>20}{'default':>20}")
+    for name in best.params:
+        lines.append(f"  {name:<24}{fitted(best, name):>20}{fitted(default, name):>20}")
+    lines.append(f"  {'validation metric':<24}{_fmt(primary(best)):>20}{_fmt(primary(default) if default else None):>20}")
+    if any("effective_params" in t.user_attrs for t in (best, default) if t is not None):
+        lines.append("  (x <- y: fitted with x, y sampled; gap_fit caps n_sparse at the environments per species)")
     if default is not None and primary(default):
         gain = (primary(default) - primary(best)) / primary(default)
         summary.update(default_value=primary(default), gain=gain)
@@ -287,6 +297,16 @@ def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) ->
     tracker.log(parent_run_id, metrics={k: v for k, v in summary.items()}, tags={"best_trial": best.number})
     log_best_model(best, tracker)
     return summary
+
+
+def fitted(trial, name: str) -> str:
+    """A trial's parameter as fitted, with the sampled value when the fit used another (n_sparse capped)."""
+    if trial is None or name not in trial.params:
+        return "-"
+    effective = trial.user_attrs.get("effective_params", {})
+    if name in effective:
+        return f"{_fmt(effective[name])} <- {_fmt(trial.params[name])}"
+    return _fmt(trial.params[name])
 
 
 def _fmt(value) -> str:

@@ -22,7 +22,7 @@ from hpo.models import kind
 from hpo.models.base import MemoryBudgetExceeded, Scored, TrialFailure, with_values
 from hpo.search.fidelity import rung_sizes
 from hpo.search.space import SearchParam, suggest
-from hpo.tracking import Tracker
+from hpo.tracking import NOTE_TAG, Tracker
 
 # Called after each fidelity rung with (training-set size, what the rung scored); True stops the trial.
 RungReport = Callable[[int, Scored], bool]
@@ -165,7 +165,8 @@ class Objective:
                 trial.set_user_attr("failure", reason)
                 trial.set_user_attr("failure_message", str(exc)[-2000:])
                 write_text(workdir / "failure.txt", "".join(traceback.format_exception(exc)))
-                self.tracker.log(run_id, params=values, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:]})
+                note = f"Trial {trial.number} of study {trial.study.study_name} failed ({reason}): {str(exc)[-1000:]}"
+                self.tracker.log(run_id, params=values, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:], NOTE_TAG: note})
                 self.tracker.log_artifacts(run_id, [workdir / "gap_fit.err", workdir / "gap_fit.out", workdir / "failure.txt"])
                 raise
             objectives = [metric_value(scored.metrics, name) for name in self.cfg.study.objectives]
@@ -173,10 +174,46 @@ class Objective:
                 if key in scored.metrics:
                     trial.set_user_attr(key, scored.metrics[key])
             trial.set_user_attr("overfit", scored.tags.get("overfit") == "true")
+            # values the fit used where they differ from the sampled ones (gap_fit caps n_sparse)
+            effective = {k: scored.params[k] for k in values if k in scored.params and scored.params[k] != values[k]}
+            if effective:
+                trial.set_user_attr("effective_params", effective)
             trial.set_user_attr("model_files", [str(p) for p in scored.model_files])
-            self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE"})
+            note = trial_note(self.cfg, trial.number, trial.study.study_name, scored, values)
+            self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE", NOTE_TAG: note})
             self.tracker.log_artifacts(run_id, scored.artifacts)
         return objectives[0] if len(objectives) == 1 else tuple(objectives)
+
+
+def trial_note(cfg, number: int, study_name: str, scored: Scored, values: dict) -> str:
+    """The run's description in the MLflow UI: the trial's key metrics with units, then its parameters."""
+    found = scored.metrics
+    lines = [f"Trial {number} of study {study_name} ({len(values)} sampled parameters)."]
+    for spec in cfg.figures.metrics.get(cfg.model.kind, []):
+        val, train = found.get(f"val_{spec.name}"), found.get(f"train_{spec.name}")
+        if val is None:
+            continue
+        line = f"- validation {spec.label}: {val:.4g} {spec.unit}"
+        if train is not None:
+            line += f" (training {train:.4g} {spec.unit}" + (f", ratio {val / train:.2f}" if train else "") + ")"
+        lines.append(line)
+    if scored.tags.get("overfit") == "true":
+        lines.append(f"- flagged overfit: validation/training above {cfg.overfit_ratio}")
+    if "val_energy_rmse_per_atom" in found:
+        lines.append(f"- validation energy RMSE per atom: {1000 * found['val_energy_rmse_per_atom']:.3g} meV/atom")
+    for key, label, unit in (("fit_time_s", "fit time", "s"), ("md_ms_per_atom", "MD cost", "ms per atom per step")):
+        if key in found:
+            lines.append(f"- {label}: {found[key]:.3g} {unit}")
+    effective, requested = scored.params.get("n_sparse"), scored.params.get("n_sparse_requested")
+    if requested is not None and effective != requested:
+        lines.append(f"- n_sparse: {effective} as fitted ({requested} requested; capped at the environments per species)")
+    if values:
+        lines.append("- parameters: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
+    return "\n".join(lines)
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def metric_value(metrics_: dict, key: str) -> float:

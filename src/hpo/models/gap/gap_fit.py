@@ -266,15 +266,20 @@ class GAP:
             ended: list[float] = []
             watcher = threading.Thread(target=lambda: (process.wait(), ended.append(time.perf_counter())), daemon=True)
             watcher.start()
+            def overdue() -> bool:
+                return time.perf_counter() - start > timeout
+
             try:
                 if while_fitting is not None:
-                    while_fitting(lambda: process.poll() not in (None, 0))
+                    # the work beside gap_fit stops as soon as gap_fit has died or run out of time
+                    while_fitting(lambda: process.poll() not in (None, 0) or overdue())
                 watcher.join(timeout=max(timeout - (time.perf_counter() - start), 0.0))
             except BaseException:
                 process.kill()  # never leave a gap_fit running behind a failed or interrupted trial
                 process.wait()
                 raise
-            if watcher.is_alive():
+            # timed out: still running, or ended only after its time was up (noticed after the work beside it)
+            if watcher.is_alive() or (ended and ended[0] - start > timeout):
                 process.kill()
                 process.wait()
                 raise GapFitError("timeout", f"gap_fit ran longer than model.fit_timeout_s={timeout} s", _tail(out_path, err_path))

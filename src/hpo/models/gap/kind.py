@@ -116,11 +116,12 @@ class GapKind(ModelKind):
                 tags["overfit" if quantity == "energy" else "overfit_force"] = str(flag).lower()
 
         title = f"GAP, {data.train.path.name} ({len(data.train)}) / {data.val.path.name} ({len(data.val)})"
-        parity = plots.parity_plot(
+        parity = plots.energy_parity_plot(
             workdir / "parity_energy.png",
-            {"train": (data.train.energies, fitted.energies["train"]), "validation": (data.val.energies, fitted.energies["val"])},
-            "energy",
-            "eV",
+            {
+                "train": (data.train.energies, fitted.energies["train"], data.train.n_atoms),
+                "validation": (data.val.energies, fitted.energies["val"], data.val.n_atoms),
+            },
             title,
         )
         if params["descriptor_cache_dir"]:

@@ -1,0 +1,54 @@
+"""Disk used by hpo's outputs: the model caches against their bounds and a study's trial directories,
+printed at the end of ``optimize`` and ``pipeline``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from hpo.config import output_path
+
+
+def directory_bytes(path: str | os.PathLike | None) -> int:
+    """Bytes of the files under ``path`` (0 when it does not exist)."""
+    if path is None or not Path(path).is_dir():
+        return 0
+    total = 0
+    for entry in Path(path).rglob("*"):
+        with contextlib.suppress(OSError):  # removed by another worker meanwhile
+            if entry.is_file():
+                total += entry.stat().st_size
+    return total
+
+
+def size_text(n_bytes: int) -> str:
+    """Bytes in the unit a reader takes in at a glance: 0.4 MB, 12 MB, 1.3 GB."""
+    if n_bytes >= 1e9:
+        return f"{n_bytes / 1e9:.1f} GB"
+    return f"{n_bytes / 1e6:.{1 if n_bytes < 1e7 else 0}f} MB"
+
+
+# model kind -> (key of the cache directory, key of its bound in GB) in the model config
+CACHE_KEYS = {"gap": ("descriptor_cache_dir", "descriptor_cache_max_gb"), "sagpr": ("cache_dir", "cache_max_gb")}
+
+
+def disk_report(*cfgs) -> str:
+    """What the commands' outputs hold on disk: each model cache against its bound, and the study's trial
+    directories (printed at the end of ``optimize`` and ``pipeline``)."""
+    lines, seen = ["[hpo] disk:"], set()
+    for cfg in cfgs:
+        dir_key, max_key = CACHE_KEYS.get(str(cfg.model.kind), (None, None))
+        cache_dir = cfg.model.get(dir_key) if dir_key else None
+        if cache_dir and ("cache", str(cache_dir)) not in seen:
+            seen.add(("cache", str(cache_dir)))
+            path = output_path(cache_dir)
+            lines.append(
+                f"  model.{dir_key} {path}: {size_text(directory_bytes(path))} "
+                f"(model.{max_key}={cfg.model[max_key]} GB; deleting it is always safe)"
+            )
+        trials = output_path(cfg.experiments_dir) / str(cfg.study.name)
+        if ("trials", str(trials)) not in seen and trials.is_dir():
+            seen.add(("trials", str(trials)))
+            lines.append(f"  trial directories {trials}: {size_text(directory_bytes(trials))}")
+    return "\n".join(lines)
