@@ -300,7 +300,7 @@ class Datasets:
 
 
 def is_own_data(dataset_cfg) -> bool:
-    """``dataset=files`` or ``dataset=pool``: a user's own files (``hpo.own_data``), not the workshop set."""
+    """``dataset=files`` or ``dataset=pool``: a user's own files (``load_own``), not the workshop set."""
     return dataset_cfg.get("source") in ("files", "pool")
 
 
