@@ -77,6 +77,55 @@ def covariance_memory_bytes(n_sparse: int, frames: list[ase.Atoms]) -> int:
     return 8 * (2 * sparse * targets + sparse * sparse + 2 * sparse * (sparse + targets))
 
 
+def soap_dimensions(n_max: int, l_max: int, n_species: int) -> int:
+    """Length of one SOAP vector as quippy builds it: every pair of (species, radial) channels per l, plus one."""
+    channels = n_max * n_species
+    return (l_max + 1) * channels * (channels + 1) // 2 + 1
+
+
+def number_density(atoms: ase.Atoms) -> float | None:
+    """Atoms per cubic Angstrom of a periodic cell; None for a cell without volume."""
+    volume = abs(atoms.cell.volume) if atoms.cell.rank == 3 else 0.0
+    return len(atoms) / volume if volume > 0 else None
+
+
+def neighbours_per_atom(cutoff: float, frames: list[ase.Atoms]) -> float:
+    """Estimated neighbours inside ``cutoff`` of one atom, from the densest frame: density * 4/3 pi rc^3
+    (a frame without a cell counts all its atoms: no images)."""
+    sphere = 4.0 / 3.0 * np.pi * cutoff**3
+    counts = [density * sphere if (density := number_density(atoms)) else len(atoms) - 1 for atoms in frames]
+    return float(max(counts))
+
+
+def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:
+    """gap_fit's memory for the training descriptors and their gradients, the arrays that grow with the cutoff.
+
+    gap_fit keeps one SOAP vector per atom ("x d n" under "Memory Estimate") and, for the forces,
+    one gradient vector per atom, neighbour and direction ("xPrime d 3n'"), n' counting each atom
+    and its neighbours inside the cutoff. The neighbours are estimated from the density, which
+    overestimates slightly (by about 1.3x on the water cells at 3 A).
+    """
+    species = len({int(z) for atoms in frames for z in atoms.numbers})
+    dimensions = soap_dimensions(int(params["n_max"]), int(params["l_max"]), species)
+    centres = sum(len(atoms) for atoms in frames)
+    crossings = centres * (neighbours_per_atom(float(params["cutoff"]), frames) + 1.0)
+    return int(8 * dimensions * (centres + 3 * crossings))
+
+
+def largest_cutoff(params: dict, frames: list[ase.Atoms], budget_bytes: float) -> float:
+    """The cutoff at which ``descriptor_memory_bytes`` reaches ``budget_bytes`` (other parameters as given)."""
+    low, high = 0.0, 1.0
+    while descriptor_memory_bytes({**params, "cutoff": high}, frames) <= budget_bytes and high < 1e4:
+        low, high = high, 2 * high
+    for _ in range(50):
+        middle = (low + high) / 2
+        if descriptor_memory_bytes({**params, "cutoff": middle}, frames) <= budget_bytes:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
 def _number(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
