@@ -104,6 +104,9 @@ def run(cfg) -> optuna.Study:
     model = hpo_config.model_params(cfg)
     data = load_datasets(cfg)
     hpo_config.check_data(cfg, data)
+    # both stores reachable before either is written to: a refused run leaves no empty study or experiment
+    probe_database(str(cfg.study.storage), "study.storage")
+    probe_database(str(cfg.tracking.tracking_uri), "tracking.tracking_uri")
     study = open_study(cfg, space, n_train=len(data.train))
     tracker = open_tracker(cfg)
     close_dead_parents(tracker, cfg.study.grace_s)
@@ -129,12 +132,37 @@ def run(cfg) -> optuna.Study:
 def open_tracker(cfg) -> Tracker:
     """The MLflow tracker of ``cfg``; a store that cannot be opened is a one-paragraph error without its password."""
     uri = str(cfg.tracking.tracking_uri)
+    probe_database(uri, "tracking.tracking_uri")
     try:
         return Tracker(cfg.tracking)
     except Exception as exc:
         raise StudyError(
             f"tracking.tracking_uri={redact(uri)!r} cannot be opened: {redact_text(str(exc), uri)}"
         ) from None
+
+
+def probe_database(uri: str, key: str) -> None:
+    """Connect once to a database server URI (not SQLite, not an MLflow server): MLflow retries a failed
+    connection 10 times with growing pauses (about 100 s) and hpo's Tracker 5 times over, so an
+    unreachable database would take minutes to say so."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from hpo.search.storage import driver_module, install_hint
+
+    scheme = uri.split(":", 1)[0].lower()
+    if "://" not in uri or scheme.startswith(("sqlite", "http", "file", "databricks")):
+        return
+    try:
+        engine = create_engine(uri, poolclass=NullPool)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ImportError as exc:
+        module = exc.name or driver_module(uri)
+        raise StudyError(f"{key}={redact(uri)!r} needs a database driver that is not installed ({module}): {install_hint(uri, module)}") from None
+    except Exception as exc:
+        raise StudyError(f"{key}={redact(uri)!r} cannot be opened: {redact_text(str(exc), uri)}") from None
 
 
 def liveness_tags() -> dict:

@@ -59,7 +59,11 @@ def make_storage(url: str, heartbeat_s: int, grace_s: int):
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except ImportError as exc:
-        raise StudyError(f"study.storage={redact(url)!r} needs a database driver that is not installed ({exc.name or exc}): {install_hint(url, exc.name)}") from None
+        # Optuna re-raises a driver's ImportError without its name: the URL names the driver
+        module = exc.name or driver_module(url)
+        raise StudyError(
+            f"study.storage={redact(url)!r} needs a database driver that is not installed ({module}): {install_hint(url, module)}"
+        ) from None
     except Exception as exc:
         raise StudyError(
             f"study.storage={redact(url)!r} cannot be opened: {redact_text(str(exc), url)}. Use sqlite:///path/to/file.db, "
@@ -71,10 +75,21 @@ def make_storage(url: str, heartbeat_s: int, grace_s: int):
 DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient", "pymysql": "pymysql", "pg8000": "pg8000"}
 
 
+def driver_module(url: str) -> str | None:
+    """The Python module SQLAlchemy loads for ``url`` (``postgresql://`` -> psycopg on SQLAlchemy 2.1, psycopg2 before)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        return {"psycopg2": "psycopg2", "psycopg": "psycopg", "mysqldb": "MySQLdb"}.get(parsed.get_driver_name(), parsed.get_driver_name())
+    except Exception:
+        return None
+
+
 def install_hint(url: str, module: str | None) -> str:
     """What to install for the driver ``module`` of a storage URL."""
-    if module in (None, "psycopg2") and url.startswith("postgresql"):
-        return "pip install 'hpo[postgres]' (psycopg2, the driver of postgresql:// URLs)"
+    if url.startswith("postgresql") and module in (None, "psycopg2", "psycopg"):
+        return "pip install 'hpo[postgres]' (psycopg and psycopg2, the drivers of postgresql:// URLs)"
     package = DRIVER_PACKAGES.get(module or "", module)
     extra = " or use a plain postgresql:// URL with pip install 'hpo[postgres]'" if url.startswith("postgresql") else ""
     return f"pip install {package} (the driver this URL names){extra}"
