@@ -25,7 +25,7 @@ from pathlib import Path
 
 from optuna.trial import TrialState
 
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop
 from hpo.config import load_config, output_overrides
 
 DEFAULTS = ["study.n_trials=20", "dataset.train_size=100", "search=gap_small", "study.enqueue_default=false"]

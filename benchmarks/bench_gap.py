@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop
 from hpo.config import load_config, output_overrides
 from hpo.data import load_datasets
 from hpo.models.gap.sparse_gap import SparseGap

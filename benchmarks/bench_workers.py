@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop
 from hpo.config import load_config, output_overrides
 
 

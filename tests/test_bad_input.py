@@ -9,7 +9,7 @@ import ase.io
 import pytest
 
 from hpo import config as hpo_config
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, space, storage
 from hpo.data import DataError, load_datasets, read_frames
 from hpo.config import ConfigError
 

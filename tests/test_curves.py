@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hpo.analysis import learning_curve, points, sweep
+from hpo.analysis import learning_curve, sweep
 from hpo.config import ConfigError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

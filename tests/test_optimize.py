@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, space, storage
 from hpo.config import load_config
 
 from helpers import runs_of
@@ -22,7 +22,6 @@ TRIAL_METRICS = {
     "energy_rmse_gap",
     "energy_rmse_ratio",
     "fit_time_s",
-    "descriptor_wait_s",
     "eval_time_s",
 }
 
@@ -46,7 +45,9 @@ def test_three_trial_study_is_tracked_and_resumes(tiny_cfg, capsys):
         assert child.data.tags["state"] == "COMPLETE"
         assert child.info.status == "FINISHED"
         artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(child.info.run_id)}
-        assert {"gap_fit.cmd", "train_errors.csv", "validation_errors.csv", "parity_energy.png"} <= artifacts
+        # the numpy solver's sparse points (one index file per species), kept for the gap_fit refit at promotion
+        assert {"sparse_0.idx", "sparse_1.idx", "train_errors.csv", "validation_errors.csv", "parity_energy.png"} <= artifacts
+        assert child.data.tags["solver"] == "numpy" and child.data.metrics["descriptor_time_s"] >= 0
     best_run = next(c for c in children if c.data.tags["trial_number"] == str(study.best_trial.number))
     assert best_run.data.tags.get("model_logged") == "true"
     assert "gain over the default" in capsys.readouterr().out
@@ -67,6 +68,7 @@ def test_failing_gap_fit_becomes_failed_trial_and_study_goes_on(tiny_cfg):
     cfg = tiny_cfg(
         "study.n_trials=1",
         "study.max_failure_rate=0.9",
+        "model.solver=gap_fit",
         "model.sparse_method=uniform",
         "~search.space",
         "+search.space={l_max:{type:int,low:1,high:2}}",
@@ -138,7 +140,7 @@ def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
     assert {run.info.status for run in parents + children} == {"FAILED", "KILLED"}  # nothing left RUNNING
 
     # the estimate is gap_fit's own: compare with the arrays it lists for a real fit
-    trial = loop.run(tiny_cfg("study.n_trials=1", "study.name=fits")).best_trial
+    trial = loop.run(tiny_cfg("study.n_trials=1", "study.name=fits", "model.solver=gap_fit")).best_trial
     printed = (Path(trial.user_attrs["workdir"]) / "gap_fit.out").read_text()
     arrays = re.findall(r"^(?:yY|yy|A) +(\d+) +(\d+) +memory .*?( \* 2)?$", printed, re.M)
     assert len(arrays) == 3

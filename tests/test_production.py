@@ -13,7 +13,7 @@ import pytest
 from hpo import md as hpo_md
 from hpo.registry import promote as hpo_promote
 from hpo.registry.resolve import PromoteError
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, storage
 from hpo.config import load_config, output_overrides
 
 from helpers import TINY_GAP
@@ -23,7 +23,8 @@ from helpers import TINY_GAP
 def promoted_root(tiny_data, tmp_path_factory):
     """One promoted study shared by this module's tests (promotion is the slow part)."""
     root = tmp_path_factory.mktemp("promoted")
-    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP]
+    # gap_fit solver: its fits of these slices include a stable trial for the screen (see test_trust)
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit"]
     cfg = load_config([*overrides, "study.n_trials=2"])
     loop.run(cfg)
     return overrides, cfg, hpo_promote.promote(cfg)
@@ -51,6 +52,9 @@ def test_promote_registers_champion_with_lineage(promoted):
     assert tags["trial"] == str(lineage["trial"])
     assert "sha256.gap_input_50.xyz" in tags and "gap_fit_command" in tags
     assert "version.quippy-ase" in tags and "param.n_max" in tags
+    # screened (promote.screen, k=3 of 2 trials) and evaluated once on the test split
+    assert tags["md_stable"] == "true" and "screened" in tags
+    assert float(tags["test_energy_rmse"]) > 0 and tags["train_file"] == "gap_input_50.xyz"
 
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/water-gap@champion")
@@ -73,6 +77,10 @@ def test_md_with_champion(promoted_cfg, ensemble):
     frames = ase.io.read(result["trajectory"], ":")
     assert len(frames) == 21 and result["steps_completed"] == 20
     assert result["break_even_steps"] > 0 and result["speedup_per_step"] > 1
+    # the study's reference data (10 training + 6 validation frames) is part of the model's cost
+    assert result["reference_data_cost_s"] == 16 * cfg.md.reference_cost_s_per_frame
+    assert result["training_cost_s"] == pytest.approx(result["search_time_s"] + result["reference_data_cost_s"])
+    assert result["md_stable"] is True and result["stable_until_step"] == 20
     if ensemble == "nve":
         # a smooth small model conserves energy over 5 fs: well under 10 meV per atom
         assert result["max_abs_energy_change_eV"] / 12 < 0.01
@@ -84,14 +92,17 @@ def test_md_blow_up_guard_keeps_frames(promoted_cfg):
     renamed = local.with_name("my_water_model.xml")
     renamed.write_bytes(local.read_bytes())
     cfg = promoted_cfg("md.steps=20", "md.max_temperature_K=100", f"md.model_uri={renamed}")
-    with pytest.raises(hpo_md.MDBlowUp, match=r"temperature .* \(bound md.max_temperature_K=100"):
+    with pytest.raises(hpo_md.MDBlowUp, match=r"temperature .* \(bound md.max_temperature_K=100") as caught:
         hpo_md.main(cfg)
+    # judged on the frames kept: the stability bound follows md.max_temperature_K
+    verdict = caught.value.verdict
+    assert not verdict.stable and verdict.first_unstable_step == 0 and "temperature 300 K at step 0" in verdict.reason
 
 
 def test_promote_bad_inputs(tiny_cfg, tiny_overrides, tmp_path):
     with pytest.raises(storage.StudyError, match="no study named 'nothing-here'"):
         hpo_promote.promote(tiny_cfg("study.name=nothing-here", "study.n_trials=1"))
-    cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.fit_timeout_s=0.001")
+    cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.solver=gap_fit", "model.fit_timeout_s=0.001")
     with pytest.raises(storage.StudyError, match=r"4 of 4 trials failed \(study.max_failure_rate=0.5\)"):
         loop.run(cfg)
     with pytest.raises(PromoteError, match="has no finished trial"):
@@ -119,7 +130,11 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
     ]
     first = pipeline.run(overrides)
     assert first["md"]["steps_completed"] == 10
-    assert first["polarize"]["n_frames"] == 11
+    assert first["polarize"]["n_frames"] == 11 and 0 <= first["polarize"]["fraction_outside"] <= 1
+    assert first["md"]["md_stable"] is True
+    client = mlflow.tracking.MlflowClient(load_config(overrides).tracking.tracking_uri)
+    sagpr = client.get_model_version("water-sagpr", first["sagpr_version"]).tags
+    assert float(sagpr["test_rmse"]) > 0 and float(sagpr["test_rmse_xx"]) > 0 and "md_stable" not in sagpr
     # the same through the command line: every stage is found done and reused
     done = subprocess.run(
         [sys.executable, "-m", "hpo", "pipeline", *overrides], capture_output=True, text=True, cwd=tmp_path, timeout=600
@@ -127,3 +142,23 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("reused") == 2 and done.stdout.count("reusing") == 2 and "already holds study" in done.stdout
     assert f"GAP version {first['gap_version']}," in done.stdout
+    # an MD that leaves the stability criteria (here: a 1000 K floor) is not used for polarizabilities
+    # (the gate is off, else promote itself would refuse every candidate under that floor)
+    with pytest.raises(hpo_md.MDUnstable, match=r"not stable \(md_stable=false\): temperature .* at step 0"):
+        pipeline.run([*overrides, "promote.screen.k=0", "md.stability.min_temperature_K=1000"])
+
+
+def test_numpy_solved_trial_is_refitted_by_gap_fit_at_promotion(tiny_cfg):
+    cfg = tiny_cfg("study.n_trials=2", "promote.screen.k=0")
+    study = loop.run(cfg)
+    assert {t.user_attrs.get("model_files") is not None for t in study.trials} == {True}
+    lineage = hpo_promote.promote(cfg)
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    version = client.get_model_version("water-gap", lineage["version"])
+    assert "gap_fit" in version.tags["gap_fit_command"] and "sparse_method=index_file" in version.tags["gap_fit_command"]
+    promote_run = client.get_run(version.run_id)
+    # gap_fit, handed hpo's sparse points, fits the model the numpy solver fitted
+    assert promote_run.data.metrics["refit_max_energy_difference_eV"] < 1e-6
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/water-gap/{lineage['version']}", tracking_uri=cfg.tracking.tracking_uri))
+    (registered,) = list(model_dir.rglob("gap.xml"))
+    assert "GAP_hpo" not in registered.read_text()[:500]  # gap_fit's own XML, not the one hpo's solver wrote

@@ -12,7 +12,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, storage
 from helpers import assert_intact, runs_of
 
 
@@ -34,12 +34,12 @@ def test_sigkill_mid_trial_then_resume(tiny_overrides, tiny_cfg, tmp_path):
     cfg = tiny_cfg(*args[len(tiny_overrides):])
     command = [sys.executable, "-m", "hpo", "optimize", *args]
     process = subprocess.Popen(command, cwd=tmp_path, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store = storage.make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
+    optuna_storage = storage.make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
     deadline = time.time() + 300
     while time.time() < deadline:
         time.sleep(0.5)
         try:
-            study = optuna.load_study(study_name=cfg.study.name, storage=store)
+            study = optuna.load_study(study_name=cfg.study.name, storage=optuna_storage)
         except KeyError:
             continue
         if len(study.get_trials(states=(TrialState.COMPLETE,))) >= 2 and study.get_trials(states=(TrialState.RUNNING,)):
@@ -48,7 +48,7 @@ def test_sigkill_mid_trial_then_resume(tiny_overrides, tiny_cfg, tmp_path):
         pytest.fail("the study never had two finished trials and one running")
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-    before = optuna.load_study(study_name=cfg.study.name, storage=store)
+    before = optuna.load_study(study_name=cfg.study.name, storage=optuna_storage)
     finished_before = {t.number: t.value for t in before.get_trials(states=(TrialState.COMPLETE,))}
     killed = [t.number for t in before.get_trials(states=(TrialState.RUNNING,))]
     assert killed

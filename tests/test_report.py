@@ -7,8 +7,8 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.analysis import learning_curve, points, report, sweep
-from hpo.search import loop, selection, space, storage
+from hpo.analysis import points, report
+from hpo.search import loop
 
 
 def test_report_of_a_three_trial_study(tiny_cfg, tmp_path):

@@ -8,11 +8,9 @@ path in the reason) when neither exists.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import ase
 import ase.io

@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from hpo import polarize
 from hpo.registry import promote as hpo_promote
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop
 from hpo.config import load_config, output_overrides
 
 from helpers import runs_of

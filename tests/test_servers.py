@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop
 from helpers import assert_intact
 
 

@@ -11,13 +11,14 @@ from optuna.trial import TrialState
 
 from hpo.analysis import report
 from hpo.models.gap import gap_fit as gap
-from hpo.search import loop, selection, space, storage
+from hpo.search import loop, selection
 from hpo.cache import Cache
 from hpo.config import ConfigError, model_params, validate
 from hpo.data import load_datasets
 from hpo.search.objective import score
 from hpo.registry.promote import promote
-from hpo.models.gap.sparse_gap import SparseGap, descriptor_key
+from hpo.models.gap.descriptors import descriptor_key
+from hpo.models.gap.sparse_gap import SparseGap
 
 
 @pytest.fixture
@@ -53,19 +54,26 @@ def test_descriptor_cache_is_reused_and_exact(fitted, tmp_path):
     _, data, model_file = fitted
     sparse = SparseGap.read(model_file)
     cache = Cache(tmp_path / "cache")
+    n = len(data.val.frames)  # entries are per frame and per descriptor (2 species)
     first = sparse.predict(data.val.frames, cache)
-    assert cache.stats["gap_descriptors_miss"] == 2 and cache.stats["gap_descriptors_hit"] == 0
+    assert cache.stats["gap_descriptors_miss"] == 2 * n and cache.stats["gap_descriptors_hit"] == 0
     second = sparse.predict(data.val.frames, cache)
-    assert cache.stats["gap_descriptors_hit"] == 2
+    assert cache.stats["gap_descriptors_hit"] == 2 * n
     np.testing.assert_array_equal(first, second)
-    # A different frame set is a different entry, never a stale hit.
+    # A subset of seen frames is all hits; a moved frame is a new entry, never a stale hit.
     sparse.predict(data.val.frames[:3], cache)
-    assert cache.stats["gap_descriptors_miss"] == 4
+    assert cache.stats["gap_descriptors_hit"] == 2 * n + 6 and cache.stats["gap_descriptors_miss"] == 2 * n
+    moved = data.val.frames[0].copy()
+    moved.positions[0, 0] += 1e-9
+    sparse.predict([moved], cache)
+    assert cache.stats["gap_descriptors_miss"] == 2 * n + 2
 
 
 def test_trial_with_force_metrics_gives_the_same_energies(tiny_cfg, tmp_path):
-    energies_only = score(tiny_cfg(), model_params(tiny_cfg()), load_datasets(tiny_cfg()), tmp_path / "numpy")
-    cfg = tiny_cfg("model.force_metrics=true", "model.cost_frames=2")
+    # with the gap_fit solver the fit is the same either way; only the evaluation route differs
+    plain = tiny_cfg("model.solver=gap_fit")
+    energies_only = score(plain, model_params(plain), load_datasets(plain), tmp_path / "numpy")
+    cfg = tiny_cfg("model.solver=gap_fit", "model.force_metrics=true", "model.cost_frames=2")
     with_forces = score(cfg, model_params(cfg), load_datasets(cfg), tmp_path / "quippy")
     assert "val_force_rmse" not in energies_only.metrics and with_forces.metrics["val_force_rmse"] > 0
     assert "md_ms_per_atom" not in energies_only.metrics and with_forces.metrics["md_ms_per_atom"] > 0

@@ -29,6 +29,7 @@ commands:
   learning-curve   train/validation RMSE vs training-set size (learning_curve.sizes), CSV + PNG + slope
   sweep-param      train/validation RMSE vs one or two parameters (sweep.param, sweep.values)
   report     one self-contained HTML page for a study (study.name=...)
+  spectrum   Raman spectra of a predicted polarizability trajectory (spectrum.trajectory=...)
 
 examples:
   python -m hpo optimize dataset.train_size=100 study.n_trials=30
@@ -85,6 +86,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learning-curve": ("hpo.analysis.learning_curve", "learning_curve"),
     "sweep-param": ("hpo.analysis.sweep", "sweep_param"),
     "report": ("hpo.analysis.report", "report"),
+    "spectrum": ("hpo.spectrum", "main"),
 }
 
 
@@ -102,14 +104,15 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
 
     def wrapped(cfg: DictConfig) -> None:
         from hpo.data import DataError
-        from hpo.md import MDBlowUp
+        from hpo.md import MDBlowUp, MDUnstable
         from hpo.polarize import PolarizeError
         from hpo.registry.resolve import PromoteError
         from hpo.search.storage import StudyError
+        from hpo.spectrum import SpectrumError
 
         try:
             task(cfg)
-        except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp) as exc:
+        except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp, MDUnstable, SpectrumError) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
 

@@ -7,7 +7,6 @@ the composed tree against the allowed values declared below and raises a
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,9 @@ def check_model(model: dict, prefix: str = "model") -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check the composed config; raise ``ConfigError`` on the first wrong value."""
+    from hpo import schema
+
+    schema.check(cfg)
     model = model_params(cfg)
     check_model(model)
     targets = kind(model["kind"]).targets
@@ -102,6 +104,8 @@ def validate(cfg: DictConfig) -> None:
     if not _is_number(study.reduction_factor) or study.reduction_factor < 2 or int(study.reduction_factor) != study.reduction_factor:
         _fail("study.reduction_factor", study.reduction_factor, "an integer >= 2")
     _validate_storage_dir(cfg)
+    if not isinstance(study.cv_folds, int) or isinstance(study.cv_folds, bool) or study.cv_folds < 1:
+        _fail("study.cv_folds", study.cv_folds, "an integer >= 1 (1: no cross-validation)")
     if not isinstance(cfg.threads, int) or cfg.threads < 1:
         _fail("threads", cfg.threads, "an integer >= 1")
     _validate_space(cfg, model)

@@ -256,6 +256,21 @@ def subset_frames(pool: FrameSet, indices: np.ndarray, path: Path) -> FrameSet:
     )
 
 
+def joined_frames(sets: list[FrameSet], path: Path) -> FrameSet:
+    """Several frame sets as one (e.g. training + validation for k-fold cross-validation), written to ``path``."""
+    frames = [atoms for s in sets for atoms in s.frames]
+    with atomic_write(path) as tmp:
+        ase.io.write(tmp, frames, format="extxyz")
+    energies = [s.energies for s in sets]
+    return FrameSet(
+        path=path,
+        frames=frames,
+        sha256=sha256sum(path),
+        energies=np.concatenate(energies) if all(e is not None for e in energies) else None,
+        forces=[f for s in sets for f in s.forces] if all(s.forces for s in sets) else [],
+    )
+
+
 def train_file(dataset_cfg) -> str:
     files = {int(k): v for k, v in dataset_cfg.train_files.items()}
     return files[int(dataset_cfg.train_size)]

@@ -4,6 +4,13 @@ Outputs go to one run directory: the ASE log (``nve.log`` / ``nvt.log``), the
 trajectory as extended XYZ, ``energies.csv`` and a PNG of energies and
 temperature against time. A blow-up guard stops the run when the temperature
 or the largest force passes its bound, keeping what was written so far.
+
+Stability is an observable of every run (``hpo.stability``): the logged frames
+are judged against the nearest-neighbour distance ranges of the model's training
+frames with the criteria of ``md.stability``; the verdict (``md_stable``, the
+first unstable MD step and why), the per-pair distances (``nn_distances.csv``,
+``distance_bands.png``) and the NVE energy drift are recorded. A run that blew
+up is judged on the frames it kept.
 """
 
 from __future__ import annotations
@@ -20,12 +27,21 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
+from hpo import stability
 from hpo.atomic import write_text
 from hpo.config import ConfigError
 
 
 class MDBlowUp(RuntimeError):
-    """The dynamics left the physical range; the run stopped early."""
+    """The dynamics left the physical range; the run stopped early. ``verdict``: the stability verdict of the frames kept."""
+
+    def __init__(self, message: str, verdict: stability.Verdict | None = None):
+        super().__init__(message)
+        self.verdict = verdict
+
+
+class MDUnstable(RuntimeError):
+    """A later stage refuses a trajectory whose stability verdict is not stable."""
 
 
 @dataclass
@@ -37,6 +53,8 @@ class Trace:
     kinetic: list[float] = field(default_factory=list)
     temperature: list[float] = field(default_factory=list)
     max_force: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)  # MD step number of each logged frame (dynamics.nsteps)
+    frames: list[ase.Atoms] = field(default_factory=list)  # the logged frames, without calculator
 
     @property
     def total(self) -> np.ndarray:
@@ -80,9 +98,12 @@ def run(atoms: ase.Atoms, calculator, md_cfg, outdir: Path) -> tuple[dict, Trace
         trace.kinetic.append(atoms.get_kinetic_energy())
         trace.temperature.append(atoms.get_temperature())
         trace.max_force.append(float(np.linalg.norm(forces, axis=1).max()))
+        trace.steps.append(int(dynamics.nsteps))
         frame = atoms.copy()
         frame.calc = None
         frame.info["time_fs"] = trace.time_fs[-1]
+        frame.info["md_step"] = trace.steps[-1]
+        trace.frames.append(frame)
         ase.io.write(trajectory, frame, format="extxyz", append=True)
         if trace.temperature[-1] > md_cfg.max_temperature_K or trace.max_force[-1] > md_cfg.max_force_eV_per_A:
             raise MDBlowUp(
@@ -113,8 +134,7 @@ def run(atoms: ase.Atoms, calculator, md_cfg, outdir: Path) -> tuple[dict, Trace
 
 
 def summarise(trace: Trace, n_atoms: int, steps_done: int, wall_s: float, md_cfg) -> dict[str, float]:
-    """Energy drift (NVE quality), temperature statistics and cost per step."""
-    time_ps = np.asarray(trace.time_fs) / 1000.0
+    """Temperature statistics, largest energy change and cost per step (the drift: :func:`judge_trace`)."""
     total = trace.total
     metrics = {
         "steps_completed": steps_done,
@@ -125,35 +145,133 @@ def summarise(trace: Trace, n_atoms: int, steps_done: int, wall_s: float, md_cfg
         "wall_time_per_step_s": wall_s / max(steps_done, 1),
         "ms_per_atom_per_step": 1000.0 * wall_s / max(steps_done, 1) / n_atoms,
     }
-    if len(time_ps) > 1:
-        # slope of a straight-line fit: the drift, robust to the step-to-step oscillation of E_tot
-        metrics["energy_drift_eV_per_atom_per_ps"] = float(np.polyfit(time_ps, total / n_atoms, 1)[0])
     return metrics
 
 
-def cost_comparison(ml_s_per_step: float, reference_s_per_step: float, training_cost_s: float) -> dict[str, float]:
-    """Speed-up per step and the number of MD steps after which training the model paid off.
+def criteria_of(md_cfg) -> stability.StabilityCriteria:
+    """The stability criteria of ``md.stability`` (sources in conf/md/nve.yaml)."""
+    section = md_cfg.stability
+    try:
+        return stability.StabilityCriteria(
+            max_departure_A=float(section.max_departure_A),
+            max_h_distance_A=float(section.max_h_distance_A),
+            min_temperature_K=float(section.min_temperature_K),
+            max_temperature_K=float(section.max_temperature_K),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"md.stability={dict(section)} is not allowed: {exc}") from None
 
-    Break-even: reference * n = training + ml * n, so n = training / (reference - ml).
+
+@dataclass
+class Stability:
+    """The stability record of one trajectory: verdict, flat metrics and tags for MLflow, the files written."""
+
+    verdict: stability.Verdict
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    files: list[Path]
+
+    def describe(self) -> str:
+        v = self.verdict
+        if v.stable:
+            return f"stable: every frame up to step {v.last_step} within the training distances"
+        return f"UNSTABLE from step {v.first_unstable_step}: {v.reason}"
+
+
+def judge_trace(
+    trace: Trace, ranges: dict[str, tuple[float, float]], md_cfg, outdir: Path | None = None, title: str = ""
+) -> Stability:
+    """Judge the logged frames of ``trace`` against ``ranges`` (training nearest-neighbour ranges) with the
+    criteria of ``md.stability``; with ``outdir`` write ``nn_distances.csv`` and ``distance_bands.png``."""
+    criteria = criteria_of(md_cfg)
+    verdict = stability.judge(trace.frames, trace.temperature, trace.steps, ranges, criteria)
+    metrics = dict(verdict.metrics)
+    for name, (low, high) in ranges.items():
+        metrics[f"train_nn_min_{name}"], metrics[f"train_nn_max_{name}"] = low, high
+    n_atoms = len(trace.frames[0])
+    if md_cfg.ensemble == "nve" and len(trace.time_fs) > 1:
+        # the total energy of NVE is conserved: its drift measures the integration and the model's smoothness
+        metrics.update(stability.energy_drift(trace.time_fs, trace.total, trace.kinetic, n_atoms))
+    tags = {
+        "md_stable": str(verdict.stable).lower(),
+        "md_first_unstable_step": "none" if verdict.stable else str(verdict.first_unstable_step),
+        "md_stability_reason": verdict.reason or "none",
+        "md_stability_criteria": ", ".join(f"{k}={v}" for k, v in vars(criteria).items()),
+    }
+    files: list[Path] = []
+    if outdir is not None:
+        names = sorted(verdict.distances)
+        write_text(
+            outdir / "nn_distances.csv",
+            "step,time_fs," + ",".join(f"nn_min_{n}_A,nn_max_{n}_A" for n in names) + "\n"
+            + "".join(
+                f"{step},{t:.3f}," + ",".join(f"{verdict.distances[n][i, 0]:.5f},{verdict.distances[n][i, 1]:.5f}" for n in names) + "\n"
+                for i, (step, t) in enumerate(zip(trace.steps, trace.time_fs))
+            ),
+        )
+        files.append(outdir / "nn_distances.csv")
+        unstable_time = None
+        if not verdict.stable:
+            unstable_time = trace.time_fs[trace.steps.index(verdict.first_unstable_step)]
+        files.append(
+            stability.distance_bands_plot(
+                outdir / "distance_bands.png", trace.time_fs, verdict.distances, ranges, criteria,
+                title or f"{md_cfg.ensemble.upper()} MD: {'stable' if verdict.stable else 'unstable'}",
+                first_unstable_time_fs=unstable_time,
+            )
+        )
+    return Stability(verdict, metrics, tags, files)
+
+
+def cost_comparison(
+    ml_s_per_step: float, reference_s_per_step: float, search_time_s: float, n_reference_frames: int, reference_s_per_frame: float
+) -> dict[str, float]:
+    """Speed-up per step and the number of MD steps after which the model paid off.
+
+    The model's cost is the hyperparameter search (measured) plus the reference calculations of the
+    frames the study learned from and was selected on (``n_reference_frames`` x
+    ``reference_s_per_frame``, an assumption). Break-even: reference * n = cost + ml * n, so
+    n = cost / (reference - ml).
     """
+    data_cost = n_reference_frames * reference_s_per_frame
+    training_cost = search_time_s + data_cost
     saved = reference_s_per_step - ml_s_per_step
     return {
         "speedup_per_step": reference_s_per_step / ml_s_per_step,
-        "break_even_steps": training_cost_s / saved if saved > 0 else float("inf"),
-        "training_cost_s": training_cost_s,
+        "break_even_steps": training_cost / saved if saved > 0 else float("inf"),
+        "training_cost_s": training_cost,
+        "search_time_s": search_time_s,
+        "reference_data_cost_s": data_cost,
+        "reference_frames": float(n_reference_frames),
     }
 
 
+def training_file_of(cfg, lineage: dict) -> str:
+    """The training file of the model: from the version's lineage (its ``train_file`` or ``sha256.<file>``
+    tag naming one of ``dataset.train_files``), else the one of ``dataset.train_size``."""
+    from hpo.data import train_file
+
+    if lineage.get("train_file"):
+        return str(lineage["train_file"])
+    known = {str(name) for name in cfg.dataset.train_files.values()}
+    named = [key.removeprefix("sha256.") for key in lineage if key.startswith("sha256.") and key.removeprefix("sha256.") in known]
+    return named[0] if len(named) == 1 else train_file(cfg.dataset)
+
+
 def main(cfg) -> dict:
-    """``python -m hpo md``: MD with ``md.model_uri``, recorded in MLflow next to the model's lineage."""
+    """``python -m hpo md``: MD with ``md.model_uri``, recorded in MLflow next to the model's lineage.
+
+    Returns the metrics, the output paths and the stability verdict (``verdict``, ``md_stable``).
+    """
     from hpo import config as hpo_config
     from hpo import plots
-    from hpo.data import find_data_dir, read_frames
+    from hpo.data import find_data_dir, read_frames, sha256sum
     from hpo.models.gap.gap_fit import MODEL_FILE, load
     from hpo.registry.resolve import resolve_model, version_tags
     from hpo.tracking import Tracker, provenance_tags
 
     md_cfg = cfg.md
+    criteria_of(md_cfg)  # a wrong md.stability stops before any work
     tracker = Tracker(cfg.tracking)
     outdir = hpo_config.output_path(cfg.experiments_dir) / "md" / f"{md_cfg.ensemble}-{time.strftime('%Y%m%d-%H%M%S')}"
     given = Path(str(md_cfg.model_uri)).expanduser()
@@ -164,24 +282,68 @@ def main(cfg) -> dict:
     frames = read_frames(validation, cfg.dataset.property_keys, need=()).frames
     if not 0 <= md_cfg.start_frame < len(frames):
         raise ConfigError(f"md.start_frame={md_cfg.start_frame} is not allowed: 0..{len(frames) - 1} ({validation.name})")
+    train_name = training_file_of(cfg, lineage)
+    train_path = find_data_dir(cfg.dataset, [train_name]) / train_name
+    recorded = lineage.get(f"sha256.{train_name}")
+    if recorded and recorded != sha256sum(train_path):
+        print(f"[hpo] warning: {train_path} differs from the file the model was trained on (sha256 in its lineage): "
+              "stability ranges come from the local file", flush=True)
+    training = read_frames(train_path, cfg.dataset.property_keys, need=()).frames
+    ranges = stability.training_ranges(training)
 
-    run_id = tracker.start_run(
-        f"md-{md_cfg.ensemble}",
-        tags={"command": "md", "run_type": "md", "model_uri": md_cfg.model_uri, **{f"model.{k}": v for k, v in lineage.items() if not k.startswith("version.")}, **provenance_tags()},
+    tags = {
+        "command": "md", "run_type": "md", "model_uri": md_cfg.model_uri, "stability_reference": train_name,
+        **{f"model.{k}": v for k, v in lineage.items() if not k.startswith("version.")}, **provenance_tags(),
+    }
+    with tracker.run(f"md-{md_cfg.ensemble}", tags=tags) as run_id:
+        tracker.log_config(run_id, cfg)
+        metrics, trace, blow_up = run(frames[md_cfg.start_frame], load(model_file), md_cfg, outdir)
+        title = f"{md_cfg.ensemble.upper()} MD, GAP {md_cfg.model_uri}, start {validation.name}[{md_cfg.start_frame}]"
+        judged = judge_trace(trace, ranges, md_cfg, outdir, f"{title}\nnearest-neighbour distances vs {train_name} ({len(training)} frames)")
+        metrics.update(judged.metrics)
+        cost, assumptions = cost_lines(cfg, lineage, metrics, len(training) + len(frames))
+        metrics.update(cost)
+        figure = plots.md_plot(outdir / "md.png", trace.time_fs, trace.potential, trace.kinetic, trace.temperature, title)
+        tracker.log(
+            run_id,
+            params={f"md.{k}": v for k, v in md_cfg.items() if k != "stability"} | {f"md.stability.{k}": v for k, v in md_cfg.stability.items()},
+            metrics=metrics,
+            tags={"blow_up": blow_up or "none", "outdir": outdir, **judged.tags, "cost_assumptions": assumptions},
+        )
+        tracker.log_artifacts(run_id, [outdir / f"{md_cfg.ensemble}.log", outdir / "trajectory.xyz", outdir / "energies.csv", figure, *judged.files])
+        print(f"[hpo] {md_cfg.ensemble.upper()} MD in {outdir} (MLflow run {run_id})")
+        for key, value in metrics.items():
+            print(f"  {key:<34}{value:.6g}")
+        print(f"[hpo] cost comparison: {assumptions}")
+        print(f"[hpo] MD stability ({train_name} ranges, md.stability): {judged.describe()}", flush=True)
+        if blow_up:
+            raise MDBlowUp(f"{blow_up} Stability of the frames kept: {judged.describe()}", judged.verdict)
+    if not judged.verdict.stable:
+        print("[hpo] warning: the trajectory left the training distribution; do not use it for analysis", flush=True)
+    return {
+        "outdir": outdir,
+        "trajectory": outdir / "trajectory.xyz",
+        **metrics,
+        "md_stable": judged.verdict.stable,
+        "first_unstable_step": judged.verdict.first_unstable_step,
+        "stability_reason": judged.verdict.reason,
+        "verdict": judged.verdict,
+    }
+
+
+def cost_lines(cfg, lineage: dict, metrics: dict, n_reference_frames: int) -> tuple[dict[str, float], str]:
+    """The break-even metrics, and a sentence saying which of their inputs are measured and which assumed."""
+    md_cfg = cfg.md
+    search = float(lineage.get("search_time_s", "nan"))
+    known_search = np.isfinite(search)
+    cost = cost_comparison(
+        metrics["wall_time_per_step_s"], float(md_cfg.reference_cost_s_per_step), search if known_search else 0.0,
+        n_reference_frames, float(md_cfg.reference_cost_s_per_frame),
     )
-    tracker.log_config(run_id, cfg)
-    metrics, trace, blow_up = run(frames[md_cfg.start_frame], load(model_file), md_cfg, outdir)
-    training_cost = float(lineage.get("search_time_s", "nan"))
-    if np.isfinite(training_cost):
-        metrics.update(cost_comparison(metrics["wall_time_per_step_s"], md_cfg.reference_cost_s_per_step, training_cost))
-    title = f"{md_cfg.ensemble.upper()} MD, GAP {md_cfg.model_uri}, start {validation.name}[{md_cfg.start_frame}]"
-    figure = plots.md_plot(outdir / "md.png", trace.time_fs, trace.potential, trace.kinetic, trace.temperature, title)
-    tracker.log(run_id, params={f"md.{k}": v for k, v in md_cfg.items()}, metrics=metrics, tags={"blow_up": blow_up or "none", "outdir": outdir})
-    tracker.log_artifacts(run_id, [outdir / f"{md_cfg.ensemble}.log", outdir / "trajectory.xyz", outdir / "energies.csv", figure])
-    tracker.end_run(run_id, "FAILED" if blow_up else "FINISHED")
-    print(f"[hpo] {md_cfg.ensemble.upper()} MD in {outdir} (MLflow run {run_id})")
-    for key, value in metrics.items():
-        print(f"  {key:<34}{value:.6g}")
-    if blow_up:
-        raise MDBlowUp(blow_up)
-    return {"outdir": outdir, "trajectory": outdir / "trajectory.xyz", **metrics}
+    sentence = (
+        f"ASSUMED md.reference_cost_s_per_step={md_cfg.reference_cost_s_per_step} s (one ab initio MD step) and "
+        f"md.reference_cost_s_per_frame={md_cfg.reference_cost_s_per_frame} s x {n_reference_frames} reference frames "
+        f"(training + validation); MEASURED: ML MD {metrics['wall_time_per_step_s']:.3g} s/step, "
+        + (f"search time {search:.0f} s (study lineage)" if known_search else "search time UNKNOWN (no study lineage): not counted")
+    )
+    return cost, sentence

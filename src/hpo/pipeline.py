@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from hpo import md as hpo_md
 from hpo import polarize as hpo_polarize
+from hpo import spectrum as hpo_spectrum
 from hpo.atomic import write_text
 from hpo.cache import digest
 from hpo.config import load_config, output_path
@@ -46,7 +47,11 @@ def cached_stage(marker: Path, compute) -> dict:
         print(f"[hpo] pipeline: reusing {marker.parent}", flush=True)
         return json.loads(marker.read_text())
     result = compute()
-    summary = {k: (str(v) if isinstance(v, Path) else v) for k, v in result.items() if not hasattr(v, "shape")}
+    summary = {
+        k: (str(v) if isinstance(v, Path) else v)
+        for k, v in result.items()
+        if isinstance(v, (Path, str, int, float, bool, type(None)))  # arrays and the MD verdict object stay out
+    }
     write_text(marker, json.dumps(summary, indent=2))
     return summary
 
@@ -81,6 +86,13 @@ def run(overrides: list[str]) -> dict:
         lambda: hpo_md.main(load_config([*gap_overrides, f"md.model_uri=models:/{gap_version['name']}/{gap_version['version']}"])),
     )
     trajectory = md_result["trajectory"]
+    if not md_result.get("md_stable", False):
+        raise hpo_md.MDUnstable(
+            f"the MD with GAP version {gap_version['version']} is not stable (md_stable=false): "
+            f"{md_result.get('stability_reason') or 'no stability verdict recorded'}; first unstable step "
+            f"{md_result.get('first_unstable_step')}. Its trajectory {trajectory} left the training distribution, so no "
+            "polarizabilities are predicted from it. Promote a stable model (promote.screen) or change the MD settings."
+        )
     polarize_dir = root / f"polarize-{stage_key(sagpr_version['name'], sagpr_version['version'], trajectory)}"
     polarize_result = cached_stage(
         polarize_dir / "polarize.json",
@@ -95,6 +107,20 @@ def run(overrides: list[str]) -> dict:
             )
         ),
     )
+    spectrum_result = None
+    if budget.spectrum and polarize_result["n_frames"] >= base.spectrum.min_frames:
+        spectrum_result = cached_stage(
+            root / f"spectrum-{stage_key(polarize_result['outdir'], OmegaConf.to_container(base.spectrum, resolve=True))}" / "spectrum.json",
+            lambda: hpo_spectrum.main(
+                load_config([*sagpr_overrides, f"spectrum.trajectory={Path(polarize_result['outdir']) / 'trajectory_polarizability.xyz'}"])
+            ),
+        )
+    elif budget.spectrum:
+        print(
+            f"[hpo] pipeline: no Raman spectrum from {polarize_result['n_frames']} frames (spectrum.min_frames="
+            f"{base.spectrum.min_frames}); run a longer MD for one, e.g. md.steps=4000 (2 ps at 0.5 fs)",
+            flush=True,
+        )
     summary = {
         "gap_version": gap_version["version"],
         "gap_val_energy_rmse": gap_version.get("objective"),
@@ -102,6 +128,7 @@ def run(overrides: list[str]) -> dict:
         "sagpr_val_rmse": sagpr_version.get("objective"),
         "md": md_result,
         "polarize": polarize_result,
+        "spectrum": spectrum_result,
     }
     print(f"[hpo] pipeline done: GAP version {gap_version['version']}, SA-GPR version {sagpr_version['version']}", flush=True)
     return summary

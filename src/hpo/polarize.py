@@ -61,10 +61,12 @@ def main(cfg) -> dict:
     outdir = Path(cfg.experiments_dir).expanduser().resolve() / "polarize" / time.strftime("%Y%m%d-%H%M%S")
     model = SAGPR.load(resolve_model(str(settings.model_uri), tracker.tracking_uri, outdir / "model"))
     frames = ase.io.read(trajectory, ":")
+    start = time.perf_counter()
     try:
         predicted = model.predict(frames)
     except ValueError as exc:
         raise PolarizeError(f"{trajectory.name}: {exc}") from exc
+    frames_per_s = len(frames) / max(time.perf_counter() - start, 1e-9)
 
     train_name = cfg.dataset.train_files[settings.reference_train_size]
     reference_frames = read_frames(find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=()).frames
@@ -83,7 +85,7 @@ def main(cfg) -> dict:
 
     table, metrics = comparison_table(predicted, reference)
     far = outliers(predicted, reference, settings.outlier_sigma)
-    metrics.update(n_frames=len(frames), n_outside=len(far), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
+    metrics.update(frames_per_s=frames_per_s, n_frames=len(frames), n_outside=len(far), fraction_outside=len(far) / len(frames), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
     run_id = tracker.start_run("polarize", tags={"command": "polarize", "run_type": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
     tracker.log(run_id, metrics=metrics)
     tracker.log_artifacts(run_id, [outdir / "trajectory_cartesian.out", outdir / "trajectory_polarizability.xyz", figure])
@@ -92,7 +94,7 @@ def main(cfg) -> dict:
     print(f"  predicted vs training data ({train_name}):\n{table}")
     if len(far):
         print(
-            f"[hpo] warning: {len(far)} frame(s) lie more than {settings.outlier_sigma} training std from the training mean "
+            f"[hpo] warning: {len(far)} frame(s) ({len(far) / len(frames):.1%}) lie more than {settings.outlier_sigma} training std from the training mean "
             f"(first: {far[:10].tolist()}): the model extrapolates there",
             flush=True,
         )

@@ -25,6 +25,7 @@ from hpo.models import kind
 from hpo.plots import figure_title, plt, save_figure
 from hpo.tracking import Tracker, flatten
 
+
 @dataclass(frozen=True)
 class PowerLaw:
     """``error = prefactor * n ** slope``, fitted as a straight line in log-log space."""
@@ -35,6 +36,7 @@ class PowerLaw:
     def at(self, n: float | np.ndarray) -> float | np.ndarray:
         return self.prefactor * np.asarray(n, dtype=float) ** self.slope
 
+
 def fit_power_law(n: np.ndarray, error: np.ndarray) -> PowerLaw | None:
     """Least squares in log-log space; None with fewer than two distinct sizes of finite, positive error."""
     keep = np.isfinite(error) & (error > 0) & (n > 0)
@@ -42,6 +44,7 @@ def fit_power_law(n: np.ndarray, error: np.ndarray) -> PowerLaw | None:
         return None
     slope, intercept = np.polyfit(np.log(n[keep]), np.log(error[keep]), 1)
     return PowerLaw(float(slope), float(np.exp(intercept)))
+
 
 def curve_stats(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean and sample standard deviation of ``y`` per distinct ``x`` (0 for a single repeat), failures dropped."""
@@ -52,11 +55,13 @@ def curve_stats(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     std = np.array([g.std(ddof=1) if len(g) > 1 else 0.0 for g in groups])
     return xs, mean, std
 
+
 def with_train_size(cfg: DictConfig, size: int) -> DictConfig:
     """A copy of ``cfg`` that trains on the file of ``size``, so ``load_datasets`` can read it."""
     sized = copy.deepcopy(cfg)
     sized.dataset.train_size = size
     return sized
+
 
 def learning_curve_points(cfg: DictConfig, model: dict, outdir: Path) -> tuple[list[Point], str]:
     """One point per size (nested files), or per size and repeat (random subsets of the largest file).
@@ -91,6 +96,7 @@ def learning_curve_points(cfg: DictConfig, model: dict, outdir: Path) -> tuple[l
         coords = {"size": size, "repeat": repeat, "train_file": pool.train.path.name}
         points.append(Point(name, coords, model, Datasets(train=train, val=pool.val)))
     return points, f"random subsets of {pool.train.path.name} ({len(pool.train)} frames), {section.repeats} per size"
+
 
 @dataclass
 class CurveResult:
@@ -150,6 +156,7 @@ def validation_power_laws(rows: list[dict], specs: list[MetricSpec], extrapolate
         )
     return fits
 
+
 def log_learning_curve(
     tracker: Tracker, run_id: str, rows: list[dict], specs: list[MetricSpec], fits: dict[str, PowerLaw], extrapolate_to: int
 ) -> None:
@@ -160,9 +167,11 @@ def log_learning_curve(
     for row in rows:
         tracker.log(run_id, metrics={s.val_key: row.get(s.val_key) for s in specs if _finite(row.get(s.val_key))}, step=int(row["n_train"]))
 
+
 def learning_curve(cfg: DictConfig) -> None:
     """``python -m hpo learning-curve``: validation error against training set size, with a power-law fit."""
     run_learning_curve(cfg)
+
 
 def plot_learning_curve(
     path: Path, rows: list[dict], specs: list[MetricSpec], fits: dict[str, PowerLaw], extrapolate_to: int, title: str

@@ -35,6 +35,7 @@ from hpo.tracking import Tracker, provenance_tags
 
 TIMESTAMP = "%Y%m%d-%H%M%S"  # as the fit command's working directories
 
+
 @dataclass(frozen=True)
 class MetricSpec:
     """One curve to draw: a metric of ``objective.score`` without its ``train_``/``val_`` prefix."""
@@ -55,11 +56,13 @@ class MetricSpec:
     def axis_label(self) -> str:
         return f"{self.label} ({self.unit})"
 
+
 def metric_specs(section: DictConfig, kind: str) -> list[MetricSpec]:
     """The ``metrics`` list of a config section (learning_curve, sweep, report) for one model kind."""
     if kind not in section.metrics:
         raise ConfigError(f"metrics has no entry for model kind {kind!r}; add one (name, label, unit)")
     return [MetricSpec(str(m.name), str(m.label), str(m.unit)) for m in section.metrics[kind]]
+
 
 def reported_metrics(specs: list[MetricSpec], rows: list[dict], outdir: Path) -> list[MetricSpec]:
     """The specs the model actually reported (SA-GPR has no force metric, GAP no ``val_rmse``).
@@ -79,15 +82,18 @@ def reported_metrics(specs: list[MetricSpec], rows: list[dict], outdir: Path) ->
             print(f"[hpo] note: no point reported {spec.val_key}; its panel is left out", flush=True)
     return present
 
+
 def param_unit(section: DictConfig, kind: str, param: str) -> str:
     """The unit of a model parameter from ``param_units`` ('' for a pure number)."""
     units = section.param_units.get(kind) or {}
     return str(units.get(param, ""))
 
+
 def param_axis_label(section: DictConfig, kind: str, param: str) -> str:
     """An axis label with the parameter's unit, or "(pure number)" so every axis says what it counts."""
     unit = param_unit(section, kind, param)
     return f"{param} ({unit})" if unit else f"{param} (pure number)"
+
 
 def run_dir(section: DictConfig) -> Path:
     """``<section.dir>/<section.name or a timestamp>``: where one command's outputs go."""
@@ -179,6 +185,7 @@ def size_on_disk(path: Path) -> int:
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return path.stat().st_size if path.is_file() else 0
 
+
 def write_csv(path: Path, rows: list[dict]) -> Path:
     """One row per point; columns in first-seen order, so the placing columns come first."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -188,8 +195,10 @@ def write_csv(path: Path, rows: list[dict]) -> Path:
     writer.writerows(rows)
     return write_text(path, buffer.getvalue())
 
+
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
 
 def column(rows: list[dict], key: str) -> np.ndarray:
     """A metric over the rows, NaN where a point failed or lacks it."""

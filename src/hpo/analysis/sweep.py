@@ -27,6 +27,7 @@ from hpo.models.base import has_dotted, with_values
 from hpo.plots import figure_title, log_axis_wanted, plt, save_figure
 from hpo.tracking import Tracker, flatten
 
+
 @dataclass
 class SweepResult:
     """What ``run_sweep`` wrote and found; ``minimum`` and ``overfitting`` are keyed by validation metric."""
@@ -74,6 +75,7 @@ def sweep_points(model: dict, axes: dict[str, list], data: Datasets) -> list[Poi
             raise ConfigError(f"sweep point {coords}: {exc}") from None
         points.append(Point(f"point_{index:03d}", coords, point_model, data))
     return points
+
 
 def overfitting_steps(x: list, train: np.ndarray, val: np.ndarray, towards: str) -> list[tuple[Any, Any]]:
     """The overfitting region of a 1-D sweep, as (from, to) parameter intervals.
@@ -148,9 +150,11 @@ def summarise_sweep(
         print(f"[hpo] note: sweep.flexible_towards has no direction for {next(iter(axes))}; no overfitting region", flush=True)
     return minimum, overfitting
 
+
 def placed(values: dict, axes: dict[str, list]) -> str:
     """Where a point sits in the sweep, e.g. "n_max=2, default_sigma.energy=0.01"."""
     return ", ".join(f"{name}={values[name]}" for name in axes)
+
 
 def overfit_flags(rows: list[dict], axes: dict[str, list], overfitting: dict[str, list], specs: list[MetricSpec]) -> list[bool]:
     """A row is flagged when it is the flexible end of an overfitting step of the first metric."""
@@ -160,9 +164,11 @@ def overfit_flags(rows: list[dict], axes: dict[str, list], overfitting: dict[str
     ends = {step[1] for step in overfitting[specs[0].val_key]}
     return [row[param] in ends for row in rows]
 
+
 def sweep_param(cfg: DictConfig) -> None:
     """``python -m hpo sweep-param``: training and validation error against one or two model parameters."""
     run_sweep(cfg)
+
 
 def plot_sweep(
     path: Path,
@@ -203,6 +209,7 @@ def plot_sweep(
         ax.set_title(spec.label, fontsize=9)
         ax.legend(fontsize=7)
     return save_figure(fig, path, title)
+
 
 def plot_sweep_grid(
     path: Path,

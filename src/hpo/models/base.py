@@ -129,3 +129,8 @@ class ModelKind:
 
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
         raise NotImplementedError
+
+    def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
+        """The files to register for a trial's model, and figures about making them (none by default: the
+        trial's own files)."""
+        return trial_files, {}

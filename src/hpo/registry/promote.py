@@ -8,21 +8,25 @@ line, package versions) and the alias ``champion``, which later stages (``md``, 
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 import mlflow.pyfunc
 import optuna
 from mlflow.exceptions import MlflowException
+from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
 from hpo import plots
-from hpo.data import load_datasets
+from hpo.data import load_datasets, load_test_set
 from hpo.models import kind
-from hpo.models.base import with_values
+from hpo.models.base import TrialFailure, with_values
 from hpo.redact import redact
 from hpo.registry.resolve import MODEL_DIR, PromoteError
 from hpo.search.objective import score
@@ -31,7 +35,6 @@ from hpo.search.storage import StudyError, load_study
 from hpo.tracking import Tracker, flatten, package_versions, provenance_tags
 
 PICKS = ("best", "cheapest_within")
-
 
 
 def pick_trial(study: optuna.Study, promote_cfg) -> optuna.trial.FrozenTrial:
@@ -57,60 +60,118 @@ def pick_trial(study: optuna.Study, promote_cfg) -> optuna.trial.FrozenTrial:
 
 
 def promote(cfg) -> dict:
-    """Register the best (or ``promote.trial``) trial's model; return the version's lineage."""
+    """Register the best (or ``promote.trial``) trial's model; return the version's lineage.
+
+    GAP with ``promote.screen.k > 0``: the k best finished trials (by the validation metric, or by
+    cost within ``promote.within`` for ``pick=cheapest_within``) are screened in rank order with a
+    short MD from validation frames, each a nested MLflow run with its stability verdict; the first
+    stable one is registered (tag ``md_stable=true``). None stable: ``PromoteError`` naming every
+    candidate and why. ``promote.trial=N`` screens that trial only and registers it even when
+    unstable (``md_stable=false``, with a warning).
+
+    The registered model is then evaluated once on the test split (``hpo.data.load_test_set``):
+    ``test_*`` metrics on the promote run and tags on the version, next to the hand-tuned default
+    trial's test error when the study has one.
+    """
     hpo_config.validate(cfg)
     study = load_study(cfg.study)
     if cfg.promote.pick not in PICKS:
         raise hpo_config.ConfigError(f"promote.pick={cfg.promote.pick!r} is not allowed: one of {PICKS}")
     if not isinstance(cfg.promote.within, (int, float)) or cfg.promote.within < 0:
         raise hpo_config.ConfigError(f"promote.within={cfg.promote.within!r} is not allowed: a fraction >= 0 of the best metric")
-    trial = pick_trial(study, cfg.promote)
-    model = with_values(hpo_config.model_params(cfg), trial.params)
-    name = cfg.promote.registered_model[model["kind"]]
+    model_kind = kind(cfg.model.kind)
+    screen = screen_settings(cfg)
+    candidates = candidate_trials(study, cfg.promote, screen["k"] if screen else 1)
+    name = cfg.promote.registered_model[model_kind.name]
     tracker = Tracker(cfg.tracking)
-    existing = find_version(tracker, name, study.study_name, trial.number)
+    key = screen_key(cfg, study, candidates, screen)
+    existing = find_version(
+        tracker, name, study.study_name, candidates[0].number, key if screen and cfg.promote.trial is None else None, screened=bool(screen)
+    )
     if existing is not None:
-        print(f"[hpo] {name} version {existing.version} already holds study {study.study_name!r} trial {trial.number}")
+        print(f"[hpo] {name} version {existing.version} already holds study {study.study_name!r} trial {existing.tags.get('trial')}")
         tracker.client.set_registered_model_alias(name, cfg.promote.alias, existing.version)
         return dict(existing.tags, version=existing.version, name=name)
 
     data = load_datasets(cfg)
-    files = [Path(p) for p in trial.user_attrs.get("model_files", [])]
-    workdir = Path(trial.user_attrs.get("workdir", ""))
-    if not files or not all(p.is_file() for p in files):
-        # The trial's files are gone (another machine, cleaned up): refit on the full training set.
-        workdir = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-trial{trial.number}"
-        files = score(cfg, model, data, workdir).model_files
-
     search_time = sum(
         (t.datetime_complete - t.datetime_start).total_seconds()
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED))
         if t.datetime_complete and t.datetime_start
     )
-    metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
-    lineage = {
-        "study": study.study_name,
-        "storage": redact(str(cfg.study.storage)),
-        "trial": trial.number,
-        "objective": primary(trial),
-        "pick": "trial" if cfg.promote.trial is not None else cfg.promote.pick,
-        "search_time_s": round(search_time, 1),
-        "n_trials": len(study.trials),
-        **{f"param.{k}": v for k, v in flatten(model).items()},
-        **{f"metric.{k}": v for k, v in metrics.items()},
-        **data.hashes,
-        **provenance_tags(),
-    }
-    command_file = workdir / "gap_fit.cmd"
-    if command_file.is_file():
-        lineage["gap_fit_command"] = command_file.read_text().strip()
+    promote_dir = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_tags = {"command": "promote", "run_type": "promote", "study": study.study_name, **provenance_tags()}
+    with tracker.run(f"promote-{study.study_name}", tags=run_tags) as run_id:
+        tracker.log_config(run_id, cfg)
+        if screen:
+            trial, files, workdir, screened = screen_candidates(cfg, study, candidates, data, screen, tracker, run_id, promote_dir)
+        else:
+            trial = candidates[0]
+            files, workdir = model_files(cfg, study, trial, data)
+            screened = None
+        model = with_values(hpo_config.model_params(cfg), trial.params)
+        try:
+            # e.g. a GAP solved with numpy is refitted by gap_fit on the same sparse points and compared
+            files, production = model_kind.production_model(cfg, model, data, files, promote_dir / "production")
+        except TrialFailure as exc:
+            raise PromoteError(f"trial {trial.number}: {exc}") from None
+        if production:
+            workdir = files[0].parent
+            tracker.log(run_id, metrics=production)
+        metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
+        lineage = {
+            "study": study.study_name,
+            "storage": redact(str(cfg.study.storage)),
+            "trial": trial.number,
+            "objective": primary(trial),
+            "pick": "trial" if cfg.promote.trial is not None else cfg.promote.pick,
+            "search_time_s": round(search_time, 1),
+            "n_trials": len(study.trials),
+            "train_file": data.train.path.name,
+            "train_size": len(data.train),
+            **{f"param.{k}": v for k, v in flatten(model).items()},
+            **{f"metric.{k}": v for k, v in metrics.items()},
+            **data.hashes,
+            **provenance_tags(),
+        }
+        if screened is not None:
+            lineage.update(screened.tags, screen_key=key)
+        command_file = workdir / "gap_fit.cmd"
+        if command_file.is_file():
+            lineage["gap_fit_command"] = command_file.read_text().strip()
+        tracker.client.set_tag(run_id, "mlflow.runName", f"promote-{study.study_name}-trial{trial.number}")
+        tracker.log(run_id, tags=lineage)
 
-    model_kind = kind(model["kind"])
-    run_id = tracker.start_run(f"promote-{study.study_name}-trial{trial.number}", tags={"command": "promote", "run_type": "promote", **lineage})
-    if len(study.directions) > 1:  # show where the promoted model sits on the accuracy-cost front
-        figure = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-pareto.png"
-        title = f"{model_kind.display_name} study {study.study_name}: promoted trial {trial.number} ({lineage['pick']})"
-        tracker.log_artifacts(run_id, [plots.pareto_plot(figure, study, list(cfg.study.objectives), title, picked=trial)])
+        test_metrics, test_tags = test_errors_of(cfg, study, trial, files, data, model_kind)
+        lineage.update(test_tags, **{k: f"{v:.6g}" for k, v in test_metrics.items()})
+        tracker.log(run_id, metrics=test_metrics, tags=test_tags)
+        if screened is not None:
+            tracker.log(run_id, metrics={f"screen.{k}": v for k, v in screened.metrics.items()})
+            tracker.log_artifacts(run_id, screened.figures, "screen")
+
+        if len(study.directions) > 1:  # show where the promoted model sits on the accuracy-cost front
+            figure = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-pareto.png"
+            title = f"{model_kind.display_name} study {study.study_name}: promoted trial {trial.number} ({lineage['pick']})"
+            tracker.log_artifacts(run_id, [plots.pareto_plot(figure, study, list(cfg.study.objectives), title, picked=trial)])
+        version = register(cfg, tracker, run_id, name, study, trial, files, model_kind, lineage)
+    print(
+        f"[hpo] registered {name} version {version.version} (alias {cfg.promote.alias!r}) from study "
+        f"{study.study_name!r} trial {trial.number}: {cfg.study.metric}={primary(trial):.5g}"
+    )
+    print_test_summary(cfg, trial, test_metrics, model_kind)
+    return dict(lineage, version=version.version, name=name)
+
+
+def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files: list[Path], model_kind, lineage: dict):
+    """Log the model's files as a pyfunc under ``run_id`` and register a version (or retag the version this
+    trial already has, e.g. promoted earlier without screening); point the alias at it."""
+    tags = {k: str(v)[:5000] for k, v in lineage.items()}
+    earlier = find_version(tracker, name, study.study_name, trial.number, None)
+    if earlier is not None:
+        for key, value in tags.items():
+            tracker.client.set_model_version_tag(name, earlier.version, key, value)
+        tracker.client.set_registered_model_alias(name, cfg.promote.alias, earlier.version)
+        return earlier
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(tmp) / MODEL_DIR
         bundle.mkdir()
@@ -131,24 +192,254 @@ def promote(cfg) -> dict:
                 # Listing requirements ourselves skips MLflow's slow import-tracing subprocess.
                 pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed" and pkg != "hpo"],
             )
-    version = mlflow.register_model(info.model_uri, name, tags={k: str(v)[:5000] for k, v in lineage.items()})
+    # mlflow.start_run(run_id=...) ends the run it resumed as FINISHED; Tracker.run sets the final status
+    version = mlflow.register_model(info.model_uri, name, tags=tags)
     tracker.client.set_registered_model_alias(name, cfg.promote.alias, version.version)
-    tracker.end_run(run_id)
-    print(
-        f"[hpo] registered {name} version {version.version} (alias {cfg.promote.alias!r}) from study "
-        f"{study.study_name!r} trial {trial.number}: {cfg.study.metric}={primary(trial):.5g}"
+    return version
+
+
+def model_files(cfg, study, trial, data) -> tuple[list[Path], Path]:
+    """The trial's model files and working directory; refitted on the training set when they are gone."""
+    files = [Path(p) for p in trial.user_attrs.get("model_files", [])]
+    workdir = Path(trial.user_attrs.get("workdir", ""))
+    if not files or not all(p.exists() for p in files):
+        # The trial's files are gone (another machine, cleaned up): refit on the full training set.
+        model = with_values(hpo_config.model_params(cfg), trial.params)
+        workdir = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-trial{trial.number}"
+        files = score(cfg, model, data, workdir).model_files
+    return files, workdir
+
+
+# --------------------------------------------------------------------------- #
+# stability gate (GAP)
+# --------------------------------------------------------------------------- #
+ENSEMBLES = ("nve", "nvt")
+
+
+def screen_settings(cfg) -> dict | None:
+    """``promote.screen`` checked, or None when screening is off (k = 0, or a model kind without MD)."""
+    screen = cfg.promote.get("screen")
+    if screen is None:
+        return None
+    k, steps, starts = screen.k, screen.steps, list(screen.start_frames)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+        raise hpo_config.ConfigError(f"promote.screen.k={k!r} is not allowed: an integer >= 0 (0: no screening)")
+    if k == 0 or cfg.model.kind != "gap":
+        return None
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+        raise hpo_config.ConfigError(f"promote.screen.steps={steps!r} is not allowed: an integer >= 1")
+    if not starts or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in starts):
+        raise hpo_config.ConfigError(f"promote.screen.start_frames={starts!r} is not allowed: indices into the validation file")
+    if screen.ensemble not in ENSEMBLES:
+        raise hpo_config.ConfigError(f"promote.screen.ensemble={screen.ensemble!r} is not allowed: one of {ENSEMBLES}")
+    return {"k": k, "steps": steps, "start_frames": starts, "ensemble": str(screen.ensemble), "friction_per_fs": screen.get("friction_per_fs")}
+
+
+def screen_md_config(cfg, screen: dict):
+    """``cfg.md`` with the screen's steps and ensemble (the thermostat friction of ``promote.screen`` for NVT)."""
+    md_cfg = OmegaConf.to_container(cfg.md, resolve=True)
+    md_cfg.update(steps=screen["steps"], ensemble=screen["ensemble"])
+    if screen["ensemble"] == "nvt" and md_cfg.get("friction_per_fs") is None:
+        if screen["friction_per_fs"] is None:
+            raise hpo_config.ConfigError("promote.screen.ensemble=nvt needs promote.screen.friction_per_fs (md.friction_per_fs is null)")
+        md_cfg["friction_per_fs"] = screen["friction_per_fs"]
+    return OmegaConf.create(md_cfg)
+
+
+def candidate_trials(study: optuna.Study, promote_cfg, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The trials to screen, in order of preference: ``promote.trial`` alone, else the k best by the
+    validation metric (``pick=best``) or the k cheapest within ``promote.within`` of the best."""
+    first = pick_trial(study, promote_cfg)
+    if promote_cfg.trial is not None or k <= 1:
+        return [first]
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    sign = 1.0 if study.directions[0] == optuna.study.StudyDirection.MINIMIZE else -1.0
+    if promote_cfg.pick == "best":
+        ranked = sorted(finished, key=lambda t: (sign * primary(t), t.number))
+    else:
+        best = primary(best_trial(study))
+        bound = best + sign * abs(best) * float(promote_cfg.within)
+        close = [t for t in finished if sign * primary(t) <= sign * bound and promote_cfg.cost in t.user_attrs]
+        ranked = sorted(close, key=lambda t: (t.user_attrs[promote_cfg.cost], sign * primary(t)))
+    rest = [t for t in ranked if t.number != first.number]
+    return [first, *rest][:k]
+
+
+def screen_key(cfg, study, candidates, screen: dict | None) -> str:
+    """What a screened promotion depends on: a repeated promote with the same key reuses its version."""
+    from hpo.cache import digest
+
+    if not screen:
+        return "none"
+    md_settings = OmegaConf.to_container(cfg.md, resolve=True)
+    return digest("promote-screen", study.study_name, [t.number for t in candidates], screen, md_settings)[:16]
+
+
+@dataclass
+class Screened:
+    """Outcome of the gate: tags and metrics of the chosen candidate's screen, its figures."""
+
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    figures: list[Path] = field(default_factory=list)
+
+
+def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, tracker: Tracker, parent: str, outdir: Path):
+    """Short MD of one candidate from each screen start frame, in one nested MLflow run.
+
+    Returns (stable, why, metrics, figures): ``why`` names the first unstable start frame's verdict.
+    """
+    from hpo import md as hpo_md
+    from hpo.models.gap.gap_fit import load
+
+    md_cfg = screen_md_config(cfg, screen)
+    xml = next(p for p in files if p.suffix == ".xml")
+    tags = {"command": "promote", "run_type": "md_screen", "trial": trial.number, "study": cfg.study.name}
+    stable, why, metrics, figures, tags_out = True, "", {}, [], {}
+    potential = load(xml)  # parsing the XML costs seconds: once per candidate
+    with tracker.run(f"screen-trial{trial.number}", tags=tags, parent_run_id=parent) as run_id:
+        for start in screen["start_frames"]:
+            where = outdir / f"trial{trial.number}" / f"start{start}"
+            found, trace, blow_up = hpo_md.run(data.val.frames[start], potential, md_cfg, where)
+            title = f"screen: trial {trial.number}, {md_cfg.ensemble.upper()} from {data.val.path.name}[{start}]"
+            judged = hpo_md.judge_trace(trace, ranges, md_cfg, where, title)
+            plot = plots.md_plot(where / "md.png", trace.time_fs, trace.potential, trace.kinetic, trace.temperature, title)
+            tracker.log(run_id, metrics={f"start{start}.{k}": v for k, v in {**found, **judged.metrics}.items()},
+                        tags={f"start{start}.{k}": v for k, v in {**judged.tags, "blow_up": blow_up or "none"}.items()})
+            tracker.log_artifacts(run_id, [where / "trajectory.xyz", where / "energies.csv", plot, *judged.files], f"start{start}")
+            figures += [f for f in judged.files if f.suffix == ".png"] + [plot]
+            for key, value in judged.metrics.items():
+                metrics[f"start{start}.{key}"] = value
+            if not judged.verdict.stable and stable:
+                stable, why = False, f"start frame {start}: {judged.verdict.reason}"
+                tags_out["md_first_unstable_step"] = str(judged.verdict.first_unstable_step)
+        tags_out.update(md_stable=str(stable).lower(), md_stability_reason=why or "none")
+        tracker.log(run_id, metrics={"md_stable": 1.0 if stable else 0.0}, tags=tags_out)
+    print(f"[hpo] screen trial {trial.number} ({cfg.study.metric}={primary(trial):.5g}): "
+          f"{'stable' if stable else 'UNSTABLE, ' + why} (MLflow run {run_id})", flush=True)
+    return stable, why, metrics, figures
+
+
+def screen_candidates(cfg, study, candidates, data, screen: dict, tracker: Tracker, parent: str, outdir: Path):
+    """The gate: screen the candidates in order; the first stable one wins (``promote.trial``: that one, stable or not)."""
+    from hpo import stability
+
+    if max(screen["start_frames"]) >= len(data.val):
+        raise hpo_config.ConfigError(
+            f"promote.screen.start_frames={screen['start_frames']} is not allowed: indices 0..{len(data.val) - 1} of {data.val.path.name}"
+        )
+    ranges = stability.training_ranges(data.train.frames)
+    print(f"[hpo] screening {len(candidates)} candidate(s) of study {study.study_name!r} with {screen['steps']} "
+          f"{screen['ensemble'].upper()} steps from validation frames {screen['start_frames']} (promote.screen)", flush=True)
+    rejected = []
+    for trial in candidates:
+        files, workdir = model_files(cfg, study, trial, data)
+        stable, why, metrics, figures = screen_trial(cfg, trial, files, data, screen, ranges, tracker, parent, outdir)
+        summary = "; ".join([*(f"trial {n}: {w}" for n, w in rejected), f"trial {trial.number}: {'stable' if stable else why}"])
+        tags = {"md_stable": str(stable).lower(), "md_stability_reason": why or "none", "screened": summary[:4900],
+                "screen_settings": str(screen)}
+        if stable:
+            return trial, files, workdir, Screened(tags, metrics, figures)
+        if cfg.promote.trial is not None:
+            print(f"[hpo] warning: promote.trial={trial.number} is not stable in MD ({why}); registering it as asked, "
+                  "tagged md_stable=false", flush=True)
+            return trial, files, workdir, Screened(tags, metrics, figures)
+        rejected.append((trial.number, why))
+    lines = "\n".join(f"  trial {n}: {why}" for n, why in rejected)
+    raise PromoteError(
+        f"no stable candidate among the {len(candidates)} best trials of study {study.study_name!r} "
+        f"(promote.screen: {screen['steps']} {screen['ensemble'].upper()} steps from validation frames {screen['start_frames']}):\n{lines}\n"
+        "Nothing registered. Screen more candidates (promote.screen.k), run more trials, or register one anyway with promote.trial=N."
     )
-    return dict(lineage, version=version.version, name=name)
 
 
-def find_version(tracker: Tracker, name: str, study_name: str, trial_number: int):
-    """An existing version of ``name`` made from this very trial, so a repeated promote reuses it."""
+# --------------------------------------------------------------------------- #
+# test errors
+# --------------------------------------------------------------------------- #
+UNITS = {"gap": "eV per cell", "sagpr": "a.u."}
+
+
+def test_errors(cfg, model: dict, files: list[Path], test, model_kind) -> dict[str, float]:
+    """``test_*`` errors of a fitted model on the test frames: GAP energies per cell and per atom (and forces
+    with ``model.force_metrics`` when the data have them); SA-GPR per component, 6 unique, L0 and L2."""
+    if model_kind.name == "gap":
+        from hpo.metrics import energy_force_metrics
+        from hpo.models.gap import gap_fit, sparse_gap
+
+        xml = next(p for p in files if p.suffix == ".xml")
+        with_forces = bool(model.get("force_metrics")) and bool(test.forces)
+        predicted_forces = None
+        try:
+            if with_forces:
+                raise sparse_gap.UnsupportedModel("forces need quippy's calculator")
+            energies = sparse_gap.SparseGap.read(xml).predict(test.frames)
+        except sparse_gap.UnsupportedModel:
+            energies, forces = gap_fit.predict(gap_fit.load(xml), test.frames)
+            predicted_forces = forces if with_forces else None
+        return energy_force_metrics("test", test.energies, energies, test.n_atoms, test.forces if with_forces else None, predicted_forces)
+    from hpo.models.sagpr.estimator import SAGPR, component_rmse
+    from hpo.models.sagpr.kind import prefixed, tensors_of
+
+    folder = next(p for p in files if p.is_dir())
+    true = tensors_of(test, cfg, model)
+    return prefixed("test", component_rmse(true, SAGPR.load(folder).predict(test.frames)))
+
+
+def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str, float], dict[str, str]]:
+    """The promoted model's test errors (and the hand-tuned default trial's, ``default_test_*``), with tags
+    describing the split. The test set is read here, once per promotion, and by nothing else."""
+    from hpo.cache import frame_digests
+    from hpo.search.selection import default_trial
+
+    test = load_test_set(cfg, data)
+    if test is None:
+        print(f"[hpo] no test split (dataset.test_file={cfg.dataset.get('test_file')!r} has no frame outside the training set): "
+              "the registered model has no test error", flush=True)
+        return {}, {"test_split": "none"}
+    model = with_values(hpo_config.model_params(cfg), trial.params)
+    found = test_errors(cfg, model, files, test, model_kind)
+    split = hashlib.sha256("".join(frame_digests(test.frames)).encode()).hexdigest()
+    tags = {"test_split": "frames of " + str(cfg.dataset.test_file) + (" not in " + data.train.path.name if cfg.dataset.get("test_excludes_train") else ""),
+            "test_size": str(len(test)), "test_split_sha256": split}
+    default = default_trial(study)
+    if default is not None:
+        if default.number == trial.number:
+            found.update({f"default_{k}": v for k, v in found.items()})
+        else:
+            default_files, _ = model_files(cfg, study, default, data)
+            default_model = with_values(hpo_config.model_params(cfg), default.params)
+            found.update({f"default_{k}": v for k, v in test_errors(cfg, default_model, default_files, test, model_kind).items()})
+        tags["default_trial"] = str(default.number)
+    return found, tags
+
+
+def print_test_summary(cfg, trial, found: dict[str, float], model_kind) -> None:
+    metric = str(cfg.study.metric)
+    name = "test_" + metric.removeprefix("val_")
+    unit = UNITS.get(model_kind.name, "")
+    if name not in found:
+        print(f"[hpo] validation {primary(trial):.5g}, test: none (no test split) ({unit})", flush=True)
+        return
+    line = f"[hpo] validation {primary(trial):.5g}, test {found[name]:.5g} ({unit}; {metric} / {name})"
+    if f"default_{name}" in found:
+        line += f"; hand-tuned default trial: test {found['default_' + name]:.5g}"
+    print(line, flush=True)
+
+
+def find_version(tracker: Tracker, name: str, study_name: str, trial_number: int, key: str | None, screened: bool = False):
+    """An existing version of ``name`` made by a screened promotion with the same ``screen_key`` (same
+    candidates and settings), or (``key`` None) from this very trial, and with ``screened`` only if it
+    carries a stability verdict: a repeated promote reuses it."""
     try:
         versions = tracker.client.search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
     for version in versions:
-        if version.tags.get("study") == study_name and version.tags.get("trial") == str(trial_number):
+        if version.tags.get("study") != study_name:
+            continue
+        if key is not None and version.tags.get("screen_key") == key:
+            return version
+        if key is None and version.tags.get("trial") == str(trial_number) and (not screened or "md_stable" in version.tags):
             return version
     return None
 

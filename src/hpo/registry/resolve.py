@@ -16,7 +16,6 @@ from hpo.redact import redact
 MODEL_DIR = "model_files"  # name of the pyfunc artifact that holds the model's own files
 
 
-
 class PromoteError(RuntimeError):
     """Nothing to promote, or a model URI that does not resolve."""
 

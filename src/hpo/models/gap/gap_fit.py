@@ -15,8 +15,9 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import ase
 import numpy as np
@@ -152,20 +153,102 @@ def expected_descriptors(params: dict, frames: list[ase.Atoms]) -> list[str]:
     return [f"{descriptor_text(params)} n_species={len(species)} Z={z} species_Z={species_z}" for z in species]
 
 
-def build_command(params: dict, train_file: str, e0: dict, keys, seed: int) -> list[str]:
-    """The gap_fit argument list for one model config (``conf/model/gap.yaml`` layout)."""
+# force_parameter_name for an energy-only gap_fit: no frame has this column, so gap_fit adds no force targets.
+NO_FORCE_KEY = "hpo_no_force_targets"
+
+
+@dataclass(frozen=True)
+class SparsePoints:
+    """Sparse environments chosen by hpo for gap_fit: 0-based indices into the environments of each
+    descriptor of ``expected_descriptors(params, frames)`` (``frames``: the training frames)."""
+
+    frames: Sequence[ase.Atoms]
+    indices: tuple[np.ndarray, ...]
+
+    @property
+    def files(self) -> list[str]:
+        return sparse_file_names(len(self.indices))
+
+    def write(self, workdir: Path) -> None:
+        for name, indices in zip(self.files, self.indices):
+            write_sparse_index_file(workdir / name, indices)
+
+
+def sparse_file_names(n_descriptors: int) -> list[str]:
+    """The index files' names in gap_fit's working directory, one per descriptor."""
+    return [f"sparse_{i}.idx" for i in range(n_descriptors)]
+
+
+def write_sparse_index_file(path: Path, indices: Sequence[int]) -> Path:
+    """gap_fit's ``sparse_method=index_file`` format: 1-based environment indices, one per line."""
+    path = Path(path)
+    path.write_text("".join(f"{int(i) + 1}\n" for i in indices))
+    return path
+
+
+def read_sparse_index_file(path: Path) -> np.ndarray:
+    """0-based indices of a gap_fit index file."""
+    return np.array(Path(path).read_text().split(), dtype=int) - 1
+
+
+def gap_fit_sparse_args(params: dict, frames: Sequence[ase.Atoms], index_files: Sequence[str | Path], counts: Sequence[int]) -> list[str]:
+    """The ``gap={...}`` argument making gap_fit use hpo's sparse points: one descriptor per centre species.
+
+    ``index_files`` (paths as gap_fit sees them from its working directory) and
+    ``counts`` (indices in each) follow ``expected_descriptors(params, frames)``
+    (species in order of first appearance). Replaces gap_fit's own split (``add_species=F``)
+    because gap_fit would give every species the same ``sparse_file``.
+    """
+    descriptors = expected_descriptors(params, frames)
+    if len(index_files) != len(descriptors):
+        raise ValueError(f"{len(descriptors)} descriptors (one per species) but {len(index_files)} index files")
+    parts = []
+    for descriptor, index_file, n in zip(descriptors, index_files, counts):
+        text = _replace_keys(descriptor, n_sparse=str(n), sparse_method="index_file")
+        # gap_fit strips one level of braces when it splits gap={a : b}: species_Z={8 1 } must arrive doubled.
+        text = text.replace("={", "={{").replace("}", "}}")
+        parts.append(f"{text} sparse_file={index_file} add_species=F")
+    return ["gap={" + " : ".join(parts) + "}"]
+
+
+def _replace_keys(descriptor: str, **values: str) -> str:
+    words = descriptor.split(" ")
+    for i, word in enumerate(words):
+        key = word.split("=", 1)[0]
+        if key in values:
+            words[i] = f"{key}={values[key]}"
+    return " ".join(words)
+
+
+def build_command(
+    params: dict,
+    train_file: str,
+    e0: dict,
+    keys,
+    seed: int,
+    sparse: SparsePoints | None = None,
+    energy_only: bool = False,
+) -> list[str]:
+    """The gap_fit argument list for one model config (``conf/model/gap.yaml`` layout).
+
+    With ``sparse`` gap_fit uses hpo's sparse points (index files) instead of choosing its own; with
+    ``energy_only`` it gets no force targets.
+    """
     descriptor = descriptor_text(params)
     sigma = params["default_sigma"]
     default_sigma = " ".join(_number(sigma[k]) for k in ("energy", "force", "virial", "hessian"))
     e0_arg = ":".join(f"{symbol}:{_number(energy)}" for symbol, energy in sorted(e0.items()))
+    gap_arg = f"gap={{{descriptor}}}"
+    if sparse is not None:
+        (gap_arg,) = gap_fit_sparse_args(params, sparse.frames, sparse.files, [len(i) for i in sparse.indices])
     return [
         "gap_fit",
         f"at_file={train_file}",
-        f"gap={{{descriptor}}}",
+        gap_arg,
         f"default_sigma={{{default_sigma}}}",
         f"e0={{{e0_arg}}}",
         f"energy_parameter_name={keys.energy}",
-        f"force_parameter_name={keys.force}",
+        f"force_parameter_name={NO_FORCE_KEY if energy_only else keys.force}",
         f"sparse_jitter={_number(params['sparse_jitter'])}",
         # gap_fit aborts on rnd_seed=0 ("linear-congruential ... fail with seed idum=0").
         f"rnd_seed={seed + 1}",
@@ -182,15 +265,28 @@ class GAP:
     (it writes .idx and sparse files next to its input) and sets the fitted attributes
     ``model_file_`` (gap.xml), ``command_`` (the argument list) and ``fit_time_s_`` (gap_fit's own wall
     time). ``params`` is the model config (``conf/model/gap.yaml`` layout), checked by the model kind
-    before it gets here: gap_fit exits 0 on some impossible values.
+    before it gets here: gap_fit exits 0 on some impossible values. With ``sparse`` gap_fit uses the
+    sparse points hpo chose (so hpo's own solver and gap_fit fit the same model); with ``energy_only``
+    it gets no force targets.
     """
 
-    def __init__(self, params: dict, e0: dict, keys, threads: int = 1, seed: int = 0):
+    def __init__(
+        self,
+        params: dict,
+        e0: dict,
+        keys,
+        threads: int = 1,
+        seed: int = 0,
+        sparse: SparsePoints | None = None,
+        energy_only: bool = False,
+    ):
         self.params = params
         self.e0 = e0
         self.keys = keys
         self.threads = threads
         self.seed = seed
+        self.sparse = sparse
+        self.energy_only = energy_only
 
     def fit(self, train_file: Path, workdir: Path, while_fitting: Callable[[], None] | None = None) -> "GAP":
         """Fit on the frames of ``train_file``.
@@ -204,7 +300,9 @@ class GAP:
         workdir.mkdir(parents=True, exist_ok=True)
         local_train = workdir / "train.xyz"
         shutil.copyfile(train_file, local_train)
-        command = build_command(self.params, local_train.name, self.e0, self.keys, self.seed)
+        if self.sparse is not None:
+            self.sparse.write(workdir)
+        command = build_command(self.params, local_train.name, self.e0, self.keys, self.seed, self.sparse, self.energy_only)
         (workdir / "gap_fit.cmd").write_text(shlex.join(command) + "\n")
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         out_path, err_path = workdir / "gap_fit.out", workdir / "gap_fit.err"

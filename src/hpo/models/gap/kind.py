@@ -1,9 +1,14 @@
-"""GAP, the model kind: a SOAP-GAP of energies and forces fitted by ``gap_fit``.
+"""GAP, the model kind: a SOAP-GAP of energies and forces, as ``gap_fit`` fits it.
 
-One trial: gap_fit fits the model (``gap_fit.GAP``) while this process computes the descriptors of
-the training and validation frames on the core gap_fit leaves free (cached by content); after the fit
-the energies come from numpy on those descriptors (``sparse_gap``), or, for forces and non-dot-product
-kernels, from quippy's calculator.
+``model.solver`` chooses how a trial fits:
+
+- ``numpy`` (default): hpo chooses the sparse points (``solver.select_sparse``) and solves gap_fit's
+  sparse GP itself on descriptors cached by content (``descriptors``), equal to gap_fit to ~1e-11 eV
+  (tests/test_gap_solver.py): a trial that changes only sigmas, delta, zeta or n_sparse costs a solve.
+  Promotion refits the chosen model with gap_fit on the same sparse points (``production_model``).
+- ``gap_fit``: gap_fit fits each trial (``gap_fit.GAP``) while this process computes the evaluation
+  descriptors on the core gap_fit leaves free; energies then come from numpy (``sparse_gap``), or,
+  for forces and non-dot-product kernels, from quippy's calculator.
 """
 
 from __future__ import annotations
@@ -11,14 +16,18 @@ from __future__ import annotations
 import copy
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from hpo import metrics, plots
 from hpo.atomic import write_text
 from hpo.cache import Cache
 from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TrialFailure
-from hpo.models.gap import gap_fit, sparse_gap
+from hpo.models.gap import gap_fit, solver, sparse_gap
+from hpo.models.gap.descriptors import Environments, descriptor_key, environments
 from hpo.tracking import flatten
 
 # Allowed values of the model config (conf/model/gap.yaml), one table for config, trials and fit.
@@ -38,6 +47,9 @@ PARAMETERS = {
     "fit_timeout_s": "positive",
     "memory_budget_gb": "positive",
     "force_metrics": "bool",
+    "solver": ("numpy", "gap_fit"),
+    "sparse_selection": solver.SPARSE_METHODS,
+    "refit_tolerance_eV": "positive",
     "cost_frames": "non_negative_int",
     "descriptor_cache_max_gb": "positive",
 }
@@ -80,89 +92,168 @@ class GapKind(ModelKind):
             ))
 
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
-        """Fit with gap_fit, evaluate train and validation energies (and forces), write CSVs and a parity plot."""
+        """Fit (hpo's numpy solve or gap_fit, ``model.solver``), evaluate train and validation energies (and
+        forces with ``model.force_metrics``), write CSVs and a parity plot."""
         params = copy.deepcopy(params)
         requested = params["n_sparse"]
         params["n_sparse"] = gap_fit.effective_n_sparse(requested, data.train.frames)
         self.check_trial(params)
         self.preflight(params, data.train.frames)
-        sets = {"train": data.train, "val": data.val}
+        workdir.mkdir(parents=True, exist_ok=True)
         cache = Cache(params["descriptor_cache_dir"])
-        found_envs: dict[tuple[str, str], sparse_gap.Environments] = {}
-        # sparse_gap evaluates energies of dot-product kernels; forces and other kernels go through quippy.
-        with_quippy = params["force_metrics"] or params["covariance_type"] != "dot_product"
-
-        def compute_descriptors(gap_fit_failed: Callable[[], bool]) -> None:
-            if with_quippy:
-                return
-            for descriptor in gap_fit.expected_descriptors(params, data.train.frames):
-                for name, frames in sets.items():
-                    found = sparse_gap.environments(descriptor, frames.frames, cache, should_stop=gap_fit_failed)
-                    if found is None:
-                        return
-                    found_envs[name, sparse_gap.descriptor_key(descriptor)] = found
-
-        start = time.perf_counter()
-        fitted = gap_fit.GAP(params, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed).fit(
-            data.train.path, workdir, while_fitting=compute_descriptors
-        )
-        fit_wall = time.perf_counter() - start
-        start = time.perf_counter()
-        found, predicted = {}, {}
-        if with_quippy:
-            potential = gap_fit.load(fitted.model_file_)  # quippy's calculator: descriptor gradients give forces
-            for name, frames in sets.items():
-                predicted[name], forces = gap_fit.predict(potential, frames.frames)
-                forces = forces if params["force_metrics"] else None
-                found.update(metrics.energy_force_metrics(name, frames.energies, predicted[name], frames.n_atoms, frames.forces, forces))
-        else:
-            model = sparse_gap.SparseGap.read(fitted.model_file_)
-            for name, frames in sets.items():
-                envs = {
-                    d: found_envs.get((name, sparse_gap.descriptor_key(d))) or sparse_gap.environments(d, frames.frames, cache)
-                    for d in model.descriptors
-                }
-                predicted[name] = model.energies(frames.frames, envs)
-                found.update(metrics.energy_force_metrics(name, frames.energies, predicted[name], frames.n_atoms))
+        fit = fit_with_numpy if params["solver"] == "numpy" else fit_with_gap_fit
+        fitted = fit(cfg, params, data, workdir, cache)
+        found = dict(fitted.metrics)
+        sets = {"train": data.train, "val": data.val}
         for name, frames in sets.items():
+            forces = fitted.forces.get(name) if params["force_metrics"] else None
+            found.update(metrics.energy_force_metrics(name, frames.energies, fitted.energies[name], frames.n_atoms, frames.forces, forces))
             write_text(
                 workdir / f"{'validation' if name == 'val' else 'train'}_errors.csv",
                 "true_energy_eV,predicted_energy_eV\n"
-                + "".join(f"{t:.10f},{p:.10f}\n" for t, p in zip(frames.energies, predicted[name])),
+                + "".join(f"{t:.10f},{p:.10f}\n" for t, p in zip(frames.energies, fitted.energies[name])),
             )
         if params["cost_frames"]:
-            found["md_ms_per_atom"] = md_cost_ms_per_atom(fitted.model_file_, data.val.frames[: params["cost_frames"]])
-        eval_time = time.perf_counter() - start
-
+            found["md_ms_per_atom"] = md_cost_ms_per_atom(fitted.model_file, data.val.frames[: params["cost_frames"]])
         nan = [k for k, v in found.items() if not math.isfinite(v)]
         if nan:
             raise TrialFailure("nan_metric", f"non-finite metrics {nan} (the fit diverged)")
-        tags = {"gap_fit_command": fitted.command_line}
+        tags = dict(fitted.tags, solver=params["solver"])
         for quantity in ("energy", "force"):
             if f"val_{quantity}_rmse" in found:
                 gap_, ratio, flag = metrics.overfitting(found[f"train_{quantity}_rmse"], found[f"val_{quantity}_rmse"], cfg.overfit_ratio)
                 found[f"{quantity}_rmse_gap"], found[f"{quantity}_rmse_ratio"] = gap_, ratio
                 tags["overfit" if quantity == "energy" else "overfit_force"] = str(flag).lower()
-        # descriptor_wait_s: how long the trial waited for descriptors after gap_fit had finished.
-        found.update(fit_time_s=fitted.fit_time_s_, descriptor_wait_s=fit_wall - fitted.fit_time_s_, eval_time_s=eval_time)
 
         title = f"GAP, {data.train.path.name} ({len(data.train)}) / {data.val.path.name} ({len(data.val)})"
         parity = plots.parity_plot(
             workdir / "parity_energy.png",
-            {"train": (data.train.energies, predicted["train"]), "validation": (data.val.energies, predicted["val"])},
+            {"train": (data.train.energies, fitted.energies["train"]), "validation": (data.val.energies, fitted.energies["val"])},
             "energy",
             "eV",
             title,
         )
         if params["descriptor_cache_dir"]:
             cache.trim(int(params["descriptor_cache_max_gb"] * 1e9))
+        found.update({f"cache_{k}": float(v) for k, v in cache.stats.items()})
         return Scored(
             metrics=found,
             params={**flatten(params), "n_sparse_requested": requested, "threads": cfg.threads},
             tags=tags,
-            artifacts=[workdir / "gap_fit.cmd", workdir / "gap_fit.out", workdir / "gap_fit.err", workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
-            model_files=[fitted.model_file_],
+            artifacts=[*fitted.artifacts, workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
+            model_files=[fitted.model_file],
         )
+
+    def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
+        """The model to register: a real gap_fit model. A trial solved with numpy is refitted by gap_fit on the
+        same sparse points, and both must predict the same validation energies (``model.refit_tolerance_eV``)."""
+        if params["solver"] != "numpy":
+            return trial_files, {}
+        params = copy.deepcopy(params)
+        params["n_sparse"] = gap_fit.effective_n_sparse(params["n_sparse"], data.train.frames)
+        n_descriptors = len(gap_fit.expected_descriptors(params, data.train.frames))
+        indices = tuple(gap_fit.read_sparse_index_file(trial_files[0].parent / name) for name in gap_fit.sparse_file_names(n_descriptors))
+        refit = gap_fit.GAP(
+            params, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed,
+            sparse=gap_fit.SparsePoints(data.train.frames, indices), energy_only=not params["force_metrics"],
+        ).fit(data.train.path, workdir)
+        cache = Cache(params["descriptor_cache_dir"])
+        numpy_model, gap_fit_model = (sparse_gap.SparseGap.read(f) for f in (trial_files[0], refit.model_file_))
+        difference = float(np.max(np.abs(numpy_model.predict(data.val.frames, cache) - gap_fit_model.predict(data.val.frames, cache))))
+        if difference > params["refit_tolerance_eV"]:
+            raise TrialFailure(
+                "refit_mismatch",
+                f"gap_fit's refit predicts validation energies up to {difference:.3g} eV away from hpo's solve "
+                f"(model.refit_tolerance_eV={params['refit_tolerance_eV']}); see {workdir}/gap_fit.out",
+            )
+        return [refit.model_file_], {"refit_max_energy_difference_eV": difference, "refit_fit_time_s": refit.fit_time_s_}
+
+
+@dataclass
+class Fitted:
+    """One fit, whichever solver made it: the model file and its predictions on both sets."""
+
+    model_file: Path
+    energies: dict[str, np.ndarray]
+    forces: dict[str, list[np.ndarray]]
+    metrics: dict[str, float]
+    tags: dict[str, str]
+    artifacts: list[Path]
+
+
+def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitted:
+    """gap_fit fits (choosing its own sparse points) while this process computes the evaluation descriptors on
+    the core gap_fit leaves free; energies then come from numpy, forces (and other kernels) from quippy."""
+    sets = {"train": data.train, "val": data.val}
+    found_envs: dict[tuple[str, str], Environments] = {}
+    with_quippy = params["force_metrics"] or params["covariance_type"] != "dot_product"
+
+    def compute_descriptors(gap_fit_failed: Callable[[], bool]) -> None:
+        if with_quippy:
+            return
+        for descriptor in gap_fit.expected_descriptors(params, data.train.frames):
+            for name, frames in sets.items():
+                found = environments(descriptor, frames.frames, cache, should_stop=gap_fit_failed)
+                if found is None:
+                    return
+                found_envs[name, descriptor_key(descriptor)] = found
+
+    start = time.perf_counter()
+    fitted = gap_fit.GAP(params, dict(cfg.dataset.e0), cfg.dataset.property_keys, cfg.threads, cfg.study.seed).fit(
+        data.train.path, workdir, while_fitting=compute_descriptors
+    )
+    fit_wall = time.perf_counter() - start
+    start = time.perf_counter()
+    energies, forces = {}, {}
+    if with_quippy:
+        potential = gap_fit.load(fitted.model_file_)  # quippy's calculator: descriptor gradients give forces
+        for name, frames in sets.items():
+            energies[name], forces[name] = gap_fit.predict(potential, frames.frames)
+    else:
+        model = sparse_gap.SparseGap.read(fitted.model_file_)
+        for name, frames in sets.items():
+            envs = {d: found_envs.get((name, descriptor_key(d))) or environments(d, frames.frames, cache) for d in model.descriptors}
+            energies[name] = model.energies(frames.frames, envs)
+    return Fitted(
+        model_file=fitted.model_file_,
+        energies=energies,
+        forces=forces,
+        # descriptor_wait_s: how long the trial waited for descriptors after gap_fit had finished.
+        metrics={"fit_time_s": fitted.fit_time_s_, "descriptor_wait_s": fit_wall - fitted.fit_time_s_, "eval_time_s": time.perf_counter() - start},
+        tags={"gap_fit_command": fitted.command_line},
+        artifacts=[workdir / "gap_fit.cmd", workdir / "gap_fit.out", workdir / "gap_fit.err"],
+    )
+
+
+def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitted:
+    """hpo's own sparse GP on cached descriptors: sparse points by ``model.sparse_selection`` (kept in index
+    files for the gap_fit refit at promotion), alphas from gap_fit's linear system (``solver.fit``)."""
+    gradients = bool(params["force_metrics"])
+    descriptors = gap_fit.expected_descriptors(params, data.train.frames)
+    start = time.perf_counter()
+    train_envs = {d: environments(d, data.train.frames, cache, gradients=gradients) for d in descriptors}
+    descriptor_time = time.perf_counter() - start
+    start = time.perf_counter()
+    sparse = {d: solver.select_sparse(train_envs[d], params["n_sparse"], params["sparse_selection"], cfg.study.seed) for d in descriptors}
+    gap_fit.SparsePoints(data.train.frames, tuple(sparse[d] for d in descriptors)).write(workdir)
+    forces = data.train.forces if gradients else None
+    model = solver.fit(train_envs, sparse, data.train.frames, data.train.energies, solver.Hyper.from_params(params, dict(cfg.dataset.e0)), forces=forces)
+    fit_time = time.perf_counter() - start
+    model_file = solver.write_xml(model, workdir / gap_fit.MODEL_FILE)
+    start = time.perf_counter()
+    val_envs = {d: environments(d, data.val.frames, cache, gradients=gradients) for d in descriptors}
+    envs = {"train": train_envs, "val": val_envs}
+    frames = {"train": data.train.frames, "val": data.val.frames}
+    energies = {name: model.energies(frames[name], envs[name]) for name in envs}
+    predicted_forces = {name: solver.predict_forces(model, envs[name], frames[name]) for name in envs} if gradients else {}
+    return Fitted(
+        model_file=model_file,
+        energies=energies,
+        forces=predicted_forces,
+        metrics={"fit_time_s": fit_time, "descriptor_time_s": descriptor_time, "eval_time_s": time.perf_counter() - start},
+        tags={},
+        artifacts=[workdir / name for name in gap_fit.SparsePoints(data.train.frames, tuple(sparse.values())).files],
+    )
 
 
 def _over_budget(parameter: str, exc: MemoryBudgetExceeded) -> MemoryBudgetExceeded:

@@ -17,80 +17,21 @@ covariance cutoff, x_s the sparse points, alpha_s their weights).
 
 from __future__ import annotations
 
-import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import ase
 import numpy as np
 
-from hpo.cache import Cache, digest, frame_digests
+from hpo.cache import Cache
+from hpo.models.gap.descriptors import Environments, environments
 
 # gap_fit's integer code of covariance_type=dot_product in the XML.
 DOT_PRODUCT = 2
-# Keys of a gap={...} descriptor string that configure the GP, not the descriptor.
-GP_ONLY_KEYS = frozenset(
-    {"n_sparse", "delta", "covariance_type", "zeta", "sparse_method", "sparse_file", "theta_uniform", "f0", "print_sparse_index", "unique_hash_tolerance", "mark_sparse_atoms", "add_species"}
-)
-_KEY_VALUE = re.compile(r"(\w+)=(\{[^}]*\}|\S+)")
-
-
 class UnsupportedModel(ValueError):
     """A GAP this module cannot evaluate (e.g. not a dot-product kernel): use quippy's calculator."""
-
-
-def descriptor_key(descriptor: str) -> str:
-    """The descriptor string without GP-only keys, normalised: two strings with the same key describe the same features."""
-    name = descriptor.split(None, 1)[0]
-    pairs = {key: " ".join(value.strip("{}").split()) for key, value in _KEY_VALUE.findall(descriptor)}
-    return " ".join([name] + [f"{key}={pairs[key]}" for key in sorted(pairs) if key not in GP_ONLY_KEYS])
-
-
-@dataclass(frozen=True)
-class Environments:
-    """Descriptors of every environment of a list of frames, for one quippy descriptor string."""
-
-    vectors: np.ndarray  # (n_environments, dimensions)
-    frame: np.ndarray  # (n_environments,) index of the frame each environment belongs to
-    cutoff: np.ndarray  # (n_environments,) covariance cutoff of each environment
-
-
-def environments(
-    descriptor: str, frames: Sequence[ase.Atoms], cache: Cache | None = None, should_stop: Callable[[], bool] | None = None
-) -> Environments | None:
-    """quippy's descriptors of ``frames``, from ``cache`` when the same frames and descriptor were seen before.
-
-    ``should_stop`` is asked between frames; when it says so the work is abandoned and None returned
-    (e.g. gap_fit died while these descriptors were computed beside it).
-    """
-    key = digest("gap-descriptors", descriptor_key(descriptor), frame_digests(frames), quippy_version())
-    cache = cache or Cache(None)
-    hit = cache.get("gap_descriptors", key)
-    if hit is not None:
-        return Environments(hit["vectors"], hit["frame"], hit["cutoff"])
-    from quippy.descriptors import Descriptor  # imported late: loading the Fortran library is slow
-
-    calculator = Descriptor(descriptor)
-    vectors, frame, cutoff = [], [], []
-    for index, atoms in enumerate(frames):
-        if should_stop is not None and should_stop():
-            return None
-        out = calculator.calc(atoms)
-        data = np.asarray(out["data"], dtype=float).reshape(-1, calculator.dimensions())
-        vectors.append(data)
-        frame.append(np.full(len(data), index))
-        cutoff.append(np.asarray(out["covariance_cutoff"], dtype=float).reshape(len(data)))
-    found = Environments(np.concatenate(vectors), np.concatenate(frame), np.concatenate(cutoff))
-    cache.put("gap_descriptors", key, {"vectors": found.vectors, "frame": found.frame, "cutoff": found.cutoff})
-    return found
-
-
-def quippy_version() -> str:
-    from importlib import metadata
-
-    return metadata.version("quippy-ase")
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,8 @@ import platform
 import time
 from collections import Counter
 from importlib import metadata
-from numbers import Integral, Real
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import ase
 import ase.data
@@ -50,8 +49,8 @@ from hpo.models.sagpr.features import (
     fit_projection,
     lambda_soap,
     normalise,
-    structure_kernels,
 )
+from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, lambda_soap_columns, structure_kernels
 
 __all__ = [
     "SAGPR",
@@ -67,6 +66,9 @@ MODEL_FORMAT = "hpo.sagpr/1"
 # Frames featurised and predicted together in predict(): bounds memory on long
 # MD trajectories.
 PREDICT_CHUNK_FRAMES = 500
+# Frames per step when predict() streams through the folded weights (no cache):
+# raw lambda = 2 features of 100 12-atom frames take about 100 MB.
+STREAM_CHUNK_FRAMES = 100
 
 _SQRT2, _SQRT3, _SQRT6 = np.sqrt(2.0), np.sqrt(3.0), np.sqrt(6.0)
 # Symmetric matrices B_mu with T = sum_mu a2_mu B_mu for the L=2 part, in the
@@ -236,6 +238,7 @@ class SAGPR(BaseEstimator):
         self.w2_ = _ridge_solve(k2.reshape(5 * n, 5 * n), self.reg2, a2.ravel())
         # Training-set predictions come free with the training kernels; predict(frames) would rebuild
         # or reload them.
+        self._primal = None  # folded weights, built by the first uncached predict()
         self.train_predictions_ = spherical_to_cartesian(
             k0 @ self.w0_ + self.mean0_, (k2.reshape(5 * n, 5 * n) @ self.w2_).reshape(-1, 5)
         )
@@ -248,17 +251,45 @@ class SAGPR(BaseEstimator):
         }
         return self
 
-    def predict(self, frames: Sequence[ase.Atoms]) -> np.ndarray:
-        """Predicted (n, 3, 3) symmetric tensors of ``frames``."""
+    def predict(
+        self,
+        frames: Sequence[ase.Atoms],
+        progress: Callable[[int, int], None] | None = None,
+    ) -> np.ndarray:
+        """Predicted (n, 3, 3) symmetric tensors of ``frames``.
+
+        Without a cache (and when the folded weights fit in PRIMAL_MAX_BYTES,
+        e.g. zeta <= 2 at any nc, zeta 3 with nc of a few hundred) frames are
+        streamed STREAM_CHUNK_FRAMES at a time through :class:`PrimalWeights`:
+        cost linear in the atoms, independent of the training-set size, and
+        memory bounded whatever the trajectory length. With a cache, test
+        kernels are built (and cached) per PREDICT_CHUNK_FRAMES frames, so a
+        refit with other regularisation reuses them. Both give the same
+        numbers to round-off. ``progress(frames_done, total)`` is called after
+        every chunk (e.g. to draw a progress bar).
+        """
         check_is_fitted(self, "w2_")
         frames = list(frames)
         _check_frames(frames, self.species_)
         cache = Cache(self.cache_dir)
         timings = Counter()
         out = np.empty((len(frames), 3, 3))
-        for start in range(0, len(frames), PREDICT_CHUNK_FRAMES):
-            chunk = frames[start : start + PREDICT_CHUNK_FRAMES]
+        primal = self._primal_weights() if cache.root is None else None
+        step = PREDICT_CHUNK_FRAMES if primal is None else STREAM_CHUNK_FRAMES
+        for start in range(0, len(frames), step):
+            chunk = frames[start : start + step]
             t0 = time.perf_counter()
+            if primal is not None:
+                features = self._stream_features(chunk, cache)
+                t1 = time.perf_counter()
+                a0, a2 = primal.predict(features)
+                out[start : start + len(chunk)] = spherical_to_cartesian(a0, a2)
+                t2 = time.perf_counter()
+                timings["features_s"] += t1 - t0
+                timings["kernels_s"] += t2 - t1
+                if progress is not None:
+                    progress(start + len(chunk), len(frames))
+                continue
             key = digest(self.fit_key_, self.zeta, frame_digests(chunk))
             kernels = cache.get("test_kernels", key)
             if kernels is None:
@@ -275,9 +306,33 @@ class SAGPR(BaseEstimator):
             t2 = time.perf_counter()
             timings["features_s"] += t1 - t0
             timings["kernels_s"] += t2 - t1
+            if progress is not None:
+                progress(start + len(chunk), len(frames))
         self.predict_timings_ = dict(timings)
         self.cache_stats_ = getattr(self, "cache_stats_", Counter()) + cache.stats
         return out
+
+    def _stream_features(self, frames: list[ase.Atoms], cache: "Cache") -> FeatureBlock:
+        """As :meth:`_transform`; a sparsified model computes only its kept raw columns."""
+        if self.projections_ is None or cache.root is not None:
+            return self._transform(frames, cache)
+        proj0, proj2 = self.projections_
+        raw = lambda_soap_columns(
+            frames, self.species_, self.rc, self.sigma, self.n_max, self.l_max,
+            proj0.columns, proj2.columns,
+        )
+        p0, p2 = normalise(raw.x0 @ proj0.matrix, raw.x2 @ proj2.matrix)
+        return FeatureBlock(p0, p2, raw.counts)
+
+    def _primal_weights(self) -> PrimalWeights | None:
+        """The weights folded into feature space (built once per fit), or None if too large."""
+        if getattr(self, "_primal", None) is None:
+            if PrimalWeights.nbytes(self.train_, self.zeta) > PRIMAL_MAX_BYTES:
+                return None
+            self._primal = PrimalWeights.fit(
+                self.train_, self.zeta, self.w0_, self.w2_, self.mean0_
+            )
+        return self._primal
 
     # -- persistence ----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -331,6 +386,7 @@ class SAGPR(BaseEstimator):
         model.train_ = FeatureBlock(arrays["train_p0"], arrays["train_p2"], arrays["train_counts"])
         model.projections_ = _projections_from_arrays(arrays)
         model.fit_key_ = meta["fit_key"]
+        model._primal = None
         model.cache_stats_ = Counter()
         return model
 

@@ -33,7 +33,7 @@ __all__ = [
     "fit_projection",
     "lambda_soap",
     "normalise",
-    "structure_kernels",
+    "pair_kernels",
 ]
 
 # Bytes one temporary atom-pair array may take while building kernels. Bounds
@@ -258,9 +258,7 @@ def _safe_divide(x: np.ndarray, norm: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # kernels
 # --------------------------------------------------------------------------- #
-def structure_kernels(
-    left: FeatureBlock, right: FeatureBlock | None, zeta: int
-) -> tuple[np.ndarray, np.ndarray]:
+def pair_kernels(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> tuple[np.ndarray, np.ndarray]:
     """Structure kernels between the frames of ``left`` and ``right`` (None: left vs left).
 
     K0[i, j]         = 1/(N_i N_j) sum_{a in i, b in j} (p_a . p_b)^zeta
@@ -272,6 +270,9 @@ def structure_kernels(
     KERNEL_BLOCK_BYTES however many frames there are. For right=None only the
     upper triangle of frame blocks is computed and mirrored, which also makes
     K exactly symmetric.
+
+    Cost grows with the square of the atoms: ``hpo.models.sagpr.scale.structure_kernels`` chooses
+    between this and the factorised kernels (linear in atoms).
     """
     symmetric = right is None
     a, b = left, (left if symmetric else right)

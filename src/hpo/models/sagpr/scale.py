@@ -1,0 +1,467 @@
+"""SA-GPR kernels and predictions whose cost is linear in the number of atoms.
+
+For an integer zeta the SA-GPR atom-pair kernels are polynomials of the
+features, so they factorise into per-structure sums (the definitions of
+:func:`hpo.models.sagpr.features.pair_kernels`, same normalisation):
+
+    K0[i, j]         = <phi_i, phi_j>,          phi_i     = 1/N_i sum_{a in i} p_a^(x zeta)
+    K2[i, mu, j, nu] = <psi_i[mu], psi_j[nu]>,  psi_i[mu] = 1/N_i sum_{a in i} P_a[mu] (x) p_a^(x (zeta-1))
+
+since (p_a . p_b)^zeta = <p_a^(x zeta), p_b^(x zeta)> and
+(P_a P_b^T)[mu, nu] (p_a . p_b)^(zeta-1) = <P_a[mu] (x) p_a^(x(zeta-1)), P_b[nu] (x) p_b^(x(zeta-1))>.
+The tensor powers are stored in their symmetric form: one column per multiset
+of feature indices, times sqrt(multinomial coefficient), which keeps every dot
+product exact with about 1/k! of the columns (:func:`symmetric_power`).
+
+Two uses:
+
+* :func:`factorised_kernels`: the structure kernels as one BLAS product of
+  per-structure sums. Cost (N_atoms) x D to build the sums plus
+  n_frames^2 x D for the product, against N_atoms^2 x F for the atom-pair
+  loop: it wins for large cells and loses for the 12-atom workshop cells at
+  large D (see :func:`kernel_costs`, used by ``structure_kernels(method="auto")``).
+* :class:`PrimalWeights`: the fitted weights folded into the feature space,
+  m0 = sum_j w0_j phi_j and m2 = sum_{j, nu} w2_{j nu} psi_j[nu], so a
+  prediction is a0_i = <phi_i, m0> + mean and a2_i[mu] = <psi_i[mu], m2>: per
+  atom work, independent of the training-set size. This is what
+  ``SAGPR.predict`` streams long trajectories through.
+* :func:`lambda_soap_columns`: only the lambda-SOAP columns a sparsified model
+  keeps (nc of ~2000), from featomic's spherical expansion and CG
+  coefficients; with the folded weights this makes featurisation, not
+  kernels, the whole cost of predicting a trajectory, and 5-10x smaller.
+
+Features of many frames are always reduced in chunks of frames or atoms, so
+no (atoms x D) array larger than :data:`CHUNK_BYTES` is ever held.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from itertools import combinations_with_replacement
+
+import numpy as np
+
+from hpo.models.sagpr.features import FeatureBlock, pair_kernels
+
+__all__ = [
+    "PrimalWeights",
+    "factorised_kernels",
+    "kernel_costs",
+    "lambda_soap_columns",
+    "structure_sums",
+    "symmetric_power",
+    "symmetric_power_dim",
+]
+
+# Bytes a temporary (atoms x D) array may take while building sums or predicting.
+CHUNK_BYTES = 2**26
+# Bytes the per-structure sums of one kernel call (both sides) may take; above
+# this structure_kernels(method="auto") keeps the atom-pair loop.
+FACTORISED_MAX_BYTES = 2**30
+# Bytes the folded weights m0 and m2 may take; above this prediction goes
+# through kernels against the training set instead.
+PRIMAL_MAX_BYTES = 2**28
+
+
+# --------------------------------------------------------------------------- #
+# symmetric tensor powers
+# --------------------------------------------------------------------------- #
+def symmetric_power_dim(n_features: int, k: int) -> int:
+    """Columns of the symmetric k-th power of an n_features vector: C(n + k - 1, k)."""
+    return math.comb(n_features + k - 1, k)
+
+
+@functools.lru_cache(maxsize=8)
+def _symmetric_index(n_features: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index tuples i_1 <= ... <= i_k (shape (D, k)) and their weights sqrt(k! / prod(mult!))."""
+    if k == 2:
+        index = np.stack(np.triu_indices(n_features), axis=1).astype(np.int64)
+    else:
+        index = np.array(list(combinations_with_replacement(range(n_features), k)), dtype=np.int64)
+        index = index.reshape(-1, k)
+    # k! / prod(mult!): along a sorted tuple, divide by the running length of each run of equal indices
+    weight = np.full(len(index), float(math.factorial(k)))
+    run = np.ones(len(index))
+    for j in range(1, k):
+        same = index[:, j] == index[:, j - 1]
+        run = np.where(same, run + 1, 1.0)
+        weight /= run
+    return index, np.sqrt(weight)
+
+
+def symmetric_power(x: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise symmetric tensor power: <S(x), S(y)> = (x . y)^k for rows x, y.
+
+    ``x`` is (n, F); the result is (n, C(F + k - 1, k)); k = 0 gives a column of
+    ones and k = 1 returns ``x`` itself.
+    """
+    n, f = x.shape
+    if k == 0:
+        return np.ones((n, 1))
+    if k == 1:
+        return x
+    index, weight = _symmetric_index(f, k)
+    out = x[:, index[:, 0]] * weight
+    for j in range(1, k):
+        out *= x[:, index[:, j]]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# per-structure sums and kernels
+# --------------------------------------------------------------------------- #
+def _dims(block: FeatureBlock, zeta: int) -> tuple[int, int, int]:
+    """(D0, F2, D2'): columns of phi, lambda = 2 features, columns of p^(x(zeta-1))."""
+    f0, f2 = block.x0.shape[1], block.x2.shape[-1]
+    return symmetric_power_dim(f0, zeta), f2, symmetric_power_dim(f0, zeta - 1)
+
+
+def _atom_batches(block: FeatureBlock, width: int, start: int = 0, stop: int | None = None):
+    """Frame ranges [f0, f1) of at most CHUNK_BYTES // (8 width) atoms (at least one frame)."""
+    stop = block.n_frames if stop is None else stop
+    budget = max(1, CHUNK_BYTES // (8 * max(width, 1)))
+    offsets, counts = block.offsets, block.counts
+    f0 = start
+    while f0 < stop:
+        f1 = f0 + 1
+        while f1 < stop and offsets[f1] + counts[f1] - offsets[f0] <= budget:
+            f1 += 1
+        yield f0, f1
+        f0 = f1
+
+
+def _symmetric_flat(n_features: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of the sorted index tuples in a flattened F^k tensor, and their weights."""
+    if k == 0:
+        return np.zeros(1, dtype=np.int64), np.ones(1)
+    index, weight = _symmetric_index(n_features, k)
+    flat = np.zeros(len(index), dtype=np.int64)
+    for j in range(k):
+        flat = flat * n_features + index[:, j]
+    return flat, weight
+
+
+def structure_sums(
+    block: FeatureBlock, zeta: int, start: int = 0, stop: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """phi (n, D0) and psi (n, 5, F2 * D2') of frames [start, stop) of ``block``.
+
+    Both include the 1/N_i of the kernel definition. Per frame, the full tensors
+    sum_a p_a^(x(zeta-1)) (x) p_a and sum_a P_a (x) p_a^(x(zeta-1)) are two matrix
+    products (batched over frames of equal size); their symmetric entries are then
+    picked once per frame, not per atom. Computed a chunk of frames at a time
+    (CHUNK_BYTES), never for all atoms at once.
+    """
+    stop = block.n_frames if stop is None else stop
+    f0, f2 = block.x0.shape[1], block.x2.shape[-1]
+    flat0, weight0 = _symmetric_flat(f0, zeta)
+    flat2, weight2 = _symmetric_flat(f0, zeta - 1)
+    phi = np.empty((stop - start, len(flat0)))
+    psi = np.empty((stop - start, 5, f2 * len(flat2)))
+    offsets, counts = block.offsets, block.counts
+    width = 5 * f2 + f0 ** (zeta - 1)
+    for b0, b1 in _atom_batches(block, width, start, stop):
+        sizes = counts[b0:b1]
+        rows = slice(offsets[b0], offsets[b1 - 1] + sizes[-1])
+        p0 = block.x0[rows]
+        h = tensor_power(p0, zeta - 1)  # (atoms, F0^(zeta-1))
+        p2 = block.x2[rows].reshape(len(p0), 5 * f2)
+        if (sizes == sizes[0]).all():  # one batched matmul for all frames
+            n = int(sizes[0])
+            h3 = h.reshape(b1 - b0, n, -1)
+            g0 = h3.transpose(0, 2, 1) @ p0.reshape(b1 - b0, n, f0)
+            g2 = p2.reshape(b1 - b0, n, -1).transpose(0, 2, 1) @ h3
+        else:
+            cuts = np.cumsum(sizes)[:-1]
+            g0 = np.stack([a.T @ b for a, b in zip(np.split(h, cuts), np.split(p0, cuts))])
+            g2 = np.stack([a.T @ b for a, b in zip(np.split(p2, cuts), np.split(h, cuts))])
+        scale = 1.0 / sizes[:, None]
+        phi[b0 - start : b1 - start] = g0.reshape(b1 - b0, -1)[:, flat0] * weight0 * scale
+        g2 = g2.reshape(b1 - b0, 5, f2, -1)[..., flat2] * weight2
+        psi[b0 - start : b1 - start] = g2.reshape(b1 - b0, 5, -1) * scale[:, :, None]
+    return phi, psi
+
+
+def kernel_costs(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> dict[str, float]:
+    """Flop estimates of the pair loop and of the factorised kernels, and the latter's memory.
+
+    pair:       A_l A_b (F0 + 25 F2)                 (halved for right=None)
+    factorised: (A_l + A_r)(F0^zeta + 5 F2 F0^(zeta-1)) to build the sums, n_l n_r (D0 + 25 F2 D2') to
+                multiply them (halved for right=None)
+    bytes:      the sums of ``right`` plus one chunk of ``left``'s (what factorised_kernels holds)
+    """
+    symmetric = right is None
+    right = left if symmetric else right
+    f0, f2 = left.x0.shape[1], left.x2.shape[-1]
+    d0, _, d2 = _dims(left, zeta)
+    atoms_l, atoms_r = len(left.x0), len(right.x0)
+    n_l, n_r = left.n_frames, right.n_frames
+    half = 0.5 if symmetric else 1.0
+    pair = half * atoms_l * atoms_r * (f0 + 25 * f2)
+    build = (atoms_l + (0 if symmetric else atoms_r)) * (f0**zeta + 5 * f2 * f0 ** (zeta - 1))
+    product = half * n_l * n_r * (d0 + 25 * f2 * d2)
+    width = d0 + 5 * f2 * d2
+    held = n_r * width + (0 if symmetric else min(n_l, _chunk_frames(width)) * width)
+    return {"pair_flops": pair, "factorised_flops": build + product, "factorised_bytes": 8.0 * held}
+
+
+def prefer_factorised(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> bool:
+    """Whether structure_kernels(method="auto") should use :func:`factorised_kernels`."""
+    costs = kernel_costs(left, right, zeta)
+    return (
+        costs["factorised_bytes"] <= FACTORISED_MAX_BYTES
+        and costs["factorised_flops"] < costs["pair_flops"]
+    )
+
+
+def _chunk_frames(width: int) -> int:
+    """Frames of ``left`` whose sums are held at once in factorised_kernels."""
+    return max(1, CHUNK_BYTES // (8 * width))
+
+
+def factorised_kernels(
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """K0 (n_l, n_r) and K2 (n_l, 5, n_r, 5) as products of per-structure sums.
+
+    Same definition as the atom-pair loop of ``structure_kernels`` (equal to
+    round-off). For right=None the result is exactly symmetric. ``right``'s
+    sums are held; ``left``'s are built and used a chunk of frames at a time.
+    """
+    if right is None:
+        phi, psi = structure_sums(left, zeta)
+        n = left.n_frames
+        flat = psi.reshape(5 * n, -1)
+        k0, k2 = phi @ phi.T, flat @ flat.T
+        del psi, flat
+        # mirror the upper triangle: exact symmetry whatever BLAS did
+        k0 = np.triu(k0) + np.triu(k0, 1).T
+        k2 = np.triu(k2) + np.triu(k2, 1).T
+        return k0, k2.reshape(n, 5, n, 5)
+    phi_r, psi_r = structure_sums(right, zeta)
+    n_l, n_r = left.n_frames, right.n_frames
+    flat_r = psi_r.reshape(5 * n_r, -1)
+    k0 = np.empty((n_l, n_r))
+    k2 = np.empty((n_l, 5, n_r, 5))
+    step = _chunk_frames(phi_r.shape[1] + flat_r.shape[1] * 5)
+    for start in range(0, n_l, step):
+        stop = min(n_l, start + step)
+        phi, psi = structure_sums(left, zeta, start, stop)
+        k0[start:stop] = phi @ phi_r.T
+        k2[start:stop] = (psi.reshape(5 * (stop - start), -1) @ flat_r.T).reshape(-1, 5, n_r, 5)
+    return k0, k2
+
+
+# --------------------------------------------------------------------------- #
+# prediction in the primal (feature) space
+# --------------------------------------------------------------------------- #
+def tensor_power(x: np.ndarray, k: int) -> np.ndarray:
+    """Row-wise full tensor power x^(x k), flattened: (n, F^k); k = 0 gives ones."""
+    out = np.ones((len(x), 1))
+    for _ in range(k):
+        out = (out[:, :, None] * x[:, None, :]).reshape(len(x), -1)
+    return out
+
+
+def _contract(y: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
+    """Contract the last k axes (each of size F) of rows y (n, G F^k) with rows x (n, F): (n, G)."""
+    f = x.shape[1]
+    for _ in range(k):
+        y = np.einsum("agf,af->ag", y.reshape(len(y), -1, f), x)
+    return y
+
+
+@dataclass
+class PrimalWeights:
+    """Fitted SA-GPR weights folded into feature space.
+
+    With c_b = w_frame(b) / N_frame(b) per training atom b:
+    ``m0`` (F0^zeta,) = sum_b c0_b p_b^(x zeta), ``m2`` (F2, F0^(zeta-1)) = sum_b q_b (x) p_b^(x(zeta-1))
+    with q_b = sum_nu c2_{b nu} P_b[nu]. Then a0_i = 1/N_i sum_a <p_a^(x zeta), m0> + mean0 and
+    a2_i[mu] = 1/N_i sum_a P_a[mu] . (m2 contracted zeta-1 times with p_a): the same numbers as
+    K_test @ w (to round-off) at a cost per test atom independent of the training set
+    (zeta = 2: p^T M0 p and P (M2 p), two small matrix products).
+    """
+
+    zeta: int
+    m0: np.ndarray
+    m2: np.ndarray
+    mean0: float
+
+    @staticmethod
+    def nbytes(train: FeatureBlock, zeta: int) -> int:
+        f0, f2 = train.x0.shape[1], train.x2.shape[-1]
+        return 8 * (f0**zeta + f2 * f0 ** (zeta - 1))
+
+    @classmethod
+    def fit(
+        cls, train: FeatureBlock, zeta: int, w0: np.ndarray, w2: np.ndarray, mean0: float
+    ) -> "PrimalWeights":
+        """Fold ``w0`` (n,) and ``w2`` (5 n,) of a model trained on ``train``."""
+        f0, f2 = train.x0.shape[1], train.x2.shape[-1]
+        m0 = np.zeros((f0 ** (zeta - 1), f0))
+        m2 = np.zeros((f2, f0 ** (zeta - 1)))
+        w2 = np.asarray(w2).reshape(-1, 5)
+        offsets, counts = train.offsets, train.counts
+        for f_start, f_stop in _atom_batches(train, max(f0 ** (zeta - 1), f0)):
+            rows = slice(offsets[f_start], offsets[f_stop - 1] + counts[f_stop - 1])
+            repeat = counts[f_start:f_stop]
+            c0 = np.repeat(w0[f_start:f_stop] / repeat, repeat)  # per atom: w0_frame / N_frame
+            c2 = np.repeat(w2[f_start:f_stop] / repeat[:, None], repeat, axis=0)  # (atoms, 5)
+            p0 = train.x0[rows]
+            h = tensor_power(p0, zeta - 1)  # (atoms, F0^(zeta-1))
+            m0 += (h * c0[:, None]).T @ p0
+            q = np.einsum("amf,am->af", train.x2[rows], c2)  # sum_nu c2_nu P_a[nu]
+            m2 += q.T @ h
+        return cls(zeta=zeta, m0=m0.ravel(), m2=m2, mean0=float(mean0))
+
+    def predict(self, block: FeatureBlock) -> tuple[np.ndarray, np.ndarray]:
+        """a0 (n,) and a2 (n, 5) of the frames of ``block`` (normalised features)."""
+        per_atom0 = np.empty(len(block.x0))
+        per_atom2 = np.empty((len(block.x0), 5))
+        f0 = block.x0.shape[1]
+        k = self.zeta - 1
+        m0 = self.m0.reshape(-1, f0)  # (F0^(zeta-1), F0)
+        m2 = self.m2.reshape(-1, f0) if k else self.m2  # (F2 F0^(zeta-2), F0) or (F2, 1)
+        width = max(m0.shape[0], m2.shape[0])
+        offsets, counts = block.offsets, block.counts
+        for f_start, f_stop in _atom_batches(block, width):
+            rows = slice(offsets[f_start], offsets[f_stop - 1] + counts[f_stop - 1])
+            p0 = block.x0[rows]
+            per_atom0[rows] = _contract(p0 @ m0.T, p0, k)[:, 0]
+            y = _contract(p0 @ m2.T, p0, k - 1) if k else np.broadcast_to(m2[:, 0], (len(p0), m2.shape[0]))
+            per_atom2[rows] = np.einsum("amf,af->am", block.x2[rows], y)
+        a0 = np.add.reduceat(per_atom0, offsets) / counts + self.mean0
+        a2 = np.add.reduceat(per_atom2, offsets, axis=0) / counts[:, None]
+        return a0, a2
+
+
+# --------------------------------------------------------------------------- #
+# selected lambda-SOAP columns
+# --------------------------------------------------------------------------- #
+def lambda_soap_columns(
+    frames,
+    species,
+    rc: float,
+    sigma: float,
+    n_max: int,
+    l_max: int,
+    columns0: np.ndarray,
+    columns2: np.ndarray,
+    chunk_frames: int | None = None,
+) -> FeatureBlock:
+    """The columns ``columns0`` / ``columns2`` of :func:`hpo.sagpr_features.lambda_soap`.
+
+    Same numbers (a test checks them to round-off), but only the Clebsch-Gordan
+    products of the requested columns are formed, from featomic's spherical
+    expansion and its own CG coefficients: a sparsified model (nc of a few
+    hundred out of thousands of columns) featurises new frames several times
+    faster, which is what dominates predicting long trajectories.
+    """
+    from hpo.models.sagpr.features import FEATURE_CHUNK_FRAMES
+
+    chunk_frames = chunk_frames or FEATURE_CHUNK_FRAMES
+    plan = _column_plan(
+        float(rc), float(sigma), int(n_max), int(l_max), tuple(int(s) for s in species),
+        tuple(int(c) for c in columns0), tuple(int(c) for c in columns2),
+    )
+    blocks = [
+        _columns_chunk(frames[i : i + chunk_frames], plan, species)
+        for i in range(0, len(frames), chunk_frames)
+    ]
+    return FeatureBlock.concatenate(blocks)
+
+
+@functools.lru_cache(maxsize=4)
+def _column_plan(rc, sigma, n_max, l_max, species, columns0, columns2):
+    """Per lambda: groups (l1, l2, property indices into the l1 and l2 densities, weights, CG)."""
+    import ase as _ase
+    from metatensor import Labels
+
+    from hpo.models.sagpr.features import _power_spectrum_calculator, _unique_couplings
+
+    calculator = _power_spectrum_calculator(rc, sigma, n_max, l_max, species)
+    keys = Labels(["o3_lambda", "o3_sigma"], np.array([[0, 1], [2, 1]], dtype=np.int32))
+    # metadata only: one atom of each species, anywhere
+    probe = _ase.Atoms(numbers=list(species), positions=np.arange(len(species))[:, None] * np.ones(3))
+    meta = calculator.compute_metadata([probe], selected_keys=keys, neighbors_to_properties=True)
+    cg = calculator._cg_product._cg_coefficients
+    density_props = [(s, n) for s in species for n in range(n_max)]  # (neighbor_type, n) order
+    position = {p: i for i, p in enumerate(density_props)}
+    plan = {}
+    for lam, wanted in ((0, columns0), (2, columns2)):
+        block = meta.block(meta.keys.position(np.array([lam, 1, species[0]], dtype=np.int32)))
+        properties = block.properties.values
+        keep, weight = _unique_couplings(properties)
+        rows = properties[keep][list(wanted)]
+        weights = weight[list(wanted)]
+        groups = []
+        for l1, l2 in sorted({(int(r[0]), int(r[1])) for r in rows}):
+            members = np.flatnonzero((rows[:, 0] == l1) & (rows[:, 1] == l2))
+            i1 = np.array([position[(int(r[2]), int(r[3]))] for r in rows[members]])
+            i2 = np.array([position[(int(r[4]), int(r[5]))] for r in rows[members]])
+            coefficients = np.zeros((2 * l1 + 1, 2 * l2 + 1, 2 * lam + 1))
+            cg_block = cg.block({"l1": l1, "l2": l2, "lambda": lam})
+            samples = np.asarray(cg_block.samples.values)
+            coefficients[samples[:, 0], samples[:, 1], samples[:, 2]] = np.asarray(
+                cg_block.values
+            ).reshape(-1)
+            groups.append((l1, l2, members, i1, i2, weights[members], coefficients))
+        plan[lam] = (len(wanted), groups)
+    return calculator, plan, n_max
+
+
+def _columns_chunk(frames, plan, species) -> FeatureBlock:
+    from metatensor import Labels
+
+    calculator, lambdas, n_max = plan
+    density = calculator.calculator_1.compute(list(frames))
+    density = density.keys_to_properties(
+        Labels(["neighbor_type"], np.array([[s] for s in species], dtype=np.int32))
+    )
+    counts = np.array([len(a) for a in frames], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    n_atoms = int(counts.sum())
+    out = {lam: np.zeros((n_atoms, 2 * lam + 1, n)) for lam, (n, _) in lambdas.items()}
+    for center in np.unique(density.keys.column("center_type")):
+        by_l = {}
+        for key, block in density.items():
+            if int(key["center_type"]) != int(center):
+                continue
+            # properties (neighbor_type, n): reorder to species-major, n-minor
+            props = block.properties.values
+            order = np.argsort(props[:, 0] * 10**6 + props[:, 1], kind="stable")
+            by_l[int(key["o3_lambda"])] = (block.samples.values, block.values[:, :, order])
+        samples = next(iter(by_l.values()))[0]
+        rows = offsets[samples[:, 0]] + samples[:, 1]
+        for lam, (n_columns, groups) in lambdas.items():
+            local = np.zeros((len(rows), n_columns, 2 * lam + 1))
+            for l1, l2, members, i1, i2, weights, coefficients in groups:
+                c1 = by_l[l1][1][:, :, i1].transpose(0, 2, 1)  # (atoms, k, 2 l1 + 1)
+                c2 = by_l[l2][1][:, :, i2].transpose(0, 2, 1)[:, :, None, :]  # (atoms, k, 1, 2 l2 + 1)
+                # sum_ij c1[a, k, i] cg[i, j, m] c2[a, k, j]: two matmuls
+                y = (c1 @ coefficients.reshape(2 * l1 + 1, -1)).reshape(
+                    len(rows), len(members), 2 * l2 + 1, 2 * lam + 1
+                )
+                local[:, members] = (c2 @ y)[:, :, 0, :] * weights[:, None]
+            out[lam][rows] = local.transpose(0, 2, 1)
+    return FeatureBlock(x0=out[0][:, 0, :], x2=out[2], counts=counts)
+
+
+def structure_kernels(
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int, method: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Structure kernels K0 (n_left, n_right) and K2 (n_left, 5, n_right, 5) between the frames of ``left``
+    and ``right`` (None: left vs left), as defined by :func:`hpo.models.sagpr.features.pair_kernels`.
+
+    ``method``: "pairs" (the atom-pair loop, cost ~ atoms^2), "factorised" (:func:`factorised_kernels`:
+    per-structure sums, cost linear in atoms, memory ~ frames x F^zeta) or "auto" (factorised when its
+    sums fit in memory and its flop estimate is lower; the same kernels to round-off).
+    """
+    if method not in ("auto", "pairs", "factorised"):
+        raise ValueError(f"method must be 'auto', 'pairs' or 'factorised', got {method!r}")
+    if method == "factorised" or (method == "auto" and prefer_factorised(left, right, zeta)):
+        return factorised_kernels(left, right, zeta)
+    return pair_kernels(left, right, zeta)

@@ -1,0 +1,192 @@
+"""hpo's sparse points and numpy solve against the real gap_fit: same sparse points, same model."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import ase.io
+import numpy as np
+import pytest
+
+from helpers import require_shared_water
+from hpo.models.gap import gap_fit as gap
+from hpo.models.gap import solver as gs
+from hpo.models.gap.descriptors import environments
+from hpo.cache import Cache
+from hpo.models.gap.sparse_gap import SparseGap
+
+WATER_E0 = {"H": -12.13639159, "O": -2026.441234142}
+ENERGY_TOL = 1e-6  # eV
+FORCE_TOL = 1e-5  # eV/A
+
+
+def tiny_params(**extra) -> dict:
+    params = dict(
+        descriptor="soap", l_max=2, n_max=2, atom_sigma=0.3, cutoff=3.0, cutoff_transition_width=0.5,
+        central_weight=1.0, n_sparse=12, delta=0.5, covariance_type="dot_product", zeta=2,
+        sparse_method="cur_points", default_sigma=dict(energy=0.01, force=0.5, virial=0.0, hessian=0.0),
+        sparse_jitter=1e-8, fit_timeout_s=120,
+    )
+    params.update(extra)
+    return params
+
+
+@pytest.fixture(scope="module")
+def water(tmp_path_factory):
+    source = require_shared_water()
+    root = tmp_path_factory.mktemp("gap_solver_water")
+    ase.io.write(root / "train.xyz", ase.io.read(source / "gap_input_50.xyz", ":8"), format="extxyz")
+    train = ase.io.read(root / "train.xyz", ":")  # what gap_fit reads, to the last digit
+    val = ase.io.read(source / "gap_validate.xyz", ":6")
+    return root, train, val
+
+
+def energies(frames) -> np.ndarray:
+    return np.array([a.get_potential_energy() for a in frames])
+
+
+def test_index_file_is_one_based(tmp_path):
+    path = gap.write_sparse_index_file(tmp_path / "s.idx", [0, 7, 3])
+    assert path.read_text() == "1\n8\n4\n"
+    np.testing.assert_array_equal(gap.read_sparse_index_file(path), [0, 7, 3])
+
+
+def test_fps_matches_skmatter():
+    from skmatter.sample_selection import FPS
+
+    x = np.random.default_rng(5).normal(size=(80, 12)) ** 3
+    for seed in range(3):
+        expected = FPS(n_to_select=20, initialize="random", random_state=seed).fit(x).selected_idx_
+        np.testing.assert_array_equal(gs.select_sparse(x, 20, "fps", seed), expected)
+
+
+@pytest.mark.parametrize("method", ["fps", "cur"])
+def test_a_smaller_selection_is_a_prefix(water, method):
+    _, train, _ = water
+    found = environments(gap.expected_descriptors(tiny_params(), train)[1], train)
+    big = gs.select_sparse(found, 20, method, seed=3)
+    assert len(set(big.tolist())) == 20
+    np.testing.assert_array_equal(gs.select_sparse(found, 7, method, seed=3), big[:7])
+
+
+@pytest.mark.parametrize("zeta", [1, 4])
+def test_energy_only_fit_equals_gap_fit(water, tmp_path, zeta):
+    root, train, val = water
+    params = tiny_params(zeta=zeta)
+    descriptors = gap.expected_descriptors(params, train)
+    cache = Cache(tmp_path / "cache")
+    model, sparse = gs.fit_frames(params, train, energies(train), WATER_E0, sparse_method="fps", seed=zeta, cache=cache)
+    keys = SimpleNamespace(energy="energy", force="force")
+    result = gap.GAP(params, WATER_E0, keys, sparse=gap.SparsePoints(train, tuple([sparse[d] for d in descriptors])), energy_only=True).fit(root / "train.xyz", tmp_path / "fit")
+    out = (tmp_path / "fit" / "gap_fit.out").read_text()
+    assert "Number of target forces (property name: hpo_no_force_targets) found: 0" in out
+    reference = SparseGap.read(result.model_file_)
+
+    # gap_fit used exactly hpo's sparse points (it lists them sorted by index), one GP per species in the same order.
+    assert len(reference.gps) == len(model.gps) == 2
+    for ref_gp, gp, descriptor in zip(reference.gps, model.gps, descriptors):
+        found = environments(descriptor, train, cache=cache)
+        # (to the last bits: gap_fit writes what its own descriptor call gave, hpo asks quippy again)
+        np.testing.assert_allclose(ref_gp.sparse_points, found.vectors[np.sort(sparse[descriptor])], rtol=0, atol=1e-12)
+        np.testing.assert_array_equal(gp.sparse_points, found.vectors[np.sort(sparse[descriptor])])
+    assert cache.stats["gap_descriptors_hit"] == 2 * len(train)  # one entry per frame and species
+
+    for frames in (train, val):
+        assert np.abs(model.predict(frames) - reference.predict(frames)).max() < ENERGY_TOL
+
+
+@pytest.fixture(scope="module")
+def emt(tmp_path_factory):
+    """Cu/Al frames of a short EMT MD: forces that are the energy's gradient."""
+    from ase import units
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.md.verlet import VelocityVerlet
+
+    root = tmp_path_factory.mktemp("gap_solver_emt")
+    atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 1, 1))
+    atoms.numbers[[1, 6]] = 13
+    atoms.rattle(0.1, seed=0)
+    atoms.calc = EMT()
+    dyn = VelocityVerlet(atoms, 2 * units.fs)
+    frames = []
+    for _ in range(9):
+        dyn.run(4)
+        frame = atoms.copy()
+        frame.info["energy"] = atoms.get_potential_energy()
+        frame.arrays["forces"] = atoms.get_forces()
+        frames.append(frame)
+    ase.io.write(root / "train.xyz", frames[:6], format="extxyz")
+    ase.io.write(root / "val.xyz", frames[6:], format="extxyz")
+    return root, ase.io.read(root / "train.xyz", ":"), ase.io.read(root / "val.xyz", ":")
+
+
+@pytest.mark.parametrize("zeta", [2, 4])
+def test_energy_and_force_fit_equals_gap_fit_on_emt(emt, tmp_path, zeta):
+    root, train, val = emt
+    params = tiny_params(
+        atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=zeta,
+        default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0),
+    )
+    e0 = {"Cu": -0.1, "Al": -0.2}
+    train_forces = [a.get_forces() for a in train]
+    model, sparse = gs.fit_frames(params, train, energies(train), e0, forces=train_forces, seed=1)
+    keys = SimpleNamespace(energy="energy", force="forces")
+    descriptors = gap.expected_descriptors(params, train)
+    result = gap.GAP(params, e0, keys, sparse=gap.SparsePoints(train, tuple([sparse[d] for d in descriptors]))).fit(root / "train.xyz", tmp_path / "fit")
+    assert "Number of target forces (property name: forces) found: 144" in (tmp_path / "fit" / "gap_fit.out").read_text()
+
+    quippy_energies, quippy_forces = gap.predict(gap.load(result.model_file_), val)
+    assert np.abs(model.predict(val) - quippy_energies).max() < ENERGY_TOL
+    found = {d: environments(d, val, gradients=True) for d in descriptors}
+    forces = gs.predict_forces(model, found, val)
+    assert max(np.abs(f - q).max() for f, q in zip(forces, quippy_forces)) < FORCE_TOL
+    # The fit learned something: forces closer to EMT's than zero is.
+    reference = np.concatenate([a.get_forces() for a in val])
+    assert np.sqrt(np.mean((np.concatenate(forces) - reference) ** 2)) < 0.5 * np.sqrt(np.mean(reference**2))
+
+
+def test_water_fit_with_its_force_column_equals_gap_fit(water, tmp_path):
+    """The fit hpo runs today (force_parameter_name=force, default_sigma force 0.5): same model in numpy."""
+    root, train, val = water
+    params = tiny_params(n_sparse=10, zeta=2)
+    descriptors = gap.expected_descriptors(params, train)
+    train_forces = [a.arrays["force"] for a in train]
+    model, sparse = gs.fit_frames(params, train, energies(train), WATER_E0, forces=train_forces, seed=0)
+    keys = SimpleNamespace(energy="energy", force="force")
+    result = gap.GAP(params, WATER_E0, keys, sparse=gap.SparsePoints(train, tuple([sparse[d] for d in descriptors]))).fit(root / "train.xyz", tmp_path / "fit")
+    assert "Number of target forces (property name: force) found: 288" in (tmp_path / "fit" / "gap_fit.out").read_text()
+    reference = SparseGap.read(result.model_file_)
+    assert np.abs(model.predict(val) - reference.predict(val)).max() < ENERGY_TOL
+    found = {d: environments(d, val, gradients=True) for d in descriptors}
+    ref_found = {gp.descriptor: environments(gp.descriptor, val, gradients=True) for gp in reference.gps}
+    for mine, theirs in zip(gs.predict_forces(model, found, val), gs.predict_forces(reference, ref_found, val)):
+        assert np.abs(mine - theirs).max() < FORCE_TOL
+
+
+def test_written_model_is_loaded_by_quippy(emt, tmp_path):
+    _, train, val = emt
+    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=8, zeta=2)
+    model, _ = gs.fit_frames(params, train, energies(train), {"Cu": -0.1, "Al": -0.2}, forces=[a.get_forces() for a in train])
+    path = gs.write_xml(model, tmp_path / "hpo_gap.xml")
+    back = SparseGap.read(path)
+    for gp, read in zip(model.gps, back.gps):
+        np.testing.assert_array_equal(read.alpha, gp.alpha)
+        np.testing.assert_array_equal(read.sparse_points, gp.sparse_points)
+    quippy_energies, quippy_forces = gap.predict(gap.load(path), val)
+    assert np.abs(model.predict(val) - quippy_energies).max() < ENERGY_TOL
+    found = {d: environments(d, val, gradients=True) for d in model.descriptors}
+    for mine, theirs in zip(gs.predict_forces(model, found, val), quippy_forces):
+        assert np.abs(mine - theirs).max() < FORCE_TOL
+
+
+def test_written_model_with_long_sparse_points_is_loaded_by_quippy(water, tmp_path):
+    """Descriptors longer than 50 values are written in gap_fit's slices (quippy reads them by fixed width)."""
+    _, train, val = water
+    params = tiny_params(n_max=8, l_max=8, cutoff=4.0, n_sparse=6)
+    model, _ = gs.fit_frames(params, train[:4], energies(train[:4]), WATER_E0)
+    assert model.gps[0].sparse_points.shape[1] > 50
+    path = gs.write_xml(model, tmp_path / "long.xml")
+    assert "sparseX_slice" in path.read_text()
+    quippy_energies, _ = gap.predict(gap.load(path), val[:2])
+    assert np.abs(model.predict(val[:2]) - quippy_energies).max() < ENERGY_TOL
