@@ -161,9 +161,9 @@ CONFIG_FAULTS = [
     ("n-trials-0", ["study.n_trials=0"], ConfigError, "study.n_trials=0 is not allowed: an integer >= 1"),
     ("storage-dir-missing", ["study.storage=sqlite:////nonexistent/dir/optuna.db"], ConfigError,
      "study.storage='sqlite:////nonexistent/dir/optuna.db' is not allowed: a database in an existing directory"),
-    ("cutoff-too-large-for-memory", ["model.cutoff=100.0"], ConfigError,
+    ("cutoff-too-large-for-memory", ["model.solver=gap_fit", "model.cutoff=100.0"], ConfigError,
      "model.cutoff=100.0 is not allowed for this data: cutoff=100.0 Å: about 3.92e+05 neighbours per atom"),
-    ("search-space-over-memory", ["search.space.cutoff.low=30.0", "search.space.cutoff.high=40.0", "model.memory_budget_gb=1"], ConfigError,
+    ("search-space-over-memory", ["model.solver=gap_fit", "search.space.cutoff.low=30.0", "search.space.cutoff.high=40.0", "model.memory_budget_gb=1"], ConfigError,
      "search.space.cutoff.low=30.0 is not allowed for this data: even the cheapest point of the search space is over budget: "
      "cutoff=30.0 Å: about 1.06e+04 neighbours per atom"),
 ]
@@ -248,13 +248,23 @@ def test_cutoff_bound_is_sane_for_the_real_data(tiny_data):
     assert gap_fit.descriptor_memory_bytes({"n_max": 8, "l_max": 8, "cutoff": 6.0}, frames_400) < 16e9
 
 
+def test_numpy_solver_without_forces_has_no_gradient_bound(tiny_data):
+    """hpo's numpy solver keeps no descriptor gradients unless force metrics are asked for."""
+    from hpo.models.gap import gap_fit
+
+    frames = ase.io.read(tiny_data / "gap_input_50.xyz", ":")
+    numpy_energy = {"n_max": 4, "l_max": 6, "cutoff": 100.0, "solver": "numpy", "force_metrics": False}
+    assert gap_fit.descriptor_memory_bytes(numpy_energy, frames) < 1e7
+    assert gap_fit.descriptor_memory_bytes({**numpy_energy, "force_metrics": True}, frames) > 1e10
+
+
 def test_descriptor_estimate_matches_gap_fit(tiny_data, tmp_path):
     """The estimate is within 1.5x (above) of the descriptor arrays gap_fit lists for a real fit."""
     import re
 
     from hpo.models.gap import gap_fit
 
-    cfg = load_config([f"dataset.data_dir={tiny_data}", "model.n_max=2", "model.l_max=2", "model.n_sparse=20", "model.cutoff=3.0"])
+    cfg = load_config([f"dataset.data_dir={tiny_data}", "model.solver=gap_fit", "model.n_max=2", "model.l_max=2", "model.n_sparse=20", "model.cutoff=3.0"])
     params = model_params(cfg)
     fitted = gap_fit.GAP(params, dict(cfg.dataset.e0), cfg.dataset.property_keys).fit(tiny_data / "gap_input_50.xyz", tmp_path)
     printed = (tmp_path / "gap_fit.out").read_text()
@@ -275,7 +285,7 @@ def hpo_command(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Compl
     "command, extra, message",
     [
         ("fit", ["model=sagpr", "model.l_max=0"], "hpo: model.l_max=0 is not allowed: an integer >= 1"),
-        ("optimize", ["model.cutoff=100.0"], "hpo: model.cutoff=100.0 is not allowed for this data"),
+        ("optimize", ["model.solver=gap_fit", "model.cutoff=100.0"], "hpo: model.cutoff=100.0 is not allowed for this data"),
         ("optimize", ["study.storage=sqlite:////nonexistent/dir/optuna.db"], "is not allowed: a database in an existing directory"),
     ],
     ids=["fit-sagpr-l_max-0", "optimize-cutoff-100", "optimize-storage-dir-missing"],
@@ -380,7 +390,7 @@ def test_mlflow_run_urls_silenced(monkeypatch):
 
 
 # The model's cutoff (3 Å) and the space's low end fit in 1.3 MB; almost every sampled cutoff does not.
-OVER_BUDGET_SPACE = ["study.enqueue_default=false", "~search.space", "+search.space={cutoff:{type:float,low:3.0,high:30.0}}",
+OVER_BUDGET_SPACE = ["model.solver=gap_fit", "study.enqueue_default=false", "~search.space", "+search.space={cutoff:{type:float,low:3.0,high:30.0}}",
                      "model.memory_budget_gb=0.0013"]
 
 

@@ -98,6 +98,12 @@ def neighbours_per_atom(cutoff: float, frames: list[ase.Atoms]) -> float:
     return float(max(counts))
 
 
+def needs_gradients(params: dict) -> bool:
+    """Whether a fit keeps descriptor gradients: gap_fit always does (force targets); hpo's numpy solver
+    only for force metrics."""
+    return params.get("solver", "gap_fit") == "gap_fit" or bool(params.get("force_metrics"))
+
+
 def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:
     """gap_fit's memory for the training descriptors and their gradients, the arrays that grow with the cutoff.
 
@@ -107,10 +113,14 @@ def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:
     overestimates slightly (by about 1.3x on the water cells at 3 A). While it computes them, gap_fit
     holds one frame's gradients twice: measured peak memory (maxrss) of gap_fit on 1, 2 and 4 water
     frames at a 30 A cutoff was 207, 310 and 518 MB for 94, 188 and 377 MB of listed arrays.
+    Without gradients (hpo's numpy solver without force metrics) only the vectors are kept: a large
+    cutoff then costs time, not memory.
     """
     species = len({int(z) for atoms in frames for z in atoms.numbers})
     dimensions = soap_dimensions(int(params["n_max"]), int(params["l_max"]), species)
     centres = sum(len(atoms) for atoms in frames)
+    if not needs_gradients(params):
+        return int(8 * dimensions * centres)
     neighbours = neighbours_per_atom(float(params["cutoff"]), frames) + 1.0
     gradients = 3 * centres * neighbours
     one_frame = 3 * max(len(atoms) for atoms in frames) * neighbours

@@ -68,15 +68,15 @@ class GapKind(ModelKind):
             raise ConfigError(f"{prefix}.atom_sigma={params['atom_sigma']!r} is not allowed: smaller than the cutoff ({params['cutoff']})")
 
     def preflight(self, params: dict, frames: list) -> None:
-        """gap_fit's memory for descriptors (grows with the cutoff) and covariances (grows with n_sparse)
-        against ``model.memory_budget_gb``: gap_fit itself dies only after minutes of work (or takes the
-        machine down) with "Error allocating ... bytes"."""
+        """Memory for descriptor gradients (grows with the cutoff cubed; gap_fit and force metrics) and
+        gap_fit's covariances (grow with n_sparse) against ``model.memory_budget_gb``: gap_fit itself dies
+        only after minutes of work (or takes the machine down) with "Error allocating ... bytes"."""
         budget = params["memory_budget_gb"] * 1e9
         descriptors = gap_fit.descriptor_memory_bytes(params, frames)
-        if descriptors > budget:
+        if gap_fit.needs_gradients(params) and descriptors > budget:
             raise _over_budget("cutoff", MemoryBudgetExceeded(
                 f"cutoff={params['cutoff']!r} Å: about {gap_fit.neighbours_per_atom(params['cutoff'], frames):.3g} neighbours per atom "
-                f"(the density of the training cells) make gap_fit's descriptors and their gradients need about "
+                f"(the density of the training cells) make the descriptors and their gradients need about "
                 f"{descriptors / 1e9:.3g} GB, over model.memory_budget_gb={params['memory_budget_gb']}; "
                 f"at most cutoff={gap_fit.largest_cutoff(params, frames, budget):.3g} Å fits "
                 f"(n_max={params['n_max']}, l_max={params['l_max']}, {len(frames)} frames)",
