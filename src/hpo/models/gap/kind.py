@@ -68,15 +68,28 @@ class GapKind(ModelKind):
             raise ConfigError(f"{prefix}.atom_sigma={params['atom_sigma']!r} is not allowed: smaller than the cutoff ({params['cutoff']})")
 
     def preflight(self, params: dict, frames: list) -> None:
-        """gap_fit's own estimate of its covariance memory against ``model.memory_budget_gb``."""
+        """Memory for descriptor gradients (grows with the cutoff cubed; gap_fit and force metrics) and
+        gap_fit's covariances (grow with n_sparse) against ``model.memory_budget_gb``: gap_fit itself dies
+        only after minutes of work (or takes the machine down) with "Error allocating ... bytes"."""
+        budget = params["memory_budget_gb"] * 1e9
+        descriptors = gap_fit.descriptor_memory_bytes(params, frames)
+        if gap_fit.needs_gradients(params) and descriptors > budget:
+            raise _over_budget("cutoff", MemoryBudgetExceeded(
+                f"cutoff={params['cutoff']!r} Å: about {gap_fit.neighbours_per_atom(params['cutoff'], frames):.3g} neighbours per atom "
+                f"(the density of the training cells) make the descriptors and their gradients need about "
+                f"{descriptors / 1e9:.3g} GB, over model.memory_budget_gb={params['memory_budget_gb']}; "
+                f"at most cutoff={gap_fit.largest_cutoff(params, frames, budget):.3g} Å fits "
+                f"(n_max={params['n_max']}, l_max={params['l_max']}, {len(frames)} frames)",
+                descriptors,
+            ))
         n_sparse = gap_fit.effective_n_sparse(params["n_sparse"], frames)
         estimate = gap_fit.covariance_memory_bytes(n_sparse, frames)
         if estimate > params["memory_budget_gb"] * 1e9:
-            raise MemoryBudgetExceeded(
+            raise _over_budget("n_sparse", MemoryBudgetExceeded(
                 f"gap_fit would need about {estimate / 1e9:.1f} GB for its covariance matrices "
                 f"(n_sparse={n_sparse}, {len(frames)} frames), over model.memory_budget_gb={params['memory_budget_gb']}",
                 estimate,
-            )
+            ))
 
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
         """Fit (hpo's numpy solve or gap_fit, ``model.solver``), evaluate train and validation energies (and
@@ -242,6 +255,12 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
         tags={},
         artifacts=[workdir / name for name in gap_fit.SparsePoints(data.train.frames, tuple(sparse.values())).files],
     )
+
+
+def _over_budget(parameter: str, exc: MemoryBudgetExceeded) -> MemoryBudgetExceeded:
+    """Note which model parameter drives the estimate (config errors name it)."""
+    exc.parameter = parameter
+    return exc
 
 
 def md_cost_ms_per_atom(model_file: Path, frames) -> float:
