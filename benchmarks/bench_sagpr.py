@@ -29,7 +29,8 @@ from pathlib import Path
 import ase.io
 import numpy as np
 
-from hpo.sagpr import SAGPR, component_rmse, read_tensors
+from hpo.data import read_tensors
+from hpo.models.sagpr.estimator import SAGPR, component_rmse
 
 REFERENCE_SECONDS = (150.0, 240.0)
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "water"
@@ -81,8 +82,8 @@ def main() -> None:
     t = time.perf_counter()
     train_frames = ase.io.read(args.data_dir / "gap_input_200.xyz", ":")
     validate_frames = ase.io.read(args.data_dir / "gap_validate.xyz", ":")
-    train = (train_frames, read_tensors(train_frames, source="gap_input_200.xyz"))
-    validate = (validate_frames, read_tensors(validate_frames, source="gap_validate.xyz"))
+    train = (train_frames, read_tensors(train_frames, "Polarizability", "gap_input_200.xyz", 0.1))
+    validate = (validate_frames, read_tensors(validate_frames, "Polarizability", "gap_validate.xyz", 0.1))
     print(f"read data: {time.perf_counter() - t:.2f} s, {len(train_frames)} train / "
           f"{len(validate_frames)} validation frames")
 

@@ -17,6 +17,7 @@ import hydra
 from omegaconf import DictConfig
 
 from hpo.config import CONF_DIR, ConfigError
+from hpo.redact import silence_run_urls
 
 USAGE = """usage: python -m hpo COMMAND [key=value ...] [--multirun]
 
@@ -57,6 +58,7 @@ def fit(cfg: DictConfig) -> None:
 
     hpo_config.validate(cfg)
     data = load_datasets(cfg)
+    hpo_config.check_data(cfg, data)
     model = hpo_config.model_params(cfg)
     workdir = hpo_config.output_path(cfg.experiments_dir) / "fit" / time.strftime("%Y%m%d-%H%M%S")
     tracker = Tracker(cfg.tracking)
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     sys.argv = [f"hpo {command.replace(' ', '-')}", *argv]
     # MLflow's per-file download bars would flood the log of every command that loads a model
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    silence_run_urls()  # MLflow's own "View run ... at <tracking URI>" lines carry the URI's password
     task = hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)(_friendly(task_of(command)))
     task()
 

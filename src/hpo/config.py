@@ -286,6 +286,36 @@ def _validate_loss(cfg: DictConfig, model: dict) -> None:
         _fail("study.metric", cfg.study.metric, f"a metric of model {model['kind']!r}: the loss (study.loss) is recorded by GAP trials only")
 
 
+def check_data(cfg: DictConfig, data) -> None:
+    """Checks that need the data, run after reading it and before any fit: the model's own parameters
+    (the fit, trial 0) and the cheapest point of the search space must pass the model kind's preflight
+    (e.g. GAP's memory estimate, which grows with the cutoff through the density of the training cells).
+    Sampled trials over budget are pruned instead (``MemoryBudgetExceeded``)."""
+    from hpo.models.base import MemoryBudgetExceeded, with_values
+
+    model = model_params(cfg)
+    model_kind = kind(model["kind"])
+    frames = data.train.frames
+    try:
+        model_kind.preflight(model, frames)
+    except MemoryBudgetExceeded as exc:
+        name = getattr(exc, "parameter", None)
+        key = f"model.{name}" if name else "model"
+        value = model.get(name) if name else None
+        raise ConfigError(f"{key}={value!r} is not allowed for this data: {exc}") from None
+    space = cfg.search.get("space") or {}
+    lows = {str(n): spec.low for n, spec in space.items() if spec.get("type") in ("float", "int")}
+    if not lows:
+        return
+    try:
+        model_kind.preflight(with_values(model, lows), frames)
+    except MemoryBudgetExceeded as exc:
+        name = getattr(exc, "parameter", None)
+        key = f"search.space.{name}.low" if name in lows else "search.space"
+        value = lows.get(name, OmegaConf.to_container(space))
+        raise ConfigError(f"{key}={value!r} is not allowed for this data: even the cheapest point of the search space is over budget: {exc}") from None
+
+
 def _validate_storage_dir(cfg: DictConfig) -> None:
     """A study database goes into a directory that exists, or into hpo's own experiments_dir (created on
     demand): a typo in a path must not silently create a new tree and a new, empty study."""

@@ -139,8 +139,10 @@ def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e
     Errors name the file, the frame index and the key.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise DataError(f"data file {path} is not a readable file")
     try:
         frames = ase.io.read(path, index=":", format="extxyz")
     except Exception as exc:  # ASE raises many types on malformed extxyz
@@ -160,13 +162,44 @@ def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e
             forces.append(_frame_forces(atoms, keys.force, where))
     if "polarizability" in need:
         read_tensors(frames, keys.polarizability, path.name, symmetry_tol=float("inf"))
-    return FrameSet(
+    found = FrameSet(
         path=path,
         frames=frames,
         sha256=sha256sum(path),
         energies=np.array(energies) if energies else None,
         forces=forces,
     )
+    check_finite(found)
+    return found
+
+
+def check_finite(frameset: FrameSet) -> None:
+    """Every position, cell vector, energy and force is a finite number (a NaN would reach gap_fit and
+    come back as a NaN model or a crash several trials later). Errors name the file and the frame."""
+    for index, atoms in enumerate(frameset.frames):
+        where = f"{frameset.path.name}, frame {index}"
+        arrays = [("positions", atoms.positions), ("cell", atoms.cell.array)]
+        if frameset.energies is not None:
+            arrays.append(("energy", frameset.energies[index]))
+        if frameset.forces:
+            arrays.append(("forces", frameset.forces[index]))
+        for name, values in arrays:
+            bad = ~np.isfinite(np.asarray(values, dtype=float))
+            if bad.any():
+                detail = f" (atom {int(np.argwhere(bad)[0][0])})" if name in ("positions", "forces") else ""
+                raise DataError(f"{where}: non-finite {name}{detail}: {np.asarray(values)[bad].ravel()[0]}; every value must be a finite number")
+
+
+def check_species_covered(train: FrameSet, other: FrameSet, role: str = "validation") -> None:
+    """A species the training set never shows has no model: refuse it before any fit."""
+    known = {symbol for atoms in train.frames for symbol in atoms.get_chemical_symbols()}
+    for index, atoms in enumerate(other.frames):
+        unknown = sorted(set(atoms.get_chemical_symbols()) - known)
+        if unknown:
+            raise DataError(
+                f"{other.path.name}, frame {index}: species {unknown} of the {role} set are not in the training set "
+                f"({train.path.name} has {sorted(known)}); a model cannot predict a species it never saw"
+            )
 
 
 def _frame_energy(atoms: ase.Atoms, key: str, where: str, setting: str = "dataset.property_keys.energy") -> float:
@@ -321,6 +354,7 @@ def load_datasets(cfg) -> Datasets:
     e0 = dict(cfg.dataset.e0) if "energy" in need else None
     train = read_frames(data_dir / names[0], cfg.dataset.property_keys, need, e0)
     val = read_frames(data_dir / cfg.dataset.validation_file, cfg.dataset.property_keys, need, e0)
+    check_species_covered(train, val)
     refuse_shared_frames({"training": train, "validation": val})
     return Datasets(train=train, val=val)
 
@@ -611,7 +645,9 @@ def _write(split: Split, path: Path, keys: dc.Keys, need) -> FrameSet:
     energies, forces = _require(split, keys, need)
     with atomic_write(path) as tmp:  # replaced whole: a worker's gap_fit reading the old copy is unaffected
         ase.io.write(tmp, split.frames, format="extxyz")
-    return FrameSet(path=path, frames=split.frames, sha256=sha256sum(path), energies=energies, forces=forces)
+    found = FrameSet(path=path, frames=split.frames, sha256=sha256sum(path), energies=energies, forces=forces)
+    check_finite(found)
+    return found
 
 
 def prepare(cfg, include_test: bool = True) -> tuple[dict[str, FrameSet], Datasets]:
@@ -628,6 +664,8 @@ def prepare(cfg, include_test: bool = True) -> tuple[dict[str, FrameSet], Datase
     directory = resolve_path(cfg.experiments_dir).resolve() / "datasets" / f"{cfg.dataset.name}-{_digest(cfg, source, e0, average)}"
     sets = {name: _write(split, directory / f"{name}.xyz", keys, need) for name, split in splits.items()}
     refuse_shared_frames({SPLIT_NAMES[name]: frame_set for name, frame_set in sets.items()})
+    for name in sets.keys() - {"train"}:
+        check_species_covered(sets["train"], sets[name], SPLIT_NAMES[name])
     fit_keys = DataKeys(energy=keys.energy, force=keys.forces, polarizability=keys.polarizability)
     data = Datasets(train=sets["train"], val=sets["val"], keys=fit_keys, e0=e0, e0_average=average)
     return sets, data

@@ -8,6 +8,7 @@ exists only in the config the user gave and in the connection itself.
 
 from __future__ import annotations
 
+import os
 import re
 from urllib.parse import urlsplit
 
@@ -37,3 +38,11 @@ def redact_text(text: str, *urls: str) -> str:
         if password:
             text = text.replace(password, "***")
     return text
+
+
+def silence_run_urls() -> None:
+    """MLflow prints "View run NAME at: URL" on stdout when a run on a tracking server ends, the URL
+    being the tracking URI itself, credentials included (mlflow.tracking._tracking_service.client
+    ``_log_url``, called by ``set_terminated``). hpo prints its own run ids; MLflow's documented
+    switch turns those lines off (for this process and the workers it spawns)."""
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")

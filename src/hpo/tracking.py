@@ -160,7 +160,11 @@ class Tracker:
         """The resolved config of the command, so the run can be repeated exactly."""
         from omegaconf import OmegaConf
 
-        self.client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        from hpo.redact import redact_text
+
+        # URLs in the config (study storage, tracking URI, download URL) may carry passwords
+        urls = [str(OmegaConf.select(cfg, key, default="")) for key in ("study.storage", "tracking.tracking_uri")]
+        self.client.log_text(run_id, redact_text(OmegaConf.to_yaml(cfg, resolve=True), *urls), "config.yaml")
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)

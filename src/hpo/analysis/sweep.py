@@ -103,6 +103,7 @@ def run_sweep(cfg: DictConfig) -> SweepResult:
     model, source = fixed_model(cfg, section.from_study)
     axes = sweep_axes(cfg, model)
     data = load_datasets(cfg)
+    hpo_config.check_data(cfg, data)
     points = sweep_points(model, axes, data)
     outdir = run_dir(section)
     tracker = Tracker(cfg.tracking)

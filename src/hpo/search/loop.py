@@ -13,6 +13,7 @@ import datetime
 import gzip
 import multiprocessing
 import os
+import platform
 import shutil
 import signal
 import threading
@@ -33,7 +34,7 @@ from hpo.data import load_datasets
 from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
 from hpo.progress import quiet
-from hpo.redact import redact
+from hpo.redact import redact, redact_text, silence_run_urls
 from hpo.search import origin
 from hpo.search.objective import Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
@@ -66,12 +67,15 @@ def sigterm_interrupts():
 class Progress:
     """Prints one line per ended trial: its value or failure, the count and the best so far."""
 
-    def __init__(self, study_cfg, unit: str):
+    def __init__(self, study_cfg, unit: str, heartbeat=None):
         self.study_cfg = study_cfg
         self.unit = unit
+        self.heartbeat = heartbeat
         self.started = time.perf_counter()
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat()
         if trial.state == TrialState.COMPLETE:
             outcome = ", ".join(f"{v:.5g}" for v in trial.values) + f" {self.unit}"
         elif "pruned_at_size" in trial.user_attrs:
@@ -99,17 +103,24 @@ def run(cfg) -> optuna.Study:
     first creation of the databases races.
     """
     hpo_config.validate(cfg)
+    silence_run_urls()
     space = search_space(cfg)
     model = hpo_config.model_params(cfg)
     checks = own_data.preflight(cfg)  # the data checks, before any fit: DataError on a fail
     data = load_datasets(cfg)
+    hpo_config.check_data(cfg, data)
+    # both stores reachable before either is written to: a refused run leaves no empty study or experiment
+    probe_database(str(cfg.study.storage), "study.storage")
+    probe_database(str(cfg.tracking.tracking_uri), "tracking.tracking_uri")
     study = open_study(cfg, space, n_train=len(data.train))
     origin.record(study, cfg)  # model kind and data: report, promote and curves read them back
-    tracker = Tracker(cfg.tracking)
+    tracker = open_tracker(cfg)
+    close_dead_parents(tracker, cfg.study.grace_s)
     view = save_trials_view(tracker, cfg, [p.name for p in space])
     print(f"[hpo] trials in MLflow: mlflow ui --backend-store-uri {redact(tracker.tracking_uri)} ; open {view}", flush=True)
     n_workers = cfg.study.n_workers
     tags = {
+            **liveness_tags(),
             **provenance_tags(),
             **data.hashes,
             "study": cfg.study.name,
@@ -126,6 +137,100 @@ def run(cfg) -> optuna.Study:
         run_study(cfg, study, tracker, parent, data, model, space)
     print(disk_report(cfg), flush=True)
     return study
+
+
+def open_tracker(cfg) -> Tracker:
+    """The MLflow tracker of ``cfg``; a store that cannot be opened is a one-paragraph error without its password."""
+    uri = str(cfg.tracking.tracking_uri)
+    probe_database(uri, "tracking.tracking_uri")
+    try:
+        return Tracker(cfg.tracking)
+    except Exception as exc:
+        raise StudyError(
+            f"tracking.tracking_uri={redact(uri)!r} cannot be opened: {redact_text(str(exc), uri)}"
+        ) from None
+
+
+def probe_database(uri: str, key: str) -> None:
+    """Connect once to a database server URI (not SQLite, not an MLflow server): MLflow retries a failed
+    connection 10 times with growing pauses (about 100 s) and hpo's Tracker 5 times over, so an
+    unreachable database would take minutes to say so."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    from hpo.search.storage import driver_module, install_hint
+
+    scheme = uri.split(":", 1)[0].lower()
+    if "://" not in uri or scheme.startswith(("sqlite", "http", "file", "databricks")):
+        return
+    try:
+        engine = create_engine(uri, poolclass=NullPool)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except ImportError as exc:
+        module = exc.name or driver_module(uri)
+        raise StudyError(f"{key}={redact(uri)!r} needs a database driver that is not installed ({module}): {install_hint(uri, module)}") from None
+    except Exception as exc:
+        raise StudyError(f"{key}={redact(uri)!r} cannot be opened: {redact_text(str(exc), uri)}") from None
+
+
+def liveness_tags() -> dict:
+    """Who runs a parent run, and when it last showed life: a later invocation closes the run of a
+    process that died without ending it (SIGKILL, node failure)."""
+    return {"host": platform.node(), "pid": os.getpid(), "heartbeat": f"{time.time():.0f}"}
+
+
+def beat(tracker: Tracker, parent_run_id: str) -> None:
+    """Refresh the parent run's heartbeat (one tag write, at every trial end)."""
+    try:
+        tracker.client.set_tag(parent_run_id, "heartbeat", f"{time.time():.0f}")
+    except Exception:  # a missed heartbeat must not cost a trial
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a killed child not yet reaped by its parent is a zombie: dead for our purpose
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def close_dead_parents(tracker: Tracker, grace_s: float) -> list[str]:
+    """End as KILLED the RUNNING study runs of this experiment whose process is dead on this host and
+    whose heartbeat is older than ``grace_s`` (and their RUNNING trial runs). Returns their ids."""
+    host = platform.node()
+    closed = []
+    running = tracker.client.search_runs(
+        [tracker.experiment_id], "attributes.status = 'RUNNING' and tags.run_type = 'study'", max_results=1000
+    )
+    for run in running:
+        tags = run.data.tags
+        try:
+            pid = int(tags["pid"])
+            heartbeat = float(tags.get("heartbeat", run.info.start_time / 1000))
+        except (KeyError, ValueError):
+            continue
+        if tags.get("host") != host or time.time() - heartbeat < grace_s or pid_alive(pid):
+            continue
+        children = tracker.client.search_runs(
+            [tracker.experiment_id], f"attributes.status = 'RUNNING' and tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000
+        )
+        for child in children:
+            tracker.log(child.info.run_id, tags={"state": "FAIL", "failure": "killed"})
+            tracker.end_run(child.info.run_id, "KILLED")
+        tracker.log(run.info.run_id, tags={"failure": "killed", "closed_by": f"{host}:{os.getpid()}"})
+        tracker.end_run(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+        print(f"[hpo] closed study run {run.info.run_id} of dead process {pid} (last heartbeat {time.time() - heartbeat:.0f} s ago) as KILLED", flush=True)
+    return closed
 
 
 def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, model: dict, space) -> None:
@@ -187,7 +292,7 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
     tracker = Tracker(cfg.tracking)
     workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
     objective = Objective(cfg, model, space, data, tracker, parent_run_id, workroot)
-    progress = Progress(cfg.study, metric_unit(cfg))
+    progress = Progress(cfg.study, metric_unit(cfg), heartbeat=lambda: beat(tracker, parent_run_id))
     # Journal storage has no heartbeats: a killed worker's trial there stays RUNNING and is not waited for.
     heartbeats = is_heartbeat_enabled(storage_of(study))
     deadline = time.monotonic() + (cfg.study.timeout_s or float("inf"))

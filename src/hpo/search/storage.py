@@ -58,11 +58,41 @@ def make_storage(url: str, heartbeat_s: int, grace_s: int):
                 grace_period=grace_s,
                 heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
+    except ImportError as exc:
+        # Optuna re-raises a driver's ImportError without its name: the URL names the driver
+        module = exc.name or driver_module(url)
+        raise StudyError(
+            f"study.storage={redact(url)!r} needs a database driver that is not installed ({module}): {install_hint(url, module)}"
+        ) from None
     except Exception as exc:
         raise StudyError(
             f"study.storage={redact(url)!r} cannot be opened: {redact_text(str(exc), url)}. Use sqlite:///path/to/file.db, "
             "journal:/path/to/file.log, or an SQLAlchemy URL such as postgresql://user@host/db."
         ) from exc
+
+
+# Python module of a database driver -> what pip installs it as.
+DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "psycopg[binary]", "MySQLdb": "mysqlclient", "pymysql": "pymysql", "pg8000": "pg8000"}
+
+
+def driver_module(url: str) -> str | None:
+    """The Python module SQLAlchemy loads for ``url`` (``postgresql://`` -> psycopg on SQLAlchemy 2.1, psycopg2 before)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        return {"psycopg2": "psycopg2", "psycopg": "psycopg", "mysqldb": "MySQLdb"}.get(parsed.get_driver_name(), parsed.get_driver_name())
+    except Exception:
+        return None
+
+
+def install_hint(url: str, module: str | None) -> str:
+    """What to install for the driver ``module`` of a storage URL."""
+    if url.startswith("postgresql") and module in (None, "psycopg2", "psycopg"):
+        return "pip install 'hpo[postgres]' (psycopg and psycopg2, the drivers of postgresql:// URLs)"
+    package = DRIVER_PACKAGES.get(module or "", module)
+    extra = " or use a plain postgresql:// URL with pip install 'hpo[postgres]'" if url.startswith("postgresql") else ""
+    return f"pip install {package} (the driver this URL names){extra}"
 
 
 def trial_seed(study_seed: int, trial_number: int) -> int:
@@ -154,6 +184,8 @@ def open_study(cfg, space: list[SearchParam], n_train: int | None = None) -> opt
             # Invocations on other machines (server storages) race to create the same tables or study;
             # the loser retries.
             racing = any(sign in str(exc).lower() for sign in CREATION_RACE_SIGNS)
+            if isinstance(exc, StudyError) and (attempt == CREATE_ATTEMPTS - 1 or not racing):
+                raise
             if attempt == CREATE_ATTEMPTS - 1 or not racing:
                 raise StudyError(
                     f"study.storage={redact(str(cfg.study.storage))!r} cannot be opened: {redact_text(str(exc), str(cfg.study.storage))}"

@@ -24,7 +24,7 @@ import numpy as np
 
 from hpo import metrics, plots
 from hpo.atomic import write_text
-from hpo.cache import Cache
+from hpo.cache import Cache, digest, frame_digests
 from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TrialFailure
 from hpo.models.gap import gap_fit, solver, sparse_gap
 from hpo.models.gap.descriptors import Environments, descriptor_key, environments
@@ -70,15 +70,28 @@ class GapKind(ModelKind):
             raise ConfigError(f"{prefix}.atom_sigma={params['atom_sigma']!r} is not allowed: smaller than the cutoff ({params['cutoff']})")
 
     def preflight(self, params: dict, frames: list) -> None:
-        """gap_fit's own estimate of its covariance memory against ``model.memory_budget_gb``."""
+        """Memory for descriptor gradients (grows with the cutoff cubed; gap_fit and force metrics) and
+        gap_fit's covariances (grow with n_sparse) against ``model.memory_budget_gb``: gap_fit itself dies
+        only after minutes of work (or takes the machine down) with "Error allocating ... bytes"."""
+        budget = params["memory_budget_gb"] * 1e9
+        descriptors = gap_fit.descriptor_memory_bytes(params, frames)
+        if gap_fit.needs_gradients(params) and descriptors > budget:
+            raise _over_budget("cutoff", MemoryBudgetExceeded(
+                f"cutoff={params['cutoff']!r} Å: about {gap_fit.neighbours_per_atom(params['cutoff'], frames):.3g} neighbours per atom "
+                f"(the density of the training cells) make the descriptors and their gradients need about "
+                f"{descriptors / 1e9:.3g} GB, over model.memory_budget_gb={params['memory_budget_gb']}; "
+                f"at most cutoff={gap_fit.largest_cutoff(params, frames, budget):.3g} Å fits "
+                f"(n_max={params['n_max']}, l_max={params['l_max']}, {len(frames)} frames)",
+                descriptors,
+            ))
         n_sparse = gap_fit.effective_n_sparse(params["n_sparse"], frames)
         estimate = gap_fit.covariance_memory_bytes(n_sparse, frames)
         if estimate > params["memory_budget_gb"] * 1e9:
-            raise MemoryBudgetExceeded(
+            raise _over_budget("n_sparse", MemoryBudgetExceeded(
                 f"gap_fit would need about {estimate / 1e9:.1f} GB for its covariance matrices "
                 f"(n_sparse={n_sparse}, {len(frames)} frames), over model.memory_budget_gb={params['memory_budget_gb']}",
                 estimate,
-            )
+            ))
 
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
         """Fit (hpo's numpy solve or gap_fit, ``model.solver``), evaluate train and validation energies (and
@@ -225,7 +238,7 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     train_envs = {d: environments(d, data.train.frames, cache, gradients=gradients) for d in descriptors}
     descriptor_time = time.perf_counter() - start
     start = time.perf_counter()
-    sparse = {d: solver.select_sparse(train_envs[d], params["n_sparse"], params["sparse_selection"], cfg.study.seed) for d in descriptors}
+    sparse = {d: sparse_order(d, data.train.frames, train_envs[d], params, cfg.study.seed, cache) for d in descriptors}
     gap_fit.SparsePoints(data.train.frames, tuple(sparse[d] for d in descriptors)).write(workdir)
     forces = data.train.forces if gradients and data.train.forces else None
     model = solver.fit(train_envs, sparse, data.train.frames, data.train.energies, solver.Hyper.from_params(params, data.solver_e0(cfg.dataset)), forces=forces)
@@ -258,6 +271,28 @@ def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool, prefixes:
         return metrics.loss_metrics(found, weights, scales, prefixes)
     except ValueError as exc:
         raise TrialFailure("nan_metric", f"no loss: {exc}") from exc
+
+
+def _over_budget(parameter: str, exc: MemoryBudgetExceeded) -> MemoryBudgetExceeded:
+    """Note which model parameter drives the estimate (config errors name it)."""
+    exc.parameter = parameter
+    return exc
+
+
+def sparse_order(descriptor: str, frames, found: Environments, params: dict, seed: int, cache: Cache):
+    """``solver.select_sparse`` of these environments, cached: FPS and CUR orderings are greedy, so a trial
+    asking for fewer points than a cached ordering takes its prefix (the same points a fresh selection
+    would pick) and one asking for more extends the cache. (FPS over 1600 environments costs ~2 s.)"""
+    method, wanted = params["sparse_selection"], int(params["n_sparse"])
+    if method == "random":  # a seeded draw: cheap, and its prefixes are not draws of fewer points
+        return solver.select_sparse(found, wanted, method, seed)
+    key = digest("gap-sparse-order", descriptor_key(descriptor), frame_digests(frames), method, seed)
+    hit = cache.get("gap_sparse_order", key)
+    if hit is not None and (len(hit["order"]) >= wanted or len(hit["order"]) == len(found.vectors)):
+        return hit["order"][:wanted]
+    order = solver.select_sparse(found, wanted, method, seed)
+    cache.put("gap_sparse_order", key, {"order": order})
+    return order
 
 
 def md_cost_ms_per_atom(model_file: Path, frames) -> float:

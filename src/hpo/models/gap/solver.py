@@ -332,7 +332,7 @@ def write_xml(model: SparseGap, path: Path, label: str = "GAP_hpo") -> Path:
         lines.append('      <permutation i="1">1</permutation>')
         for j, (alpha, point) in enumerate(zip(gp.alpha, gp.sparse_points), start=1):
             if len(point) <= SLICE:
-                values = " ".join(number(v) for v in point)
+                values = " ".join(map(repr, point.tolist()))
                 lines.append(f'      <sparseX i="{j}" alpha="{number(alpha)}" sparseCutoff="1.0">{values}</sparseX>')
                 continue
             # quippy cannot read a long vector from one line: gap_fit writes slices of 50 values, and quippy
@@ -340,7 +340,7 @@ def write_xml(model: SparseGap, path: Path, label: str = "GAP_hpo") -> Path:
             lines.append(f'      <sparseX i="{j}" alpha="{number(alpha)}" sparseCutoff="1.0" sliced="T">')
             for start in range(0, len(point), SLICE):
                 chunk = point[start : start + SLICE]
-                values = "".join(f"{number(v):>{SLICE_FIELD}}" for v in chunk)
+                values = "".join(map(f"{{:>{SLICE_FIELD}}}".format, map(repr, chunk.tolist())))
                 lines.append(f'        <sparseX_slice start="{start + 1}" end="{start + len(chunk)}">{values}</sparseX_slice>')
             lines.append("      </sparseX>")
         lines.append("    </gpCoordinates>")

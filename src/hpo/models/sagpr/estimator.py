@@ -279,29 +279,23 @@ class SAGPR(BaseEstimator):
         for start in range(0, len(frames), step):
             chunk = frames[start : start + step]
             t0 = time.perf_counter()
-            if primal is not None:
+            if primal is not None:  # streamed: weights folded into feature space, no training kernels
                 features = self._stream_features(chunk, cache)
                 t1 = time.perf_counter()
                 a0, a2 = primal.predict(features)
-                out[start : start + len(chunk)] = spherical_to_cartesian(a0, a2)
-                t2 = time.perf_counter()
-                timings["features_s"] += t1 - t0
-                timings["kernels_s"] += t2 - t1
-                if progress is not None:
-                    progress(start + len(chunk), len(frames))
-                continue
-            key = digest(self.fit_key_, self.zeta, frame_digests(chunk))
-            kernels = cache.get("test_kernels", key)
-            if kernels is None:
-                features = self._transform(chunk, cache)
-                t1 = time.perf_counter()
-                k0, k2 = structure_kernels(features, self.train_, self.zeta)
-                cache.put("test_kernels", key, {"k0": k0, "k2": k2})
             else:
-                t1 = time.perf_counter()
-                k0, k2 = kernels["k0"], kernels["k2"]
-            a0 = k0 @ self.w0_ + self.mean0_
-            a2 = (k2.reshape(5 * len(chunk), -1) @ self.w2_).reshape(-1, 5)
+                key = digest(self.fit_key_, self.zeta, frame_digests(chunk))
+                kernels = cache.get("test_kernels", key)
+                if kernels is None:
+                    features = self._transform(chunk, cache)
+                    t1 = time.perf_counter()
+                    k0, k2 = structure_kernels(features, self.train_, self.zeta)
+                    cache.put("test_kernels", key, {"k0": k0, "k2": k2})
+                else:
+                    t1 = time.perf_counter()
+                    k0, k2 = kernels["k0"], kernels["k2"]
+                a0 = k0 @ self.w0_ + self.mean0_
+                a2 = (k2.reshape(5 * len(chunk), -1) @ self.w2_).reshape(-1, 5)
             out[start : start + len(chunk)] = spherical_to_cartesian(a0, a2)
             t2 = time.perf_counter()
             timings["features_s"] += t1 - t0

@@ -1,0 +1,217 @@
+"""Issue 15: nothing lost, nothing repeated, no run left RUNNING.
+
+Real processes on real stores: SIGTERM in the middle of a trial, SIGKILL then resume (the dead
+parent run is closed by the next invocation), three invocations at once on one SQLite study, a
+resumed study that does not replay draws, and a gap_fit crash noticed at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from hpo.search import loop
+from hpo.search.storage import StudyError, load_study
+
+from helpers import runs_of
+
+
+def optimize_command(overrides: list[str]) -> list[str]:
+    return [sys.executable, "-m", "hpo", "optimize", *overrides]
+
+
+def start(overrides: list[str], cwd: Path, name: str) -> subprocess.Popen:
+    out = open(cwd / f"{name}.out", "w")
+    err = open(cwd / f"{name}.err", "w")
+    return subprocess.Popen(optimize_command(overrides), cwd=cwd, stdout=out, stderr=err, start_new_session=True)
+
+
+def wait_for(condition, what: str, timeout: float = 300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.3)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def study_or_none(cfg):
+    try:
+        return load_study(cfg.study)
+    except StudyError:
+        return None
+
+
+def running_trial_with_gap_fit(cfg):
+    """A RUNNING trial whose MLflow run exists and whose gap_fit has started."""
+    study = study_or_none(cfg)
+    if study is None:
+        return None
+    for trial in study.get_trials(states=(TrialState.RUNNING,)):
+        workdir = trial.user_attrs.get("workdir")
+        if trial.user_attrs.get("mlflow_run_id") and workdir and (Path(workdir) / "gap_fit.cmd").is_file():
+            return trial
+    return None
+
+
+def processes_in(root: Path) -> list[int]:
+    """Processes whose working directory is under ``root`` (a gap_fit left behind)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(root) in os.readlink(entry / "cwd"):
+                    found.append(int(entry.name))
+            except OSError:
+                continue
+    return found
+
+
+def all_runs_ended(cfg) -> list:
+    parents, children = runs_of(cfg)
+    return [r for r in parents + children if r.info.status == "RUNNING"]
+
+
+def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, tiny_cfg, tmp_path):
+    extra = ["study.n_trials=3", "model.solver=gap_fit"]  # a real gap_fit process to take down
+    cfg = tiny_cfg(*extra)
+    process = start([*tiny_overrides, *extra], tmp_path, "optimize")
+    trial = wait_for(lambda: running_trial_with_gap_fit(cfg), "a trial with its gap_fit running")
+    sent = time.perf_counter()
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=120)
+    exit_s = time.perf_counter() - sent
+    stderr = (tmp_path / "optimize.err").read_text()
+    assert returncode != 0, stderr[-2000:]
+    study = load_study(cfg.study)
+    ended = study.trials[trial.number]
+    assert ended.state == TrialState.FAIL
+    assert ended.user_attrs["failure"] == "interrupted"
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert all_runs_ended(cfg) == []
+    parents, children = runs_of(cfg)
+    run = next(c for c in children if c.info.run_id == ended.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and run.data.tags["failure"] == "interrupted"
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert processes_in(tmp_path) == []  # gap_fit went down with the trial
+    assert exit_s < 30
+    print(f"SIGTERM: exit code {returncode} after {exit_s:.1f} s; trial {trial.number} FAIL/interrupted; "
+          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
+
+
+def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tmp_path):
+    extra = ["study.n_trials=3", "study.heartbeat_s=1", "study.grace_s=3", "study.enqueue_default=false", "model.solver=gap_fit"]
+    cfg = tiny_cfg(*extra)
+    process = start([*tiny_overrides, *extra], tmp_path, "killed")
+
+    def one_done_one_running():
+        study = study_or_none(cfg)
+        return study is not None and study.get_trials(states=(TrialState.COMPLETE,)) and running_trial_with_gap_fit(cfg)
+
+    wait_for(one_done_one_running, "a finished trial and a running one")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    parents, _ = runs_of(cfg)
+    assert [p.info.status for p in parents] == ["RUNNING"]  # nobody could end it
+    dead_parent = parents[0]
+    assert {"host", "pid", "heartbeat"} <= set(dead_parent.data.tags)
+    killed = [t.number for t in load_study(cfg.study).get_trials(states=(TrialState.RUNNING,))]
+
+    time.sleep(4)  # past grace_s: the heartbeats (Optuna's and the parent run's) are stale
+    study = loop.run(cfg)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    assert all(study.trials[n].state == TrialState.FAIL for n in killed)
+    assert all_runs_ended(cfg) == []
+    parents, children = runs_of(cfg)
+    closed = next(p for p in parents if p.info.run_id == dead_parent.info.run_id)
+    assert closed.info.status == "KILLED" and closed.data.tags["failure"] == "killed"
+    assert [c.info.status for c in children if c.data.tags["trial_number"] in {str(n) for n in killed}] == ["KILLED"] * len(killed)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3
+    print(f"SIGKILL+resume: {len(complete)} complete, {len(killed)} killed trial(s) FAIL, parent closed KILLED, "
+          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
+
+
+def test_live_parent_is_not_closed(tiny_cfg):
+    """Only a dead process's run is closed: this process is alive, however old its heartbeat."""
+    cfg = tiny_cfg()
+    tracker = loop.open_tracker(cfg)
+    run_id = tracker.start_run("optimize-live", tags={**loop.liveness_tags(), "run_type": "study", "heartbeat": "0"})
+    assert loop.close_dead_parents(tracker, grace_s=1) == []
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    dead_id = tracker.start_run("optimize-dead", tags={**loop.liveness_tags(), "pid": dead.pid, "run_type": "study", "heartbeat": "0"})
+    assert loop.close_dead_parents(tracker, grace_s=1) == [dead_id]
+    assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    tracker.end_run(run_id)
+
+
+def test_three_invocations_at_once_share_one_study(tiny_overrides, tiny_cfg, tmp_path):
+    extra = ["study.n_trials=6", "study.enqueue_default=false"]
+    cfg = tiny_cfg(*extra)
+    started = time.perf_counter()
+    processes = [start([*tiny_overrides, *extra], tmp_path, f"invocation{i}") for i in range(3)]
+    codes = [p.wait(timeout=900) for p in processes]
+    wall = time.perf_counter() - started
+    assert codes == [0, 0, 0], [(tmp_path / f"invocation{i}.err").read_text()[-2000:] for i in range(3)]
+    study = load_study(cfg.study)
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    distinct = {tuple(sorted(t.params.items())) for t in complete}
+    assert len(complete) == 6
+    assert len(distinct) == 6
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    parents, children = runs_of(cfg)
+    assert len(parents) == 3 and {p.info.status for p in parents} == {"FINISHED"}
+    assert all_runs_ended(cfg) == []
+    assert sorted(int(c.data.tags["trial_number"]) for c in children if c.info.status == "FINISHED") == sorted(t.number for t in complete)
+    print(f"3 invocations: {len(complete)} complete, {len(distinct)} distinct parameter sets, {len(study.trials)} trials in all, "
+          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}, {wall:.0f} s")
+
+
+def test_resumed_study_does_not_replay(tiny_cfg):
+    first = loop.run(tiny_cfg("study.n_trials=3", "study.enqueue_default=false"))
+    earlier = [t.params for t in first.trials]
+    resumed = loop.run(tiny_cfg("study.n_trials=5", "study.enqueue_default=false"))
+    later = [t.params for t in resumed.trials[len(earlier):]]
+    assert [t.params for t in resumed.trials[: len(earlier)]] == earlier
+    assert len(later) == 2 and not [p for p in later if p in earlier]
+    assert len({tuple(sorted(p.items())) for p in earlier + later}) == 5
+
+
+def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
+    """gap_fit aborts (sparse_method=uniform refuses descriptors of more than 30 dimensions) while this
+    process computes the evaluation descriptors beside it: the trial fails with gap_fit's last lines
+    within a frame's descriptors of the crash, not after every descriptor is done."""
+    from hpo.config import model_params
+    from hpo.data import load_datasets
+    from hpo.models import kind
+    from hpo.models.gap.gap_fit import GapFitError
+
+    cfg = tiny_cfg(
+        "dataset.data_dir=" + os.environ.get("HPO_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "water")),
+        "model.solver=gap_fit", "model.sparse_method=uniform", "model.n_max=8", "model.l_max=6", "model.cutoff=5.0", "model.n_sparse=100",
+        "model.descriptor_cache_dir=null",
+    )
+    data = load_datasets(cfg)
+    workdir = tmp_path / "crash"
+    started = time.perf_counter()
+    with pytest.raises(GapFitError) as raised:
+        kind("gap").score(cfg, model_params(cfg), data, workdir)
+    ended = time.time()
+    total_s = time.perf_counter() - started
+    gap_fit_ended = max((workdir / name).stat().st_mtime for name in ("gap_fit.out", "gap_fit.err"))
+    noticed_s = ended - gap_fit_ended
+    assert raised.value.reason == "gap_fit_error"
+    assert "Descriptor is too large" in str(raised.value) or "SYSTEM ABORT" in str(raised.value)
+    assert "last lines of gap_fit output" in str(raised.value)
+    assert noticed_s < 3.0
+    print(f"gap_fit crash: trial failed {noticed_s:.2f} s after gap_fit's last output, {total_s:.1f} s in all")
