@@ -106,9 +106,9 @@ def run(cfg) -> optuna.Study:
     silence_run_urls()
     space = search_space(cfg)
     model = hpo_config.model_params(cfg)
-    data = load_datasets(cfg)  # reading refuses what no fit could use (missing keys, NaN, shared frames)
+    data = load_datasets(cfg)  # refuses unreadable, non-finite, leaking or uncovered data, naming file and frame
     hpo_config.check_data(cfg, data)
-    checks = own_data.preflight(cfg)  # then the data checks (hpo.datacheck), before any fit: DataError on a fail
+    checks = own_data.preflight(cfg)  # the data health checks (duplicates, outliers, forces), before any fit
     # both stores reachable before either is written to: a refused run leaves no empty study or experiment
     probe_database(str(cfg.study.storage), "study.storage")
     probe_database(str(cfg.tracking.tracking_uri), "tracking.tracking_uri")
