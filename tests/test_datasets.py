@@ -269,8 +269,12 @@ def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_fo
     assert last_check_run(cfg).data.tags["check.duplicates"] == "fail"
 
     cfg = make_cfg(tmp_path / "shuffled", *mlruns, *files_overrides(emt, "shuffled_forces_"))
-    _check_exit(cfg)
-    assert last_check_run(cfg).data.tags["check.forces_consistent"] in ("warn", "fail")
+    assert _check_exit(cfg) == 1  # energy changes of consecutive MD frames contradict the work of these forces
+    assert last_check_run(cfg).data.tags["check.forces_consistent"] == "fail"
+    # optimize runs the same checks after reading the data and stops before any fit with the check's message
+    with pytest.raises(DataError, match="data check failed: forces_consistent"):
+        loop.run(cfg)
+    assert not (tmp_path / "shuffled" / "experiments" / cfg.study.name).exists()
 
 
 def test_data_check_on_given_files(emt, tmp_path, mlruns):
