@@ -134,7 +134,7 @@ def test_multi_objective_study_keeps_a_front_and_promotes_a_point_of_it(tiny_cfg
     within = 0.5
     best = min(t.values[0] for t in complete)
     expected = min((t for t in complete if t.values[0] <= best * (1 + within)), key=lambda t: t.user_attrs["fit_time_s"])
-    lineage = promote(tiny_cfg(*objectives, "promote.pick=cheapest_within", f"promote.within={within}", "promote.cost=fit_time_s"))
+    lineage = promote(tiny_cfg(*objectives, "promote.pick=cheapest_within", f"promote.within={within}", "promote.cost=fit_time_s", "promote.screen.k=0"))
     assert lineage["trial"] == expected.number and lineage["pick"] == "cheapest_within"
     client = MlflowClient(cfg.tracking.tracking_uri)
     promote_run = client.search_runs(
