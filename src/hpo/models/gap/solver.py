@@ -59,6 +59,7 @@ from hpo.models.gap.descriptors import Environments, environments
 from hpo.models.gap.sparse_gap import SparseGap, SparseGP
 
 SPARSE_METHODS = ("fps", "cur", "random")
+FORCE_PAIR_CHUNK = 20000  # gradient pairs per block of predict_forces
 
 
 # --------------------------------------------------------------------------- sparse points
@@ -280,14 +281,26 @@ def solve_alphas(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, sigma: np.nd
 
 
 def predict_forces(model: SparseGap, found: Mapping[str, Environments], frames: Sequence[ase.Atoms]) -> list[np.ndarray]:
-    """Forces (eV/A) per frame from environments with gradients (``environments(..., gradients=True)``)."""
+    """Forces (eV/A) per frame from environments with gradients (``environments(..., gradients=True)``).
+
+    The energy's derivative with respect to each environment's descriptor comes first (one d-vector per
+    environment: g_i = zeta sum_s alpha_s (q_i.x_s)^(zeta-1) x_s), then its product with the descriptor
+    gradients: cost ~ pairs x 3 x d, not pairs x 3 x d x M as with the kernel gradients the fit needs.
+    """
     total_atoms = sum(len(a) for a in frames)
     forces = np.zeros((total_atoms, 3))
     for gp in model.gps:
         env = found[gp.descriptor]
-        ones = np.ones(len(gp.alpha))
-        d_k = _energy_gradient_kernels(env, gp.sparse_points, ones, gp.delta, gp.zeta)
-        forces -= _sum_rows(env.grad_atom, total_atoms, d_k @ gp.alpha)  # dE / dr_atom
+        dots = env.vectors @ gp.sparse_points.T  # (n_env, M)
+        g = (gp.zeta * dots ** (gp.zeta - 1) * gp.alpha) @ gp.sparse_points  # (n_env, d)
+        u = dots**gp.zeta @ gp.alpha  # (n_env,)
+        per_pair = np.empty((len(env.grad_env), 3))
+        for start in range(0, len(env.grad_env), FORCE_PAIR_CHUNK):  # bounds the (pairs, d) temporary
+            rows = slice(start, start + FORCE_PAIR_CHUNK)
+            owner = env.grad_env[rows]
+            per_pair[rows] = np.einsum("pkd,pd->pk", env.grad[rows], g[owner]) * env.cutoff[owner][:, None]
+            per_pair[rows] += env.grad_cutoff[rows] * u[owner][:, None]
+        forces -= gp.delta**2 * _sum_rows(env.grad_atom, total_atoms, per_pair)  # F = -dE/dr_atom
     out, offset = [], 0
     for atoms in frames:
         out.append(forces[offset : offset + len(atoms)])
