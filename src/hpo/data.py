@@ -139,16 +139,7 @@ def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e
     Errors name the file, the frame index and the key.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"data file {path} does not exist")
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise DataError(f"data file {path} is not a readable file")
-    try:
-        frames = ase.io.read(path, index=":", format="extxyz")
-    except Exception as exc:  # ASE raises many types on malformed extxyz
-        raise DataError(f"{path} is not a readable extended XYZ file: {exc}") from exc
-    if not frames:
-        raise DataError(f"{path} holds no frames")
+    frames = read_file(path)
     energies, forces = [], []
     for index, atoms in enumerate(frames):
         where = f"{path.name}, frame {index}"
@@ -430,8 +421,10 @@ SPLIT_NAMES = {"train": "training", "val": "validation", "test": "test"}
 def read_file(path: str | Path) -> list[ase.Atoms]:
     """Every frame of an extended XYZ file; DataError naming the file when it cannot be read."""
     path = resolve_path(path)
-    if not path.is_file():
+    if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise DataError(f"data file {path} is not a readable file")
     try:
         frames = ase.io.read(path, index=":", format="extxyz")
     except Exception as exc:  # ASE raises many types on malformed extxyz
