@@ -201,6 +201,12 @@ def test_own_data_study_promotes_with_test_loss(emt, tmp_path, capsys):
     promote(cfg)
     out = capsys.readouterr().out
     assert "registered files-gap version 1" in out and "val_loss / test_loss" in out
+    # MD with the champion starts from the own validation frames and judges stability on the own training set
+    from hpo import md
+
+    result = md.main(make_cfg(tmp_path, *files_overrides(emt), "md.steps=10"))
+    assert result["steps_completed"] == 10 and "md_stable" in result
+    assert {"train_nn_min_Cu-Cu", "nn_max_Cu-Cu"} <= set(result)
 
 
 def _fit(cfg, workdir):
