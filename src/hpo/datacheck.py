@@ -29,6 +29,7 @@ from ase.data import atomic_numbers, chemical_symbols, covalent_radii
 from ase.neighborlist import neighbor_list
 
 from hpo.atomic import atomic_write
+from hpo.progress import format_value
 
 Verdict = Literal["pass", "warn", "fail"]
 # In order of severity: the worst verdict of a list is the one with the highest index.
@@ -802,14 +803,6 @@ STAT_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
 VERDICT_MARKS: dict[str, str] = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
 
 
-def _format(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
 def render_table(checks: Sequence[Check], stats: Mapping[str, Mapping] | Mapping | None = None) -> str:
     """Plain-text report for a terminal: one line per check, then statistics.
 
@@ -827,7 +820,7 @@ def render_table(checks: Sequence[Check], stats: Mapping[str, Mapping] | Mapping
         lines.append(f"{'species (atoms)':<{label_width}}" + "".join(f"{species[name]:>24}" for name in columns))
         for label, names, unit in STAT_ROWS:
             head = f"{label} ({unit})" if unit else label
-            cells = ["/".join(_format(col.get(key)) for key in names) for col in columns.values()]
+            cells = ["/".join(format_value(col.get(key), 6) for key in names) for col in columns.values()]
             lines.append(f"{head:<{label_width}}" + "".join(f"{cell:>24}" for cell in cells))
     failed = sum(c.verdict == "fail" for c in checks)
     warned = sum(c.verdict == "warn" for c in checks)

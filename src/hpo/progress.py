@@ -118,3 +118,12 @@ class Bar:
             self.stream.flush()
         else:
             print(self.line(), file=self.stream, flush=True)
+
+
+def format_value(value, digits: int = 5) -> str:
+    """A value in a console or report table: floats to ``digits`` significant digits, None as "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)

@@ -15,15 +15,13 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 from omegaconf import DictConfig
 
-from hpo import config as hpo_config
 from hpo.analysis.points import (
-    MetricSpec, Point, _finite, column, fixed_model, metric_specs, parent_tags, reported_metrics, run_dir, run_points, write_csv,
+    MetricSpec, Point, config_and_model, _finite, column, metric_specs, parent_tags, reported_metrics, run_dir, run_points, write_csv,
 )
 from hpo.config import ConfigError
 from hpo.data import Datasets, load_datasets, subset_frames
 from hpo.models import kind
 from hpo.plots import figure_title, plt, save_figure
-from hpo.search.origin import config_for_study
 from hpo.tracking import Tracker, flatten
 
 
@@ -114,11 +112,8 @@ class CurveResult:
 
 def run_learning_curve(cfg: DictConfig) -> CurveResult:
     """Fit the fixed model at every training size and fit a power law to the validation curve."""
-    if cfg.learning_curve.from_study:  # the study's own model kind (hpo.search.origin)
-        cfg = config_for_study(cfg, str(cfg.learning_curve.from_study), keys=("model_kind",))
-    hpo_config.validate(cfg)
+    cfg, model, source = config_and_model(cfg, "learning_curve")
     section = cfg.learning_curve
-    model, source = fixed_model(cfg, section.from_study)
     outdir = run_dir(section)
     points, training = learning_curve_points(cfg, model, outdir)
     tracker = Tracker(cfg.tracking)

@@ -29,6 +29,7 @@ from hpo.config import ConfigError
 from hpo.data import Datasets
 from hpo.models.base import with_values
 from hpo.search.objective import classify, score
+from hpo.search.origin import config_for_study
 from hpo.search.selection import best_trial
 from hpo.search.storage import StudyError, load_study
 from hpo.tracking import Tracker, provenance_tags
@@ -99,6 +100,17 @@ def run_dir(section: DictConfig) -> Path:
     """``<section.dir>/<section.name or a timestamp>``: where one command's outputs go."""
     name = section.name or time.strftime(TIMESTAMP)
     return hpo_config.output_path(section.dir) / str(name)
+
+
+def config_and_model(cfg: DictConfig, section: str) -> tuple[DictConfig, dict, str]:
+    """The checked config of a curve or sweep command (composed for the model kind of ``<section>.from_study``,
+    when given), the model config to hold fixed, and where its parameters came from."""
+    from_study = cfg[section].from_study
+    if from_study:  # the study's own model kind (hpo.search.origin)
+        cfg = config_for_study(cfg, str(from_study), keys=("model_kind",))
+    hpo_config.validate(cfg)
+    model, source = fixed_model(cfg, from_study)
+    return cfg, model, source
 
 
 def fixed_model(cfg: DictConfig, from_study: str | None) -> tuple[dict, str]:

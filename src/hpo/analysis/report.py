@@ -35,6 +35,7 @@ from hpo.atomic import write_text
 from hpo.config import ConfigError
 from hpo.data import load_datasets
 from hpo.models import kind
+from hpo.progress import format_value
 from hpo.plots import data_line, figure_title, log_axis_wanted, plt, save_figure
 from hpo.redact import redact
 from hpo.search.origin import config_for_study
@@ -281,12 +282,6 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(value)
 
 
-def _fmt(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.5g}"
-    return "-" if value is None else str(value)
-
-
 def top_trials_table(cfg: DictConfig, study: optuna.Study, metric: MetricSpec) -> str:
     """The ``report.top_n`` best finished trials: value, training error, their ratio, flags and parameters."""
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -300,7 +295,7 @@ def top_trials_table(cfg: DictConfig, study: optuna.Study, metric: MetricSpec) -
         ratio = primary(trial) / train if _number(train) and train > 0 else None
         cells = [trial.number, primary(trial), train, ratio, bool(trial.user_attrs.get("overfit")),
                  bool(trial.user_attrs.get("is_default")), *(fitted(trial, p) for p in params)]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(_fmt(c))}</td>" for c in cells) + "</tr>")
+        rows.append("<tr>" + "".join(f"<td>{html.escape(format_value(c))}</td>" for c in cells) + "</tr>")
     head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
     return f"<table>\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpo import config as hpo_config
 from hpo.analysis.points import (
-    MetricSpec, Point, _finite, column, fixed_model, metric_specs, param_axis_label, parent_tags, reported_metrics, run_dir,
+    MetricSpec, Point, config_and_model, _finite, column, metric_specs, param_axis_label, parent_tags, reported_metrics, run_dir,
     run_points, write_csv,
 )
 from hpo.config import ConfigError
@@ -25,7 +25,6 @@ from hpo.data import Datasets, load_datasets
 from hpo.models import kind
 from hpo.models.base import has_dotted, with_values
 from hpo.plots import figure_title, log_axis_wanted, plt, save_figure
-from hpo.search.origin import config_for_study
 from hpo.tracking import Tracker, flatten
 
 
@@ -96,11 +95,8 @@ def overfitting_steps(x: list, train: np.ndarray, val: np.ndarray, towards: str)
 
 def run_sweep(cfg: DictConfig) -> SweepResult:
     """Fit the model at every value (or grid point) of the swept parameter(s); find the validation minimum."""
-    if cfg.sweep.from_study:  # the study's own model kind (hpo.search.origin)
-        cfg = config_for_study(cfg, str(cfg.sweep.from_study), keys=("model_kind",))
-    hpo_config.validate(cfg)
+    cfg, model, source = config_and_model(cfg, "sweep")
     section = cfg.sweep
-    model, source = fixed_model(cfg, section.from_study)
     axes = sweep_axes(cfg, model)
     data = load_datasets(cfg)
     hpo_config.check_data(cfg, data)

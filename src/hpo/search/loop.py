@@ -33,7 +33,7 @@ from hpo.disk import disk_report
 from hpo.data import load_datasets
 from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
-from hpo.progress import quiet
+from hpo.progress import format_value, quiet
 from hpo.redact import redact, redact_text, silence_run_urls
 from hpo.search import origin
 from hpo.search.objective import Objective
@@ -382,7 +382,7 @@ def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) ->
     lines.append(f"  {'parameter':<24}{'best':>20}{'default':>20}")
     for name in best.params:
         lines.append(f"  {name:<24}{fitted(best, name):>20}{fitted(default, name):>20}")
-    lines.append(f"  {'validation metric':<24}{_fmt(primary(best)):>20}{_fmt(primary(default) if default else None):>20}")
+    lines.append(f"  {'validation metric':<24}{format_value(primary(best)):>20}{format_value(primary(default) if default else None):>20}")
     if any("effective_params" in t.user_attrs for t in (best, default) if t is not None):
         lines.append("  (x <- y: fitted with x, y sampled; gap_fit caps n_sparse at the environments per species)")
     if default is not None and primary(default):
@@ -394,7 +394,7 @@ def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) ->
         summary["n_pareto"] = len(front)
         names = list(cfg.study.objectives)
         lines.append(f"  Pareto front ({len(front)} trials): " + ", ".join(names))
-        lines += [f"    trial {t.number:<5}" + "".join(f"{_fmt(v):>14}" for v in t.values) for t in front]
+        lines += [f"    trial {t.number:<5}" + "".join(f"{format_value(v):>14}" for v in t.values) for t in front]
         path = hpo_config.output_path(cfg.experiments_dir) / study.study_name / "pareto_front.png"
         title = f"{kind(cfg.model.kind).display_name} study {study.study_name}: accuracy vs cost ({cfg.dataset.train_size} training frames)"
         tracker.log_artifacts(parent_run_id, [plots.pareto_plot(path, study, names, title)])
@@ -410,16 +410,8 @@ def fitted(trial, name: str) -> str:
         return "-"
     effective = trial.user_attrs.get("effective_params", {})
     if name in effective:
-        return f"{_fmt(effective[name])} <- {_fmt(trial.params[name])}"
-    return _fmt(trial.params[name])
-
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.5g}"
-    return str(value)
+        return f"{format_value(effective[name])} <- {format_value(trial.params[name])}"
+    return format_value(trial.params[name])
 
 
 def log_best_model(best: optuna.trial.FrozenTrial, tracker: Tracker) -> None:
