@@ -108,7 +108,7 @@ def test_fps_matches_skmatter():
     x = np.random.default_rng(3).normal(size=(60, 40)) ** 3
     for seed in range(4):
         expected = FPS(n_to_select=15, initialize="random", random_state=seed).fit(x).selected_idx_
-        np.testing.assert_array_equal(farthest_point_columns(x, 15, seed), expected)
+        np.testing.assert_array_equal(farthest_point_columns(x.T @ x, 15, seed), expected)
 
 
 # --------------------------------------------------------------------------- #

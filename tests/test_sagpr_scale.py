@@ -8,14 +8,11 @@ import pytest
 
 from helpers import SHARED_WATER, require_shared_water
 from hpo.data import read_tensors as _read_tensors
-from hpo.models.sagpr.estimator import SAGPR
-from hpo.models.sagpr.features import (
-    FeatureBlock,
-    fit_projection,
-    lambda_soap,
-    normalise,
-)
-from hpo.models.sagpr.scale import PrimalWeights, kernel_costs, lambda_soap_columns, structure_kernels, symmetric_power
+from hpo.models.sagpr.estimator import SAGPR, component_rmse
+from hpo.models.sagpr import lambda_soap as lambda_soap_module
+from hpo.models.sagpr.features import FeatureBlock, column_gram, fit_projection, normalise
+from hpo.models.sagpr.lambda_soap import lambda_soap
+from hpo.models.sagpr.scale import PrimalWeights, kernel_costs, structure_kernels, symmetric_power
 
 DATA_DIR = SHARED_WATER
 
@@ -42,8 +39,8 @@ def features(frames, nc: int | None) -> FeatureBlock:
     raw = lambda_soap(frames, [1, 8], rc=4.0, sigma=0.3, n_max=4, l_max=3)
     x0, x2 = raw.x0, raw.x2
     if nc is not None:
-        x0 = fit_projection(x0, nc, 0).apply(x0)
-        x2 = fit_projection(x2.reshape(-1, x2.shape[-1]), nc, 0).apply(x2)
+        x0 = fit_projection(column_gram(x0), nc, 0).apply(x0)
+        x2 = fit_projection(column_gram(x2), nc, 0).apply(x2)
     p0, p2 = normalise(x0, x2)
     return FeatureBlock(p0, p2, raw.counts)
 
@@ -131,7 +128,7 @@ def test_streamed_predict_equals_kernel_route_and_reports_progress(water, tmp_pa
     assert relative_error(pred, reference) < 1e-10
 
 
-def test_selected_columns_equal_full_features(water):
+def test_selected_columns_equal_full_features(water, monkeypatch):
     import ase
 
     frames = [*water, ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]], cell=[8, 8, 8], pbc=True)]
@@ -139,7 +136,115 @@ def test_selected_columns_equal_full_features(water):
     rng = np.random.default_rng(0)
     c0 = rng.choice(full.x0.shape[1], 25, replace=False)
     c2 = rng.choice(full.x2.shape[2], 40, replace=False)
-    sel = lambda_soap_columns(frames, [1, 8], 4.0, 0.3, 4, 3, c0, c2, chunk_frames=5)
+    monkeypatch.setattr(lambda_soap_module, "FEATURE_CHUNK_ATOMS", 30)  # several chunks, frames never split
+    sel = lambda_soap(frames, [1, 8], 4.0, 0.3, 4, 3, columns=(c0, c2))
     np.testing.assert_array_equal(sel.counts, full.counts)
     assert relative_error(sel.x0, full.x0[:, c0]) < 1e-12
     assert relative_error(sel.x2, full.x2[..., c2]) < 1e-12
+
+
+def test_features_equal_featomics_equivariant_power_spectrum(water):
+    """hpo couples featomic's expansion itself; featomic's own coupling is the reference."""
+    import featomic
+    from featomic.clebsch_gordan import EquivariantPowerSpectrum
+    from metatensor import Labels
+
+    from hpo.models.sagpr.lambda_soap import unique_couplings
+
+    frames = water[:6]
+    ours = lambda_soap(frames, [1, 8], rc=4.0, sigma=0.3, n_max=4, l_max=3)
+    expansion = featomic.SphericalExpansion(
+        cutoff={"radius": 4.0, "smoothing": {"type": "Step"}},
+        density={"type": "Gaussian", "width": 0.3},
+        basis={"type": "TensorProduct", "max_angular": 3, "radial": {"type": "Gto", "max_radial": 3}},
+    )
+    keys = Labels(["o3_lambda", "o3_sigma"], np.array([[0, 1], [2, 1]], dtype=np.int32))
+    tensor = EquivariantPowerSpectrum(expansion, neighbor_types=[1, 8]).compute(
+        frames, selected_keys=keys, neighbors_to_properties=True
+    )
+    offsets = np.concatenate([[0], np.cumsum(ours.counts)[:-1]])
+    for lam, mine in ((0, ours.x0[:, None, :]), (2, ours.x2)):
+        blocks = tensor.blocks(Labels(["o3_lambda"], np.array([[lam]], dtype=np.int32)))
+        reference = np.zeros((len(mine), 2 * lam + 1, len(blocks[0].properties)))
+        for block in blocks:
+            samples = block.samples.values
+            reference[offsets[samples[:, 0]] + samples[:, 1]] = block.values
+        keep, weight = unique_couplings(blocks[0].properties.values)
+        assert relative_error(mine, reference[..., keep] * weight) < 1e-12
+
+
+def test_projection_from_gram_equals_projection_from_svd(water):
+    """The A matrix built from X^T X (chunkable) gives the kernels of the SVD route on X itself."""
+    raw = lambda_soap(water, [1, 8], rc=4.0, sigma=0.3, n_max=4, l_max=3)
+    for x in (raw.x0, raw.x2.reshape(-1, raw.x2.shape[-1])):
+        projection = fit_projection(column_gram(x), 20, 0)
+        c = x[:, projection.columns]
+        u, s, vt = np.linalg.svd(c, full_matrices=False)
+        pinv_c_x = vt.T @ ((u.T @ x) / s[:, None])
+        eigval, eigvec = np.linalg.eigh(pinv_c_x @ pinv_c_x.T)
+        reference = c @ ((eigvec * np.sqrt(np.clip(eigval, 0, None))) @ eigvec.T)
+        ours = projection.apply(x)
+        assert relative_error(ours @ ours.T, reference @ reference.T) < 1e-9
+
+
+# --------------------------------------------------------------------------- #
+# environment sparsification and the streamed fit
+# --------------------------------------------------------------------------- #
+SMALL = dict(n_max=4, l_max=3, nc=None, reg0=1e-4, reg2=1e-4)
+
+
+@pytest.fixture(scope="module")
+def small_split():
+    require_shared_water()
+    train = ase.io.read(DATA_DIR / "gap_input_50.xyz", ":30")
+    validate = ase.io.read(DATA_DIR / "gap_validate.xyz", ":20")
+    return (train, read_tensors(train)), (validate, read_tensors(validate))
+
+
+@pytest.mark.parametrize("zeta", [2, 3])
+def test_every_environment_as_basis_gives_the_exact_model(small_split, zeta):
+    """The projected process on all training environments is the exact GP: same predictions."""
+    (train, tensors), (validate, _) = small_split
+    exact = SAGPR(**SMALL, zeta=zeta).fit(train, tensors)
+    n_atoms = sum(len(a) for a in train)
+    sparse = SAGPR(**SMALL, zeta=zeta, n_env=n_atoms).fit(train, tensors)
+    assert sparse.basis_.n_frames == n_atoms and len(sparse.w0_) == n_atoms
+    assert relative_error(sparse.predict(validate), exact.predict(validate)) < 1e-6
+    assert relative_error(sparse.train_predictions_, exact.train_predictions_) < 1e-6
+
+
+def test_fewer_environments_cost_accuracy_gradually(small_split, tmp_path):
+    (train, tensors), (validate, truth) = small_split
+    errors = {}
+    for n_env in (40, 160):
+        model = SAGPR(**SMALL, n_env=n_env).fit(train, tensors)
+        streamed = model.predict(validate)
+        errors[n_env] = component_rmse(truth, streamed)["unique6"]
+        # kernels against the basis (cached route) and the folded weights agree
+        cached = SAGPR(**SMALL, n_env=n_env, cache_dir=tmp_path).fit(train, tensors)
+        assert relative_error(cached.predict(validate), streamed) < 1e-10
+        model.save(tmp_path / f"m{n_env}")
+        assert relative_error(SAGPR.load(tmp_path / f"m{n_env}").predict(validate), streamed) < 1e-12
+    exact = component_rmse(truth, SAGPR(**SMALL).fit(train, tensors).predict(validate))["unique6"]
+    assert exact <= errors[160] <= errors[40]
+    assert errors[160] < 1.05 * exact
+
+
+def test_environment_model_needs_regularisation(small_split):
+    (train, tensors), _ = small_split
+    with pytest.raises(ValueError, match="n_env=10 needs reg0 > 0"):
+        SAGPR(**dict(SMALL, reg0=0.0), n_env=10).fit(train, tensors)
+
+
+def test_streamed_fit_equals_one_pass(small_split, monkeypatch):
+    """Two passes over small chunks, raw features recomputed: the same model as holding everything."""
+    from hpo.models.sagpr import estimator
+
+    (train, tensors), (validate, _) = small_split
+    params = dict(SMALL, nc=30)
+    whole = SAGPR(**params).fit(train, tensors)
+    monkeypatch.setattr(estimator, "FEATURE_CHUNK_ATOMS", 50)
+    monkeypatch.setattr(estimator, "RAW_KEEP_BYTES", 0)
+    streamed = SAGPR(**params).fit(train, tensors)
+    np.testing.assert_array_equal(streamed.projections_[1].columns, whole.projections_[1].columns)
+    assert relative_error(streamed.predict(validate), whole.predict(validate)) < 1e-9

@@ -28,6 +28,7 @@ from hpo.cache import Cache, digest, frame_digests
 from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TrialFailure
 from hpo.models.gap import gap_fit, solver, sparse_gap
 from hpo.models.gap.descriptors import Environments, descriptor_key, environments
+from hpo.models.sparse_gp import SPARSE_METHODS
 from hpo.tracking import flatten
 
 # Allowed values of the model config (conf/model/gap.yaml), one table for config, trials and fit.
@@ -48,7 +49,7 @@ PARAMETERS = {
     "memory_budget_gb": "positive",
     "force_metrics": "bool",
     "solver": ("numpy", "gap_fit"),
-    "sparse_selection": solver.SPARSE_METHODS,
+    "sparse_selection": SPARSE_METHODS,
     "refit_tolerance_eV": "positive",
     "cost_frames": "non_negative_int",
     "descriptor_cache_max_gb": "positive",

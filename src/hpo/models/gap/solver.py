@@ -56,9 +56,10 @@ import scipy.linalg
 from hpo.cache import Cache
 from hpo.models.gap import gap_fit
 from hpo.models.gap.descriptors import Environments, environments
+from hpo.models.sparse_gp import solve_projected_process
+from hpo.models.sparse_gp import select_sparse as select_rows
 from hpo.models.gap.sparse_gap import SparseGap, SparseGP
 
-SPARSE_METHODS = ("fps", "cur", "random")
 FORCE_PAIR_CHUNK = 20000  # gradient pairs per block of predict_forces
 
 
@@ -66,46 +67,9 @@ FORCE_PAIR_CHUNK = 20000  # gradient pairs per block of predict_forces
 
 
 def select_sparse(environments: np.ndarray | Environments, n_sparse: int, method: str = "fps", seed: int = 0) -> np.ndarray:
-    """0-based indices of ``n_sparse`` environments, in selection order (a smaller n_sparse gives a prefix for fps/cur).
-
-    fps: farthest-point sampling in descriptor space (Euclidean); the same
-    points as ``skmatter.sample_selection.FPS(initialize="random",
-    random_state=seed)`` (a test checks this) without re-reading the matrix
-    at every step; a chosen point is never chosen again, even when all the
-    remaining ones coincide with it. cur: skmatter's CUR on the descriptor
-    matrix (deterministic; skmatter is only in the ``test`` extra). random: a
-    seeded draw.
-    """
-    x = environments.vectors if isinstance(environments, Environments) else np.asarray(environments, float)
-    n = len(x)
-    n_sparse = int(min(n_sparse, n))
-    if n_sparse <= 0:
-        return np.zeros(0, dtype=int)
-    if method == "random":
-        return np.random.default_rng(seed).choice(n, n_sparse, replace=False)
-    if method == "cur":
-        import warnings
-
-        from skmatter.sample_selection import CUR
-
-        with warnings.catch_warnings():  # SOAP has all-zero columns (absent species pairs): harmless here
-            warnings.filterwarnings("ignore", message="Column vector contains only zeros")
-            return np.asarray(CUR(n_to_select=n_sparse).fit(x).selected_idx_, dtype=int)
-    if method != "fps":
-        raise ValueError(f"unknown sparse method {method!r}; expected one of {SPARSE_METHODS}")
-    from sklearn.utils import check_random_state
-
-    chosen = np.empty(n_sparse, dtype=int)
-    chosen[0] = check_random_state(seed).randint(n)  # skmatter's draw of the first point
-    squared_norms = np.einsum("ij,ij->i", x, x)
-    distance = np.full(n, np.inf)
-    for k in range(1, n_sparse):
-        last = chosen[k - 1]
-        d2 = squared_norms + squared_norms[last] - 2.0 * (x @ x[last])
-        distance = np.minimum(distance, np.maximum(d2, 0.0))
-        distance[chosen[:k]] = -1.0
-        chosen[k] = int(np.argmax(distance))
-    return chosen
+    """``hpo.models.sparse_gp.select_sparse`` on descriptor vectors (or an ``Environments``)."""
+    x = environments.vectors if isinstance(environments, Environments) else environments
+    return select_rows(x, n_sparse, method, seed)
 
 
 # --------------------------------------------------------------------------- the solver
@@ -232,7 +196,7 @@ def _fit(found, sparse, frames, energies, hyper: Hyper, forces, times: SolveTime
         sigma = np.concatenate([sigma, np.full(3 * total_atoms, hyper.force_sigma)])
     times.kernels_s += time.perf_counter() - start
     start = time.perf_counter()
-    alpha = solve_alphas(k_mm, k_nm, y, sigma)
+    alpha = solve_projected_process(k_mm, k_nm, y, sigma)
     times.solve_s += time.perf_counter() - start
     gps, offset = [], 0
     for descriptor, index in zip(descriptors, columns):
@@ -266,15 +230,6 @@ def fit_frames(
     sparse = {d: select_sparse(found[d], params["n_sparse"], sparse_method, seed) for d in descriptors}
     model = fit(found, sparse, frames, energies, Hyper.from_params(params, e0), forces=forces, times=times, threads=threads)
     return model, sparse
-
-
-def solve_alphas(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, sigma: np.ndarray) -> np.ndarray:
-    """alpha minimising |Lambda^-1/2 (y - K_NM alpha)|^2 + alpha^T K_MM alpha, by QR as gap_fit does."""
-    u = scipy.linalg.cholesky(k_mm, lower=False)  # K_MM = U^T U
-    a = np.vstack([k_nm / sigma[:, None], u])
-    b = np.concatenate([y / sigma, np.zeros(len(u))])
-    q, r = np.linalg.qr(a)
-    return scipy.linalg.solve_triangular(r, q.T @ b)
 
 
 # --------------------------------------------------------------------------- forces of a SparseGap

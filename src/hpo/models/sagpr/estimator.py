@@ -43,14 +43,10 @@ from hpo.cache import Cache, digest, frame_digests
 from hpo.metrics import COMPONENTS, rmse
 from hpo.models.rules import sklearn_constraints
 from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
-from hpo.models.sagpr.features import (
-    FeatureBlock,
-    Projection,
-    fit_projection,
-    lambda_soap,
-    normalise,
-)
-from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, lambda_soap_columns, structure_kernels
+from hpo.models.sagpr.features import FeatureBlock, Projection, column_gram, fit_projection, normalise
+from hpo.models.sagpr.lambda_soap import FEATURE_CHUNK_ATOMS, frame_chunks, lambda_soap
+from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, structure_kernels
+from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
 __all__ = [
     "SAGPR",
@@ -61,14 +57,24 @@ __all__ = [
 ]
 
 # Bump when a change alters what is cached, so stale cache entries are ignored.
-CACHE_VERSION = 1
-MODEL_FORMAT = "hpo.sagpr/1"
+CACHE_VERSION = 2
+MODEL_FORMAT = "hpo.sagpr/2"
+# Models written before environment sparsification: their basis is the training set, stored as train_*.
+READABLE_FORMATS = ("hpo.sagpr/1", MODEL_FORMAT)
 # Frames featurised and predicted together in predict(): bounds memory on long
 # MD trajectories.
 PREDICT_CHUNK_FRAMES = 500
 # Frames per step when predict() streams through the folded weights (no cache):
 # raw lambda = 2 features of 100 12-atom frames take about 100 MB.
 STREAM_CHUNK_FRAMES = 100
+# Raw training features are kept between the two passes of fit() (Gram matrices, then projection)
+# while they take at most this many bytes; beyond it they are computed again in the second pass,
+# so a bulk training set is never held whole (300 frames of 400 atoms: about 10 GB).
+RAW_KEEP_BYTES = 2**30
+# Added to the diagonal of the environment kernel K_MM of a sparsified fit so its Cholesky
+# factor exists when environments nearly coincide. Kernel diagonals of normalised features are
+# at most 1, so this perturbs the model far below its regularisation.
+ENV_JITTER = 1e-10
 
 _SQRT2, _SQRT3, _SQRT6 = np.sqrt(2.0), np.sqrt(3.0), np.sqrt(6.0)
 # Symmetric matrices B_mu with T = sum_mu a2_mu B_mu for the L=2 part, in the
@@ -147,9 +153,16 @@ class SAGPR(BaseEstimator):
         Fewer columns make kernels cheaper; on the workshop data nc=200 is
         within a few percent of the full model's error.
     reg0, reg2 : float
-        Absolute ridge regularisation of the L=0 and L=2 regressions.
+        Absolute ridge regularisation of the L=0 and L=2 regressions (the GP noise variance).
     seed : int
-        Picks the first FPS column; fixes the sparsification for given data.
+        Picks the first FPS column (and environment); fixes the sparsification for given data.
+    n_env : int or None
+        None: the exact model (one weight per training frame). An integer M: a projected-process
+        (Nystroem) model on M training environments chosen by ``env_selection``; the same
+        regularisation, cost linear in the training atoms for any zeta, and with M = every
+        training environment the exact model's predictions (a test checks this).
+    env_selection : {"fps", "cur", "random"}
+        How the M environments are chosen, on their normalised lambda = 0 features.
     cache_dir : str, path or None
         Directory for the on-disk cache of features and kernels (layout in
         :class:`hpo.cache.Cache`). Content-addressed, so safe to share
@@ -157,7 +170,8 @@ class SAGPR(BaseEstimator):
         their cost.
 
     Fitted attributes: ``species_`` (sorted atomic numbers), ``mean0_``,
-    ``w0_``, ``w2_``, ``timings_`` (seconds per stage of the last fit),
+    ``basis_`` (the features the weights belong to: every training frame, or the n_env chosen
+    environments as one-atom frames), ``w0_``, ``w2_``, ``timings_`` (seconds per stage of the last fit),
     ``predict_timings_``, ``cache_stats_`` (hit/miss counts).
     """
 
@@ -178,6 +192,8 @@ class SAGPR(BaseEstimator):
         reg0: float = 1e-8,
         reg2: float = 1e-5,
         seed: int = 0,
+        n_env: int | None = None,
+        env_selection: str = "fps",
         cache_dir: str | os.PathLike | None = None,
     ):
         self.rc = rc
@@ -189,6 +205,8 @@ class SAGPR(BaseEstimator):
         self.reg0 = reg0
         self.reg2 = reg2
         self.seed = seed
+        self.n_env = n_env
+        self.env_selection = env_selection
         self.cache_dir = cache_dir
 
     # -- fit / predict --------------------------------------------------------
@@ -208,6 +226,12 @@ class SAGPR(BaseEstimator):
             raise ValueError("cannot fit on zero frames")
         _check_frames(frames)
 
+        if self.n_env is not None and min(self.reg0, self.reg2) <= 0:
+            raise ValueError(
+                f"n_env={self.n_env} needs reg0 > 0 and reg2 > 0 (got {self.reg0}, {self.reg2}): "
+                "the projected process is regularised by them"
+            )
+
         cache = Cache(self.cache_dir)
         self.cache_stats_ = cache.stats
         t0 = time.perf_counter()
@@ -218,30 +242,37 @@ class SAGPR(BaseEstimator):
             state = self._fit_features(frames, cache)
             cache.put("fit", self.fit_key_, state)
         self.projections_ = _projections_from_arrays(state)
-        self.train_ = FeatureBlock(state["p0"], state["p2"], state["counts"])
+        train = FeatureBlock(state["p0"], state["p2"], state["counts"])
+        self.basis_ = train if self.n_env is None else self._environments(train)
         t1 = time.perf_counter()
 
-        kernels = cache.get("train_kernels", digest(self.fit_key_, self.zeta))
+        kernels_key = digest(self.fit_key_, self.zeta, self.n_env, self.env_selection)
+        kernels = cache.get("train_kernels", kernels_key)
         if kernels is None:
-            k0, k2 = structure_kernels(self.train_, None, self.zeta)
-            cache.put("train_kernels", digest(self.fit_key_, self.zeta), {"k0": k0, "k2": k2})
-        else:
-            k0, k2 = kernels["k0"], kernels["k2"]
+            k0, k2 = structure_kernels(train, None if self.n_env is None else self.basis_, self.zeta)
+            kernels = {"k0": k0, "k2": k2}
+            if self.n_env is not None:
+                kernels["kmm0"], kernels["kmm2"] = structure_kernels(self.basis_, None, self.zeta)
+            cache.put("train_kernels", kernels_key, kernels)
         t2 = time.perf_counter()
 
         a0, a2 = cartesian_to_spherical(tensors)
         # as in the original, only L=0 is centred: the mean L=2 part of
         # randomly oriented structures is zero
         self.mean0_ = float(a0.mean())
-        self.w0_ = _ridge_solve(k0, self.reg0, a0 - self.mean0_)
-        n = len(frames)
-        self.w2_ = _ridge_solve(k2.reshape(5 * n, 5 * n), self.reg2, a2.ravel())
+        n, m = len(frames), self.basis_.n_frames
+        k0, k2 = kernels["k0"], kernels["k2"].reshape(5 * n, 5 * m)
+        if self.n_env is None:
+            self.w0_ = _ridge_solve(k0, self.reg0, a0 - self.mean0_)
+            self.w2_ = _ridge_solve(k2, self.reg2, a2.ravel())
+        else:
+            kmm0, kmm2 = kernels["kmm0"], kernels["kmm2"].reshape(5 * m, 5 * m)
+            self.w0_ = solve_projected_process(_jittered(kmm0), k0, a0 - self.mean0_, np.sqrt(self.reg0))
+            self.w2_ = solve_projected_process(_jittered(kmm2), k2, a2.ravel(), np.sqrt(self.reg2))
         # Training-set predictions come free with the training kernels; predict(frames) would rebuild
         # or reload them.
         self._primal = None  # folded weights, built by the first uncached predict()
-        self.train_predictions_ = spherical_to_cartesian(
-            k0 @ self.w0_ + self.mean0_, (k2.reshape(5 * n, 5 * n) @ self.w2_).reshape(-1, 5)
-        )
+        self.train_predictions_ = spherical_to_cartesian(k0 @ self.w0_ + self.mean0_, (k2 @ self.w2_).reshape(-1, 5))
         t3 = time.perf_counter()
         self.timings_ = {
             "features_s": t1 - t0,
@@ -250,6 +281,15 @@ class SAGPR(BaseEstimator):
             "total_s": t3 - t0,
         }
         return self
+
+    def _environments(self, train: FeatureBlock) -> FeatureBlock:
+        """The n_env training environments of a sparsified fit, as one-atom frames.
+
+        As one-atom frames, K(train, basis) is exactly the K_NM of the projected process and every
+        kernel and prediction route (pairs, factorised, folded weights) applies unchanged.
+        """
+        chosen = select_sparse(train.x0, self.n_env, self.env_selection, self.seed)
+        return FeatureBlock(train.x0[chosen], train.x2[chosen], np.ones(len(chosen), dtype=np.int64))
 
     def predict(
         self,
@@ -280,16 +320,16 @@ class SAGPR(BaseEstimator):
             chunk = frames[start : start + step]
             t0 = time.perf_counter()
             if primal is not None:  # streamed: weights folded into feature space, no training kernels
-                features = self._stream_features(chunk, cache)
+                features = self._transform(chunk, cache)
                 t1 = time.perf_counter()
                 a0, a2 = primal.predict(features)
             else:
-                key = digest(self.fit_key_, self.zeta, frame_digests(chunk))
+                key = digest(self.fit_key_, self.zeta, self.n_env, self.env_selection, frame_digests(chunk))
                 kernels = cache.get("test_kernels", key)
                 if kernels is None:
                     features = self._transform(chunk, cache)
                     t1 = time.perf_counter()
-                    k0, k2 = structure_kernels(features, self.train_, self.zeta)
+                    k0, k2 = structure_kernels(features, self.basis_, self.zeta)
                     cache.put("test_kernels", key, {"k0": k0, "k2": k2})
                 else:
                     t1 = time.perf_counter()
@@ -306,26 +346,12 @@ class SAGPR(BaseEstimator):
         self.cache_stats_ = getattr(self, "cache_stats_", Counter()) + cache.stats
         return out
 
-    def _stream_features(self, frames: list[ase.Atoms], cache: "Cache") -> FeatureBlock:
-        """As :meth:`_transform`; a sparsified model computes only its kept raw columns."""
-        if self.projections_ is None or cache.root is not None:
-            return self._transform(frames, cache)
-        proj0, proj2 = self.projections_
-        raw = lambda_soap_columns(
-            frames, self.species_, self.rc, self.sigma, self.n_max, self.l_max,
-            proj0.columns, proj2.columns,
-        )
-        p0, p2 = normalise(raw.x0 @ proj0.matrix, raw.x2 @ proj2.matrix)
-        return FeatureBlock(p0, p2, raw.counts)
-
     def _primal_weights(self) -> PrimalWeights | None:
         """The weights folded into feature space (built once per fit), or None if too large."""
         if getattr(self, "_primal", None) is None:
-            if PrimalWeights.nbytes(self.train_, self.zeta) > PRIMAL_MAX_BYTES:
+            if PrimalWeights.nbytes(self.basis_, self.zeta) > PRIMAL_MAX_BYTES:
                 return None
-            self._primal = PrimalWeights.fit(
-                self.train_, self.zeta, self.w0_, self.w2_, self.mean0_
-            )
+            self._primal = PrimalWeights.fit(self.basis_, self.zeta, self.w0_, self.w2_, self.mean0_)
         return self._primal
 
     # -- persistence ----------------------------------------------------------
@@ -339,9 +365,9 @@ class SAGPR(BaseEstimator):
             "mean0": np.array(self.mean0_),
             "w0": self.w0_,
             "w2": self.w2_,
-            "train_p0": self.train_.x0,
-            "train_p2": self.train_.x2,
-            "train_counts": self.train_.counts,
+            "basis_p0": self.basis_.x0,
+            "basis_p2": self.basis_.x2,
+            "basis_counts": self.basis_.counts,
             **_projections_to_arrays(self.projections_),
         }
         atomic_write_npz(path / "model.npz", **arrays)
@@ -352,7 +378,7 @@ class SAGPR(BaseEstimator):
             "format": MODEL_FORMAT,
             "params": params,
             "species": [int(s) for s in self.species_],
-            "n_train_frames": int(self.train_.n_frames),
+            "n_basis": int(self.basis_.n_frames),
             "fit_key": self.fit_key_,
             "versions": _versions(),
         }
@@ -368,7 +394,7 @@ class SAGPR(BaseEstimator):
         """
         path = Path(path)
         meta = json.loads((path / "metadata.json").read_text())
-        if meta.get("format") != MODEL_FORMAT:
+        if meta.get("format") not in READABLE_FORMATS:
             raise ValueError(f"{path}: not an {MODEL_FORMAT} model (format {meta.get('format')!r})")
         params = dict(meta["params"], cache_dir=cache_dir)
         model = cls(**params)
@@ -377,7 +403,8 @@ class SAGPR(BaseEstimator):
         model.species_ = arrays["species"]
         model.mean0_ = float(arrays["mean0"])
         model.w0_, model.w2_ = arrays["w0"], arrays["w2"]
-        model.train_ = FeatureBlock(arrays["train_p0"], arrays["train_p2"], arrays["train_counts"])
+        basis = "basis" if "basis_p0" in arrays else "train"
+        model.basis_ = FeatureBlock(arrays[f"{basis}_p0"], arrays[f"{basis}_p2"], arrays[f"{basis}_counts"])
         model.projections_ = _projections_from_arrays(arrays)
         model.fit_key_ = meta["fit_key"]
         model._primal = None
@@ -392,52 +419,79 @@ class SAGPR(BaseEstimator):
             int(self.l_max), [int(s) for s in self.species_], metadata.version("featomic"),
         )
 
-    def _raw_features(self, frames: list[ase.Atoms], cache: "Cache") -> FeatureBlock:
-        """Raw features, cached per frame so any subset of seen frames is a hit."""
+    def _raw_features(
+        self, frames: list[ase.Atoms], cache: "Cache", columns: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> FeatureBlock:
+        """Raw features (only ``columns``, if given), cached per frame so any subset of seen frames is a hit.
+
+        The cache holds every column, so a trial with another nc or seed reuses them.
+        """
         species = self.species_
         if cache.root is None:
-            return lambda_soap(frames, species, self.rc, self.sigma, self.n_max, self.l_max)
+            return lambda_soap(frames, species, self.rc, self.sigma, self.n_max, self.l_max, columns)
         raw_key = self._raw_key()
         keys = [digest(raw_key, d) for d in frame_digests(frames)]
         cached = [cache.get("raw", k) for k in keys]
         missing = [i for i, c in enumerate(cached) if c is None]
         if missing:
-            fresh = lambda_soap(
-                [frames[i] for i in missing], species, self.rc, self.sigma, self.n_max, self.l_max
-            )
+            fresh = lambda_soap([frames[i] for i in missing], species, self.rc, self.sigma, self.n_max, self.l_max)
             for i, one in zip(missing, fresh.split()):
                 cached[i] = {"x0": one.x0, "x2": one.x2, "counts": one.counts}
                 cache.put("raw", keys[i], cached[i])
-        return FeatureBlock.concatenate(
-            [FeatureBlock(c["x0"], c["x2"], c["counts"]) for c in cached]
-        )
+        raw = FeatureBlock.concatenate([FeatureBlock(c["x0"], c["x2"], c["counts"]) for c in cached])
+        return raw if columns is None else _select(raw, columns)
 
     def _fit_features(self, frames: list[ase.Atoms], cache: "Cache") -> dict[str, np.ndarray]:
-        """Sparsify (if nc) and normalise the training features; arrays to cache."""
-        raw = self._raw_features(frames, cache)
-        arrays = {"counts": raw.counts}
-        if self.nc is None:
-            x0, x2 = raw.x0, raw.x2
-        else:
-            n0, n2 = raw.x0.shape[1], raw.x2.shape[2]
+        """Sparsify (if nc) and normalise the training features; arrays to cache.
+
+        Two passes over chunks of frames, so no (atoms x all columns) array of the whole training
+        set is ever needed: the first sums the column Gram matrices the FPS columns and A matrices
+        are chosen from, the second computes only the kept columns, projects and normalises them.
+        Raw chunks of the first pass are reused by the second while they fit in RAW_KEEP_BYTES.
+        """
+        chunks = [frames[start:stop] for start, stop in frame_chunks(frames, FEATURE_CHUNK_ATOMS)]
+        projections, kept = None, None
+        if self.nc is not None:
+            gram0 = gram2 = 0.0
+            kept, held = [], 0
+            for chunk in chunks:
+                raw = self._raw_features(chunk, cache)
+                gram0 = gram0 + column_gram(raw.x0)
+                gram2 = gram2 + column_gram(raw.x2)  # lambda = 2 rows are (atom, mu): FPS and A see all 5
+                held += raw.x0.nbytes + raw.x2.nbytes
+                kept = kept + [raw] if kept is not None and held <= RAW_KEEP_BYTES else None
             # nc is "at most": a lambda with fewer features keeps them all, as gap_fit caps n_sparse,
             # so a search over nc and the descriptor size never samples an impossible pair
-            # lambda = 2 rows are (atom, mu): FPS and A see all 5 components
-            proj0 = fit_projection(raw.x0, min(self.nc, n0), self.seed)
-            proj2 = fit_projection(raw.x2.reshape(-1, n2), min(self.nc, n2), self.seed)
-            x0, x2 = proj0.apply(raw.x0), proj2.apply(raw.x2)
-            arrays.update(_projections_to_arrays((proj0, proj2)))
-        arrays["p0"], arrays["p2"] = normalise(x0, x2)
-        return arrays
+            projections = tuple(
+                fit_projection(gram, min(self.nc, len(gram)), self.seed) for gram in (gram0, gram2)
+            )
+        blocks = [
+            self._project(chunk, cache, projections, None if kept is None else kept[i])
+            for i, chunk in enumerate(chunks)
+        ]
+        train = FeatureBlock.concatenate(blocks)
+        return {"counts": train.counts, "p0": train.x0, "p2": train.x2, **_projections_to_arrays(projections)}
+
+    def _project(self, frames, cache, projections, raw: FeatureBlock | None = None) -> FeatureBlock:
+        """Normalised features of ``frames`` through ``projections`` (None: all columns).
+
+        ``raw``: their full raw features, if already at hand; otherwise only the kept columns are
+        computed.
+        """
+        columns = None if projections is None else tuple(p.columns for p in projections)
+        if raw is None:
+            raw = self._raw_features(frames, cache, columns)
+        elif columns is not None:
+            raw = _select(raw, columns)
+        x0, x2 = raw.x0, raw.x2
+        if projections is not None:
+            x0, x2 = x0 @ projections[0].matrix, x2 @ projections[1].matrix
+        p0, p2 = normalise(x0, x2)
+        return FeatureBlock(p0, p2, raw.counts)
 
     def _transform(self, frames: list[ase.Atoms], cache: "Cache") -> FeatureBlock:
         """Normalised features of new frames, projected like the training set."""
-        raw = self._raw_features(frames, cache)
-        x0, x2 = raw.x0, raw.x2
-        if self.projections_ is not None:
-            x0, x2 = self.projections_[0].apply(x0), self.projections_[1].apply(x2)
-        p0, p2 = normalise(x0, x2)
-        return FeatureBlock(p0, p2, raw.counts)
+        return self._project(frames, cache, self.projections_)
 
 
 def predict_file(
@@ -473,6 +527,14 @@ def _check_frames(frames: list[ase.Atoms], species: np.ndarray | None = None) ->
                 f"frame {index} contains species {names} not seen in training "
                 f"(the model knows {trained})"
             )
+
+
+def _select(raw: FeatureBlock, columns: tuple[np.ndarray, np.ndarray]) -> FeatureBlock:
+    return FeatureBlock(raw.x0[:, columns[0]], raw.x2[..., columns[1]], raw.counts)
+
+
+def _jittered(k_mm: np.ndarray) -> np.ndarray:
+    return k_mm + ENV_JITTER * np.eye(len(k_mm))
 
 
 def _ridge_solve(k: np.ndarray, reg: float, y: np.ndarray) -> np.ndarray:

@@ -1,10 +1,10 @@
-"""Lambda-SOAP features, their sparsification and the SA-GPR kernels.
+"""Per-atom feature blocks, their sparsification and normalisation, and the atom-pair SA-GPR kernels.
 
-This is the numerical half of :mod:`hpo.models.sagpr.estimator` (the estimator lives there). The
-algorithm is written out in ``docs/sagpr-reference.md`` of the shared workspace;
-the short version:
+This is the numerical half of :mod:`hpo.models.sagpr.estimator` (the estimator lives there;
+featurisation in :mod:`hpo.models.sagpr.lambda_soap`). The algorithm is written out in
+``docs/sagpr-reference.md`` of the shared workspace; the short version:
 
-* raw features: featomic's equivariant power spectrum of a Gaussian density
+* raw features: the equivariant power spectrum of a Gaussian density
   (lambda = 0 invariants, lambda = 2 covariants with 5 components each), one row
   per atom, frames concatenated in order;
 * optional sparsification: farthest-point sampling of ``nc`` columns, then the
@@ -18,20 +18,18 @@ inputs always map to the same file, whichever process wrote it.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Sequence
 
-import ase
 import numpy as np
 from sklearn.utils import check_random_state
 
 __all__ = [
     "FeatureBlock",
     "Projection",
+    "column_gram",
     "farthest_point_columns",
     "fit_projection",
-    "lambda_soap",
     "normalise",
     "pair_kernels",
 ]
@@ -40,10 +38,6 @@ __all__ = [
 # peak memory independently of the number of frames; 128 MB blocks are large
 # enough that BLAS, not Python, dominates.
 KERNEL_BLOCK_BYTES = 2**27
-
-# Frames per featomic call. The Clebsch-Gordan step holds several times the
-# output in memory; chunking keeps that bounded for long trajectories.
-FEATURE_CHUNK_FRAMES = 50
 
 
 @dataclass
@@ -85,101 +79,6 @@ class FeatureBlock:
 
 
 # --------------------------------------------------------------------------- #
-# raw lambda-SOAP
-# --------------------------------------------------------------------------- #
-def lambda_soap(
-    frames: Sequence[ase.Atoms],
-    species: Sequence[int],
-    rc: float,
-    sigma: float,
-    n_max: int,
-    l_max: int,
-) -> FeatureBlock:
-    """Raw (unsparsified, unnormalised) lambda = 0 and 2 features of ``frames``.
-
-    ``species`` fixes the neighbour channels, so the columns are the same for
-    every frame even when a frame lacks a species. Columns are deduplicated
-    (see :func:`_unique_couplings`): dot products, and so kernels, equal those
-    of the original code's full (l1, l2) feature set with fewer columns.
-    """
-    blocks = [
-        _lambda_soap_chunk(frames[i : i + FEATURE_CHUNK_FRAMES], species, rc, sigma, n_max, l_max)
-        for i in range(0, len(frames), FEATURE_CHUNK_FRAMES)
-    ]
-    return FeatureBlock.concatenate(blocks)
-
-
-@functools.lru_cache(maxsize=4)
-def _power_spectrum_calculator(rc: float, sigma: float, n_max: int, l_max: int, species: tuple):
-    """featomic's lambda-SOAP calculator, built once per hyperparameter set.
-
-    Construction tabulates Clebsch-Gordan coefficients up to 2 l_max, which
-    costs more than featurising 100 frames, hence the cache.
-    """
-    # imported here: featomic loads a native library, not needed for e.g. read_tensors
-    import featomic
-    from featomic.clebsch_gordan import EquivariantPowerSpectrum
-
-    expansion = featomic.SphericalExpansion(
-        cutoff={"radius": rc, "smoothing": {"type": "Step"}},
-        density={"type": "Gaussian", "width": sigma},
-        basis={
-            "type": "TensorProduct",
-            "max_angular": l_max,
-            "radial": {"type": "Gto", "max_radial": n_max - 1},
-        },
-    )
-    return EquivariantPowerSpectrum(expansion, neighbor_types=list(species))
-
-
-def _lambda_soap_chunk(frames, species, rc, sigma, n_max, l_max) -> FeatureBlock:
-    from metatensor import Labels
-
-    calculator = _power_spectrum_calculator(
-        float(rc), float(sigma), int(n_max), int(l_max), tuple(int(s) for s in species)
-    )
-    keys = Labels(["o3_lambda", "o3_sigma"], np.array([[0, 1], [2, 1]], dtype=np.int32))
-    tensor = calculator.compute(list(frames), selected_keys=keys, neighbors_to_properties=True)
-
-    counts = np.array([len(a) for a in frames], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    out = {}
-    for lam in (0, 2):
-        # one block per centre species; scatter them back to frame/atom order
-        selection = Labels(["o3_lambda"], np.array([[lam]], dtype=np.int32))
-        blocks = tensor.blocks(selection)
-        properties = blocks[0].properties
-        values = np.zeros((counts.sum(), 2 * lam + 1, len(properties)))
-        for block in blocks:
-            if block.properties != properties:
-                raise RuntimeError("featomic returned different columns per centre species")
-            samples = block.samples.values
-            values[offsets[samples[:, 0]] + samples[:, 1]] = block.values
-        keep, weight = _unique_couplings(properties.values)
-        out[lam] = values[..., keep] * weight
-    return FeatureBlock(x0=out[0][:, 0, :], x2=out[2], counts=counts)
-
-
-def _unique_couplings(properties: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Columns to keep, and their weights, so that dot products stay exact.
-
-    A coupled feature (l1 s1 n1, l2 s2 n2) equals its swap (l2 s2 n2, l1 s1 n1)
-    for even lambda. The original code kept both; featomic keeps l1 <= l2
-    only, but both orders within l1 == l2. Keeping one column per swap pair,
-    times sqrt(2) when the pair has two members, leaves every dot product
-    unchanged and saves 26% of the lambda = 2 and 47% of the lambda = 0
-    columns (at n_max 8, l_max 6, 2 species): kernels and FPS get cheaper.
-    ``properties`` rows are (l_1, l_2, neighbor_1_type, n_1, neighbor_2_type, n_2).
-    """
-    l1, l2 = properties[:, 0], properties[:, 1]
-    first = properties[:, 2] * 10**6 + properties[:, 3]  # (species, n) in lexicographic order
-    second = properties[:, 4] * 10**6 + properties[:, 5]
-    keep = (l1 < l2) | (first <= second)
-    paired = (l1 < l2) | (first < second)
-    return np.flatnonzero(keep), np.where(paired, np.sqrt(2.0), 1.0)[keep]
-
-
-# --------------------------------------------------------------------------- #
 # sparsification and normalisation
 # --------------------------------------------------------------------------- #
 @dataclass
@@ -193,38 +92,46 @@ class Projection:
         return x[..., self.columns] @ self.matrix
 
 
-def fit_projection(x: np.ndarray, n_columns: int, seed: int) -> Projection:
-    """Farthest-point-sample ``n_columns`` columns of ``x`` and build A.
+def fit_projection(gram: np.ndarray, n_columns: int, seed: int) -> Projection:
+    """Farthest-point-sample ``n_columns`` columns of X and build A, from X's column Gram matrix.
 
-    ``x`` has rows = (atom[, mu]) and columns = features. With C = x[:, fps],
-    U = pinv(C) x and A = (U U^T)^(1/2), (C A)(C A)^T is the projection of
-    x x^T onto the span of C: the kept columns reproduce the full kernel as
-    well as k columns can.
+    ``gram`` = X^T X, X with rows = (atom[, mu]) and columns = features: summed over chunks of
+    frames (:func:`column_gram`), so X itself is never held. With C = X[:, fps],
+    U = pinv(C) X and A = (U U^T)^(1/2), (C A)(C A)^T is the projection of X X^T onto the span of
+    C: the kept columns reproduce the full kernel as well as k columns can. In Gram terms
+    U = G_cc^+ G_c: with G_cc = V W V^T, so U U^T = B (Y Y^T) B^T with Y = W^-1/2 V^T G_c: and
+    B = V W^-1/2: forming Y first keeps round-off at cond(C) (the same kernels as an SVD of C to
+    2e-12 on the workshop data, a test checks 1e-9), where G_cc^+ (G_c: G_:c) G_cc^+ loses
+    cond(C)^2. Directions with W below n_columns eps W_max are dropped, as pinv would.
     """
-    columns = farthest_point_columns(x, n_columns, seed)
-    # pinv(C) through an explicit thin SVD: np.linalg.pinv is ~8x slower on
-    # this tall non-contiguous C. Cut-off as numpy's default (max(M, N) eps).
-    u, s, vt = np.linalg.svd(x[:, columns], full_matrices=False)
-    keep = s > max(x.shape[0], n_columns) * np.finfo(float).eps * s[0]
-    u_mat = vt[keep].T @ ((u[:, keep].T @ x) / s[keep, None])  # U = pinv(C) X
-    eigval, eigvec = np.linalg.eigh(u_mat @ u_mat.T)
+    columns = farthest_point_columns(gram, n_columns, seed)
+    eigval, eigvec = np.linalg.eigh(gram[np.ix_(columns, columns)])
+    kept = eigval > eigval[-1] * n_columns * np.finfo(float).eps
+    scale = 1.0 / np.sqrt(eigval[kept])
+    y = (eigvec[:, kept].T @ gram[columns]) * scale[:, None]
+    b = eigvec[:, kept] * scale
+    eigval, eigvec = np.linalg.eigh(b @ (y @ y.T) @ b.T)
     # U U^T is PSD; tiny negative eigenvalues are round-off
     matrix = (eigvec * np.sqrt(np.clip(eigval, 0.0, None))) @ eigvec.T
     return Projection(columns=columns, matrix=matrix)
 
 
-def farthest_point_columns(x: np.ndarray, n_columns: int, seed: int) -> np.ndarray:
-    """Greedy farthest-point sampling of the columns of ``x`` (squared Euclidean).
+def column_gram(x: np.ndarray) -> np.ndarray:
+    """X^T X of rows = (atom[, mu]): lambda = 2 features (atoms, 5, F) count every mu as a row."""
+    x = x.reshape(-1, x.shape[-1])
+    return x.T @ x
 
-    Picks the same columns as ``skmatter.feature_selection.FPS(n_to_select=
-    n_columns, initialize="random", random_state=seed)`` (a test checks this)
-    but works on the column Gram matrix: skmatter re-reads all of ``x`` at
-    every step, which for the 12000 x 2096 lambda = 2 matrix of 200 water
-    frames takes over 10 s instead of about 1 s.
+
+def farthest_point_columns(gram: np.ndarray, n_columns: int, seed: int) -> np.ndarray:
+    """Greedy farthest-point sampling of the columns of X (squared Euclidean), from ``gram`` = X^T X.
+
+    Picks the same columns as ``skmatter.feature_selection.FPS(n_to_select=n_columns,
+    initialize="random", random_state=seed)`` on X (a test checks this) but works on the column
+    Gram matrix: skmatter re-reads all of X at every step, which for the 12000 x 2096 lambda = 2
+    matrix of 200 water frames takes over 10 s instead of about 1 s.
     """
-    n = x.shape[1]
+    n = gram.shape[1]
     first = check_random_state(seed).randint(n)  # skmatter's draw for the first column
-    gram = x.T @ x
     norms = np.diag(gram).copy()
     distance = np.full(n, np.inf)
     selected = np.empty(n_columns, dtype=np.int64)

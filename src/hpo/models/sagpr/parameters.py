@@ -1,6 +1,8 @@
 """Allowed values of the SA-GPR model config (conf/model/sagpr.yaml): one table for the config, every
 sampled trial and the estimator's ``_parameter_constraints``."""
 
+from hpo.models.sparse_gp import SPARSE_METHODS
+
 PARAMETERS = {
     "rc": "positive",
     "sigma": "positive",
@@ -13,9 +15,11 @@ PARAMETERS = {
     "reg2": "non_negative",
     "nc": "optional_count",
     "seed": "non_negative_int",
+    "n_env": "optional_count",
+    "env_selection": SPARSE_METHODS,
     "symmetry_tol": "positive",
     "cache_max_gb": "positive",
 }
 
 # The constructor arguments of the estimator, a subset of the config.
-ESTIMATOR_KEYS = ("rc", "sigma", "n_max", "l_max", "zeta", "nc", "reg0", "reg2", "seed")
+ESTIMATOR_KEYS = ("rc", "sigma", "n_max", "l_max", "zeta", "nc", "reg0", "reg2", "seed", "n_env", "env_selection")

@@ -25,10 +25,8 @@ Two uses:
   prediction is a0_i = <phi_i, m0> + mean and a2_i[mu] = <psi_i[mu], m2>: per
   atom work, independent of the training-set size. This is what
   ``SAGPR.predict`` streams long trajectories through.
-* :func:`lambda_soap_columns`: only the lambda-SOAP columns a sparsified model
-  keeps (nc of ~2000), from featomic's spherical expansion and CG
-  coefficients; with the folded weights this makes featurisation, not
-  kernels, the whole cost of predicting a trajectory, and 5-10x smaller.
+With ``lambda_soap(..., columns=...)`` computing only the columns a sparsified model keeps,
+the folded weights make featurisation, not kernels, the whole cost of predicting a trajectory.
 
 Features of many frames are always reduced in chunks of frames or atoms, so
 no (atoms x D) array larger than :data:`CHUNK_BYTES` is ever held.
@@ -49,7 +47,6 @@ __all__ = [
     "PrimalWeights",
     "factorised_kernels",
     "kernel_costs",
-    "lambda_soap_columns",
     "structure_sums",
     "symmetric_power",
     "symmetric_power_dim",
@@ -336,118 +333,6 @@ class PrimalWeights:
         a0 = np.add.reduceat(per_atom0, offsets) / counts + self.mean0
         a2 = np.add.reduceat(per_atom2, offsets, axis=0) / counts[:, None]
         return a0, a2
-
-
-# --------------------------------------------------------------------------- #
-# selected lambda-SOAP columns
-# --------------------------------------------------------------------------- #
-def lambda_soap_columns(
-    frames,
-    species,
-    rc: float,
-    sigma: float,
-    n_max: int,
-    l_max: int,
-    columns0: np.ndarray,
-    columns2: np.ndarray,
-    chunk_frames: int | None = None,
-) -> FeatureBlock:
-    """The columns ``columns0`` / ``columns2`` of :func:`hpo.sagpr_features.lambda_soap`.
-
-    Same numbers (a test checks them to round-off), but only the Clebsch-Gordan
-    products of the requested columns are formed, from featomic's spherical
-    expansion and its own CG coefficients: a sparsified model (nc of a few
-    hundred out of thousands of columns) featurises new frames several times
-    faster, which is what dominates predicting long trajectories.
-    """
-    from hpo.models.sagpr.features import FEATURE_CHUNK_FRAMES
-
-    chunk_frames = chunk_frames or FEATURE_CHUNK_FRAMES
-    plan = _column_plan(
-        float(rc), float(sigma), int(n_max), int(l_max), tuple(int(s) for s in species),
-        tuple(int(c) for c in columns0), tuple(int(c) for c in columns2),
-    )
-    blocks = [
-        _columns_chunk(frames[i : i + chunk_frames], plan, species)
-        for i in range(0, len(frames), chunk_frames)
-    ]
-    return FeatureBlock.concatenate(blocks)
-
-
-@functools.lru_cache(maxsize=4)
-def _column_plan(rc, sigma, n_max, l_max, species, columns0, columns2):
-    """Per lambda: groups (l1, l2, property indices into the l1 and l2 densities, weights, CG)."""
-    import ase as _ase
-    from metatensor import Labels
-
-    from hpo.models.sagpr.features import _power_spectrum_calculator, _unique_couplings
-
-    calculator = _power_spectrum_calculator(rc, sigma, n_max, l_max, species)
-    keys = Labels(["o3_lambda", "o3_sigma"], np.array([[0, 1], [2, 1]], dtype=np.int32))
-    # metadata only: one atom of each species, anywhere
-    probe = _ase.Atoms(numbers=list(species), positions=np.arange(len(species))[:, None] * np.ones(3))
-    meta = calculator.compute_metadata([probe], selected_keys=keys, neighbors_to_properties=True)
-    cg = calculator._cg_product._cg_coefficients
-    density_props = [(s, n) for s in species for n in range(n_max)]  # (neighbor_type, n) order
-    position = {p: i for i, p in enumerate(density_props)}
-    plan = {}
-    for lam, wanted in ((0, columns0), (2, columns2)):
-        block = meta.block(meta.keys.position(np.array([lam, 1, species[0]], dtype=np.int32)))
-        properties = block.properties.values
-        keep, weight = _unique_couplings(properties)
-        rows = properties[keep][list(wanted)]
-        weights = weight[list(wanted)]
-        groups = []
-        for l1, l2 in sorted({(int(r[0]), int(r[1])) for r in rows}):
-            members = np.flatnonzero((rows[:, 0] == l1) & (rows[:, 1] == l2))
-            i1 = np.array([position[(int(r[2]), int(r[3]))] for r in rows[members]])
-            i2 = np.array([position[(int(r[4]), int(r[5]))] for r in rows[members]])
-            coefficients = np.zeros((2 * l1 + 1, 2 * l2 + 1, 2 * lam + 1))
-            cg_block = cg.block({"l1": l1, "l2": l2, "lambda": lam})
-            samples = np.asarray(cg_block.samples.values)
-            coefficients[samples[:, 0], samples[:, 1], samples[:, 2]] = np.asarray(
-                cg_block.values
-            ).reshape(-1)
-            groups.append((l1, l2, members, i1, i2, weights[members], coefficients))
-        plan[lam] = (len(wanted), groups)
-    return calculator, plan, n_max
-
-
-def _columns_chunk(frames, plan, species) -> FeatureBlock:
-    from metatensor import Labels
-
-    calculator, lambdas, n_max = plan
-    density = calculator.calculator_1.compute(list(frames))
-    density = density.keys_to_properties(
-        Labels(["neighbor_type"], np.array([[s] for s in species], dtype=np.int32))
-    )
-    counts = np.array([len(a) for a in frames], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    n_atoms = int(counts.sum())
-    out = {lam: np.zeros((n_atoms, 2 * lam + 1, n)) for lam, (n, _) in lambdas.items()}
-    for center in np.unique(density.keys.column("center_type")):
-        by_l = {}
-        for key, block in density.items():
-            if int(key["center_type"]) != int(center):
-                continue
-            # properties (neighbor_type, n): reorder to species-major, n-minor
-            props = block.properties.values
-            order = np.argsort(props[:, 0] * 10**6 + props[:, 1], kind="stable")
-            by_l[int(key["o3_lambda"])] = (block.samples.values, block.values[:, :, order])
-        samples = next(iter(by_l.values()))[0]
-        rows = offsets[samples[:, 0]] + samples[:, 1]
-        for lam, (n_columns, groups) in lambdas.items():
-            local = np.zeros((len(rows), n_columns, 2 * lam + 1))
-            for l1, l2, members, i1, i2, weights, coefficients in groups:
-                c1 = by_l[l1][1][:, :, i1].transpose(0, 2, 1)  # (atoms, k, 2 l1 + 1)
-                c2 = by_l[l2][1][:, :, i2].transpose(0, 2, 1)[:, :, None, :]  # (atoms, k, 1, 2 l2 + 1)
-                # sum_ij c1[a, k, i] cg[i, j, m] c2[a, k, j]: two matmuls
-                y = (c1 @ coefficients.reshape(2 * l1 + 1, -1)).reshape(
-                    len(rows), len(members), 2 * l2 + 1, 2 * lam + 1
-                )
-                local[:, members] = (c2 @ y)[:, :, 0, :] * weights[:, None]
-            out[lam][rows] = local.transpose(0, 2, 1)
-    return FeatureBlock(x0=out[0][:, 0, :], x2=out[2], counts=counts)
 
 
 def structure_kernels(
