@@ -1,4 +1,5 @@
-"""Benchmark of SA-GPR at scale: factorised kernels, streaming prediction, bulk cells.
+"""Benchmark of SA-GPR at scale: factorised kernels, streaming prediction, environment
+sparsification, bulk cells.
 
 In one run (every figure below comes from this one process):
 
@@ -6,9 +7,11 @@ In one run (every figure below comes from this one process):
      atom-pair loop vs factorised per-structure sums, and which one method="auto" picks;
   2. prediction of a long trajectory (--frames, default 10000, made by repeating the
      validation frames with small random displacements) with a model fitted on the 200
-     training frames: streamed through the folded weights vs the previous route (all
-     lambda-SOAP columns, then pair kernels against the training set) on a slice;
-  3. bulk fits on cells of 96 and 384 atoms (the 12-atom cells repeated 2x2x2 and 4x4x2,
+     training frames: streamed through the folded weights vs kernels against the training
+     set (the cached route) on a slice;
+  3. environment sparsification (n_env) on the workshop data: validation error and the
+     largest difference of its predictions from the exact model's, for zeta 2 and 4;
+  4. bulk fits on cells of 96 and 384 atoms (the 12-atom cells repeated 2x2x2 and 4x4x2,
      random displacements; the tensors are the source frames', so accuracy means nothing):
      wall time per stage, kernel time pairs vs factorised, peak memory.
 
@@ -19,6 +22,7 @@ not seen; off for the long prediction, where its bookkeeping of 10000 ase.Atoms 
 dominate) and the process peak RSS (ru_maxrss, monotonic) before and after it.
 
 Usage: python benchmarks/bench_sagpr_scale.py [--data-dir DIR] [--frames 10000]
+           [--n-env 300,600,1200,2400] [--bulk 2x2x2:300,4x4x2:300] [--skip 1,2,3,4]
 """
 
 from __future__ import annotations
@@ -112,8 +116,11 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=10000, help="frames of the long trajectory")
     parser.add_argument("--old-route-frames", type=int, default=500,
                         help="frames predicted by the previous route, for comparison")
-    parser.add_argument("--bulk", default="2x2x2:8,4x4x2:4",
+    parser.add_argument("--bulk", default="2x2x2:300,4x4x2:300",
                         help="repeat:frames for the bulk fits, comma separated")
+    parser.add_argument("--n-env", default="300,600,1200,2400",
+                        help="environment counts of the sparsified workshop models, comma separated")
+    parser.add_argument("--skip", default="", help="sections to skip, e.g. 1,2")
     args = parser.parse_args()
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
@@ -127,17 +134,31 @@ def main() -> None:
     validate_tensors = _read_tensors(validate_frames, "Polarizability", "gap_validate.xyz", 0.1)
     params = dict(rc=4.0, sigma=0.3, n_max=8, l_max=6, nc=200, seed=0, reg0=1e-8, reg2=1e-5)
 
-    # 1 ------------------------------------------------------------------------
-    print("\n1. kernels, workshop training set (200 frames x 12 atoms, nc=200)")
+    skip = {int(x) for x in args.skip.split(",") if x}
     model = SAGPR(**params, zeta=2)
     info: dict = {}
-    with stage("fit (features, kernels by auto, solve)", info):
+    with stage("workshop fit (features, kernels by auto, solve)", info):
         model.fit(train_frames, train_tensors)
-    print(f"    fit stages: " + ", ".join(f"{k} {v:.2f}" for k, v in model.timings_.items()))
-    for zeta in (1, 2):
-        kernels_side_by_side("train vs train (200 x 200)", model.train_, zeta)
+    print("    fit stages: " + ", ".join(f"{k} {v:.2f}" for k, v in model.timings_.items()))
+
+    # 1 ------------------------------------------------------------------------
+    print("\n1. kernels, workshop training set (200 frames x 12 atoms, nc=200)")
+    for zeta in () if 1 in skip else (1, 2):
+        kernels_side_by_side("train vs train (200 x 200)", model.basis_, zeta)
 
     # 2 ------------------------------------------------------------------------
+    if 2 not in skip:
+        long_trajectory(args, model, validate_frames, validate_tensors)
+    if 3 not in skip:
+        environment_sparsification(args, params, train_frames, train_tensors, validate_frames, validate_tensors)
+    if 4 not in skip:
+        bulk_fits(args, params, train_frames, train_tensors)
+    print(f"\nprocess peak RSS {rss_mb():.0f} MB; load average at end {os.getloadavg()[0]:.2f} "
+          "(other processes share the cores)")
+
+
+def long_trajectory(args, model, validate_frames, validate_tensors) -> None:
+    info: dict = {}
     print(f"\n2. prediction of a {args.frames}-frame trajectory (validation frames + 0.02 A noise)")
     long = displaced(validate_frames, args.frames, 0.02, seed=1)
     ticks = []
@@ -154,31 +175,52 @@ def main() -> None:
     print(f"    sanity: streamed prediction of the 100 undisplaced validation frames, unique6 RMSE "
           f"{rmse:.4f} (reference table, nc=200: 0.2465)")
     n_old = min(args.old_route_frames, args.frames)
-    with stage(f"previous route, first {n_old} frames", info):
-        features = model._transform(long[:n_old], Cache(None))  # all columns, then projected
-        k0, k2 = structure_kernels(features, model.train_, model.zeta, method="pairs")
+    with stage(f"kernel route, first {n_old} frames", info):
+        features = model._transform(long[:n_old], Cache(None))
+        k0, k2 = structure_kernels(features, model.basis_, model.zeta, method="pairs")
         old = k0 @ model.w0_ + model.mean0_
     print(f"    {n_old / info['s']:.0f} frames/s; max |a0 difference| vs streamed "
           f"{np.abs(old - (-np.trace(pred[:n_old], axis1=1, axis2=2) / np.sqrt(3))).max():.1e}")
 
-    # 3 ------------------------------------------------------------------------
-    print("\n3. bulk fits (nc=200, zeta=2): cells of repeated 12-atom frames + 0.05 A noise")
+
+
+def environment_sparsification(args, params, train_frames, train_tensors, validate_frames, validate_tensors) -> None:
+    print("\n3. environment sparsification on the workshop data (nc=200; 200 training frames = 2400 environments)")
+    info: dict = {}
+    for zeta in (2, 4):
+        exact = SAGPR(**params, zeta=zeta)
+        with stage(f"zeta={zeta} exact fit + predict", info, trace=False):
+            exact_pred = exact.fit(train_frames, train_tensors).predict(validate_frames)
+        exact_rmse = component_rmse(validate_tensors, exact_pred)["unique6"]
+        print(f"    exact: validation unique6 RMSE {exact_rmse:.4f}")
+        for n_env in (int(x) for x in args.n_env.split(",")):
+            sparse = SAGPR(**params, zeta=zeta, n_env=n_env)
+            with stage(f"zeta={zeta} n_env={n_env} fit + predict", info, trace=False):
+                pred = sparse.fit(train_frames, train_tensors).predict(validate_frames)
+            rmse = component_rmse(validate_tensors, pred)["unique6"]
+            diff = np.abs(pred - exact_pred).max() / np.abs(exact_pred).max()
+            print(f"    n_env={n_env:5d}: validation unique6 RMSE {rmse:.4f} ({rmse / exact_rmse - 1:+.1%} vs exact), "
+                  f"largest prediction difference from the exact model {diff:.1e} of the largest component")
+
+
+def bulk_fits(args, params, train_frames, train_tensors) -> None:
+    info: dict = {}
+    print("\n4. bulk fits (nc=200, zeta=2): cells of repeated 12-atom frames + 0.05 A noise")
     for spec in args.bulk.split(","):
         repeat, n_frames = spec.split(":")
         reps = tuple(int(r) for r in repeat.split("x"))
-        source = train_frames[: int(n_frames)]
+        source = [train_frames[i % len(train_frames)] for i in range(int(n_frames))]
         bulk = displaced([a.repeat(reps) for a in source], len(source), 0.05, seed=2)
+        tensors = np.array([train_tensors[i % len(train_frames)] for i in range(int(n_frames))])
         n_atoms = len(bulk[0])
         print(f"  {len(bulk)} frames x {n_atoms} atoms:")
         bulk_model = SAGPR(**params, zeta=2)
-        with stage("fit (auto kernels)", info):
-            bulk_model.fit(bulk, train_tensors[: len(bulk)])
+        with stage("fit (auto kernels)", info, trace=False):
+            bulk_model.fit(bulk, tensors)
         print("    fit stages: " + ", ".join(f"{k} {v:.2f}" for k, v in bulk_model.timings_.items()))
-        with stage("predict the same frames (streamed)", info):
+        with stage("predict the same frames (streamed)", info, trace=False):
             bulk_model.predict(bulk)
-        kernels_side_by_side(f"{len(bulk)} x {n_atoms}-atom frames", bulk_model.train_, 2)
-    print(f"\nprocess peak RSS {rss_mb():.0f} MB; load average at end {os.getloadavg()[0]:.2f} "
-          "(other processes share the cores)")
+        del bulk, bulk_model
 
 
 if __name__ == "__main__":

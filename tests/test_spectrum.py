@@ -101,18 +101,23 @@ def test_csv_and_plot(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _trajectory(path, n_frames, timestep_fs=0.5, wavenumber=1600.0):
-    """Water frames whose polarizability oscillates at ``wavenumber`` (isotropic part), as `hpo polarize` writes them."""
+def _trajectory(path, n_frames, timestep_fs=0.5, wavenumber=1600.0, vibrations=(("H", 3000.0), ("O", 500.0))):
+    """Water frames whose polarizability oscillates at ``wavenumber`` (isotropic part), as `hpo polarize`
+    writes them, with momenta: the atoms of each species of ``vibrations`` move at its wavenumber."""
     import ase.io
     from ase.build import molecule
 
     frames = []
+    omega = 2 * np.pi * SPEED_OF_LIGHT_CM_PER_FS
     for i in range(n_frames):
         atoms = molecule("H2O")
         t = i * timestep_fs
-        alpha = 9.0 + 0.3 * np.cos(2 * np.pi * SPEED_OF_LIGHT_CM_PER_FS * wavenumber * t)
+        alpha = 9.0 + 0.3 * np.cos(omega * wavenumber * t)
         atoms.info["Polarizability"] = (alpha * np.eye(3)).ravel()
         atoms.info["time_fs"] = t
+        velocity = {symbol: np.cos(omega * nu * t) for symbol, nu in vibrations}
+        momenta = [atoms.get_masses()[k] * velocity[symbol] * np.array([0.01, 0.0, 0.005]) for k, symbol in enumerate(atoms.get_chemical_symbols())]
+        atoms.set_momenta(np.array(momenta))
         frames.append(atoms)
     ase.io.write(path, frames, format="extxyz")
     return path
@@ -128,7 +133,11 @@ def test_spectrum_command_finds_the_band_and_logs_it(tmp_path):
     cfg = load_config([*output_overrides(tmp_path), f"spectrum.trajectory={trajectory}", "spectrum.correction=null"])
     result = main(cfg)
     assert abs(result["peak_iso_cm"] - 1600.0) < 40.0
+    # the vibrational density of states of each species, from the frames' momenta
+    assert abs(result["peak_vdos_H_cm"] - 3000.0) < 40.0 and abs(result["peak_vdos_O_cm"] - 500.0) < 40.0
     assert {p.name for p in result["outdir"].iterdir()} >= {"raman.csv", "polarizability_acf.csv", "raman.png"}
+    with open(result["outdir"] / "raman.csv") as handle:
+        assert next(csv.reader(handle)) == ["wavenumber_cm", "iso", "aniso", "vdos_H", "vdos_O"]
     client = MlflowClient(cfg.tracking.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
     assert runs[0].data.tags["run_type"] == "spectrum" and runs[0].data.metrics["timestep_fs"] == 0.5
@@ -147,3 +156,21 @@ def test_spectrum_command_refuses_short_or_uneven_trajectories(tmp_path):
     frames[10].info["time_fs"] += 0.1
     with pytest.raises(SpectrumError, match="not evenly spaced"):
         timestep_of(frames)
+
+
+def test_vibrational_dos_needs_momenta_and_fixed_atoms(tmp_path):
+    import ase.io
+
+    from hpo.spectrum import SpectrumError, vibrational_dos
+
+    frames = ase.io.read(_trajectory(tmp_path / "t.xyz", 40), ":")
+    wavenumber, vdos = vibrational_dos(frames, 0.5, max_wavenumber=4000)
+    assert set(vdos) == {"H", "O"} and all(v.shape == wavenumber.shape for v in vdos.values())
+    bare = [atoms.copy() for atoms in frames]
+    for atoms in bare:
+        del atoms.arrays["momenta"]
+    with pytest.raises(SpectrumError, match="no momenta"):
+        vibrational_dos(bare, 0.5)
+    frames[3] = frames[3][[1, 0, 2]]
+    with pytest.raises(SpectrumError, match="same atoms in the same order"):
+        vibrational_dos(frames, 0.5)

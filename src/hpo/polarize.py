@@ -20,6 +20,7 @@ from hpo import plots
 from hpo.atomic import atomic_write
 from hpo.data import DataError, find_data_dir, read_frames, read_tensors
 from hpo.metrics import COMPONENTS
+from hpo.progress import Bar
 from hpo.registry.resolve import resolve_model
 from hpo.tracking import Tracker, provenance_tags
 
@@ -63,10 +64,12 @@ def main(cfg) -> dict:
     frames = ase.io.read(trajectory, ":")
     start = time.perf_counter()
     try:
-        predicted = model.predict(frames)
+        with Bar(len(frames), "[hpo] polarizability", unit=" frames") as bar:
+            predicted = model.predict(frames, progress=lambda done, total: bar.set(done))
     except ValueError as exc:
         raise PolarizeError(f"{trajectory.name}: {exc}") from exc
     frames_per_s = len(frames) / max(time.perf_counter() - start, 1e-9)
+    print(f"[hpo] {len(frames)} frames predicted at {frames_per_s:.0f} frames/s", flush=True)
 
     train_name = cfg.dataset.train_files[settings.reference_train_size]
     reference_frames = read_frames(find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=()).frames

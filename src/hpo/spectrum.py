@@ -23,6 +23,12 @@ in (polarizability unit)^2 fs, per cm^-1 of the grid; the usual experimental
 combinations are I_VV = I_iso + 4/45 I_aniso and I_VH = 1/15 I_aniso
 (with <beta:beta> as defined here).
 
+Vibrational density of states (``vibrational_dos``): the same transform of the
+mass-weighted velocity autocorrelation of each species, sum_i m_i < v_i(0) . v_i(t) >,
+from the MD frames' momenta. It shows where the potential puts the motions, so a
+Raman band can be told apart from an artefact of the polarizability model: a band
+with no counterpart in the VDOS does not come from the dynamics.
+
 Quantum correction (optional, ``correction="harmonic"``): the classical ACF is
 symmetric in time, the quantum one obeys detailed balance. The harmonic
 correction factor (Ramirez et al., J. Chem. Phys. 121, 3973 (2004)) multiplies
@@ -50,6 +56,7 @@ __all__ = [
     "harmonic_correction",
     "raman_spectra",
     "spectrum_plot",
+    "vibrational_dos",
     "window_function",
     "write_csv",
 ]
@@ -76,6 +83,8 @@ class Spectra:
     acf_time_fs: np.ndarray
     acf_iso: np.ndarray
     acf_aniso: np.ndarray
+    # per species symbol: the vibrational density of states on wavenumber_cm (vibrational_dos)
+    vdos: dict[str, np.ndarray] | None = None
 
 
 def autocorrelation(x: np.ndarray) -> np.ndarray:
@@ -164,39 +173,78 @@ def raman_spectra(
         )
     if correction not in (None, "harmonic"):
         raise ValueError(f"correction must be None or 'harmonic', got {correction!r}")
-    n = len(t)
     iso = np.trace(t, axis1=1, axis2=2) / 3.0
     beta = t - iso[:, None, None] * np.eye(3)
     acf_iso, acf_aniso = autocorrelation(iso), autocorrelation(beta)
-
-    lags = n // 2 if correlation_fs is None else int(round(correlation_fs / timestep_fs)) + 1
-    lags = max(2, min(lags, n))
-    w = window_function(window, lags)
-    size = 1 << int(np.ceil(np.log2(2 * lags * max(1, oversample))))
-    wavenumber = np.fft.rfftfreq(size, d=timestep_fs) / SPEED_OF_LIGHT_CM_PER_FS
-    keep = wavenumber <= max_wavenumber
-    spectra = [_cosine_transform(c[:lags] * w, timestep_fs, size)[keep] for c in (acf_iso, acf_aniso)]
+    lags = _lags(len(t), timestep_fs, correlation_fs)
+    wavenumber, (spec_iso, spec_aniso) = _transform([acf_iso, acf_aniso], lags, timestep_fs, window, max_wavenumber, oversample)
     if correction == "harmonic":
-        factor = harmonic_correction(wavenumber[keep], temperature_k)
-        spectra = [s * factor for s in spectra]
+        factor = harmonic_correction(wavenumber, temperature_k)
+        spec_iso, spec_aniso = spec_iso * factor, spec_aniso * factor
     return Spectra(
-        wavenumber_cm=wavenumber[keep],
-        iso=spectra[0],
-        aniso=spectra[1],
+        wavenumber_cm=wavenumber,
+        iso=spec_iso,
+        aniso=spec_aniso,
         acf_time_fs=np.arange(lags) * timestep_fs,
         acf_iso=acf_iso[:lags],
         acf_aniso=acf_aniso[:lags],
     )
 
 
+def vibrational_dos(
+    frames,
+    timestep_fs: float,
+    window: str | None = "hann",
+    max_wavenumber: float = 4500.0,
+    correlation_fs: float | None = None,
+    oversample: int = 4,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Wavenumbers (cm^-1) and, per species symbol, the classical vibrational density of states.
+
+    From the momenta the MD wrote with each frame (mass-weighted velocity ACF, see the module
+    docstring), transformed exactly like :func:`raman_spectra` (same lags, window and grid), in
+    amu A^2 fs^-1 per cm^-1 of the grid. Frames must hold the same atoms in the same order.
+    """
+    if not all(atoms.has("momenta") for atoms in frames):
+        raise SpectrumError("the trajectory's frames carry no momenta (write them with `hpo md`)")
+    symbols = frames[0].get_chemical_symbols()
+    if any(atoms.get_chemical_symbols() != symbols for atoms in frames):
+        raise SpectrumError("the frames do not hold the same atoms in the same order: no velocity autocorrelation")
+    masses = frames[0].get_masses()
+    # sqrt(m) v = p / sqrt(m), in amu^1/2 A/fs (ASE momenta: amu A / ASE time unit)
+    import ase.units
+
+    scaled = np.array([atoms.get_momenta() for atoms in frames]) / np.sqrt(masses)[None, :, None] * ase.units.fs
+    lags = _lags(len(frames), timestep_fs, correlation_fs)
+    species = sorted(set(symbols))
+    acfs = [autocorrelation(scaled[:, np.array(symbols) == symbol]) for symbol in species]
+    wavenumber, spectra = _transform(acfs, lags, timestep_fs, window, max_wavenumber, oversample)
+    return wavenumber, dict(zip(species, spectra))
+
+
+def _lags(n: int, timestep_fs: float, correlation_fs: float | None) -> int:
+    lags = n // 2 if correlation_fs is None else int(round(correlation_fs / timestep_fs)) + 1
+    return max(2, min(lags, n))
+
+
+def _transform(acfs, lags: int, timestep_fs: float, window, max_wavenumber: float, oversample: int):
+    """The wavenumber grid up to ``max_wavenumber`` and the windowed cosine transform of each ACF on it."""
+    w = window_function(window, lags)
+    size = 1 << int(np.ceil(np.log2(2 * lags * max(1, oversample))))
+    wavenumber = np.fft.rfftfreq(size, d=timestep_fs) / SPEED_OF_LIGHT_CM_PER_FS
+    keep = wavenumber <= max_wavenumber
+    return wavenumber[keep], [_cosine_transform(c[:lags] * w, timestep_fs, size)[keep] for c in acfs]
+
+
 def write_csv(path: str | Path, spectra: Spectra, acf: bool = False) -> Path:
-    """Write the spectra (wavenumber_cm, iso, aniso) or, with ``acf``, the ACFs (time_fs, iso, aniso)."""
+    """Write the spectra (wavenumber_cm, iso, aniso[, vdos_<species>...]) or, with ``acf``, the ACFs (time_fs, iso, aniso)."""
     if acf:
         header = ["time_fs", "acf_iso", "acf_aniso"]
         columns = (spectra.acf_time_fs, spectra.acf_iso, spectra.acf_aniso)
     else:
-        header = ["wavenumber_cm", "iso", "aniso"]
-        columns = (spectra.wavenumber_cm, spectra.iso, spectra.aniso)
+        vdos = spectra.vdos or {}
+        header = ["wavenumber_cm", "iso", "aniso", *(f"vdos_{symbol}" for symbol in vdos)]
+        columns = (spectra.wavenumber_cm, spectra.iso, spectra.aniso, *vdos.values())
     path = Path(path)
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -212,14 +260,29 @@ def spectrum_plot(
     bands: Sequence[tuple[str, float, float]] | None = WATER_BANDS,
 ) -> Path:
     """Two panels: the spectra (each scaled to its maximum) with ``bands`` shaded and
-    labelled, and the normalised ACFs C(t)/C(0)."""
+    labelled, and the normalised ACFs C(t)/C(0); with ``spectra.vdos`` a third one between
+    them: the vibrational density of states per species on the same axis."""
     from hpo.plots import plt, save_figure
 
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), gridspec_kw={"height_ratios": [3, 2]})
+    if spectra.vdos:
+        fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(7, 8.5), gridspec_kw={"height_ratios": [3, 2, 2]})
+    else:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), gridspec_kw={"height_ratios": [3, 2]})
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (label, low, high) in enumerate(bands or ()):
         top.axvspan(low, high, color=colours[(i + 2) % len(colours)], alpha=0.15, lw=0)
         top.text((low + high) / 2, 1.07, label, ha="center", va="bottom", fontsize=8)
+        if spectra.vdos:
+            middle.axvspan(low, high, color=colours[(i + 2) % len(colours)], alpha=0.15, lw=0)
+    if spectra.vdos:
+        for i, (symbol, values) in enumerate(spectra.vdos.items()):
+            scale = np.abs(values).max() or 1.0
+            middle.plot(spectra.wavenumber_cm, values / scale, color=colours[(i + 4) % len(colours)], lw=1, label=f"{symbol} (max {scale:.3g})")
+        middle.set_xlim(0, spectra.wavenumber_cm[-1])
+        middle.set_xlabel("wavenumber (cm$^{-1}$)")
+        middle.set_ylabel("VDOS / max")
+        middle.set_title("vibrational density of states of the MD (mass-weighted velocity ACF), per species", fontsize=8)
+        middle.legend(fontsize=8)
     for name, values, colour in (("isotropic", spectra.iso, colours[0]),
                                  ("anisotropic", spectra.aniso, colours[1])):
         scale = np.abs(values).max() or 1.0
@@ -283,16 +346,19 @@ def main(cfg) -> dict:
         tensors, timestep, window=settings.window, max_wavenumber=settings.max_wavenumber_cm,
         correlation_fs=settings.correlation_fs, correction=settings.correction, temperature_k=settings.temperature_K,
     )
+    if all(atoms.has("momenta") for atoms in frames):
+        _, spectra.vdos = vibrational_dos(
+            frames, timestep, window=settings.window, max_wavenumber=settings.max_wavenumber_cm,
+            correlation_fs=settings.correlation_fs,
+        )
     outdir = output_path(cfg.experiments_dir) / "spectrum" / time.strftime("%Y%m%d-%H%M%S")
     files = [
         write_csv(outdir / "raman.csv", spectra),
         write_csv(outdir / "polarizability_acf.csv", spectra, acf=True),
         spectrum_plot(outdir / "raman.png", spectra, f"Raman spectra of {path.name}: {len(frames)} frames every {timestep:g} fs"),
     ]
-    peaks = {
-        f"peak_{name}_cm": float(spectra.wavenumber_cm[np.argmax(values)])
-        for name, values in (("iso", spectra.iso), ("aniso", spectra.aniso))
-    }
+    named = {"iso": spectra.iso, "aniso": spectra.aniso, **{f"vdos_{k}": v for k, v in (spectra.vdos or {}).items()}}
+    peaks = {f"peak_{name}_cm": float(spectra.wavenumber_cm[np.argmax(values)]) for name, values in named.items()}
     tracker = Tracker(cfg.tracking)
     tags = {"command": "spectrum", "run_type": "spectrum", "trajectory": str(path), **provenance_tags()}
     with tracker.run("spectrum", tags=tags) as run_id:
@@ -300,5 +366,5 @@ def main(cfg) -> dict:
                     metrics={"n_frames": len(frames), "timestep_fs": timestep, **peaks})
         tracker.log_artifacts(run_id, files)
     print(f"[hpo] Raman spectra of {len(frames)} frames ({timestep:g} fs apart) in {outdir} (MLflow run {run_id})")
-    print("  highest peak: " + ", ".join(f"{k.split('_')[1]} {v:.0f} cm^-1" for k, v in peaks.items()))
+    print("  highest peak: " + ", ".join(f"{k[5:-3]} {v:.0f} cm^-1" for k, v in peaks.items()))
     return {"outdir": outdir, **peaks}
