@@ -61,12 +61,12 @@ CACHE_VERSION = 2
 MODEL_FORMAT = "hpo.sagpr/2"
 # Models written before environment sparsification: their basis is the training set, stored as train_*.
 READABLE_FORMATS = ("hpo.sagpr/1", MODEL_FORMAT)
-# Frames featurised and predicted together in predict(): bounds memory on long
-# MD trajectories.
-PREDICT_CHUNK_FRAMES = 500
-# Frames per step when predict() streams through the folded weights (no cache):
-# raw lambda = 2 features of 100 12-atom frames take about 100 MB.
-STREAM_CHUNK_FRAMES = 100
+# Atoms featurised and predicted together in predict() (whole frames): bounds memory on long MD
+# trajectories and bulk cells alike. Through the folded weights (no cache) 1200 atoms (100 water
+# frames) take about 100 MB; kernels against the training set (with a cache) are built for larger
+# chunks so a refit with other regularisation reuses fewer, larger cache entries.
+STREAM_CHUNK_ATOMS = 1200
+PREDICT_CHUNK_ATOMS = 6000
 # Raw training features are kept between the two passes of fit() (Gram matrices, then projection)
 # while they take at most this many bytes; beyond it they are computed again in the second pass,
 # so a bulk training set is never held whole (300 frames of 400 atoms: about 10 GB).
@@ -300,10 +300,10 @@ class SAGPR(BaseEstimator):
 
         Without a cache (and when the folded weights fit in PRIMAL_MAX_BYTES,
         e.g. zeta <= 2 at any nc, zeta 3 with nc of a few hundred) frames are
-        streamed STREAM_CHUNK_FRAMES at a time through :class:`PrimalWeights`:
+        streamed STREAM_CHUNK_ATOMS atoms at a time through :class:`PrimalWeights`:
         cost linear in the atoms, independent of the training-set size, and
         memory bounded whatever the trajectory length. With a cache, test
-        kernels are built (and cached) per PREDICT_CHUNK_FRAMES frames, so a
+        kernels are built (and cached) per PREDICT_CHUNK_ATOMS atoms, so a
         refit with other regularisation reuses them. Both give the same
         numbers to round-off. ``progress(frames_done, total)`` is called after
         every chunk (e.g. to draw a progress bar).
@@ -315,9 +315,9 @@ class SAGPR(BaseEstimator):
         timings = Counter()
         out = np.empty((len(frames), 3, 3))
         primal = self._primal_weights() if cache.root is None else None
-        step = PREDICT_CHUNK_FRAMES if primal is None else STREAM_CHUNK_FRAMES
-        for start in range(0, len(frames), step):
-            chunk = frames[start : start + step]
+        chunk_atoms = PREDICT_CHUNK_ATOMS if primal is None else STREAM_CHUNK_ATOMS
+        for start, stop in frame_chunks(frames, chunk_atoms):
+            chunk = frames[start:stop]
             t0 = time.perf_counter()
             if primal is not None:  # streamed: weights folded into feature space, no training kernels
                 features = self._transform(chunk, cache)
