@@ -59,3 +59,34 @@ def test_sagpr_study_promote_and_polarize(sagpr_cfg, tiny_data, tmp_path, capsys
     ase.io.write(tmp_path / "carbon.xyz", carbon)
     with pytest.raises(polarize.PolarizeError, match=r"carbon.xyz: frame 1 contains species C not seen in training"):
         polarize.main(sagpr_cfg(f"polarize.trajectory={tmp_path / 'carbon.xyz'}", "polarize.reference_train_size=50"))
+
+
+def test_sagpr_on_own_data_polarize_and_spectrum(tiny_data, tmp_path, capsys):
+    """dataset=files with its own polarizability key: study, promotion, polarize and spectrum all find it."""
+    from hpo import spectrum
+
+    frames = ase.io.read(tiny_data / "gap_input_100.xyz", ":")
+    for atoms in frames:
+        atoms.info["alpha"] = atoms.info.pop("Polarizability")
+    ase.io.write(tmp_path / "mine_train.xyz", frames[:10], format="extxyz")
+    ase.io.write(tmp_path / "mine_val.xyz", frames[10:], format="extxyz")
+    trajectory = [frames[10 + i % 4].copy() for i in range(12)]
+    for step, atoms in enumerate(trajectory):
+        atoms.info = {"time_fs": 0.5 * step}
+    ase.io.write(tmp_path / "trajectory.xyz", trajectory, format="extxyz")
+    tiny = [o for o in TINY_SAGPR if not o.startswith("dataset.")]
+    own = ["dataset=files", f"dataset.train={tmp_path / 'mine_train.xyz'}", f"dataset.val={tmp_path / 'mine_val.xyz'}", "dataset.name=mine"]
+    make = lambda *extra: load_config([*output_overrides(tmp_path), *tiny, *own, *extra])  # noqa: E731
+
+    cfg = make("study.n_trials=2")
+    assert cfg.dataset.train_size is None and cfg.study.name == "mine-sagpr-all"
+    loop.run(cfg)
+    assert hpo_promote.promote(cfg)["name"] == "mine-sagpr"
+    assert "no test split (dataset.test is not given)" in capsys.readouterr().out
+    result = polarize.main(make(f"polarize.trajectory={tmp_path / 'trajectory.xyz'}"))
+    written = ase.io.read(result["outdir"] / "trajectory_polarizability.xyz", ":")
+    np.testing.assert_allclose(np.reshape(written[1].info["alpha"], (3, 3)), result["tensors"][1], atol=1e-8)
+    out = capsys.readouterr().out
+    assert "predicted vs training data (train.xyz)" in out and "frames/s" in out
+    found = spectrum.main(make(f"spectrum.trajectory={result['outdir'] / 'trajectory_polarizability.xyz'}", "spectrum.min_frames=10"))
+    assert (found["outdir"] / "raman.png").is_file()

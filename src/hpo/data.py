@@ -643,11 +643,14 @@ def _write(split: Split, path: Path, keys: dc.Keys, need) -> FrameSet:
     return found
 
 
-def prepare(cfg, include_test: bool = True) -> tuple[dict[str, FrameSet], Datasets]:
-    """The FrameSets of every split of an own dataset (written for gap_fit) and the fit settings."""
+def prepare(cfg, include_test: bool = True, need: tuple[str, ...] | None = None) -> tuple[dict[str, FrameSet], Datasets]:
+    """The FrameSets of every split of an own dataset (written for gap_fit) and the fit settings.
+
+    ``need``: the quantities every frame must carry; None: the targets of the config's model kind.
+    """
     from hpo.models import kind
 
-    need = kind(cfg.model.kind).targets
+    need = kind(cfg.model.kind).targets if need is None else need
     source = read_source(own_files(cfg.dataset, include_test=include_test or cfg.dataset.source == "pool"), cfg.dataset)
     keys = source.keys
     if "force" in need and keys.forces is None:
@@ -664,9 +667,9 @@ def prepare(cfg, include_test: bool = True) -> tuple[dict[str, FrameSet], Datase
     return sets, data
 
 
-def load_own(cfg) -> Datasets:
-    """``load_datasets`` of ``dataset=files|pool``: training and validation sets."""
-    _, data = prepare(cfg, include_test=False)
+def load_own(cfg, need: tuple[str, ...] | None = None) -> Datasets:
+    """``load_datasets`` of ``dataset=files|pool``: training and validation sets (``need``: see ``prepare``)."""
+    _, data = prepare(cfg, include_test=False, need=need)
     print(f"[hpo] own data: {len(data.train)} training, {len(data.val)} validation frames in {data.train.path.parent}", flush=True)
     return data
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from hpo import plots
 from hpo.atomic import atomic_write
-from hpo.data import DataError, find_data_dir, read_frames, read_tensors
+from hpo.data import DataError, find_data_dir, is_own_data, load_own, read_frames, read_tensors
 from hpo.metrics import COMPONENTS
 from hpo.progress import Bar
 from hpo.registry.resolve import resolve_model
@@ -50,6 +50,21 @@ def comparison_table(predicted: np.ndarray, reference: np.ndarray) -> tuple[str,
     return "\n".join(lines), metrics
 
 
+def reference_set(cfg) -> tuple[str, list[ase.Atoms], str]:
+    """The training frames the predictions are compared with: their file name, frames and polarizability key.
+
+    Workshop layout: the training file of ``polarize.reference_train_size``. Own data (``dataset=files|pool``):
+    the training split, with its detected (or ``dataset.keys.polarizability``) key; predictions are written
+    under the same key, which ``hpo spectrum`` reads.
+    """
+    if is_own_data(cfg.dataset):
+        data = load_own(cfg, need=("polarizability",))
+        return data.train.path.name, data.train.frames, data.keys.polarizability
+    train_name = cfg.dataset.train_files[cfg.polarize.reference_train_size]
+    frames = read_frames(find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=()).frames
+    return train_name, frames, cfg.dataset.property_keys.polarizability
+
+
 def main(cfg) -> dict:
     """``python -m hpo polarize``: predict ``polarize.trajectory`` with ``polarize.model_uri``."""
     from hpo.models.sagpr.estimator import SAGPR
@@ -71,14 +86,14 @@ def main(cfg) -> dict:
     frames_per_s = len(frames) / max(time.perf_counter() - start, 1e-9)
     print(f"[hpo] {len(frames)} frames predicted at {frames_per_s:.0f} frames/s", flush=True)
 
-    train_name = cfg.dataset.train_files[settings.reference_train_size]
-    reference_frames = read_frames(find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=()).frames
-    reference = read_tensors(reference_frames, cfg.dataset.property_keys.polarizability, train_name, cfg.model.symmetry_tol)
+    train_name, reference_frames, key = reference_set(cfg)
+    # only compared with (means, ranges): their symmetry was checked when the model was fitted
+    reference = read_tensors(reference_frames, key, train_name, symmetry_tol=float("inf"))
 
     with atomic_write(outdir / "trajectory_cartesian.out") as tmp:
         np.savetxt(tmp, predicted.reshape(len(frames), 9), fmt="%.10f")
     for atoms, tensor in zip(frames, predicted):
-        atoms.info[cfg.dataset.property_keys.polarizability] = tensor.ravel()
+        atoms.info[key] = tensor.ravel()
     with atomic_write(outdir / "trajectory_polarizability.xyz") as tmp:
         ase.io.write(tmp, frames, format="extxyz")
     time_fs = np.array([a.info.get("time_fs", index) for index, a in enumerate(frames)], dtype=float)

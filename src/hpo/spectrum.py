@@ -305,6 +305,19 @@ def spectrum_plot(
     return save_figure(fig, Path(path))
 
 
+def polarizability_key(cfg, atoms) -> str:
+    """Where `hpo polarize` wrote the tensors: the dataset's polarizability key (``dataset.property_keys``
+    for the workshop layout, ``dataset.keys`` for own data), else the one detected in ``atoms``."""
+    from hpo.datacheck import detect_keys
+
+    key = cfg.dataset.property_keys.polarizability if "property_keys" in cfg.dataset else cfg.dataset["keys"].polarizability
+    if key is None:
+        key = detect_keys([atoms])[0].polarizability
+    if key is None:
+        raise SpectrumError("the trajectory's frames carry no polarizability (write them with `hpo polarize`)")
+    return key
+
+
 class SpectrumError(ValueError):
     """The trajectory cannot give a spectrum (too short, uneven time step, no tensors)."""
 
@@ -340,7 +353,7 @@ def main(cfg) -> dict:
             f"{path.name} holds {len(frames)} frames, fewer than spectrum.min_frames={settings.min_frames}: "
             "run a longer MD (md.steps) for a spectrum whose bands can be told apart"
         )
-    tensors = read_tensors(frames, cfg.dataset.property_keys.polarizability, path.name, symmetry_tol=float("inf"))
+    tensors = read_tensors(frames, polarizability_key(cfg, frames[0]), path.name, symmetry_tol=float("inf"))
     timestep = timestep_of(frames)
     spectra = raman_spectra(
         tensors, timestep, window=settings.window, max_wavenumber=settings.max_wavenumber_cm,

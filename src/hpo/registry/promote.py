@@ -30,6 +30,7 @@ from hpo.models.base import TrialFailure, with_values
 from hpo.redact import redact
 from hpo.registry.resolve import MODEL_DIR, PromoteError
 from hpo.search.objective import score
+from hpo.search.loop import metric_unit
 from hpo.search.origin import config_for_study
 from hpo.search.selection import best_trial, cheapest_within, primary
 from hpo.search.storage import StudyError, load_study
@@ -360,9 +361,6 @@ def screen_candidates(cfg, study, candidates, data, screen: dict, tracker: Track
 # --------------------------------------------------------------------------- #
 # test errors
 # --------------------------------------------------------------------------- #
-UNITS = {"gap": "eV per cell", "sagpr": "a.u."}
-
-
 def test_errors(cfg, model: dict, files: list[Path], test, model_kind) -> dict[str, float]:
     """``test_*`` errors of a fitted model on the test frames: GAP energies per cell and per atom (and forces
     with ``model.force_metrics`` when the data have them); SA-GPR per component, 6 unique, L0 and L2."""
@@ -397,8 +395,12 @@ def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str
 
     test = load_test_set(cfg, data)
     if test is None:
-        print(f"[hpo] no test split (dataset.test_file={cfg.dataset.get('test_file')!r} has no frame outside the training set): "
-              "the registered model has no test error", flush=True)
+        source = cfg.dataset.get("source")
+        why = {
+            "files": "dataset.test is not given",
+            "pool": f"dataset.split.test={cfg.dataset.get('split', {}).get('test')!r} keeps no frame for it",
+        }.get(source, f"dataset.test_file={cfg.dataset.get('test_file')!r} has no frame outside the training set")
+        print(f"[hpo] no test split ({why}): the registered model has no test error", flush=True)
         return {}, {"test_split": "none"}
     model = with_values(hpo_config.model_params(cfg), trial.params)
     found = test_errors(cfg, model, files, test, model_kind)
@@ -425,7 +427,8 @@ def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str
 def print_test_summary(cfg, trial, found: dict[str, float], model_kind) -> None:
     metric = str(cfg.study.metric)
     name = "test_" + metric.removeprefix("val_")
-    unit = UNITS.get(model_kind.name, "")
+    # the metric's unit from the figures config; a weighted loss of several targets has none
+    unit = metric_unit(cfg) or "unitless"
     if name not in found:
         print(f"[hpo] validation {primary(trial):.5g}, test: none (no test split) ({unit})", flush=True)
         return
