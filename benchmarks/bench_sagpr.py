@@ -5,7 +5,11 @@ all 200 frames of gap_input_200.xyz, prediction of the 100 frames of
 gap_validate.xyz. The original sagpr_* pipeline took 150-240 s wall for this on
 the same 2-core machines (shared/docs/sagpr-reference.md).
 
-Three runs, in one process:
+First, the lambda-SOAP features of the 300 frames (all columns) side by side, best of 3:
+featomic's EquivariantPowerSpectrum against hpo's coupling of featomic's expansion
+(hpo.models.sagpr.lambda_soap), and their largest difference.
+
+Then three runs, in one process:
   1. uncached           cache_dir=None: everything computed
   2. cache fill         empty cache_dir: computed, plus writing the cache
   3. cached refit       same cache, only reg0/reg2 changed: what a
@@ -64,6 +68,56 @@ def one_pass(label: str, model: SAGPR, train, validate) -> float:
     return t2 - t0
 
 
+def featomic_lambda_soap(frames) -> np.ndarray:
+    """featomic's own lambda = 2 features of ``frames`` (rows atom by atom, hpo's deduplicated columns)."""
+    import featomic
+    from featomic.clebsch_gordan import EquivariantPowerSpectrum
+    from metatensor import Labels
+
+    from hpo.models.sagpr.lambda_soap import unique_couplings
+
+    expansion = featomic.SphericalExpansion(
+        cutoff={"radius": 4.0, "smoothing": {"type": "Step"}},
+        density={"type": "Gaussian", "width": 0.3},
+        basis={"type": "TensorProduct", "max_angular": 6, "radial": {"type": "Gto", "max_radial": 7}},
+    )
+    keys = Labels(["o3_lambda", "o3_sigma"], np.array([[0, 1], [2, 1]], dtype=np.int32))
+    tensor = EquivariantPowerSpectrum(expansion, neighbor_types=[1, 8]).compute(
+        frames, selected_keys=keys, neighbors_to_properties=True
+    )
+    counts = np.array([len(a) for a in frames])
+    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    blocks = tensor.blocks(Labels(["o3_lambda"], np.array([[2]], dtype=np.int32)))
+    out = np.zeros((counts.sum(), 5, len(blocks[0].properties)))
+    for block in blocks:
+        samples = block.samples.values
+        out[offsets[samples[:, 0]] + samples[:, 1]] = block.values
+    keep, weight = unique_couplings(blocks[0].properties.values)
+    return out[..., keep] * weight
+
+
+def features_side_by_side(frames) -> None:
+    from hpo.models.sagpr.lambda_soap import lambda_soap
+
+    times, found = {}, {}
+    for name, compute in (
+        ("featomic EquivariantPowerSpectrum", featomic_lambda_soap),
+        ("hpo coupling of featomic's expansion", lambda f: lambda_soap(f, [1, 8], 4.0, 0.3, 8, 6).x2),
+    ):
+        compute(frames[:2])  # warm: imports, calculator set-up
+        times[name] = np.inf
+        for _ in range(3):
+            t0 = time.perf_counter()
+            found[name] = compute(frames)
+            times[name] = min(times[name], time.perf_counter() - t0)
+    a, b = found.values()
+    print(f"\nlambda-SOAP features of {len(frames)} frames, all columns (best of 3):")
+    for name, seconds in times.items():
+        print(f"  {name:38s} {seconds:6.2f} s")
+    ratio = list(times.values())[0] / list(times.values())[1]
+    print(f"  ratio {ratio:.1f}x; largest lambda=2 difference {np.abs(a - b).max():.1e} (largest value {np.abs(a).max():.2f})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -87,6 +141,7 @@ def main() -> None:
     print(f"read data: {time.perf_counter() - t:.2f} s, {len(train_frames)} train / "
           f"{len(validate_frames)} validation frames")
 
+    features_side_by_side(train_frames + validate_frames)
     params = dict(rc=4.0, sigma=0.3, n_max=8, l_max=6, zeta=2, nc=args.nc, seed=0)
     uncached = one_pass("1 uncached", SAGPR(**params, reg0=1e-8, reg2=1e-5), train, validate)
     with tempfile.TemporaryDirectory(prefix="sagpr-bench-cache-") as cache:

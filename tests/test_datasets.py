@@ -307,3 +307,19 @@ def test_data_check_command_passes_the_emt_set(emt, tmp_path, mlruns):
     assert {tags[k] for k in tags if k.startswith("check.")} == {"pass"} and len([k for k in tags if k.startswith("check.")]) == 7
     artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(run.info.run_id)}
     assert pngs[0].name in artifacts and "data_check.json" in artifacts
+
+
+def test_learning_curve_and_sweep_on_own_files(emt, tmp_path, mlruns):
+    """Own data: the learning curve takes nested subsets of the training split (sizes in frames); sweeps as usual."""
+    from hpo.analysis import learning_curve, sweep
+
+    cfg = make_cfg(tmp_path, *files_overrides(emt, test=False), *mlruns, "learning_curve.sizes=[6,12]")
+    curve = learning_curve.run_learning_curve(cfg)
+    assert [row["n_train"] for row in curve.rows] == [6, 12]
+    subsets = [ase.io.read(curve.outdir / f"size_{n:04d}_rep_0" / "train_subset.xyz", ":") for n in (6, 12)]
+    assert shared_frames(subsets[0], subsets[1]) and len(shared_frames(subsets[0], subsets[1])) == 6  # nested
+    assert all("val_force_rmse" in row for row in curve.rows)
+    with pytest.raises(ConfigError, match=r"learning_curve.sizes=\[6, 500\] is not allowed: numbers of frames from 1 to the 36"):
+        learning_curve.run_learning_curve(make_cfg(tmp_path, *files_overrides(emt, test=False), *mlruns, "learning_curve.sizes=[6,500]"))
+    found = sweep.run_sweep(make_cfg(tmp_path, *files_overrides(emt, test=False), *mlruns, "sweep.param=delta", "sweep.values=[0.1,1.0]"))
+    assert len(found.rows) == 2

@@ -166,3 +166,14 @@ def test_projected_process_routes_agree():
         w = solve_projected_process(k_mm, k_nm, y, sigma)
         lhs = k_nm.T @ (k_nm / sigma[:, None] ** 2) + k_mm
         np.testing.assert_allclose(lhs @ w, k_nm.T @ (y / sigma**2), rtol=1e-6, atol=1e-8 * np.abs(lhs).max())
+
+
+def test_search_leaves_out_parameters_that_cannot_change_the_fit(capsys):
+    """Energy-only GAP fits (the workshop default) have no force targets: default_sigma.force is no dimension."""
+    from hpo.config import load_config
+    from hpo.search.space import search_space
+
+    names = [p.name for p in search_space(load_config([]))]
+    assert "default_sigma.force" not in names and "default_sigma.energy" in names
+    assert "default_sigma.force left out (model.force_metrics=false" in capsys.readouterr().out
+    assert "default_sigma.force" in [p.name for p in search_space(load_config(["model.force_metrics=true"]), quiet=True)]

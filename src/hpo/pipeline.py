@@ -34,7 +34,7 @@ def stage_key(*parts) -> str:
 
 
 def optimize_unless_done(cfg) -> None:
-    study = open_study(cfg, search_space(cfg))
+    study = open_study(cfg, search_space(cfg, quiet=True))
     done = count(study, TrialState.COMPLETE)
     if done >= cfg.study.n_trials:
         print(f"[hpo] pipeline: study {cfg.study.name!r} already holds {done} finished trials: reused", flush=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from hpo.analysis.points import (
     MetricSpec, Point, config_and_model, _finite, column, metric_specs, parent_tags, reported_metrics, run_dir, run_points, write_csv,
 )
 from hpo.config import ConfigError
-from hpo.data import Datasets, load_datasets, subset_frames
+from hpo.data import Datasets, is_own_data, load_datasets, subset_frames
 from hpo.models import kind
 from hpo.plots import figure_title, plt, save_figure
 from hpo.tracking import Tracker, flatten
@@ -69,12 +69,14 @@ def learning_curve_points(cfg: DictConfig, model: dict, outdir: Path) -> tuple[l
     """
     section = cfg.learning_curve
     sizes = sorted(int(s) for s in section.sizes)
+    if not isinstance(section.repeats, int) or section.repeats < 1:
+        raise ConfigError(f"learning_curve.repeats={section.repeats!r} is not allowed: an integer >= 1")
+    if is_own_data(cfg.dataset):
+        return own_data_points(cfg, model, outdir, sizes)
     known = sorted(int(k) for k in cfg.dataset.train_files)
     unknown = [s for s in sizes if s not in known]
     if not sizes or unknown:
         raise ConfigError(f"learning_curve.sizes={sizes} is not allowed: sizes from dataset.train_files {known}")
-    if not isinstance(section.repeats, int) or section.repeats < 1:
-        raise ConfigError(f"learning_curve.repeats={section.repeats!r} is not allowed: an integer >= 1")
     by_size = {size: load_datasets(with_train_size(cfg, size)) for size in sizes}
     if section.repeats == 1:
         points = [
@@ -83,18 +85,40 @@ def learning_curve_points(cfg: DictConfig, model: dict, outdir: Path) -> tuple[l
         ]
         return points, "nested files " + ", ".join(f"{p.data.train.path.name} ({len(p.data.train)} frames)" for p in points)
     pool = by_size[sizes[-1]]
+    # as many frames as the size's file holds, so repeats and nested files mean the same n
+    points = nested_subsets(pool, {size: len(by_size[size].train) for size in sizes}, section.repeats, section.seed, model, outdir)
+    return points, f"random subsets of {pool.train.path.name} ({len(pool.train)} frames), {section.repeats} per size"
+
+
+def own_data_points(cfg: DictConfig, model: dict, outdir: Path, sizes: list[int]) -> tuple[list[Point], str]:
+    """Own data (``dataset=files|pool``): seeded nested subsets of the training split, sizes in frames."""
+    section = cfg.learning_curve
+    pool = load_datasets(cfg)
+    n = len(pool.train)
+    if not sizes or sizes[0] < 1 or sizes[-1] > n:
+        raise ConfigError(
+            f"learning_curve.sizes={sizes} is not allowed: numbers of frames from 1 to the {n} training frames of "
+            f"{pool.train.path.name}, e.g. \"learning_curve.sizes=[{max(1, n // 4)},{max(1, n // 2)},{n}]\""
+        )
+    points = nested_subsets(pool, {size: size for size in sizes}, section.repeats, section.seed, model, outdir)
+    return points, f"random nested subsets of {pool.train.path.name} ({n} frames), {section.repeats} per size"
+
+
+def nested_subsets(pool: Datasets, counts: dict[int, int], repeats: int, seed: int, model: dict, outdir: Path) -> list[Point]:
+    """One point per size and repeat: ``counts[size]`` frames of ``pool.train``, validation unchanged.
+
+    One random order per repeat, and each size takes its first frames: within a repeat the subsets are
+    nested like the workshop's files, so the curve shows added data, not a new sample.
+    """
     points = []
-    for repeat, size in itertools.product(range(section.repeats), sizes):
+    for repeat, size in itertools.product(range(repeats), counts):
         name = f"size_{size:04d}_rep_{repeat}"
-        # One random order per repeat, and each size takes its first frames: within a repeat the subsets are
-        # nested like the files, so the curve shows added data, not a new sample. As many frames as the
-        # size's file holds, so repeats and nested files mean the same n.
-        order = np.random.default_rng(section.seed + repeat).permutation(len(pool.train))
-        indices = np.sort(order[: len(by_size[size].train)])
+        order = np.random.default_rng(seed + repeat).permutation(len(pool.train))
+        indices = np.sort(order[: counts[size]])
         train = subset_frames(pool.train, indices, outdir / name / "train_subset.xyz")
         coords = {"size": size, "repeat": repeat, "train_file": pool.train.path.name}
-        points.append(Point(name, coords, model, Datasets(train=train, val=pool.val)))
-    return points, f"random subsets of {pool.train.path.name} ({len(pool.train)} frames), {section.repeats} per size"
+        points.append(Point(name, coords, model, replace(pool, train=train)))
+    return points
 
 
 @dataclass

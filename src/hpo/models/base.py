@@ -124,6 +124,11 @@ class ModelKind:
         except ConfigError as exc:
             raise TrialFailure("invalid_params", str(exc)) from exc
 
+    def inactive_parameters(self, params: dict) -> dict[str, str]:
+        """Parameters that cannot change this config's fit, each with the reason: the search leaves them
+        out instead of spending trials on them (none by default)."""
+        return {}
+
     def preflight(self, params: dict, frames: list) -> None:
         """Refuse a fit that cannot finish (e.g. over the memory budget) before it starts; none by default."""
 

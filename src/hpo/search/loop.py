@@ -285,7 +285,7 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
     than leaves. Trials of dead workers are failed first (heartbeats).
     """
     cfg = OmegaConf.merge(cfg, {"threads": threads_per_worker(cfg)})
-    space = search_space(cfg)
+    space = search_space(cfg, quiet=True)  # named once, by run()
     model = hpo_config.model_params(cfg)
     data = data if data is not None else load_datasets(cfg)
     study = open_study(cfg, space, n_train=len(data.train))

@@ -29,10 +29,19 @@ class SearchParam:
     choices: tuple | None = None
 
 
-def search_space(cfg: DictConfig) -> list[SearchParam]:
-    """The typed view of ``search.space``."""
+def search_space(cfg: DictConfig, quiet: bool = False) -> list[SearchParam]:
+    """The typed view of ``search.space``, without the dimensions the model kind says cannot change the fit
+    (``ModelKind.inactive_parameters``; each is named once unless ``quiet``)."""
+    from hpo.config import model_params
+    from hpo.models import kind
+
+    inactive = kind(cfg.model.kind).inactive_parameters(model_params(cfg))
     params = []
     for name, spec in cfg.search.space.items():
+        if str(name) in inactive:
+            if not quiet:
+                print(f"[hpo] search: {name} left out ({inactive[str(name)]})", flush=True)
+            continue
         spec = OmegaConf.to_container(spec, resolve=True)
         params.append(
             SearchParam(

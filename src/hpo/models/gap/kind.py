@@ -94,6 +94,12 @@ class GapKind(ModelKind):
                 estimate,
             ))
 
+    def inactive_parameters(self, params: dict) -> dict[str, str]:
+        if params.get("force_metrics"):
+            return {}
+        # energies only (the workshop default: its force column does not follow the geometry)
+        return {"default_sigma.force": "model.force_metrics=false: no force targets enter the fit"}
+
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
         """Fit (hpo's numpy solve or gap_fit, ``model.solver``), evaluate train and validation energies (and
         forces with ``model.force_metrics``), write CSVs and a parity plot."""
