@@ -278,9 +278,13 @@ def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_fo
     assert _check_exit(cfg) == 1  # energy changes of consecutive MD frames contradict the work of these forces
     assert last_check_run(cfg).data.tags["check.forces_consistent"] == "fail"
     # optimize runs the same checks after reading the data and stops before any fit with the check's message
-    with pytest.raises(DataError, match="data check failed: forces_consistent"):
+    with pytest.raises(DataError, match="data check failed: forces_consistent") as refused:
         loop.run(cfg)
+    assert "To fit energies only: model.force_metrics=false" in str(refused.value)
     assert not (tmp_path / "shuffled" / "experiments" / cfg.study.name).exists()
+    # forces that do not enter the fit cannot spoil it: the same check only warns, and the study runs
+    energy_only = make_cfg(tmp_path / "energy_only", *mlruns, *files_overrides(emt, "shuffled_forces_"), "model.force_metrics=false", "study.n_trials=1")
+    assert own_data.preflight(energy_only)["check.forces_consistent"] == "warn"
 
 
 def test_data_check_on_given_files(emt, tmp_path, mlruns):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from hpo import datacheck as dc
@@ -56,10 +57,16 @@ def check_source(cfg, include_test: bool = True) -> Source:
     return Source(frames=frames, paths=paths, keys=keys, report=report)
 
 
-def run_checks(cfg, include_test: bool = True) -> tuple[Source, list[dc.Check], str]:
-    """Checks of the dataset (or ``data.files``): the source, the checks and the printed table."""
+def run_checks(cfg, include_test: bool = True, fit_targets: tuple[str, ...] | None = None) -> tuple[Source, list[dc.Check], str]:
+    """Checks of the dataset (or ``data.files``): the source, the checks and the printed table.
+
+    ``fit_targets``: what the coming fit learns from; without "force", a failed force check only warns
+    (bad forces cannot spoil an energy-only fit, and the user who turned them off must not be stopped).
+    """
     source = check_source(cfg, include_test)
     checks = dc.run_checks(source.frames, source.keys)
+    if fit_targets is not None and "force" not in fit_targets:
+        checks = [_forces_unused(check) for check in checks]
     stats = {label: dc.statistics(frames, source.keys) for label, frames in source.frames.items()}
     return source, checks, dc.render_table(checks, stats)
 
@@ -68,17 +75,29 @@ def verdict_tags(checks: list[dc.Check]) -> dict[str, str]:
     return {f"check.{check.name}": check.verdict for check in checks}
 
 
+def _forces_unused(check: dc.Check) -> dc.Check:
+    if check.verdict != "fail" or not check.name.startswith("force"):
+        return check
+    return replace(check, verdict="warn", message=check.message + " (forces do not enter this fit: model.force_metrics=false)")
+
+
 def failure_message(checks: list[dc.Check]) -> str:
     failed = [check for check in checks if check.verdict == "fail"]
+    remedy = ""
+    if any(check.name.startswith("force") for check in failed):
+        remedy = " To fit energies only: model.force_metrics=false; to read another force column: dataset.keys.forces=KEY."
     return "data check failed: " + "; ".join(f"{check.name}: {check.message}" for check in failed) + (
-        " (python -m hpo data check shows every check)"
+        f" (python -m hpo data check shows every check).{remedy}"
     )
 
 
 def preflight(cfg) -> dict[str, str]:
     """What ``optimize`` runs before any fit: the checks of the training and validation data, printed;
     DataError on a fail. Returns the verdicts as tags (``check.<name>``) for the study's parent run."""
-    _, checks, table = run_checks(cfg, include_test=False)
+    from hpo.config import model_params
+    from hpo.models import kind
+
+    _, checks, table = run_checks(cfg, include_test=False, fit_targets=kind(cfg.model.kind).fit_targets(model_params(cfg)))
     print(table, flush=True)
     if dc.exit_code(checks):
         raise DataError(failure_message(checks))

@@ -124,6 +124,10 @@ class ModelKind:
         except ConfigError as exc:
             raise TrialFailure("invalid_params", str(exc)) from exc
 
+    def fit_targets(self, params: dict) -> tuple[str, ...]:
+        """The quantities a fit with ``params`` learns from (``targets``: those it can learn from)."""
+        return self.targets
+
     def inactive_parameters(self, params: dict) -> dict[str, str]:
         """Parameters that cannot change this config's fit, each with the reason: the search leaves them
         out instead of spending trials on them (none by default)."""

@@ -38,7 +38,7 @@ from hpo.redact import redact, redact_text, silence_run_urls
 from hpo.search import origin
 from hpo.search.objective import Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
-from hpo.search.space import default_values, search_space
+from hpo.search.space import default_values, outside_space, search_space
 from hpo.search.storage import StudyError, open_study, storage_of
 from hpo.tracking import Tracker, provenance_tags
 
@@ -69,7 +69,7 @@ class Progress:
 
     def __init__(self, study_cfg, unit: str, heartbeat=None):
         self.study_cfg = study_cfg
-        self.unit = unit
+        self.unit = f" {unit}" if unit else ""
         self.heartbeat = heartbeat
         self.started = time.perf_counter()
 
@@ -77,14 +77,14 @@ class Progress:
         if self.heartbeat is not None:
             self.heartbeat()
         if trial.state == TrialState.COMPLETE:
-            outcome = ", ".join(f"{v:.5g}" for v in trial.values) + f" {self.unit}"
+            outcome = ", ".join(f"{v:.5g}" for v in trial.values) + self.unit
         elif "pruned_at_size" in trial.user_attrs:
             outcome = f"PRUNED after {trial.user_attrs['pruned_at_size']} frames ({trial.user_attrs.get(self.study_cfg.metric, float('nan')):.5g})"
         else:
             outcome = f"{trial.state.name} ({trial.user_attrs.get('failure', 'error')})"
         if count(study, TrialState.COMPLETE):
             best_ = best_trial(study)
-            best = f"{primary(best_):.5g} {self.unit} (trial {best_.number})"
+            best = f"{primary(best_):.5g}{self.unit} (trial {best_.number})"
         else:
             best = "none yet"
         print(
@@ -239,7 +239,11 @@ def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, mod
     tracker.log_config(parent, cfg)
     tracker.log(parent, params={"study.n_trials": cfg.study.n_trials, "dataset.train_size": cfg.dataset.train_size, "study.metric": cfg.study.metric})
     if cfg.study.enqueue_default:
-        study.enqueue_trial(default_values(model, space), user_attrs={"is_default": True}, skip_if_exists=True)
+        defaults = default_values(model, space)
+        study.enqueue_trial(defaults, user_attrs={"is_default": True}, skip_if_exists=True)
+        outside = outside_space(defaults, space)
+        if outside:
+            print(f"[hpo] the hand-tuned default trial has {', '.join(outside)}: fitted as given, never proposed by the sampler", flush=True)
 
     remaining = cfg.study.n_trials - count_finished(study)
     print(

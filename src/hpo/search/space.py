@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,7 +59,33 @@ def search_space(cfg: DictConfig, quiet: bool = False) -> list[SearchParam]:
 
 
 def suggest(trial: optuna.Trial, space: list[SearchParam]) -> dict[str, object]:
-    """Sample every dimension of the search space; names are dotted model paths."""
+    """Sample every dimension of the search space; names are dotted model paths.
+
+    An enqueued trial (the hand-tuned default) may hold values outside the space: Optuna evaluates them
+    as given and warns on every such trial; ``outside_space`` says it once, when the default is enqueued.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Fixed parameter .* is out of range")
+        return _suggest(trial, space)
+
+
+def outside_space(values: dict[str, object], space: list[SearchParam]) -> list[str]:
+    """``name=value (space)`` of every value that lies outside its dimension of the search space."""
+    found = []
+    for param in space:
+        value = values.get(param.name)
+        if param.type == "categorical":
+            inside = value in param.choices
+            allowed = f"one of {list(param.choices)}"
+        else:
+            inside = value is not None and param.low <= value <= param.high
+            allowed = f"[{param.low:g}, {param.high:g}]"
+        if not inside:
+            found.append(f"{param.name}={value!r} (search space {allowed})")
+    return found
+
+
+def _suggest(trial: optuna.Trial, space: list[SearchParam]) -> dict[str, object]:
     values = {}
     for param in space:
         if param.type == "float":

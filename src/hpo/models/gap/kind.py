@@ -94,6 +94,9 @@ class GapKind(ModelKind):
                 estimate,
             ))
 
+    def fit_targets(self, params: dict) -> tuple[str, ...]:
+        return self.targets if params.get("force_metrics") else ("energy",)
+
     def inactive_parameters(self, params: dict) -> dict[str, str]:
         if params.get("force_metrics"):
             return {}
