@@ -8,7 +8,9 @@ line, package versions) and the alias ``champion``, which later stages (``md``, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import shutil
 import tempfile
 import time
@@ -198,7 +200,9 @@ def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files:
                 pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed" and pkg != "hpo"],
             )
     # mlflow.start_run(run_id=...) ends the run it resumed as FINISHED; Tracker.run sets the final status
-    version = mlflow.register_model(info.model_uri, name, tags=tags)
+    # MLflow prints "Successfully registered model ..." and "Created version ..."; hpo says it in one line
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
     tracker.client.set_registered_model_alias(name, cfg.promote.alias, version.version)
     return version
 
