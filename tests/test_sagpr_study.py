@@ -83,10 +83,15 @@ def test_sagpr_on_own_data_polarize_and_spectrum(tiny_data, tmp_path, capsys):
     loop.run(cfg)
     assert hpo_promote.promote(cfg)["name"] == "mine-sagpr"
     assert "no test split (dataset.test is not given)" in capsys.readouterr().out
-    result = polarize.main(make(f"polarize.trajectory={tmp_path / 'trajectory.xyz'}"))
+    # a tight outlier threshold, so that some frames count as extrapolated
+    result = polarize.main(make(f"polarize.trajectory={tmp_path / 'trajectory.xyz'}", "polarize.outlier_sigma=2.5"))
+    assert 0 < result["n_outside"] < 12
     written = ase.io.read(result["outdir"] / "trajectory_polarizability.xyz", ":")
     np.testing.assert_allclose(np.reshape(written[1].info["alpha"], (3, 3)), result["tensors"][1], atol=1e-8)
     out = capsys.readouterr().out
     assert "predicted vs training data (train.xyz)" in out and "frames/s" in out
+    # each written frame says whether it was predicted beyond the training data's spread; spectrum counts them
+    assert [atoms.info["polarizability_extrapolated"] for atoms in written].count(True) == result["n_outside"]
     found = spectrum.main(make(f"spectrum.trajectory={result['outdir'] / 'trajectory_polarizability.xyz'}", "spectrum.min_frames=10"))
     assert (found["outdir"] / "raman.png").is_file()
+    assert found["fraction_extrapolated"] == pytest.approx(result["fraction_outside"])

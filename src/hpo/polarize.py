@@ -29,6 +29,10 @@ class PolarizeError(ValueError):
     """The trajectory cannot be predicted by this model (e.g. other species)."""
 
 
+# Per-frame flag in the written trajectory: a component beyond polarize.outlier_sigma training std.
+EXTRAPOLATED_KEY = "polarizability_extrapolated"
+
+
 def outliers(predicted: np.ndarray, reference: np.ndarray, n_sigma: float) -> np.ndarray:
     """Indices of frames with a component more than ``n_sigma`` reference std from the reference mean."""
     mean, std = reference.mean(axis=0), reference.std(axis=0)
@@ -90,10 +94,14 @@ def main(cfg) -> dict:
     # only compared with (means, ranges): their symmetry was checked when the model was fitted
     reference = read_tensors(reference_frames, key, train_name, symmetry_tol=float("inf"))
 
+    far = outliers(predicted, reference, settings.outlier_sigma)
     with atomic_write(outdir / "trajectory_cartesian.out") as tmp:
         np.savetxt(tmp, predicted.reshape(len(frames), 9), fmt="%.10f")
-    for atoms, tensor in zip(frames, predicted):
+    flagged = set(far.tolist())
+    for index, (atoms, tensor) in enumerate(zip(frames, predicted)):
         atoms.info[key] = tensor.ravel()
+        # read by `hpo spectrum`, which says how much of its input was extrapolated
+        atoms.info[EXTRAPOLATED_KEY] = index in flagged
     with atomic_write(outdir / "trajectory_polarizability.xyz") as tmp:
         ase.io.write(tmp, frames, format="extxyz")
     time_fs = np.array([a.info.get("time_fs", index) for index, a in enumerate(frames)], dtype=float)
@@ -102,7 +110,6 @@ def main(cfg) -> dict:
     )
 
     table, metrics = comparison_table(predicted, reference)
-    far = outliers(predicted, reference, settings.outlier_sigma)
     metrics.update(frames_per_s=frames_per_s, n_frames=len(frames), n_outside=len(far), fraction_outside=len(far) / len(frames), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
     run_id = tracker.start_run("polarize", tags={"command": "polarize", "run_type": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
     tracker.log(run_id, metrics=metrics)

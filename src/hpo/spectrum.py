@@ -341,6 +341,7 @@ def main(cfg) -> dict:
 
     from hpo.config import output_path
     from hpo.data import DataError, read_tensors
+    from hpo.polarize import EXTRAPOLATED_KEY
     from hpo.tracking import Tracker, provenance_tags
 
     settings = cfg.spectrum
@@ -370,14 +371,23 @@ def main(cfg) -> dict:
         write_csv(outdir / "polarizability_acf.csv", spectra, acf=True),
         spectrum_plot(outdir / "raman.png", spectra, f"Raman spectra of {path.name}: {len(frames)} frames every {timestep:g} fs"),
     ]
+    # frames `hpo polarize` flagged as predicted beyond the training data's spread
+    flags = [atoms.info.get(EXTRAPOLATED_KEY) for atoms in frames]
+    extrapolated = {"fraction_extrapolated": sum(bool(f) for f in flags) / len(frames)} if any(f is not None for f in flags) else {}
     named = {"iso": spectra.iso, "aniso": spectra.aniso, **{f"vdos_{k}": v for k, v in (spectra.vdos or {}).items()}}
     peaks = {f"peak_{name}_cm": float(spectra.wavenumber_cm[np.argmax(values)]) for name, values in named.items()}
     tracker = Tracker(cfg.tracking)
     tags = {"command": "spectrum", "run_type": "spectrum", "trajectory": str(path), **provenance_tags()}
     with tracker.run("spectrum", tags=tags) as run_id:
         tracker.log(run_id, params={f"spectrum.{k}": v for k, v in settings.items() if k != "trajectory"},
-                    metrics={"n_frames": len(frames), "timestep_fs": timestep, **peaks})
+                    metrics={"n_frames": len(frames), "timestep_fs": timestep, **peaks, **extrapolated})
         tracker.log_artifacts(run_id, files)
     print(f"[hpo] Raman spectra of {len(frames)} frames ({timestep:g} fs apart) in {outdir} (MLflow run {run_id})")
     print("  highest peak: " + ", ".join(f"{k[5:-3]} {v:.0f} cm^-1" for k, v in peaks.items()))
-    return {"outdir": outdir, **peaks}
+    if extrapolated.get("fraction_extrapolated"):
+        print(
+            f"[hpo] warning: {extrapolated['fraction_extrapolated']:.1%} of these frames were predicted beyond the training "
+            "data's spread (flagged by `hpo polarize`): bands they carry are extrapolations of the polarizability model",
+            flush=True,
+        )
+    return {"outdir": outdir, **peaks, **extrapolated}
