@@ -327,3 +327,21 @@ def test_learning_curve_and_sweep_on_own_files(emt, tmp_path, mlruns):
         learning_curve.run_learning_curve(make_cfg(tmp_path, *files_overrides(emt, test=False), *mlruns, "learning_curve.sizes=[6,500]"))
     found = sweep.run_sweep(make_cfg(tmp_path, *files_overrides(emt, test=False), *mlruns, "sweep.param=delta", "sweep.values=[0.1,1.0]"))
     assert len(found.rows) == 2
+
+
+def test_pipeline_on_own_files_without_polarizability(emt, tmp_path, capsys):
+    """Own data keep their training set; without polarizabilities the pipeline ends with the GAP's MD."""
+    from hpo import pipeline
+
+    overrides = [
+        *output_overrides(tmp_path), *files_overrides(emt), "dataset.name=emtpipe",
+        "pipeline.gap_trials=2", "md.steps=20", "promote.screen.steps=20",
+    ]
+    summary = pipeline.run(overrides)
+    assert summary["gap_version"] == 1 and summary["md"]["md_stable"]
+    assert summary["sagpr_version"] is None and summary["polarize"] is None
+    out = capsys.readouterr().out
+    assert "no polarizability in the data" in out and "pipeline done: GAP version 1" in out
+    # a second run reuses every stage
+    assert pipeline.run(overrides)["md"] == summary["md"]
+    assert "already holds 2 finished trials: reused" in capsys.readouterr().out

@@ -5,6 +5,8 @@ plus the budgets in ``conf/pipeline/``. A stage whose result already exists
 for the same config and data is reused: a study that already holds its
 trials runs none, a promoted trial is not registered twice, and MD and
 polarizability outputs are keyed by the model version and their settings.
+On own data (``dataset=files|pool``) the stages use the data set's own training set, and the SA-GPR
+stages run only when the frames carry polarizabilities.
 """
 
 from __future__ import annotations
@@ -21,12 +23,12 @@ from hpo import spectrum as hpo_spectrum
 from hpo.atomic import write_text
 from hpo.cache import digest
 from hpo.config import load_config, output_path
+from hpo.data import is_own_data, own_files, read_source
 from hpo.disk import disk_report
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
 from hpo.search.selection import count
-from hpo.search.space import search_space
-from hpo.search.storage import open_study
+from hpo.search.storage import StudyError, load_study
 
 
 def stage_key(*parts) -> str:
@@ -34,8 +36,10 @@ def stage_key(*parts) -> str:
 
 
 def optimize_unless_done(cfg) -> None:
-    study = open_study(cfg, search_space(cfg, quiet=True))
-    done = count(study, TrialState.COMPLETE)
+    try:
+        done = count(load_study(cfg.study), TrialState.COMPLETE)
+    except StudyError:  # no such study yet (or no storage: optimize says so)
+        done = 0
     if done >= cfg.study.n_trials:
         print(f"[hpo] pipeline: study {cfg.study.name!r} already holds {done} finished trials: reused", flush=True)
         return
@@ -57,26 +61,43 @@ def cached_stage(marker: Path, compute) -> dict:
     return summary
 
 
+def with_polarizability(cfg) -> bool:
+    """Whether the data carry polarizabilities for the SA-GPR stages: always for the workshop set; for own
+    data, a detected (or ``dataset.keys.polarizability``) key."""
+    if not is_own_data(cfg.dataset):
+        return True
+    source = read_source(own_files(cfg.dataset, include_test=False), cfg.dataset, quiet=True)
+    return source.keys.polarizability is not None
+
+
 def run(overrides: list[str]) -> dict:
-    """Every stage of the workflow; ``overrides`` are the user's Hydra overrides."""
+    """Every stage of the workflow; ``overrides`` are the user's Hydra overrides.
+
+    Own data (``dataset=files|pool``) keep their own training set (``pipeline.*_train_size`` are the
+    workshop set's), and without polarizabilities the pipeline stops after the GAP's MD.
+    """
     base = load_config(overrides)
     budget = base.pipeline
+    own = is_own_data(base.dataset)
     gap_overrides = [
-        *overrides, "model=gap", f"study.n_trials={budget.gap_trials}", f"dataset.train_size={budget.gap_train_size}", *budget.gap_overrides
+        *overrides, "model=gap", f"study.n_trials={budget.gap_trials}",
+        *([] if own else [f"dataset.train_size={budget.gap_train_size}"]), *budget.gap_overrides,
     ]
     sagpr_overrides = [
-        *overrides,
-        "model=sagpr",
-        f"study.n_trials={budget.sagpr_trials}",
-        f"dataset.train_size={budget.sagpr_train_size}",
-        *budget.sagpr_overrides,
+        *overrides, "model=sagpr", f"study.n_trials={budget.sagpr_trials}",
+        *([] if own else [f"dataset.train_size={budget.sagpr_train_size}"]), *budget.sagpr_overrides,
     ]
-    gap_cfg, sagpr_cfg = load_config(gap_overrides), load_config(sagpr_overrides)
+    gap_cfg = load_config(gap_overrides)
+    sagpr_cfg = load_config(sagpr_overrides) if with_polarizability(base) else None
+    if sagpr_cfg is None:
+        print("[hpo] pipeline: no polarizability in the data (set dataset.keys.polarizability if it is there): "
+              "GAP study, promotion and MD only", flush=True)
 
     optimize_unless_done(gap_cfg)
-    optimize_unless_done(sagpr_cfg)
+    if sagpr_cfg is not None:
+        optimize_unless_done(sagpr_cfg)
     gap_version = hpo_promote.promote(gap_cfg)
-    sagpr_version = hpo_promote.promote(sagpr_cfg)
+    sagpr_version = hpo_promote.promote(sagpr_cfg) if sagpr_cfg is not None else None
 
     root = output_path(base.experiments_dir) / "pipeline"
     md_settings = OmegaConf.to_container(base.md, resolve=True)
@@ -94,7 +115,29 @@ def run(overrides: list[str]) -> dict:
             f"{md_result.get('first_unstable_step')}. Its trajectory {trajectory} left the training distribution, so no "
             "polarizabilities are predicted from it. Promote a stable model (promote.screen) or change the MD settings."
         )
+    polarize_result = spectrum_result = None
+    if sagpr_version is not None:
+        polarize_result, spectrum_result = polarizability_stages(base, sagpr_overrides, sagpr_version, trajectory, root, own)
+    summary = {
+        "gap_version": gap_version["version"],
+        "gap_val_energy_rmse": gap_version.get("objective"),
+        "sagpr_version": sagpr_version["version"] if sagpr_version else None,
+        "sagpr_val_rmse": sagpr_version.get("objective") if sagpr_version else None,
+        "md": md_result,
+        "polarize": polarize_result,
+        "spectrum": spectrum_result,
+    }
+    print(disk_report(*[c for c in (gap_cfg, sagpr_cfg) if c is not None]), flush=True)
+    models = f"GAP version {gap_version['version']}" + (f", SA-GPR version {sagpr_version['version']}" if sagpr_version else "")
+    print(f"[hpo] pipeline done: {models}", flush=True)
+    return summary
+
+
+def polarizability_stages(base, sagpr_overrides: list[str], sagpr_version: dict, trajectory, root: Path, own: bool):
+    """Polarizability of every MD frame with the SA-GPR champion, then (long enough MD) the Raman spectrum."""
+    budget = base.pipeline
     polarize_dir = root / f"polarize-{stage_key(sagpr_version['name'], sagpr_version['version'], trajectory)}"
+    reference = [] if own else [f"polarize.reference_train_size={budget.sagpr_train_size}"]
     polarize_result = cached_stage(
         polarize_dir / "polarize.json",
         lambda: hpo_polarize.main(
@@ -103,7 +146,7 @@ def run(overrides: list[str]) -> dict:
                     *sagpr_overrides,
                     f"polarize.model_uri=models:/{sagpr_version['name']}/{sagpr_version['version']}",
                     f"polarize.trajectory={trajectory}",
-                    f"polarize.reference_train_size={budget.sagpr_train_size}",
+                    *reference,
                 ]
             )
         ),
@@ -122,15 +165,4 @@ def run(overrides: list[str]) -> dict:
             f"{base.spectrum.min_frames}); run a longer MD for one, e.g. md.steps=4000 (2 ps at 0.5 fs)",
             flush=True,
         )
-    summary = {
-        "gap_version": gap_version["version"],
-        "gap_val_energy_rmse": gap_version.get("objective"),
-        "sagpr_version": sagpr_version["version"],
-        "sagpr_val_rmse": sagpr_version.get("objective"),
-        "md": md_result,
-        "polarize": polarize_result,
-        "spectrum": spectrum_result,
-    }
-    print(disk_report(gap_cfg, sagpr_cfg), flush=True)
-    print(f"[hpo] pipeline done: GAP version {gap_version['version']}, SA-GPR version {sagpr_version['version']}", flush=True)
-    return summary
+    return polarize_result, spectrum_result
