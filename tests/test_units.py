@@ -177,3 +177,13 @@ def test_search_leaves_out_parameters_that_cannot_change_the_fit(capsys):
     assert "default_sigma.force" not in names and "default_sigma.energy" in names
     assert "default_sigma.force left out (model.force_metrics=false" in capsys.readouterr().out
     assert "default_sigma.force" in [p.name for p in search_space(load_config(["model.force_metrics=true"]), quiet=True)]
+
+
+def test_frame_ranges_hold_whole_frames_within_the_budget():
+    from hpo.models.sagpr.features import frame_ranges
+
+    counts = [3, 3, 5, 1, 10, 2]
+    assert list(frame_ranges(counts, 6)) == [(0, 2), (2, 4), (4, 5), (5, 6)]  # a 10-atom frame alone, not split
+    assert list(frame_ranges(counts, 100)) == [(0, 6)]
+    assert list(frame_ranges(counts, 6, start=2)) == [(2, 4), (4, 5), (5, 6)]
+    assert list(frame_ranges([], 6)) == []

@@ -156,28 +156,27 @@ def energy_of(atoms: ase.Atoms, key: str | None) -> float:
         return math.nan
 
 
-def forces_of(atoms: ase.Atoms, key: str | None) -> np.ndarray | None:
-    """The frame's forces as an (n, 3) float array; None when missing or of another shape."""
+def _float_array(atoms: ase.Atoms, key: str | None) -> np.ndarray | None:
+    """The value stored under ``key`` as a float array; None when missing or not numbers."""
     value = _lookup(atoms, key)
     if value is None:
         return None
     try:
-        forces = np.asarray(value, dtype=float)
+        return np.asarray(value, dtype=float)
     except (TypeError, ValueError):
         return None
-    return forces if forces.shape == (len(atoms), 3) else None
+
+
+def forces_of(atoms: ase.Atoms, key: str | None) -> np.ndarray | None:
+    """The frame's forces as an (n, 3) float array; None when missing or of another shape."""
+    forces = _float_array(atoms, key)
+    return forces if forces is not None and forces.shape == (len(atoms), 3) else None
 
 
 def tensor_of(atoms: ase.Atoms, key: str | None) -> np.ndarray | None:
     """A 3x3 tensor stored as 9 numbers (row by row) or as a 3x3 array; None when missing or malformed."""
-    value = _lookup(atoms, key)
-    if value is None:
-        return None
-    try:
-        tensor = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        return None
-    return tensor.reshape(3, 3) if tensor.size == 9 else None
+    tensor = _float_array(atoms, key)
+    return tensor.reshape(3, 3) if tensor is not None and tensor.size == 9 else None
 
 
 def is_isolated_atom(atoms: ase.Atoms) -> bool:
@@ -716,6 +715,10 @@ def isolated_atoms(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys) -> Che
     else:
         message = f"e0 from isolated atoms: {message}"
     return Check("isolated_atoms", "pass", message, {"e0": e0, "missing": missing})
+
+
+# The checks that judge the force column alone: they cannot spoil a fit that does not use forces.
+FORCE_CHECKS = ("force_outliers", "forces_consistent")
 
 
 def run_checks(

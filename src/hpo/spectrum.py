@@ -205,6 +205,8 @@ def vibrational_dos(
     docstring), transformed exactly like :func:`raman_spectra` (same lags, window and grid), in
     amu A^2 fs^-1 per cm^-1 of the grid. Frames must hold the same atoms in the same order.
     """
+    import ase.units
+
     if not all(atoms.has("momenta") for atoms in frames):
         raise SpectrumError("the trajectory's frames carry no momenta (write them with `hpo md`)")
     symbols = frames[0].get_chemical_symbols()
@@ -212,8 +214,6 @@ def vibrational_dos(
         raise SpectrumError("the frames do not hold the same atoms in the same order: no velocity autocorrelation")
     masses = frames[0].get_masses()
     # sqrt(m) v = p / sqrt(m), in amu^1/2 A/fs (ASE momenta: amu A / ASE time unit)
-    import ase.units
-
     scaled = np.array([atoms.get_momenta() for atoms in frames]) / np.sqrt(masses)[None, :, None] * ase.units.fs
     lags = _lags(len(frames), timestep_fs, correlation_fs)
     species = sorted(set(symbols))

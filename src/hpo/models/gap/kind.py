@@ -2,7 +2,7 @@
 
 ``model.solver`` chooses how a trial fits:
 
-- ``numpy`` (default): hpo chooses the sparse points (``solver.select_sparse``) and solves gap_fit's
+- ``numpy`` (default): hpo chooses the sparse points (``sparse_gp.select_sparse``) and solves gap_fit's
   sparse GP itself on descriptors cached by content (``descriptors``), equal to gap_fit to ~1e-11 eV
   (tests/test_gap_solver.py): a trial that changes only sigmas, delta, zeta or n_sparse costs a solve.
   Promotion refits the chosen model with gap_fit on the same sparse points (``production_model``).
@@ -28,7 +28,7 @@ from hpo.cache import Cache, digest, frame_digests
 from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TrialFailure
 from hpo.models.gap import gap_fit, solver, sparse_gap
 from hpo.models.gap.descriptors import Environments, descriptor_key, environments
-from hpo.models.sparse_gp import SPARSE_METHODS
+from hpo.models.sparse_gp import SPARSE_METHODS, select_sparse
 from hpo.tracking import flatten
 
 # Allowed values of the model config (conf/model/gap.yaml), one table for config, trials and fit.
@@ -290,17 +290,17 @@ def _over_budget(parameter: str, exc: MemoryBudgetExceeded) -> MemoryBudgetExcee
 
 
 def sparse_order(descriptor: str, frames, found: Environments, params: dict, seed: int, cache: Cache):
-    """``solver.select_sparse`` of these environments, cached: FPS and CUR orderings are greedy, so a trial
+    """``select_sparse`` of these environments, cached: FPS and CUR orderings are greedy, so a trial
     asking for fewer points than a cached ordering takes its prefix (the same points a fresh selection
     would pick) and one asking for more extends the cache. (FPS over 1600 environments costs ~2 s.)"""
     method, wanted = params["sparse_selection"], int(params["n_sparse"])
     if method == "random":  # a seeded draw: cheap, and its prefixes are not draws of fewer points
-        return solver.select_sparse(found, wanted, method, seed)
+        return select_sparse(found.vectors, wanted, method, seed)
     key = digest("gap-sparse-order", descriptor_key(descriptor), frame_digests(frames), method, seed)
     hit = cache.get("gap_sparse_order", key)
     if hit is not None and (len(hit["order"]) >= wanted or len(hit["order"]) == len(found.vectors)):
         return hit["order"][:wanted]
-    order = solver.select_sparse(found, wanted, method, seed)
+    order = select_sparse(found.vectors, wanted, method, seed)
     cache.put("gap_sparse_order", key, {"order": order})
     return order
 

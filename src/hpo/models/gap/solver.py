@@ -2,7 +2,7 @@
 
 Two halves, each checked against gap_fit itself (``tests/test_gap_solver.py``):
 
-* **Sparse points chosen by hpo.** ``select_sparse`` picks environments by
+* **Sparse points chosen by hpo.** ``hpo.models.sparse_gp.select_sparse`` picks environments by
   farthest-point sampling (or CUR, or at random) on quippy's descriptors;
   ``write_sparse_index_file`` and ``gap_fit_sparse_args`` hand exactly those to
   gap_fit (``sparse_method=index_file sparse_file=<file>``: 1-based indices, one
@@ -56,20 +56,10 @@ import scipy.linalg
 from hpo.cache import Cache
 from hpo.models.gap import gap_fit
 from hpo.models.gap.descriptors import Environments, environments
-from hpo.models.sparse_gp import solve_projected_process
-from hpo.models.sparse_gp import select_sparse as select_rows
+from hpo.models.sparse_gp import select_sparse, solve_projected_process
 from hpo.models.gap.sparse_gap import SparseGap, SparseGP
 
 FORCE_PAIR_CHUNK = 20000  # gradient pairs per block of predict_forces
-
-
-# --------------------------------------------------------------------------- sparse points
-
-
-def select_sparse(environments: np.ndarray | Environments, n_sparse: int, method: str = "fps", seed: int = 0) -> np.ndarray:
-    """``hpo.models.sparse_gp.select_sparse`` on descriptor vectors (or an ``Environments``)."""
-    x = environments.vectors if isinstance(environments, Environments) else environments
-    return select_rows(x, n_sparse, method, seed)
 
 
 # --------------------------------------------------------------------------- the solver
@@ -227,7 +217,7 @@ def fit_frames(
     """Everything after the data: descriptors (cached), hpo's sparse points, the solve. Returns the model and the sparse indices."""
     descriptors = gap_fit.expected_descriptors(params, frames)
     found = {d: environments(d, frames, gradients=forces is not None, cache=cache) for d in descriptors}
-    sparse = {d: select_sparse(found[d], params["n_sparse"], sparse_method, seed) for d in descriptors}
+    sparse = {d: select_sparse(found[d].vectors, params["n_sparse"], sparse_method, seed) for d in descriptors}
     model = fit(found, sparse, frames, energies, Hyper.from_params(params, e0), forces=forces, times=times, threads=threads)
     return model, sparse
 

@@ -43,8 +43,8 @@ from hpo.cache import Cache, digest, frame_digests
 from hpo.metrics import COMPONENTS, rmse
 from hpo.models.rules import sklearn_constraints
 from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
-from hpo.models.sagpr.features import FeatureBlock, Projection, column_gram, fit_projection, normalise
-from hpo.models.sagpr.lambda_soap import FEATURE_CHUNK_ATOMS, frame_chunks, lambda_soap
+from hpo.models.sagpr.features import FeatureBlock, Projection, column_gram, fit_projection, frame_ranges, normalise
+from hpo.models.sagpr.lambda_soap import FEATURE_CHUNK_ATOMS, lambda_soap
 from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, structure_kernels
 from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
@@ -63,8 +63,9 @@ MODEL_FORMAT = "hpo.sagpr/2"
 READABLE_FORMATS = ("hpo.sagpr/1", MODEL_FORMAT)
 # Atoms featurised and predicted together in predict() (whole frames): bounds memory on long MD
 # trajectories and bulk cells alike. Through the folded weights (no cache) 1200 atoms (100 water
-# frames) take about 100 MB; kernels against the training set (with a cache) are built for larger
-# chunks so a refit with other regularisation reuses fewer, larger cache entries.
+# frames) take at most about 100 MB of raw features (all columns); kernels against the training set
+# (with a cache) are built for larger chunks so a refit with other regularisation reuses fewer, larger
+# cache entries.
 STREAM_CHUNK_ATOMS = 1200
 PREDICT_CHUNK_ATOMS = 6000
 # Raw training features are kept between the two passes of fit() (Gram matrices, then projection)
@@ -316,7 +317,7 @@ class SAGPR(BaseEstimator):
         out = np.empty((len(frames), 3, 3))
         primal = self._primal_weights() if cache.root is None else None
         chunk_atoms = PREDICT_CHUNK_ATOMS if primal is None else STREAM_CHUNK_ATOMS
-        for start, stop in frame_chunks(frames, chunk_atoms):
+        for start, stop in frame_ranges([len(atoms) for atoms in frames], chunk_atoms):
             chunk = frames[start:stop]
             t0 = time.perf_counter()
             if primal is not None:  # streamed: weights folded into feature space, no training kernels
@@ -449,7 +450,7 @@ class SAGPR(BaseEstimator):
         are chosen from, the second computes only the kept columns, projects and normalises them.
         Raw chunks of the first pass are reused by the second while they fit in RAW_KEEP_BYTES.
         """
-        chunks = [frames[start:stop] for start, stop in frame_chunks(frames, FEATURE_CHUNK_ATOMS)]
+        chunks = [frames[start:stop] for start, stop in frame_ranges([len(atoms) for atoms in frames], FEATURE_CHUNK_ATOMS)]
         projections, kept = None, None
         if self.nc is not None:
             gram0 = gram2 = 0.0
@@ -459,7 +460,10 @@ class SAGPR(BaseEstimator):
                 gram0 = gram0 + column_gram(raw.x0)
                 gram2 = gram2 + column_gram(raw.x2)  # lambda = 2 rows are (atom, mu): FPS and A see all 5
                 held += raw.x0.nbytes + raw.x2.nbytes
-                kept = kept + [raw] if kept is not None and held <= RAW_KEEP_BYTES else None
+                if kept is not None:
+                    kept.append(raw)
+                    if held > RAW_KEEP_BYTES:  # too large to keep: the second pass computes them again
+                        kept = None
             # nc is "at most": a lambda with fewer features keeps them all, as gap_fit caps n_sparse,
             # so a search over nc and the descriptor size never samples an impossible pair
             projections = tuple(

@@ -40,6 +40,20 @@ __all__ = [
 KERNEL_BLOCK_BYTES = 2**27
 
 
+def frame_ranges(counts, max_atoms: int, start: int = 0):
+    """Ranges [f0, f1) of consecutive frames (from ``start``) holding at most ``max_atoms`` atoms in all,
+    at least one frame each; ``counts`` are the frames' atom counts. Every chunked loop over frames uses
+    these, so per-frame sums never straddle two chunks."""
+    f0, held = start, 0
+    for f1 in range(start, len(counts)):
+        if f1 > f0 and held + counts[f1] > max_atoms:
+            yield f0, f1
+            f0, held = f1, 0
+        held += counts[f1]
+    if f0 < len(counts):
+        yield f0, len(counts)
+
+
 @dataclass
 class FeatureBlock:
     """Per-atom features of a list of frames, rows ordered frame by frame.
@@ -100,9 +114,10 @@ def fit_projection(gram: np.ndarray, n_columns: int, seed: int) -> Projection:
     U = pinv(C) X and A = (U U^T)^(1/2), (C A)(C A)^T is the projection of X X^T onto the span of
     C: the kept columns reproduce the full kernel as well as k columns can. In Gram terms
     U = G_cc^+ G_c: with G_cc = V W V^T, so U U^T = B (Y Y^T) B^T with Y = W^-1/2 V^T G_c: and
-    B = V W^-1/2: forming Y first keeps round-off at cond(C) (the same kernels as an SVD of C to
-    2e-12 on the workshop data, a test checks 1e-9), where G_cc^+ (G_c: G_:c) G_cc^+ loses
-    cond(C)^2. Directions with W below n_columns eps W_max are dropped, as pinv would.
+    B = V W^-1/2: forming Y first keeps round-off at cond(C) (measured on the 200 workshop frames,
+    nc=200: the kernels of an SVD of C to 1.5e-11 for lambda=0 and 5e-13 for lambda=2; a test checks
+    1e-9), where G_cc^+ (G_c: G_:c) G_cc^+ loses cond(C)^2 (2 % kernel error for lambda=0 there).
+    Directions with W below n_columns eps W_max are dropped, as pinv would.
     """
     columns = farthest_point_columns(gram, n_columns, seed)
     eigval, eigvec = np.linalg.eigh(gram[np.ix_(columns, columns)])
@@ -192,13 +207,8 @@ def pair_kernels(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> t
     n_b_atoms = len(b.x0)
 
     # atoms of `a` per block: the (atoms, 5, b_atoms, 5) pair array fits the budget
-    atoms_per_block = max(1, KERNEL_BLOCK_BYTES // (25 * 8 * n_b_atoms))
-    start = 0
-    while start < n_a:
-        # whole frames only, so per-frame sums never straddle two blocks
-        stop = start + 1
-        while stop < n_a and a_off[stop] + a.counts[stop] - a_off[start] <= atoms_per_block:
-            stop += 1
+    atoms_per_block = KERNEL_BLOCK_BYTES // (25 * 8 * n_b_atoms)
+    for start, stop in frame_ranges(a.counts, atoms_per_block):
         rows = slice(a_off[start], a_off[stop - 1] + a.counts[stop - 1])
         first_col = start if symmetric else 0
         cols = slice(b_off[first_col], n_b_atoms)
@@ -223,5 +233,4 @@ def pair_kernels(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> t
         if symmetric:
             k0[first_col:, start:stop] = block0.T
             k2[first_col:, :, start:stop, :] = block2.transpose(2, 3, 0, 1)
-        start = stop
     return k0, k2

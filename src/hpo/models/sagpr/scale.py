@@ -41,7 +41,7 @@ from itertools import combinations_with_replacement
 
 import numpy as np
 
-from hpo.models.sagpr.features import FeatureBlock, pair_kernels
+from hpo.models.sagpr.features import FeatureBlock, frame_ranges, pair_kernels
 
 __all__ = [
     "PrimalWeights",
@@ -118,15 +118,7 @@ def _dims(block: FeatureBlock, zeta: int) -> tuple[int, int, int]:
 def _atom_batches(block: FeatureBlock, width: int, start: int = 0, stop: int | None = None):
     """Frame ranges [f0, f1) of at most CHUNK_BYTES // (8 width) atoms (at least one frame)."""
     stop = block.n_frames if stop is None else stop
-    budget = max(1, CHUNK_BYTES // (8 * max(width, 1)))
-    offsets, counts = block.offsets, block.counts
-    f0 = start
-    while f0 < stop:
-        f1 = f0 + 1
-        while f1 < stop and offsets[f1] + counts[f1] - offsets[f0] <= budget:
-            f1 += 1
-        yield f0, f1
-        f0 = f1
+    return frame_ranges(block.counts[:stop], CHUNK_BYTES // (8 * max(width, 1)), start)
 
 
 def _symmetric_flat(n_features: int, k: int) -> tuple[np.ndarray, np.ndarray]:
