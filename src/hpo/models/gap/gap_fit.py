@@ -12,6 +12,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sysconfig
 import threading
 import time
 from collections import Counter
@@ -139,6 +140,22 @@ def largest_cutoff(params: dict, frames: list[ase.Atoms], budget_bytes: float) -
         else:
             high = middle
     return low
+
+
+def executable() -> str:
+    """The gap_fit program of the running Python's quippy-ase (its scripts folder), else the one on PATH.
+
+    The scripts folder comes first: a virtual environment used without being activated (``.venv/bin/python -m
+    hpo``) has gap_fit there and not on PATH, and another gap_fit on PATH (a cluster module) may be of
+    another version than the quippy that computes hpo's descriptors.
+    """
+    found = shutil.which("gap_fit", path=sysconfig.get_path("scripts")) or shutil.which("gap_fit")
+    if found is None:
+        raise GapFitError(
+            "gap_fit_error",
+            f"gap_fit not found in {sysconfig.get_path('scripts')} nor on PATH: it comes with quippy-ase (pip install quippy-ase)",
+        )
+    return found
 
 
 def _number(value) -> str:
@@ -323,7 +340,7 @@ class GAP:
         timeout = self.params["fit_timeout_s"]
         start = time.perf_counter()
         with open(out_path, "w") as out, open(err_path, "w") as err:
-            process = subprocess.Popen(command, cwd=workdir, env=env, stdout=out, stderr=err)
+            process = subprocess.Popen([executable(), *command[1:]], cwd=workdir, env=env, stdout=out, stderr=err)
             # A thread notes when gap_fit ends, so the fit time stays gap_fit's own even if
             # while_fitting outlasts it (waiting on a process releases the GIL).
             ended: list[float] = []
