@@ -191,3 +191,61 @@ def test_written_model_with_long_sparse_points_is_loaded_by_quippy(water, tmp_pa
     assert "sparseX_slice" in path.read_text()
     quippy_energies, _ = gap.predict(gap.load(path), val[:2])
     assert np.abs(model.predict(val[:2]) - quippy_energies).max() < ENERGY_TOL
+
+
+# --------------------------------------------------------------------------- streamed factors
+
+
+def test_triangular_factor_of_blocks_is_the_factor_of_the_whole():
+    """TSQR: folding rows block by block gives R with R^T R = A^T A (the same least-squares problem)."""
+    a = np.random.default_rng(0).normal(size=(1000, 40))
+    factor = gs.TriangularFactor(40, block_rows=64)
+    for start in range(0, len(a), 37):  # blocks that do not line up with the fold size
+        factor.add(a[start : start + 37])
+    r = factor.r
+    assert np.allclose(np.tril(r, -1), 0.0)
+    np.testing.assert_allclose(r.T @ r, a.T @ a, rtol=1e-10, atol=1e-9)
+    few = gs.TriangularFactor(40, block_rows=64)
+    few.add(a[:5])  # fewer rows than columns: zero rows below
+    np.testing.assert_allclose(few.r.T @ few.r, a[:5].T @ a[:5], atol=1e-10)
+
+
+def test_smaller_sparse_set_from_the_factors_of_a_larger_one(emt, tmp_path):
+    """Factors built for 10 sparse points per species solve the fit of 6 exactly as factors built for 6,
+    and the training force RMSE read off R equals the one of predicted training forces."""
+    _, train, _ = emt
+    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
+                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0))
+    e0 = {"Cu": -0.1, "Al": -0.2}
+    forces = [a.get_forces() for a in train]
+    descriptors = gap.expected_descriptors(params, train)
+    found = {d: environments(d, train) for d in descriptors}
+    orders = {d: select_sparse(found[d].vectors, 10, "fps", 1) for d in descriptors}
+    hyper = gs.Hyper.from_params(params, e0)
+    large = gs.build_factors(gs.SparseSet.of(found, orders), train, 2, forces)
+    small_orders = {d: o[:6] for d, o in orders.items()}
+    small = gs.build_factors(gs.SparseSet.of(found, small_orders), train, 2, forces)
+    from_large = gs.solve(large, train, energies(train), hyper, n_sparse=6)
+    direct = gs.solve(small, train, energies(train), hyper)
+    for a, b in zip(from_large.model.gps, direct.model.gps):
+        np.testing.assert_allclose(a.sparse_points, b.sparse_points)
+        np.testing.assert_allclose(a.alpha, b.alpha, rtol=1e-7, atol=1e-9 * np.abs(b.alpha).max())
+    assert from_large.train_force_rmse == pytest.approx(direct.train_force_rmse, rel=1e-9)
+    found_grad = {d: environments(d, train, gradients=True) for d in descriptors}
+    predicted = gs.predict_forces(direct.model, found_grad, train)
+    rmse = np.sqrt(np.mean((np.concatenate(predicted) - np.concatenate(forces)) ** 2))
+    assert direct.train_force_rmse == pytest.approx(rmse, rel=1e-6)
+    np.testing.assert_allclose(direct.train_energies, direct.model.predict(train), atol=1e-8)
+
+
+def test_memory_estimate_is_flat_in_frames_and_grows_with_sparse_points():
+    """The streamed fit's estimate grows with the frames only through the energy rows and the vectors."""
+    from ase.build import bulk
+
+    cell = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))  # 256 atoms
+    d = gap.soap_dimensions(8, 6, 1)
+    pairs = gap.neighbours_per_atom(5.0, [cell]) + 1
+    at = {n: gs.memory_bytes(2000, [cell] * n, d, pairs, True) for n in (50, 500)}
+    assert at[500] - at[50] < 0.5e9  # 450 more frames: vectors and energy rows only
+    assert at[500] < 4e9
+    assert gs.memory_bytes(4000, [cell] * 50, d, pairs, True) > at[50] + 0.2e9

@@ -81,7 +81,7 @@ def all_runs_ended(cfg) -> list:
 
 
 def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, tiny_cfg, tmp_path):
-    extra = ["study.n_trials=3", "model.solver=gap_fit"]  # a real gap_fit process to take down
+    extra = ["study.n_trials=3", "model.solver=gap_fit", "model.force_metrics=true"]  # a real gap_fit process to take down
     cfg = tiny_cfg(*extra)
     process = start([*tiny_overrides, *extra], tmp_path, "optimize")
     trial = wait_for(lambda: running_trial_with_gap_fit(cfg), "a trial with its gap_fit running")
@@ -108,7 +108,7 @@ def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, ti
 
 
 def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tmp_path):
-    extra = ["study.n_trials=3", "study.heartbeat_s=1", "study.grace_s=3", "study.enqueue_default=false", "model.solver=gap_fit"]
+    extra = ["study.n_trials=3", "study.heartbeat_s=1", "study.grace_s=3", "study.enqueue_default=false", "model.solver=gap_fit", "model.force_metrics=true"]
     cfg = tiny_cfg(*extra)
     process = start([*tiny_overrides, *extra], tmp_path, "killed")
 
@@ -198,7 +198,7 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
 
     cfg = tiny_cfg(
         "dataset.data_dir=" + os.environ.get("HPO_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "water")),
-        "model.solver=gap_fit", "model.sparse_method=uniform", "model.n_max=8", "model.l_max=6", "model.cutoff=5.0", "model.n_sparse=100",
+        "model.solver=gap_fit", "model.force_metrics=true", "model.sparse_method=uniform", "model.n_max=8", "model.l_max=6", "model.cutoff=5.0", "model.n_sparse=100",
         "model.descriptor_cache_dir=null",
     )
     data = load_datasets(cfg)

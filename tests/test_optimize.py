@@ -126,7 +126,7 @@ def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
     # every sampled trial is over budget (the model itself and the space's low end are not, or the config
     # would be refused up front): the study stops after study.max_refused_trials refusals, with the reason
     cfg = tiny_cfg(
-        "study.n_trials=1", "study.max_refused_trials=3", "model.memory_budget_gb=0.0013", "study.enqueue_default=false", "model.solver=gap_fit",
+        "study.n_trials=1", "study.max_refused_trials=3", "model.memory_budget_gb=0.0013", "study.enqueue_default=false", "model.solver=gap_fit", "model.force_metrics=true",
         "~search.space", "+search.space={cutoff:{type:float,low:3.0,high:30.0}}",
     )
     with pytest.raises(storage.StudyError, match="3 trials were refused before any fit.*memory_budget_gb=0.0013"):
@@ -146,4 +146,4 @@ def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
     assert len(arrays) == 3
     total = sum(8 * int(rows) * int(cols) * (2 if twice else 1) for rows, cols, twice in arrays)
     frames = ase.io.read(tiny_data / "gap_input_50.xyz", ":")
-    assert gap.covariance_memory_bytes(20, frames) == total
+    assert gap.covariance_memory_bytes(20, frames, with_forces=False) == total  # water's default: energies only

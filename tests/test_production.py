@@ -23,8 +23,8 @@ from helpers import TINY_GAP
 def promoted_root(tiny_data, tmp_path_factory):
     """One promoted study shared by this module's tests (promotion is the slow part)."""
     root = tmp_path_factory.mktemp("promoted")
-    # gap_fit solver: its fits of these slices include a stable trial for the screen (see test_trust)
-    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit"]
+    # gap_fit fitting forces too: its fits of these slices include a stable trial for the screen (see test_trust)
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit", "model.force_metrics=true"]
     cfg = load_config([*overrides, "study.n_trials=2"])
     loop.run(cfg)
     return overrides, cfg, hpo_promote.promote(cfg)
@@ -124,7 +124,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
         "pipeline.gap_train_size=50",
         "pipeline.sagpr_trials=2",
         "pipeline.sagpr_train_size=50",
-        "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small','model.solver=gap_fit']",
+        "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small','model.solver=gap_fit','model.force_metrics=true']",
         "pipeline.sagpr_overrides=['search=sagpr_small','model.n_max=2','model.l_max=2','model.nc=null','model.rc=3.0']",
         "md.steps=10",
     ]

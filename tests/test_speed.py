@@ -69,17 +69,25 @@ def test_descriptor_cache_is_reused_and_exact(fitted, tmp_path):
     assert cache.stats["gap_descriptors_miss"] == 2 * n + 2
 
 
-def test_trial_with_force_metrics_gives_the_same_energies(tiny_cfg, tmp_path):
-    # with the gap_fit solver the fit is the same either way; only the evaluation route differs
-    plain = tiny_cfg("model.solver=gap_fit")
-    energies_only = score(plain, model_params(plain), load_datasets(plain), tmp_path / "numpy")
-    cfg = tiny_cfg("model.solver=gap_fit", "model.force_metrics=true", "model.cost_frames=2")
-    with_forces = score(cfg, model_params(cfg), load_datasets(cfg), tmp_path / "quippy")
-    assert "val_force_rmse" not in energies_only.metrics and with_forces.metrics["val_force_rmse"] > 0
-    assert "md_ms_per_atom" not in energies_only.metrics and with_forces.metrics["md_ms_per_atom"] > 0
-    for key in ("train_energy_rmse", "val_energy_rmse"):
-        assert energies_only.metrics[key] == pytest.approx(with_forces.metrics[key], abs=1e-9)
-    assert energies_only.metrics["descriptor_wait_s"] >= 0
+def test_both_solvers_fit_the_same_targets(tiny_cfg, tmp_path):
+    """model.force_metrics decides whether forces enter the fit, for both solvers: with every environment a
+    sparse point (n_sparse above the count, so the selection method cannot differ) the two fit the same model
+    with and without forces (before, gap_fit fitted the force column whatever the setting)."""
+    for forces in ("false", "true"):
+        runs = {}
+        for solver in ("numpy", "gap_fit"):
+            cfg = tiny_cfg(f"model.solver={solver}", f"model.force_metrics={forces}", "model.n_sparse=10000", "model.cost_frames=2")
+            runs[solver] = score(cfg, model_params(cfg), load_datasets(cfg), tmp_path / f"{solver}-{forces}")
+        for key in ("train_energy_rmse", "val_energy_rmse"):
+            assert runs["numpy"].metrics[key] == pytest.approx(runs["gap_fit"].metrics[key], abs=1e-6)
+        command = (tmp_path / f"gap_fit-{forces}" / "gap_fit.cmd").read_text()
+        assert ("force_parameter_name=hpo_no_force_targets" in command) == (forces == "false")
+        if forces == "true":
+            assert runs["numpy"].metrics["val_force_rmse"] == pytest.approx(runs["gap_fit"].metrics["val_force_rmse"], abs=1e-5)
+            assert runs["numpy"].metrics["train_force_rmse"] == pytest.approx(runs["gap_fit"].metrics["train_force_rmse"], abs=1e-5)
+        else:
+            assert "val_force_rmse" not in runs["numpy"].metrics and "val_force_rmse" not in runs["gap_fit"].metrics
+        assert runs["gap_fit"].metrics["md_ms_per_atom"] > 0
 
 
 def test_multi_fidelity_study_prunes_and_records(tiny_cfg):

@@ -42,6 +42,12 @@ def frame_digests(frames: Sequence[ase.Atoms]) -> list[str]:
     return out
 
 
+def digest_array(array: np.ndarray) -> str:
+    """sha256 of an array's values (float64, C order) and shape."""
+    array = np.ascontiguousarray(array, dtype=np.float64)
+    return hashlib.sha256(str(array.shape).encode() + array.tobytes()).hexdigest()
+
+
 def digest(*parts: Any) -> str:
     """Stable sha256 of JSON-serialisable parts (used as cache file names)."""
     text = json.dumps(parts, sort_keys=True, default=str)

@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import optuna
 
+from hpo import peak_memory
 from hpo.atomic import write_text
 from hpo.data import Datasets, joined_frames, subset_frames
 from hpo.models import kind
@@ -48,6 +49,7 @@ def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | 
     trial there (raising ``RungPruned``). The last rung is the whole training set.
     """
     model_kind = kind(model["kind"])
+    peak_memory.reset()
     sizes = rung_sizes(cfg.study.fidelity_rungs, len(data.train))
     if len(sizes) > 1:
         model_kind.preflight(model, data.train.frames)  # before the small rungs spend time on a doomed trial
@@ -63,7 +65,8 @@ def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | 
         scored = cross_validated(cfg, model_kind, model, data, workdir, scored)
     if report is not None and len(sizes) > 1:
         report(sizes[-1], scored)
-    return scored
+    # this process's peak over the whole trial (gap_fit, a child process, is not in it)
+    return dataclasses.replace(scored, metrics={**scored.metrics, "peak_rss_gb": peak_memory.peak_bytes() / 1e9})
 
 
 def cross_validated(cfg, model_kind, model: dict, data: Datasets, workdir: Path, scored: Scored) -> Scored:

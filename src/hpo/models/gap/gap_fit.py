@@ -66,16 +66,16 @@ def effective_n_sparse(n_sparse: int, frames: list[ase.Atoms]) -> int:
     return int(min(n_sparse, max(environments_per_species(frames).values())))
 
 
-def covariance_memory_bytes(n_sparse: int, frames: list[ase.Atoms]) -> int:
+def covariance_memory_bytes(n_sparse: int, frames: list[ase.Atoms], with_forces: bool = True) -> int:
     """gap_fit's own estimate of its covariance matrices, the arrays that grow with n_sparse.
 
     One descriptor per species, each with ``n_sparse`` points: S sparse points
-    in all and T targets (one energy per frame, three force components per
-    atom). gap_fit prints these as "yY S T * 2", "yy S S" and "A S S+T * 2"
-    under "Memory Estimate".
+    in all and T targets (one energy per frame and, ``with_forces``, three force
+    components per atom). gap_fit prints these as "yY S T * 2", "yy S S" and
+    "A S S+T * 2" under "Memory Estimate".
     """
     sparse = len(environments_per_species(frames)) * n_sparse
-    targets = len(frames) + 3 * sum(len(atoms) for atoms in frames)
+    targets = len(frames) + (3 * sum(len(atoms) for atoms in frames) if with_forces else 0)
     return 8 * (2 * sparse * targets + sparse * sparse + 2 * sparse * (sparse + targets))
 
 
@@ -100,9 +100,8 @@ def neighbours_per_atom(cutoff: float, frames: list[ase.Atoms]) -> float:
 
 
 def needs_gradients(params: dict) -> bool:
-    """Whether a fit keeps descriptor gradients: gap_fit always does (force targets); hpo's numpy solver
-    only for force metrics."""
-    return params.get("solver", "gap_fit") == "gap_fit" or bool(params.get("force_metrics"))
+    """Whether a fit has force targets, and so descriptor gradients (both solvers: ``model.force_metrics``)."""
+    return bool(params.get("force_metrics"))
 
 
 def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:

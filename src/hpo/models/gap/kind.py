@@ -3,8 +3,9 @@
 ``model.solver`` chooses how a trial fits:
 
 - ``numpy`` (default): hpo chooses the sparse points (``sparse_gp.select_sparse``) and solves gap_fit's
-  sparse GP itself on descriptors cached by content (``descriptors``), equal to gap_fit to ~1e-11 eV
-  (tests/test_gap_solver.py): a trial that changes only sigmas, delta, zeta or n_sparse costs a solve.
+  sparse GP itself, streamed frame by frame (``solver``), within 1e-6 eV and 1e-5 eV/A of gap_fit
+  (asserted by tests/test_gap_solver.py): a trial that changes only sigmas, delta, jitter or n_sparse
+  reuses the training set's factors and costs a solve.
   Promotion refits the chosen model with gap_fit on the same sparse points (``production_model``).
 - ``gap_fit``: gap_fit fits each trial (``gap_fit.GAP``) while this process computes the evaluation
   descriptors on the core gap_fit leaves free; energies then come from numpy (``sparse_gap``), or,
@@ -22,12 +23,12 @@ from typing import Callable
 
 import numpy as np
 
-from hpo import metrics, plots
+from hpo import metrics, plots, progress
 from hpo.atomic import write_text
-from hpo.cache import Cache, digest, frame_digests
+from hpo.cache import Cache, digest, digest_array, frame_digests
 from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TrialFailure
 from hpo.models.gap import gap_fit, solver, sparse_gap
-from hpo.models.gap.descriptors import Environments, descriptor_key, environments
+from hpo.models.gap.descriptors import Environments, descriptor_key, environments, quippy_version
 from hpo.models.sparse_gp import SPARSE_METHODS, select_sparse
 from hpo.tracking import flatten
 
@@ -55,6 +56,9 @@ PARAMETERS = {
     "descriptor_cache_max_gb": "positive",
 }
 
+# Training sets with more atoms than this show a progress line while their kernel rows are computed.
+LONG_FIT_ATOMS = 20000
+
 
 class GapKind(ModelKind):
     name = "gap"
@@ -71,23 +75,46 @@ class GapKind(ModelKind):
             raise ConfigError(f"{prefix}.atom_sigma={params['atom_sigma']!r} is not allowed: smaller than the cutoff ({params['cutoff']})")
 
     def preflight(self, params: dict, frames: list) -> None:
-        """Memory for descriptor gradients (grows with the cutoff cubed; gap_fit and force metrics) and
-        gap_fit's covariances (grow with n_sparse) against ``model.memory_budget_gb``: gap_fit itself dies
-        only after minutes of work (or takes the machine down) with "Error allocating ... bytes"."""
+        """The fit's peak memory, estimated before it starts, against ``model.memory_budget_gb``: hpo's
+        streamed solver (``numpy_memory_bytes``: flat in the number of frames) or gap_fit (its descriptor
+        gradients grow with the cutoff cubed and the frames, its covariances with n_sparse); gap_fit itself
+        dies only after minutes of work (or takes the machine down) with "Error allocating ... bytes".
+        Over budget: ``MemoryBudgetExceeded`` naming the parameter and the largest value of it that fits."""
         budget = params["memory_budget_gb"] * 1e9
+        if params["solver"] == "numpy":
+            estimate = numpy_memory_bytes(params, frames)
+            if estimate <= budget:
+                return
+            at_one_point = numpy_memory_bytes({**params, "n_sparse": 1}, frames)
+            if at_one_point > budget:  # one frame's descriptor gradients alone: the cutoff is the lever
+                raise _over_budget("cutoff", MemoryBudgetExceeded(
+                    f"cutoff={params['cutoff']!r} Å: about {gap_fit.neighbours_per_atom(params['cutoff'], frames):.3g} neighbours per atom "
+                    f"make one frame's descriptor gradients need about {at_one_point / 1e9:.3g} GB, over "
+                    f"model.memory_budget_gb={params['memory_budget_gb']}; at most cutoff="
+                    f"{_largest(lambda c: numpy_memory_bytes({**params, 'cutoff': c, 'n_sparse': 1}, frames) <= budget, 0.0, float(params['cutoff'])):.3g} Å fits",
+                    estimate,
+                ))
+            largest = int(_largest(lambda n: numpy_memory_bytes({**params, "n_sparse": int(n)}, frames) <= budget, 1, int(params["n_sparse"]), integer=True))
+            raise _over_budget("n_sparse", MemoryBudgetExceeded(
+                f"hpo's solver would need about {estimate / 1e9:.3g} GB (n_sparse={gap_fit.effective_n_sparse(params['n_sparse'], frames)} per species, "
+                f"{'energies and forces' if params['force_metrics'] else 'energies'}, {len(frames)} frames), over "
+                f"model.memory_budget_gb={params['memory_budget_gb']}; at most n_sparse={largest} fits",
+                estimate,
+            ))
+        with_forces = bool(params["force_metrics"])
         descriptors = gap_fit.descriptor_memory_bytes(params, frames)
-        if gap_fit.needs_gradients(params) and descriptors > budget:
+        if with_forces and descriptors > budget:
             raise _over_budget("cutoff", MemoryBudgetExceeded(
                 f"cutoff={params['cutoff']!r} Å: about {gap_fit.neighbours_per_atom(params['cutoff'], frames):.3g} neighbours per atom "
-                f"(the density of the training cells) make the descriptors and their gradients need about "
+                f"(the density of the training cells) make gap_fit's descriptors and their gradients need about "
                 f"{descriptors / 1e9:.3g} GB, over model.memory_budget_gb={params['memory_budget_gb']}; "
                 f"at most cutoff={gap_fit.largest_cutoff(params, frames, budget):.3g} Å fits "
                 f"(n_max={params['n_max']}, l_max={params['l_max']}, {len(frames)} frames)",
                 descriptors,
             ))
         n_sparse = gap_fit.effective_n_sparse(params["n_sparse"], frames)
-        estimate = gap_fit.covariance_memory_bytes(n_sparse, frames)
-        if estimate > params["memory_budget_gb"] * 1e9:
+        estimate = gap_fit.covariance_memory_bytes(n_sparse, frames, with_forces)
+        if estimate > budget:
             raise _over_budget("n_sparse", MemoryBudgetExceeded(
                 f"gap_fit would need about {estimate / 1e9:.1f} GB for its covariance matrices "
                 f"(n_sparse={n_sparse}, {len(frames)} frames), over model.memory_budget_gb={params['memory_budget_gb']}",
@@ -213,7 +240,9 @@ def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fi
                 found_envs[name, descriptor_key(descriptor)] = found
 
     start = time.perf_counter()
-    fitted = gap_fit.GAP(params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed).fit(
+    # forces enter gap_fit's fit exactly when they enter the numpy solver's: model.force_metrics
+    energy_only = not params["force_metrics"]
+    fitted = gap_fit.GAP(params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed, energy_only=energy_only).fit(
         data.train.path, workdir, while_fitting=compute_descriptors
     )
     fit_wall = time.perf_counter() - start
@@ -240,34 +269,104 @@ def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fi
 
 
 def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitted:
-    """hpo's own sparse GP on cached descriptors: sparse points by ``model.sparse_selection`` (kept in index
-    files for the gap_fit refit at promotion), alphas from gap_fit's linear system (``solver.fit``)."""
-    gradients = bool(params["force_metrics"])
-    descriptors = gap_fit.expected_descriptors(params, data.train.frames)
+    """hpo's own sparse GP, streamed frame by frame (``solver``): sparse points by ``model.sparse_selection``
+    (kept in index files for the gap_fit refit at promotion), the training set's factors from the cache when
+    a trial with the same descriptor, zeta and at least as many sparse points made them, then the solve
+    and the validation predictions, block by block."""
+    with_forces = bool(params["force_metrics"]) and bool(data.train.forces)
+    frames = data.train.frames
+    descriptors = gap_fit.expected_descriptors(params, frames)
     start = time.perf_counter()
-    train_envs = {d: environments(d, data.train.frames, cache, gradients=gradients) for d in descriptors}
+    found = {d: environments(d, frames, cache) for d in descriptors}  # vectors only: what the selection needs
+    orders = {d: sparse_order(d, frames, found[d], params, cfg.study.seed, cache) for d in descriptors}
     descriptor_time = time.perf_counter() - start
     start = time.perf_counter()
-    sparse = {d: sparse_order(d, data.train.frames, train_envs[d], params, cfg.study.seed, cache) for d in descriptors}
-    gap_fit.SparsePoints(data.train.frames, tuple(sparse[d] for d in descriptors)).write(workdir)
-    forces = data.train.forces if gradients and data.train.forces else None
-    model = solver.fit(train_envs, sparse, data.train.frames, data.train.energies, solver.Hyper.from_params(params, data.solver_e0(cfg.dataset)), forces=forces)
+    sparse = solver.SparseSet.of(found, orders)
+    gradient_cache = cache if _gradients_fit_in_cache(params, frames) else Cache(None)
+    factors, reused = training_factors(params, data.train, sparse, found, with_forces, cfg.study.seed, cache, gradient_cache)
+    factors.key = factors_key(params, data.train, sparse, with_forces, cfg.study.seed)
+    hyper = solver.Hyper.from_params(params, data.solver_e0(cfg.dataset))
+    solution = solver.solve(factors, frames, data.train.energies, hyper, params["n_sparse"])
     fit_time = time.perf_counter() - start
-    model_file = solver.write_xml(model, workdir / gap_fit.MODEL_FILE)
+    indices = sparse.indices(params["n_sparse"])
+    points = gap_fit.SparsePoints(frames, tuple(indices[d] for d in descriptors))
+    points.write(workdir)
+    model_file = solver.write_xml(solution.model, workdir / gap_fit.MODEL_FILE)
     start = time.perf_counter()
-    val_envs = {d: environments(d, data.val.frames, cache, gradients=gradients) for d in descriptors}
-    envs = {"train": train_envs, "val": val_envs}
-    frames = {"train": data.train.frames, "val": data.val.frames}
-    energies = {name: model.energies(frames[name], envs[name]) for name in envs}
-    predicted_forces = {name: solver.predict_forces(model, envs[name], frames[name]) for name in envs} if gradients else {}
+    val_energies, val_forces = validation_predictions(params, data.val.frames, factors, solution, hyper, with_forces, cache)
+    found_metrics = {"fit_time_s": fit_time, "descriptor_time_s": descriptor_time, "eval_time_s": time.perf_counter() - start,
+                     "factors_reused": float(reused), "kernel_time_s": factors.times.get("kernels_s", 0.0)}
+    if solution.train_force_rmse is not None:
+        found_metrics["train_force_rmse"] = solution.train_force_rmse
     return Fitted(
         model_file=model_file,
-        energies=energies,
-        forces=predicted_forces,
-        metrics={"fit_time_s": fit_time, "descriptor_time_s": descriptor_time, "eval_time_s": time.perf_counter() - start},
+        energies={"train": solution.train_energies, "val": val_energies},
+        forces={"val": val_forces} if with_forces else {},
+        metrics=found_metrics,
         tags={},
-        artifacts=[workdir / name for name in gap_fit.SparsePoints(data.train.frames, tuple(sparse.values())).files],
+        artifacts=[workdir / name for name in points.files],
     )
+
+
+def validation_predictions(params: dict, frames, factors: solver.Factors, solution: solver.Solution, hyper: solver.Hyper,
+                           with_forces: bool, cache: Cache) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Energies and forces of the validation frames. With forces, their kernel rows against the factors'
+    sparse points are cached while they take at most a quarter of the budget and half the cache, so a
+    trial that changes only GP settings predicts by two matrix products instead of a descriptor pass
+    (at 192 atoms, quippy's gradients cost about a second a frame); else predicted in blocks."""
+    rows_bytes = 8 * (len(frames) + 3 * sum(len(a) for a in frames)) * factors.sparse.size
+    budget = min(params["memory_budget_gb"] * 1e9 / 4, params["descriptor_cache_max_gb"] * 1e9 / 2)
+    if not with_forces or not params["descriptor_cache_dir"] or rows_bytes > budget:
+        found_cache = cache if _gradients_fit_in_cache(params, frames) else Cache(None)
+        return solver.predict(solution.model, frames, found_cache, with_forces)
+    key = digest("gap-evaluation-rows", factors.key, frame_digests(frames))
+    hit = cache.get("gap_evaluation_rows", key)
+    if hit is not None and hit["energy_rows"].shape[1] >= len(solution.weights):
+        rows = solver.EvaluationRows(hit["energy_rows"], hit.get("force_rows"))
+    else:
+        rows = solver.EvaluationRows.of(factors.sparse, frames, factors.zeta, True, Cache(None))
+        cache.put("gap_evaluation_rows", key, rows.arrays())
+    return rows.predict(solution, hyper, frames)
+
+
+def _gradients_fit_in_cache(params: dict, frames) -> bool:
+    """Descriptor gradients are worth caching (a zeta change reuses them) while a set's take at most a
+    quarter of the cache; beyond, recomputing beats evicting everything else (192-atom water: ~240 MB a frame)."""
+    if not params["descriptor_cache_dir"]:
+        return False
+    gradients = gap_fit.descriptor_memory_bytes({**params, "force_metrics": True}, frames)
+    return gradients <= params["descriptor_cache_max_gb"] * 1e9 / 4
+
+
+def factors_key(params: dict, train, sparse: solver.SparseSet, with_forces: bool, seed: int) -> str:
+    """What a training set's factors depend on: descriptors, quippy, frames, zeta, the sparse order, forces."""
+    method = params["sparse_selection"]
+    return digest(
+        "gap-factors", [descriptor_key(d) for d in sparse.descriptors], quippy_version(), frame_digests(train.frames),
+        float(params["zeta"]), method, seed, params["n_sparse"] if method == "random" else None,
+        [digest_array(f) for f in train.forces] if with_forces else None,
+    )
+
+
+def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_forces: bool, seed: int, cache: Cache, gradient_cache: Cache):
+    """The training set's ``solver.Factors`` for this descriptor, zeta and sparse order: from the cache when an
+    entry holds at least these sparse points (FPS/CUR orders are greedy: a smaller set is its prefix), else
+    built frame by frame (with a progress line on long sets) and cached. Returns (factors, reused)."""
+    key = factors_key(params, train, sparse, with_forces, seed)
+    needed = sparse.counts(params["n_sparse"])
+    hit = cache.get("gap_factors", key)
+    if hit is not None:
+        orders = tuple(hit[f"order_{i}"] for i in range(len(sparse.descriptors)))
+        if all(len(o) >= n for o, n in zip(orders, needed)) and all(np.array_equal(o[: len(mine)], mine[: len(o)]) for o, mine in zip(orders, sparse.orders)):
+            stored = solver.SparseSet.of(found, dict(zip(sparse.descriptors, orders)))
+            return solver.Factors.from_arrays(stored, hit), True
+    bar = progress.Bar(len(train.frames), "[hpo] kernel rows", unit=" frames") if len(train.frames) * max(len(a) for a in train.frames) > LONG_FIT_ATOMS else None
+    factors = solver.build_factors(sparse, train.frames, float(params["zeta"]), train.forces if with_forces else None, gradient_cache,
+                                   progress=bar.set if bar else None, found=found)
+    if bar:
+        bar.close()
+    cache.put("gap_factors", key, {**factors.arrays(), **{f"order_{i}": o for i, o in enumerate(sparse.orders)}})
+    return factors, False
 
 
 def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool, prefixes: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
@@ -281,6 +380,26 @@ def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool, prefixes:
         return metrics.loss_metrics(found, weights, scales, prefixes)
     except ValueError as exc:
         raise TrialFailure("nan_metric", f"no loss: {exc}") from exc
+
+
+def numpy_memory_bytes(params: dict, frames) -> int:
+    """Peak memory of a fit by hpo's streamed solver with these parameters (``solver.memory_bytes``)."""
+    species = len({int(z) for atoms in frames for z in atoms.numbers})
+    return solver.memory_bytes(
+        species * gap_fit.effective_n_sparse(params["n_sparse"], frames), frames,
+        gap_fit.soap_dimensions(int(params["n_max"]), int(params["l_max"]), species),
+        gap_fit.neighbours_per_atom(float(params["cutoff"]), frames) + 1.0, bool(params["force_metrics"]),
+    )
+
+
+def _largest(fits: Callable[[float], bool], low: float, high: float, integer: bool = False) -> float:
+    """The largest value in [low, high] for which ``fits`` holds (monotone: true below some value); ``low`` if none."""
+    for _ in range(60):
+        if high - low <= (1 if integer else 1e-3 * max(high, 1e-9)):
+            break
+        middle = (low + high) // 2 if integer else (low + high) / 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def _over_budget(parameter: str, exc: MemoryBudgetExceeded) -> MemoryBudgetExceeded:

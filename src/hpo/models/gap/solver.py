@@ -1,68 +1,59 @@
-"""A sparse-GP solver in numpy that gives the same GAP as ``gap_fit``, on sparse points hpo chooses.
+"""A sparse-GP solver in numpy that gives the same GAP as ``gap_fit``, on sparse points hpo chooses,
+in memory that does not grow with the number of frames.
 
 Two halves, each checked against gap_fit itself (``tests/test_gap_solver.py``):
 
 * **Sparse points chosen by hpo.** ``hpo.models.sparse_gp.select_sparse`` picks environments by
   farthest-point sampling (or CUR, or at random) on quippy's descriptors;
-  ``write_sparse_index_file`` and ``gap_fit_sparse_args`` hand exactly those to
-  gap_fit (``sparse_method=index_file sparse_file=<file>``: 1-based indices, one
-  per line, into the list of environments of that descriptor, frame by frame
-  in file order, atom by atom). gap_fit copies one ``sparse_file`` to every
-  species it splits a multi-species descriptor into, so hpo writes the
-  per-species descriptors itself (``add_species=F``, joined by ``:``), each with
-  its own index file. gap_fit sorts the indices; the model lists sparse points
-  in increasing index order.
+  ``gap_fit.SparsePoints`` hands exactly those to gap_fit (``sparse_method=index_file``: 1-based
+  indices into the environments of each per-species descriptor, frame by frame in file order, atom by
+  atom). gap_fit sorts the indices; the model lists sparse points in increasing index order.
 
-* **The same fit without gap_fit.** ``fit`` builds gap_fit's linear system from
-  the same descriptors and solves it. gap_fit's model (gp_predict.F90,
-  gap_fit_module.F90 of GAP, verified here by equality):
+* **The same fit without gap_fit.** gap_fit's model (gp_predict.F90, gap_fit_module.F90 of GAP,
+  verified here by equality): one sparse GP per descriptor (per centre species) with the dot-product
+  kernel of ``kernels``; an energy target per frame, E - sum_atoms e0(Z), with noise
+  sigma_E = default_sigma[0] * sqrt(n_atoms) (``sigma_per_atom=T``); a target per force component, -F,
+  noise default_sigma[1]; alpha from the least-squares problem
+  [Lambda^-1/2 K_NM; U] alpha = [Lambda^-1/2 y; 0] with K_MM = U^T U, solved by QR (gap_fit's route).
 
-    - one sparse GP per descriptor (per centre species), dot-product kernel
-      k(q, x) = delta^2 * c_q * c_x * (q . x)^zeta (c: covariance cutoff,
-      1 for SOAP centres); K_MM is block diagonal over descriptors, plus
-      ``sparse_jitter`` on its diagonal;
-    - an energy target per frame: E - sum_atoms e0(Z), covariance with sparse
-      point s the sum over the frame's environments of k(q_i, x_s); its noise
-      sigma_E = default_sigma[0] * sqrt(n_atoms) (``sigma_per_atom=T``, the default);
-    - a target per force component: -F (the energy gradient), covariance the
-      gradient of the energy row w.r.t. that atom's position (descriptor
-      gradients, plus the covariance cutoff's gradient); noise default_sigma[1],
-      unscaled;
-    - alpha from the least-squares problem [Lambda^-1/2 K_NM; U] alpha = [Lambda^-1/2 y; 0]
-      with K_MM = U^T U, solved by QR (gap_fit's own route).
+**Streamed.** The force rows of K_NM (3 per atom) are the bulk of that problem: 100 frames of
+192 atoms at 2000 sparse points are 0.9 GB of rows and, before them, 24 GB of descriptor gradients. So
+frames are visited one at a time: quippy's descriptors and gradients of one frame become that frame's
+kernel rows (``kernels``) and are dropped; the rows [K_F | -F] are folded block by block into the
+triangular factor R of a QR (TSQR: QR of R stacked on the next block), and since
+|K_F a - y_F| = |R[:M, :M] a - R[:M, M]| + const, R replaces the force rows in the final solve
+exactly. Memory is O(M^2 + one block + one frame), not O(frames): ``memory_bytes`` says how much.
 
-  The result is a ``sparse_gap.SparseGap``: it predicts like a model read from
-  gap_fit's XML (energies; ``predict_forces`` for forces), and ``write_xml``
-  writes it in gap_fit's layout for quippy's ``Potential`` (MD).
-
-Descriptors and their gradients are computed once per (descriptor, frames) and
-cached by content (``environments``, kind ``gap_solver_descriptors``);
-a refit that changes only delta, zeta, sigmas, jitter, e0 or the sparse points
-reuses them. Gradients are large (n_pairs x 3 x d doubles: about 3.5 MB per
-12-atom water frame at n_max=4, l_max=6, cutoff 5).
+**Reused.** ``Factors`` (K_MM, the energy rows and R, all for delta = 1) depend on the descriptor, the
+frames, zeta and the ordered sparse set only. Sigmas, delta, jitter and e0 enter at the solve, and the
+columns are ordered rank by rank of each species' selection order, so the leading block of R is the
+factor of any smaller n_sparse (a QR property): a trial that changes only GP settings costs one
+(N_frames + 2M) x M QR, however many force rows the data have. The training force RMSE comes out of R
+too (the residual's norm), so no training forces are ever predicted.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import ase
 import numpy as np
 import scipy.linalg
 
 from hpo.cache import Cache
-from hpo.models.gap import gap_fit
+from hpo.models.gap import gap_fit, kernels
 from hpo.models.gap.descriptors import Environments, environments
-from hpo.models.sparse_gp import select_sparse, solve_projected_process
 from hpo.models.gap.sparse_gap import SparseGap, SparseGP
+from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
 FORCE_PAIR_CHUNK = 20000  # gradient pairs per block of predict_forces
+BASELINE_BYTES = 600e6  # a study process before any fit: Python, quippy, Optuna, MLflow (measured ~0.5 GB)
 
 
-# --------------------------------------------------------------------------- the solver
+# --------------------------------------------------------------------------- settings and columns
 
 
 @dataclass(frozen=True)
@@ -88,6 +79,9 @@ class Hyper:
             e0={atomic_numbers[s]: float(v) for s, v in e0.items()},
         )
 
+    def e0_of(self, frames: Sequence[ase.Atoms]) -> np.ndarray:
+        return np.array([sum(self.e0.get(int(z), 0.0) for z in atoms.numbers) for atoms in frames])
+
 
 @dataclass
 class SolveTimes:
@@ -95,111 +89,271 @@ class SolveTimes:
     solve_s: float = 0.0
 
 
-def _sum_rows(groups: np.ndarray, n_groups: int, values: np.ndarray) -> np.ndarray:
-    """Rows of ``values`` summed by group (a sparse 0/1 matrix product: much faster than np.add.at)."""
-    import scipy.sparse
+@dataclass(frozen=True)
+class SparseSet:
+    """The sparse points of every descriptor, as columns of one K_NM.
 
-    ones = np.ones(len(groups))
-    matrix = scipy.sparse.csr_matrix((ones, (groups, np.arange(len(groups)))), shape=(n_groups, len(groups)))
-    return np.asarray(matrix @ values.reshape(len(groups), -1)).reshape((n_groups,) + values.shape[1:])
-
-
-def _energy_gradient_kernels(env: Environments, x: np.ndarray, c_sparse: np.ndarray, delta: float, zeta: float) -> np.ndarray:
-    """d k(q_env, x_s) / d r_atom per gradient pair: (n_pairs, 3, M); zero cutoff gradients (SOAP) cost nothing."""
-    pair_dots = (env.vectors @ x.T)[env.grad_env]  # (n_pairs, M)
-    n_pairs, d = len(env.grad_env), x.shape[1]
-    grad_dots = (env.grad.reshape(n_pairs * 3, d) @ x.T).reshape(n_pairs, 3, -1)
-    scale = zeta * pair_dots ** (zeta - 1) * env.cutoff[env.grad_env][:, None]
-    d_k = grad_dots * scale[:, None, :]
-    if np.any(env.grad_cutoff):
-        d_k += env.grad_cutoff[:, :, None] * (pair_dots**zeta)[:, None, :]
-    d_k *= delta**2 * c_sparse[None, None, :]
-    return d_k
-
-
-def _kernel_blocks(env: Environments, sparse: np.ndarray, hyper: Hyper, n_atoms: int | None):
-    """Energy rows (n_frames, M) and, if ``n_atoms``, force rows (3 * n_atoms, M, atom-major) of one descriptor."""
-    x = env.vectors[sparse]
-    c_sparse = env.cutoff[sparse]
-    k_env = hyper.delta**2 * env.cutoff[:, None] * (env.vectors @ x.T) ** hyper.zeta * c_sparse[None, :]
-    energy_rows = _sum_rows(env.frame, env.n_frames, k_env)
-    if n_atoms is None:
-        return energy_rows, None
-    if not env.has_gradients:
-        raise ValueError("force targets need descriptor gradients: environments(..., gradients=True)")
-    d_k = _energy_gradient_kernels(env, x, c_sparse, hyper.delta, hyper.zeta)
-    return energy_rows, _sum_rows(env.grad_atom, n_atoms, d_k).reshape(3 * n_atoms, len(sparse))
-
-
-def fit(
-    found: Mapping[str, Environments],
-    sparse: Mapping[str, np.ndarray],
-    frames: Sequence[ase.Atoms],
-    energies: np.ndarray,
-    hyper: Hyper,
-    forces: Sequence[np.ndarray] | None = None,
-    times: SolveTimes | None = None,
-    threads: int = 1,
-) -> SparseGap:
-    """The GAP gap_fit would fit on ``frames`` with these sparse points: a ``SparseGap`` (alphas solved in numpy).
-
-    ``found`` maps each descriptor string (one per centre species, as in
-    ``gap_fit.expected_descriptors``) to the frames' environments; ``sparse`` maps it
-    to 0-based environment indices (any order: used sorted, like gap_fit).
-    ``forces`` (per frame, (n_atoms, 3), eV/A) adds force targets, which need
-    environments with gradients. ``threads``: BLAS threads of the solve (on a
-    loaded machine, many threads make a small QR a hundred times slower).
+    ``orders[o]`` are environment indices of descriptor ``o`` in selection order (FPS/CUR are greedy,
+    so the first k are the points of n_sparse = k). Columns go rank by rank (rank 0 of every
+    descriptor, then rank 1, ...), so the columns of any n_sparse are a prefix.
     """
-    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
 
-    with threadpool_limits(limits=threads):
-        return _fit(found, sparse, frames, energies, hyper, forces, times if times is not None else SolveTimes())
+    descriptors: tuple[str, ...]
+    orders: tuple[np.ndarray, ...]
+    points: tuple[np.ndarray, ...]  # (m_o, d) in selection order
+    cutoffs: tuple[np.ndarray, ...]
+
+    @classmethod
+    def of(cls, found: Mapping[str, Environments], orders: Mapping[str, np.ndarray]) -> SparseSet:
+        descriptors = tuple(found)
+        order = tuple(np.asarray(orders[d], dtype=int) for d in descriptors)
+        return cls(descriptors, order, tuple(found[d].vectors[o] for d, o in zip(descriptors, order)),
+                   tuple(found[d].cutoff[o] for d, o in zip(descriptors, order)))
+
+    @property
+    def size(self) -> int:
+        return sum(len(o) for o in self.orders)
+
+    def counts(self, n_sparse: int | None = None) -> list[int]:
+        """Points of each descriptor at ``n_sparse`` (gap_fit caps each at its number of environments)."""
+        return [len(o) if n_sparse is None else min(int(n_sparse), len(o)) for o in self.orders]
+
+    def prefix(self, n_sparse: int | None = None) -> int:
+        return sum(self.counts(n_sparse))
+
+    def positions(self) -> list[np.ndarray]:
+        """Column of each descriptor's point, by rank: descriptor o's rank r lands at positions()[o][r]."""
+        keys = sorted((rank, o) for o, order in enumerate(self.orders) for rank in range(len(order)))
+        out = [np.zeros(len(order), dtype=int) for order in self.orders]
+        for column, (rank, o) in enumerate(keys):
+            out[o][rank] = column
+        return out
+
+    def covariance(self, zeta: float) -> np.ndarray:
+        """K_MM for delta = 1 in column order: block diagonal over descriptors."""
+        k_mm = np.zeros((self.size, self.size))
+        for columns, points, cutoffs in zip(self.positions(), self.points, self.cutoffs):
+            k_mm[np.ix_(columns, columns)] = kernels.sparse_covariance(points, cutoffs, zeta)
+        return k_mm
+
+    def model(self, weights: np.ndarray, n_sparse: int | None, hyper: Hyper, species: Sequence[int]) -> SparseGap:
+        """The SparseGap of solved ``weights`` (columns of ``prefix(n_sparse)``), points in index order as gap_fit lists them."""
+        gps = []
+        for descriptor, order, points, columns, count in zip(self.descriptors, self.orders, self.points, self.positions(), self.counts(n_sparse)):
+            by_index = np.argsort(order[:count], kind="stable")
+            gps.append(SparseGP(descriptor=descriptor, delta=hyper.delta, zeta=hyper.zeta,
+                                alpha=weights[columns[:count]][by_index], sparse_points=points[:count][by_index]))
+        return SparseGap(e0={z: float(hyper.e0.get(z, 0.0)) for z in sorted(species)}, gps=tuple(gps))
+
+    def indices(self, n_sparse: int | None = None) -> dict[str, np.ndarray]:
+        return {d: order[:count] for d, order, count in zip(self.descriptors, self.orders, self.counts(n_sparse))}
 
 
-def _fit(found, sparse, frames, energies, hyper: Hyper, forces, times: SolveTimes) -> SparseGap:
+# --------------------------------------------------------------------------- streamed factors
+
+
+class TriangularFactor:
+    """R of a tall matrix given block by block (TSQR: the QR of R stacked on the next rows), in O(n^2 + block).
+
+    Rows are buffered until ``block_rows`` are there, then folded; ``r`` folds what is left and returns the
+    (n, n) upper-triangular factor (zero rows where fewer rows than columns were given).
+    """
+
+    def __init__(self, n_columns: int, block_rows: int):
+        self.n = n_columns
+        self.buffer = np.zeros((n_columns + block_rows, n_columns), order="F")  # R on top, new rows below
+        self.filled = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        start = 0
+        while start < len(rows):
+            room = len(self.buffer) - self.n - self.filled
+            take = rows[start : start + room]
+            self.buffer[self.n + self.filled : self.n + self.filled + len(take)] = take
+            self.filled += len(take)
+            start += len(take)
+            if self.filled == len(self.buffer) - self.n:
+                self._fold()
+
+    def _fold(self) -> None:
+        if self.filled == 0:
+            return
+        self.buffer[self.n + self.filled :] = 0.0
+        (r,) = scipy.linalg.qr(self.buffer, mode="r", overwrite_a=True, check_finite=False)
+        self.buffer[: self.n] = np.triu(r[: self.n])
+        self.buffer[self.n :] = 0.0
+        self.filled = 0
+
+    @property
+    def r(self) -> np.ndarray:
+        self._fold()
+        return np.array(self.buffer[: self.n])
+
+
+def block_rows(n_columns: int) -> int:
+    """Rows per TSQR fold: twice the columns, so re-triangularising R adds a third to the QR's cost."""
+    return max(2 * n_columns, 512)
+
+
+@dataclass
+class Factors:
+    """A training set's part of a GAP fit for one descriptor set, zeta and ordered sparse set, delta = 1.
+
+    ``k_mm`` (M, M); ``energy_rows`` (frames, M); ``force_r``: R of the force rows and their targets
+    [K_F | -F] ((M + 1) x (M + 1); None without forces), ``force_rows``: how many force components it holds.
+    """
+
+    sparse: SparseSet
+    zeta: float
+    k_mm: np.ndarray
+    energy_rows: np.ndarray
+    force_r: np.ndarray | None
+    force_rows: int
+    times: dict[str, float] = field(default_factory=dict)
+    key: str = ""  # what the cache knows these factors by (rows of other frames against them are keyed by it)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"k_mm": self.k_mm, "energy_rows": self.energy_rows, "force_rows": np.array(self.force_rows), "zeta": np.array(self.zeta)}
+        if self.force_r is not None:
+            out["force_r"] = self.force_r
+        return out
+
+    @classmethod
+    def from_arrays(cls, sparse: SparseSet, a: Mapping[str, np.ndarray]) -> Factors:
+        return cls(sparse, float(a["zeta"]), a["k_mm"], a["energy_rows"], a.get("force_r"), int(a["force_rows"]))
+
+    def restricted(self, n_sparse: int | None) -> Factors:
+        """The factors of a smaller sparse set (its columns are a prefix; so is R's leading block)."""
+        counts = self.sparse.counts(n_sparse)
+        if counts == self.sparse.counts():
+            return self
+        m = self.sparse.prefix(n_sparse)
+        sparse = SparseSet(self.sparse.descriptors, tuple(o[:c] for o, c in zip(self.sparse.orders, counts)),
+                           tuple(p[:c] for p, c in zip(self.sparse.points, counts)), tuple(x[:c] for x, c in zip(self.sparse.cutoffs, counts)))
+        force_r = None
+        if self.force_r is not None:
+            # keep the target column and the residual rows: |K a - y|^2 = |R[:m,:m] a - R[:m,M]|^2 + |R[m:,M]|^2
+            target = self.force_r[:, -1]
+            force_r = np.zeros((m + 1, m + 1))
+            force_r[:m, :m] = self.force_r[:m, :m]
+            force_r[:m, m] = target[:m]
+            force_r[m, m] = np.linalg.norm(target[m:])
+        return Factors(sparse, self.zeta, self.k_mm[:m, :m], self.energy_rows[:, :m], force_r, self.force_rows, dict(self.times), self.key)
+
+
+def frame_rows(sparse: SparseSet, atoms: ase.Atoms, zeta: float, with_forces: bool, cache: Cache | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """One frame's energy row (M,) and force rows (3 n_atoms, M) in column order, delta = 1."""
+    energy = np.zeros(sparse.size)
+    forces = np.zeros((3 * len(atoms), sparse.size)) if with_forces else None
+    for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions()):
+        env = environments(descriptor, [atoms], cache, gradients=with_forces)
+        energy[columns] = kernels.energy_rows(env, points, cutoffs, zeta)[0]
+        if with_forces:
+            forces[:, columns] = kernels.force_rows(env, points, cutoffs, zeta, len(atoms))
+    return energy, forces
+
+
+def build_factors(
+    sparse: SparseSet,
+    frames: Sequence[ase.Atoms],
+    zeta: float,
+    forces: Sequence[np.ndarray] | None = None,
+    cache: Cache | None = None,
+    progress: Callable[[int], None] | None = None,
+    found: Mapping[str, Environments] | None = None,
+) -> Factors:
+    """Visit the frames one by one (descriptors with gradients from quippy, or ``cache``): energy rows kept,
+    force rows and -F folded into R. ``progress(i)`` after each frame. Without forces, the environments
+    the sparse points were chosen from (``found``, all frames) give the energy rows at once."""
     start = time.perf_counter()
-    descriptors = list(found)
+    m = sparse.size
+    if forces is None and found is not None:
+        energy_rows = np.zeros((len(frames), m))
+        for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions()):
+            energy_rows[:, columns] = kernels.energy_rows(found[descriptor], points, cutoffs, zeta)
+        return Factors(sparse, float(zeta), sparse.covariance(zeta), energy_rows, None, 0, {"kernels_s": time.perf_counter() - start})
+    energy_rows = np.zeros((len(frames), m))
+    factor = TriangularFactor(m + 1, block_rows(m + 1)) if forces is not None else None
+    n_force_rows = 0
+    for i, atoms in enumerate(frames):
+        energy_rows[i], rows = frame_rows(sparse, atoms, zeta, forces is not None, cache)
+        if factor is not None:
+            target = -np.asarray(forces[i], dtype=float).reshape(-1, 1)
+            factor.add(np.hstack([rows, target]))
+            n_force_rows += len(rows)
+        if progress is not None:
+            progress(i + 1)
+    force_r = factor.r if factor is not None else None
+    return Factors(sparse, float(zeta), sparse.covariance(zeta), energy_rows, force_r, n_force_rows,
+                   {"kernels_s": time.perf_counter() - start})
+
+
+@dataclass(frozen=True)
+class Solution:
+    """A solved fit: the model, its weights in column order, and its training errors (eV, eV/A)."""
+
+    model: SparseGap
+    weights: np.ndarray
+    train_energies: np.ndarray
+    train_force_rmse: float | None
+
+
+def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, hyper: Hyper, n_sparse: int | None = None) -> Solution:
+    """gap_fit's least-squares problem on ``factors`` (restricted to ``n_sparse``), by QR."""
+    factors = factors.restricted(n_sparse)
+    m = factors.sparse.size
+    scale = hyper.delta**2
     n_atoms = np.array([len(a) for a in frames])
-    total_atoms = int(n_atoms.sum())
-    use_forces = forces is not None
-    columns, k_mm_blocks, energy_cols, force_cols = [], [], [], []
-    for descriptor in descriptors:
-        env = found[descriptor]
-        index = np.sort(np.asarray(sparse[descriptor], dtype=int))
-        columns.append(index)
-        x = env.vectors[index]
-        c = env.cutoff[index]
-        k_mm_blocks.append(hyper.delta**2 * np.outer(c, c) * (x @ x.T) ** hyper.zeta)
-        energy_rows, force_rows = _kernel_blocks(env, index, hyper, total_atoms if use_forces else None)
-        energy_cols.append(energy_rows)
-        if use_forces:
-            force_cols.append(force_rows)
-    k_mm = scipy.linalg.block_diag(*k_mm_blocks)
+    e0 = hyper.e0_of(frames)
+    k_mm = scale * factors.k_mm
     k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
-    k_nm = np.hstack(energy_cols)
-    e0 = np.array([sum(hyper.e0.get(int(z), 0.0) for z in atoms.numbers) for atoms in frames])
+    k_nm = scale * factors.energy_rows
     y = np.asarray(energies, dtype=float) - e0
     sigma = hyper.energy_sigma * np.sqrt(n_atoms)
-    if use_forces:
-        k_nm = np.vstack([k_nm, np.hstack(force_cols)])
-        y = np.concatenate([y, -np.concatenate([np.asarray(f, float).reshape(-1) for f in forces])])
-        sigma = np.concatenate([sigma, np.full(3 * total_atoms, hyper.force_sigma)])
-    times.kernels_s += time.perf_counter() - start
-    start = time.perf_counter()
-    alpha = solve_projected_process(k_mm, k_nm, y, sigma)
-    times.solve_s += time.perf_counter() - start
-    gps, offset = [], 0
-    for descriptor, index in zip(descriptors, columns):
-        env = found[descriptor]
-        gps.append(
-            SparseGP(
-                descriptor=descriptor, delta=hyper.delta, zeta=hyper.zeta,
-                alpha=alpha[offset : offset + len(index)], sparse_points=env.vectors[index],
-            )
-        )
-        offset += len(index)
+    if factors.force_r is not None:
+        k_nm = np.vstack([k_nm, scale * factors.force_r[:m, :m]])
+        y = np.concatenate([y, factors.force_r[:m, m]])
+        sigma = np.concatenate([sigma, np.full(m, hyper.force_sigma)])
+    weights = solve_projected_process(k_mm, k_nm, y, sigma)
+    force_rmse = None
+    if factors.force_r is not None and factors.force_rows:
+        residual = scale * factors.force_r[:m, :m] @ weights - factors.force_r[:m, m]
+        force_rmse = float(np.sqrt((residual @ residual + factors.force_r[m, m] ** 2) / factors.force_rows))
     species = sorted({int(z) for atoms in frames for z in atoms.numbers})
-    return SparseGap(e0={z: float(hyper.e0.get(z, 0.0)) for z in species}, gps=tuple(gps))
+    model = factors.sparse.model(weights, None, hyper, species)
+    return Solution(model, weights, e0 + scale * factors.energy_rows @ weights, force_rmse)
+
+
+@dataclass(frozen=True)
+class EvaluationRows:
+    """Kernel rows of frames to predict (delta = 1), against the columns of a ``Factors``: a solved model's
+    energies and forces on them are two matrix-vector products, for any delta and any smaller n_sparse."""
+
+    energy_rows: np.ndarray  # (frames, M)
+    force_rows: np.ndarray | None  # (3 atoms, M), atom-major
+
+    @classmethod
+    def of(cls, sparse: SparseSet, frames: Sequence[ase.Atoms], zeta: float, with_forces: bool, cache: Cache | None = None) -> EvaluationRows:
+        rows = [frame_rows(sparse, atoms, zeta, with_forces, cache) for atoms in frames]
+        return cls(np.array([e for e, _ in rows]).reshape(len(frames), sparse.size),
+                   np.vstack([f for _, f in rows]) if with_forces and rows else None)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"energy_rows": self.energy_rows, **({"force_rows": self.force_rows} if self.force_rows is not None else {})}
+
+    def predict(self, solution: Solution, hyper: Hyper, frames: Sequence[ase.Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Energies (eV) and forces (eV/A, empty without force rows) of ``solution`` on these frames."""
+        m = len(solution.weights)
+        scale = hyper.delta**2
+        energies = hyper.e0_of(frames) + scale * self.energy_rows[:, :m] @ solution.weights
+        if self.force_rows is None:
+            return energies, []
+        forces = -scale * (self.force_rows[:, :m] @ solution.weights)  # F = -dE/dr
+        out, offset = [], 0
+        for atoms in frames:
+            out.append(forces[offset : offset + 3 * len(atoms)].reshape(len(atoms), 3))
+            offset += 3 * len(atoms)
+        return energies, out
 
 
 def fit_frames(
@@ -214,15 +368,81 @@ def fit_frames(
     times: SolveTimes | None = None,
     threads: int = 1,
 ) -> tuple[SparseGap, dict[str, np.ndarray]]:
-    """Everything after the data: descriptors (cached), hpo's sparse points, the solve. Returns the model and the sparse indices."""
+    """Everything after the data: descriptors (cached), hpo's sparse points, the streamed factors and the
+    solve. Returns the model and the sparse indices of each descriptor (0-based, selection order)."""
+    from threadpoolctl import threadpool_limits  # a dependency of scikit-learn
+
     descriptors = gap_fit.expected_descriptors(params, frames)
-    found = {d: environments(d, frames, gradients=forces is not None, cache=cache) for d in descriptors}
-    sparse = {d: select_sparse(found[d].vectors, params["n_sparse"], sparse_method, seed) for d in descriptors}
-    model = fit(found, sparse, frames, energies, Hyper.from_params(params, e0), forces=forces, times=times, threads=threads)
-    return model, sparse
+    found = {d: environments(d, frames, cache) for d in descriptors}
+    orders = {d: select_sparse(found[d].vectors, params["n_sparse"], sparse_method, seed) for d in descriptors}
+    sparse = SparseSet.of(found, orders)
+    hyper = Hyper.from_params(params, e0)
+    times = times if times is not None else SolveTimes()
+    with threadpool_limits(limits=threads):
+        factors = build_factors(sparse, frames, hyper.zeta, forces, cache, found=found)
+        times.kernels_s += factors.times["kernels_s"]
+        start = time.perf_counter()
+        solution = solve(factors, frames, energies, hyper)
+        times.solve_s += time.perf_counter() - start
+    return solution.model, sparse.indices()
+
+
+# --------------------------------------------------------------------------- memory, known before
+
+
+def memory_bytes(n_sparse_total: int, frames: Sequence[ase.Atoms], dimensions: int, pairs_per_atom: float, with_forces: bool) -> int:
+    """Peak memory of a streamed fit (bytes), from the arrays it holds at once.
+
+    Grows with the training set only through the energy rows (frames x M) and the descriptor vectors of
+    the sparse selection (environments x d); the force part is one frame's descriptor gradients (quippy's
+    and hpo's copy), one chunk of kernel gradients, one frame's force rows and the TSQR buffer and its
+    QR copy. ``pairs_per_atom``: gradient pairs per centre (neighbours inside the cutoff plus itself).
+    """
+    m = int(n_sparse_total)
+    n_frames = len(frames)
+    environments_total = sum(len(a) for a in frames)
+    largest = max(len(a) for a in frames)
+    total = BASELINE_BYTES
+    total += 8 * environments_total * dimensions  # vectors for the sparse selection
+    total += 8 * n_frames * m * 3  # energy rows, and the solve's stacked copies
+    total += 8 * m * m * 4  # K_MM, its Cholesky factor, the solve's R rows and QR copies
+    if with_forces:
+        pairs = largest * pairs_per_atom
+        total += 8 * pairs * 3 * dimensions * 2  # one frame's gradients, quippy's array and hpo's
+        total += 8 * min(pairs, kernels.PAIR_CHUNK) * 3 * m * 2  # kernel gradients of one chunk, and their sum
+        total += 8 * 3 * largest * (m + 1) * 3  # one frame's force rows, their scatter and the stacked copy
+        total += 8 * (m + 1 + block_rows(m + 1)) * (m + 1) * 2  # TSQR buffer and the R that LAPACK returns
+        total += 8 * (m + 1) ** 2 * 2  # R kept, and its copy in the final stack
+    return int(total)
 
 
 # --------------------------------------------------------------------------- forces of a SparseGap
+
+
+PREDICT_ATOMS = 1024  # atoms per block of predictions: bounds the descriptor gradients held at once
+
+
+def predict(model: SparseGap, frames: Sequence[ase.Atoms], cache: Cache | None = None, with_forces: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Energies (eV) and, ``with_forces``, forces (eV/A) of ``frames``, in blocks of about ``PREDICT_ATOMS`` atoms."""
+    energies, forces, block, atoms_in_block = [], [], [], 0
+
+    def flush() -> None:
+        found = {d: environments(d, block, cache, gradients=with_forces) for d in model.descriptors}
+        energies.append(model.energies(block, found))
+        if with_forces:
+            forces.extend(predict_forces(model, found, block))
+        block.clear()
+
+    for atoms in frames:
+        block.append(atoms)
+        atoms_in_block += len(atoms)
+        if atoms_in_block >= PREDICT_ATOMS:
+            flush()
+            atoms_in_block = 0
+    if block:
+        flush()
+    return (np.concatenate(energies) if energies else np.zeros(0)), forces
+
 
 
 def predict_forces(model: SparseGap, found: Mapping[str, Environments], frames: Sequence[ase.Atoms]) -> list[np.ndarray]:
@@ -245,7 +465,7 @@ def predict_forces(model: SparseGap, found: Mapping[str, Environments], frames: 
             owner = env.grad_env[rows]
             per_pair[rows] = np.einsum("pkd,pd->pk", env.grad[rows], g[owner]) * env.cutoff[owner][:, None]
             per_pair[rows] += env.grad_cutoff[rows] * u[owner][:, None]
-        forces -= gp.delta**2 * _sum_rows(env.grad_atom, total_atoms, per_pair)  # F = -dE/dr_atom
+        forces -= gp.delta**2 * kernels.sum_rows(env.grad_atom, total_atoms, per_pair)  # F = -dE/dr_atom
     out, offset = [], 0
     for atoms in frames:
         out.append(forces[offset : offset + len(atoms)])
