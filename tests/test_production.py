@@ -162,3 +162,27 @@ def test_numpy_solved_trial_is_refitted_by_gap_fit_at_promotion(tiny_cfg):
     model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/water-gap/{lineage['version']}", tracking_uri=cfg.tracking.tracking_uri))
     (registered,) = list(model_dir.rglob("gap.xml"))
     assert "GAP_hpo" not in registered.read_text()[:500]  # gap_fit's own XML, not the one hpo's solver wrote
+
+
+def test_promotion_registers_hpos_model_when_gap_fit_would_pass_the_budget(tiny_cfg):
+    """A budget gap_fit's refit of the whole training set would pass, while a subset fits: hpo's own model is
+    registered, after gap_fit and hpo's solver agreed on that subset; the choice and the check are recorded."""
+    from hpo.config import model_params
+    from hpo.data import load_datasets
+    from hpo.models.gap.kind import gap_fit_memory_bytes
+
+    cfg = tiny_cfg("study.n_trials=1", "promote.screen.k=0", "study.name=own-model")
+    study = loop.run(cfg)
+    params = {**model_params(cfg), **study.best_trial.params}
+    frames = load_datasets(cfg).train.frames
+    budget_gb = (gap_fit_memory_bytes(params, frames) + gap_fit_memory_bytes(params, frames[: len(frames) // 2])) / 2 / 1e9
+    lineage = hpo_promote.promote(tiny_cfg("study.n_trials=1", "promote.screen.k=0", "study.name=own-model", f"model.memory_budget_gb={budget_gb}"))
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    version = client.get_model_version("water-gap", lineage["version"])
+    figures = client.get_run(version.run_id).data.metrics
+    assert figures["production_gap_fit_refit"] == 0.0 and figures["refit_estimate_gb"] > budget_gb
+    assert len(frames) // 2 <= figures["check_frames"] < len(frames)
+    assert figures["check_max_energy_difference_eV"] < 1e-6
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/water-gap/{lineage['version']}", tracking_uri=cfg.tracking.tracking_uri))
+    (registered,) = list(model_dir.rglob("gap.xml"))
+    assert "GAP_hpo" in registered.read_text()[:500]  # the XML hpo's solver wrote, in gap_fit's layout

@@ -186,28 +186,74 @@ class GapKind(ModelKind):
         )
 
     def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
-        """The model to register: a real gap_fit model. A trial solved with numpy is refitted by gap_fit on the
-        same sparse points, and both must predict the same validation energies (``model.refit_tolerance_eV``)."""
+        """The model to register. A trial solved with numpy is refitted by gap_fit on the same sparse points, and
+        both must predict the same validation energies (``model.refit_tolerance_eV``). When gap_fit's refit
+        would pass ``model.memory_budget_gb`` (its descriptor gradients grow with the frames), hpo's own model
+        is registered (gap_fit's XML layout, loaded by quippy) after the same check on the largest training
+        subset gap_fit can fit: figure ``production_gap_fit_refit`` says which (1 refit, 0 hpo's own)."""
         if params["solver"] != "numpy":
             return trial_files, {}
         params = copy.deepcopy(params)
         params["n_sparse"] = gap_fit.effective_n_sparse(params["n_sparse"], data.train.frames)
+        budget = params["memory_budget_gb"] * 1e9
+        estimate = gap_fit_memory_bytes(params, data.train.frames)
+        if estimate > budget:
+            return [trial_files[0]], {"production_gap_fit_refit": 0.0, "refit_estimate_gb": estimate / 1e9,
+                                      **self._check_on_subset(cfg, params, data, workdir, budget)}
         n_descriptors = len(gap_fit.expected_descriptors(params, data.train.frames))
         indices = tuple(gap_fit.read_sparse_index_file(trial_files[0].parent / name) for name in gap_fit.sparse_file_names(n_descriptors))
         refit = gap_fit.GAP(
             params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed,
             sparse=gap_fit.SparsePoints(data.train.frames, indices), energy_only=not params["force_metrics"],
         ).fit(data.train.path, workdir)
-        cache = Cache(params["descriptor_cache_dir"])
-        numpy_model, gap_fit_model = (sparse_gap.SparseGap.read(f) for f in (trial_files[0], refit.model_file_))
-        difference = float(np.max(np.abs(numpy_model.predict(data.val.frames, cache) - gap_fit_model.predict(data.val.frames, cache))))
-        if difference > params["refit_tolerance_eV"]:
-            raise TrialFailure(
-                "refit_mismatch",
-                f"gap_fit's refit predicts validation energies up to {difference:.3g} eV away from hpo's solve "
-                f"(model.refit_tolerance_eV={params['refit_tolerance_eV']}); see {workdir}/gap_fit.out",
-            )
-        return [refit.model_file_], {"refit_max_energy_difference_eV": difference, "refit_fit_time_s": refit.fit_time_s_}
+        difference = _energy_difference(trial_files[0], refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
+        _refuse_mismatch(difference, params, workdir)
+        return [refit.model_file_], {"production_gap_fit_refit": 1.0, "refit_max_energy_difference_eV": difference, "refit_fit_time_s": refit.fit_time_s_}
+
+    def _check_on_subset(self, cfg, params: dict, data, workdir: Path, budget: float) -> dict[str, float]:
+        """hpo's solve against gap_fit's on the largest seeded subset of the training frames whose gap_fit fit
+        fits ``budget``, on the same sparse points: the check that stands in for the refit."""
+        from hpo.data import subset_frames
+
+        order = np.random.default_rng(cfg.study.seed).permutation(len(data.train))
+        fits = lambda k: gap_fit_memory_bytes(params, [data.train.frames[i] for i in order[: int(k)]]) <= budget
+        size = int(_largest(fits, 1, len(order), integer=True))
+        if not fits(size):
+            raise TrialFailure("refit_mismatch", f"gap_fit cannot fit even one training frame within model.memory_budget_gb={params['memory_budget_gb']}: nothing checks hpo's model")
+        subset = subset_frames(data.train, np.sort(order[:size]), workdir / "check_subset.xyz")
+        forces = subset.forces if params["force_metrics"] and subset.forces else None
+        model, sparse = solver.fit_frames(params, subset.frames, subset.energies, data.solver_e0(cfg.dataset), forces=forces,
+                                          sparse_method=params["sparse_selection"], seed=cfg.study.seed, threads=cfg.threads)
+        own_file = solver.write_xml(model, workdir / "check_hpo.xml")
+        descriptors = gap_fit.expected_descriptors(params, subset.frames)
+        refit = gap_fit.GAP(
+            params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed,
+            sparse=gap_fit.SparsePoints(subset.frames, tuple(sparse[d] for d in descriptors)), energy_only=forces is None,
+        ).fit(subset.path, workdir / "check_gap_fit")
+        difference = _energy_difference(own_file, refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
+        _refuse_mismatch(difference, params, workdir / "check_gap_fit")
+        return {"check_frames": float(size), "check_max_energy_difference_eV": difference}
+
+
+def gap_fit_memory_bytes(params: dict, frames) -> int:
+    """gap_fit's own estimate for a fit of ``frames``: descriptors (with gradients when forces are fitted) and covariances."""
+    return gap_fit.descriptor_memory_bytes(params, frames) + gap_fit.covariance_memory_bytes(
+        gap_fit.effective_n_sparse(params["n_sparse"], frames), frames, bool(params["force_metrics"]))
+
+
+def _energy_difference(model_file: Path, other_file: Path, frames, cache: Cache) -> float:
+    """Largest difference (eV) of two GAP files' energies on ``frames``."""
+    first, second = (sparse_gap.SparseGap.read(f) for f in (model_file, other_file))
+    return float(np.max(np.abs(first.predict(frames, cache) - second.predict(frames, cache))))
+
+
+def _refuse_mismatch(difference: float, params: dict, workdir: Path) -> None:
+    if difference > params["refit_tolerance_eV"]:
+        raise TrialFailure(
+            "refit_mismatch",
+            f"gap_fit's refit predicts validation energies up to {difference:.3g} eV away from hpo's solve "
+            f"(model.refit_tolerance_eV={params['refit_tolerance_eV']}); see {workdir}/gap_fit.out",
+        )
 
 
 @dataclass
