@@ -249,3 +249,26 @@ def test_memory_estimate_is_flat_in_frames_and_grows_with_sparse_points():
     assert at[500] - at[50] < 0.5e9  # 450 more frames: vectors and energy rows only
     assert at[500] < 4e9
     assert gs.memory_bytes(4000, [cell] * 50, d, pairs, True) > at[50] + 0.2e9
+
+
+def test_own_data_defaults_come_from_the_data(emt):
+    """n_sparse=auto: a tenth of the most frequent species' environments (at least 100, at most all of them),
+    cut to half the memory budget; default_sigma.force=auto: 3% of the training forces' spread."""
+    from hpo.models.gap.kind import KIND, numpy_memory_bytes
+
+    _, train, _ = emt
+    frames = train * 40  # 1920 environments: 1440 Cu, 480 Al
+    forces = [a.get_forces() for a in frames]
+    data = SimpleNamespace(train=SimpleNamespace(frames=frames, forces=forces))
+    params = dict(tiny_params(n_sparse="auto", default_sigma=dict(energy=0.01, force="auto", virial=0.0, hessian=0.0)),
+                  solver="numpy", force_metrics=True, memory_budget_gb=16)
+    found = KIND.data_defaults(params, data)
+    assert found["n_sparse"][0] == 144 and "1440 Cu environments" in found["n_sparse"][1]
+    spread = np.std(np.concatenate(forces))
+    assert found["default_sigma.force"][0] == pytest.approx(0.03 * spread, rel=0.01)
+    resolved = KIND.resolve_auto(params, data)
+    assert resolved["n_sparse"] == 144 and resolved["default_sigma"]["force"] == found["default_sigma.force"][0]
+    small = dict(params, memory_budget_gb=2 * numpy_memory_bytes(dict(params, n_sparse=50), frames) / 1e9)
+    cut, why = KIND.data_defaults(small, data)["n_sparse"]
+    assert cut < 144 and "memory_budget_gb" in why
+    assert numpy_memory_bytes(dict(params, n_sparse=cut), frames) <= small["memory_budget_gb"] * 1e9 / 2

@@ -138,6 +138,15 @@ def model_params(cfg: DictConfig) -> dict[str, Any]:
     return OmegaConf.to_container(cfg.model, resolve=True)
 
 
+def fill_auto(model: dict[str, Any], cfg: DictConfig) -> dict[str, Any]:
+    """``model`` (built before the data were read) with each ``auto`` value replaced by ``cfg.model``'s, which
+    ``load_datasets`` derived from the data."""
+    def fill(node: dict, source: dict) -> dict:
+        return {k: fill(v, source.get(k, {})) if isinstance(v, dict) else (source.get(k, v) if v == "auto" else v) for k, v in node.items()}
+
+    return fill(model, model_params(cfg))
+
+
 def _fail(key: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
 

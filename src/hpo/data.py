@@ -334,10 +334,26 @@ def load_datasets(cfg) -> Datasets:
     Own data (``dataset=files|pool``): keys detected, units converted, isolated atoms taken out and the
     splits written under ``experiments_dir/datasets/`` (``load_own``).
     """
+    data = load_own(cfg) if is_own_data(cfg.dataset) else _load_workshop(cfg)
+    resolve_data_defaults(cfg, data)
+    return data
+
+
+def resolve_data_defaults(cfg, data: Datasets) -> None:
+    """Model parameters set to ``auto`` take the values the model kind derives from these data
+    (``ModelKind.data_defaults``), written into ``cfg.model`` and said in one line each."""
+    from omegaconf import OmegaConf
+
     from hpo.models import kind
 
-    if is_own_data(cfg.dataset):
-        return load_own(cfg)
+    params = OmegaConf.to_container(cfg.model, resolve=True)
+    for name, (value, why) in kind(params["kind"]).data_defaults(params, data).items():
+        OmegaConf.update(cfg, f"model.{name}", value, force_add=True)
+        print(f"[hpo] model.{name}=auto -> {value} ({why})", flush=True)
+
+
+def _load_workshop(cfg) -> Datasets:
+    from hpo.models import kind
 
     names = [train_file(cfg.dataset), cfg.dataset.validation_file]
     data_dir = find_data_dir(cfg.dataset, names)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from hpo.analysis.points import (
     MetricSpec, Point, config_and_model, _finite, column, metric_specs, parent_tags, reported_metrics, run_dir, run_points, write_csv,
 )
-from hpo.config import ConfigError
+from hpo.config import ConfigError, fill_auto
 from hpo.data import Datasets, is_own_data, load_datasets, subset_frames
 from hpo.models import kind
 from hpo.plots import figure_title, plt, save_figure
@@ -94,6 +94,7 @@ def own_data_points(cfg: DictConfig, model: dict, outdir: Path, sizes: list[int]
     """Own data (``dataset=files|pool``): seeded nested subsets of the training split, sizes in frames."""
     section = cfg.learning_curve
     pool = load_datasets(cfg)
+    model = fill_auto(model, cfg)
     n = len(pool.train)
     if not sizes or sizes[0] < 1 or sizes[-1] > n:
         raise ConfigError(

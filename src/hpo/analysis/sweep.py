@@ -97,8 +97,9 @@ def run_sweep(cfg: DictConfig) -> SweepResult:
     """Fit the model at every value (or grid point) of the swept parameter(s); find the validation minimum."""
     cfg, model, source = config_and_model(cfg, "sweep")
     section = cfg.sweep
-    axes = sweep_axes(cfg, model)
     data = load_datasets(cfg)
+    model = hpo_config.fill_auto(model, cfg)
+    axes = sweep_axes(cfg, model)
     hpo_config.check_data(cfg, data)
     points = sweep_points(model, axes, data)
     outdir = run_dir(section)

@@ -133,6 +133,17 @@ class ModelKind:
         out instead of spending trials on them (none by default)."""
         return {}
 
+    def data_defaults(self, params: dict, data) -> dict[str, tuple[Any, str]]:
+        """Values for the parameters set to ``auto`` (rules ``*_or_auto``), derived from the data (``Datasets``),
+        each with the reason shown to the user: dotted name -> (value, why). None by default."""
+        return {}
+
+    def resolve_auto(self, params: dict, data) -> dict:
+        """``params`` with every ``auto`` value replaced by its ``data_defaults`` value (``load_datasets`` has
+        usually done so in the config already; this makes a fit independent of that order)."""
+        found = self.data_defaults(params, data)
+        return with_values(params, {name: value for name, (value, _) in found.items()}) if found else params
+
     def preflight(self, params: dict, frames: list) -> None:
         """Refuse a fit that cannot finish (e.g. over the memory budget) before it starts; none by default."""
 

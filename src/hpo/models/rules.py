@@ -1,7 +1,8 @@
 """The vocabulary of parameter constraints: one table per model kind, written as data.
 
 A rule is a string (``"positive"``, ``"count"``, ``"optional_count"``, ``"non_negative_int"``,
-``"non_negative"``, ``"bool"``) or a tuple of allowed values. The same table checks the composed
+``"non_negative"``, ``"bool"``, and ``"count_or_auto"``/``"positive_or_auto"`` for values a kind can derive
+from the data: ``ModelKind.data_defaults``) or a tuple of allowed values. The same table checks the composed
 config, every sampled trial and the estimator (``sklearn_constraints`` turns it into scikit-learn's
 ``_parameter_constraints``), so the three can never disagree.
 """
@@ -21,6 +22,8 @@ DESCRIPTIONS = {
     "optional_count": "null or an integer >= 1",
     "non_negative_int": "an integer >= 0",
     "bool": "true or false",
+    "count_or_auto": "an integer >= 1 or auto (from the data)",
+    "positive_or_auto": "a positive number or auto (from the data)",
 }
 
 
@@ -32,6 +35,8 @@ def allowed(rule: Rule, value: Any) -> bool:
     """Whether ``value`` satisfies ``rule``."""
     if isinstance(rule, tuple):
         return value in rule
+    if rule.endswith("_or_auto"):
+        return value == "auto" or allowed(rule.removesuffix("_or_auto"), value)
     if rule == "bool":
         return isinstance(value, bool)
     if rule == "positive":
@@ -63,6 +68,8 @@ def sklearn_constraints(table: dict[str, Rule]) -> dict[str, list]:
             "optional_count": [Interval(Integral, 1, None, closed="left"), None],
             "non_negative_int": [Interval(Integral, 0, None, closed="left")],
             "bool": ["boolean"],
+            "count_or_auto": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
+            "positive_or_auto": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         }[rule]
 
     return {name: one(rule) for name, rule in table.items()}

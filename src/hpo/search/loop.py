@@ -105,8 +105,8 @@ def run(cfg) -> optuna.Study:
     hpo_config.validate(cfg)
     silence_run_urls()
     space = search_space(cfg)
-    model = hpo_config.model_params(cfg)
     data = load_datasets(cfg)  # refuses unreadable, non-finite, leaking or uncovered data, naming file and frame
+    model = hpo_config.model_params(cfg)  # after the data: parameters set to auto come from them
     hpo_config.check_data(cfg, data)
     checks = own_data.preflight(cfg)  # the data health checks (duplicates, outliers, forces), before any fit
     # both stores reachable before either is written to: a refused run leaves no empty study or experiment
@@ -290,8 +290,8 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
     """
     cfg = OmegaConf.merge(cfg, {"threads": threads_per_worker(cfg)})
     space = search_space(cfg, quiet=True)  # named once, by run()
-    model = hpo_config.model_params(cfg)
     data = data if data is not None else load_datasets(cfg)
+    model = hpo_config.model_params(cfg)  # after the data: parameters set to auto come from them
     study = open_study(cfg, space, n_train=len(data.train))
     tracker = Tracker(cfg.tracking)
     workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name

@@ -41,9 +41,9 @@ PARAMETERS = {
     "zeta": "count",
     "n_max": "count",
     "l_max": "non_negative_int",
-    "n_sparse": "count",
+    "n_sparse": "count_or_auto",
     "default_sigma.energy": "positive",
-    "default_sigma.force": "positive",
+    "default_sigma.force": "positive_or_auto",
     "covariance_type": ("dot_product", "gaussian"),
     "sparse_method": ("cur_points", "random", "uniform", "none"),
     "fit_timeout_s": "positive",
@@ -58,6 +58,14 @@ PARAMETERS = {
 
 # Training sets with more atoms than this show a progress line while their kernel rows are computed.
 LONG_FIT_ATOMS = 20000
+# n_sparse=auto: this fraction of the most frequent species' environments, within these bounds and half
+# the memory budget (GAPs of liquids are fitted with 1000-3000 sparse points per species).
+AUTO_SPARSE_FRACTION = 0.1
+AUTO_SPARSE_RANGE = (100, 2000)
+# default_sigma.force=auto: this fraction of the spread of the training force components, at least the
+# floor (GAPs of water: 0.05 eV/A against forces of ~1.5 eV/A spread).
+AUTO_FORCE_SIGMA_FRACTION = 0.03
+AUTO_FORCE_SIGMA_FLOOR = 0.005
 
 
 class GapKind(ModelKind):
@@ -73,6 +81,33 @@ class GapKind(ModelKind):
     def check_combination(self, params: dict, prefix: str) -> None:
         if params["atom_sigma"] >= params["cutoff"]:
             raise ConfigError(f"{prefix}.atom_sigma={params['atom_sigma']!r} is not allowed: smaller than the cutoff ({params['cutoff']})")
+
+    def data_defaults(self, params: dict, data) -> dict[str, tuple[object, str]]:
+        """``n_sparse=auto``: a tenth of the most frequent species' environments (``AUTO_SPARSE_*``), no more
+        than half ``model.memory_budget_gb`` holds; ``default_sigma.force=auto``: 3% of the training forces' spread."""
+        frames = data.train.frames
+        out: dict[str, tuple[object, str]] = {}
+        if params["n_sparse"] == "auto":
+            species, count = max(gap_fit.environments_per_species(frames).items(), key=lambda item: item[1])
+            low, high = AUTO_SPARSE_RANGE
+            wanted = int(min(max(round(AUTO_SPARSE_FRACTION * count), low), high, count))
+            half = params["memory_budget_gb"] * 1e9 / 2
+            probe = {**params, "default_sigma": {**params["default_sigma"], "force": 1.0}}
+            fitting = wanted
+            if params["solver"] == "numpy" and numpy_memory_bytes({**probe, "n_sparse": wanted}, frames) > half:
+                fitting = int(_largest(lambda n: numpy_memory_bytes({**probe, "n_sparse": int(n)}, frames) <= half, 1, wanted, integer=True))
+            why = f"a tenth of the {count} {species} environments, within {low}-{high}"
+            if fitting < wanted:
+                why += f", cut to fit half of model.memory_budget_gb={params['memory_budget_gb']}"
+            out["n_sparse"] = (fitting, why)
+        if params["default_sigma"]["force"] == "auto":
+            if data.train.forces:
+                spread = float(np.std(np.concatenate([np.ravel(f) for f in data.train.forces])))
+                value = float(f"{max(AUTO_FORCE_SIGMA_FRACTION * spread, AUTO_FORCE_SIGMA_FLOOR):.2g}")
+                out["default_sigma.force"] = (value, f"{AUTO_FORCE_SIGMA_FRACTION:.0%} of the training forces' spread, {spread:.3g} eV/Å")
+            else:
+                out["default_sigma.force"] = (1.0, "no forces in the data: unused")
+        return out
 
     def preflight(self, params: dict, frames: list) -> None:
         """The fit's peak memory, estimated before it starts, against ``model.memory_budget_gb``: hpo's
@@ -133,7 +168,7 @@ class GapKind(ModelKind):
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
         """Fit (hpo's numpy solve or gap_fit, ``model.solver``), evaluate train and validation energies (and
         forces with ``model.force_metrics``), write CSVs and a parity plot."""
-        params = copy.deepcopy(params)
+        params = copy.deepcopy(self.resolve_auto(params, data))
         requested = params["n_sparse"]
         params["n_sparse"] = gap_fit.effective_n_sparse(requested, data.train.frames)
         self.check_trial(params)
