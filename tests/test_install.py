@@ -22,10 +22,16 @@ CHECKOUT = Path(__file__).resolve().parents[1]
 # What a run of the test suite itself writes into the checkout (its venv, caches of the interpreter and
 # of pytest), and the git-ignored output placeholders of a developer's own runs.
 NOT_SOURCE = {".venv", ".git", "__pycache__", ".pytest_cache", "build", "experiments", "mlruns"}
-# The user's own config folder (--config-dir): a search space of two parameters the package does not ship.
+# The user's own config folder (--config-dir): a search space of two parameters the package does not ship,
+# and a study config that extends the shipped one (the README's pattern) with a budget of 2 trials.
 USER_SEARCH = """space:
   n_sparse: {type: int, low: 10, high: 20}
   default_sigma.energy: {type: float, low: 0.001, high: 0.1, log: true}
+"""
+USER_STUDY = """defaults:
+  - default
+  - _self_
+n_trials: 2
 """
 
 
@@ -64,6 +70,8 @@ def test_installed_hpo_writes_only_under_its_root(tiny_data, tmp_path):
     user_conf = tmp_path / "my_conf"
     (user_conf / "search").mkdir(parents=True)
     (user_conf / "search" / "mine.yaml").write_text(USER_SEARCH)
+    (user_conf / "study").mkdir()
+    (user_conf / "study" / "two.yaml").write_text(USER_STUDY)
     watched = {"checkout": (CHECKOUT, NOT_SOURCE), "source copy": (source, set()), "installed venv": (venv, set()), "user config": (user_conf, set())}
     before = {name: files_under(root, skip) for name, (root, skip) in watched.items()}
 
@@ -75,7 +83,7 @@ def test_installed_hpo_writes_only_under_its_root(tiny_data, tmp_path):
     run([venv / "bin" / "hpo", "data", "check", data], cwd=work, env=env, timeout=600)
     tiny = [o for o in TINY_GAP if not o.startswith("search=")]
     study_run = run([venv / "bin" / "python", "-m", "hpo", "optimize", "--config-dir", user_conf, data, *tiny,
-                     "study.n_trials=2", "search=mine"], cwd=work, env=env, timeout=900)
+                     "search=mine", "study=two"], cwd=work, env=env, timeout=900)
     commands_s = time.perf_counter() - start
 
     # HPO_ROOT sends everything elsewhere: the working directory stays empty
@@ -102,7 +110,7 @@ def test_installed_hpo_writes_only_under_its_root(tiny_data, tmp_path):
     assert (work / "experiments" / "water-gap-50" / "trial_0001").is_dir() and list((work / "mlruns" / "artifacts").rglob("*.csv"))
     assert "study 'water-gap-50'" in study_run.stdout, study_run.stdout[-2000:]
 
-    # the study ran in that folder, with the user's search space from --config-dir
+    # the study ran in that folder, with the user's search space and budget from --config-dir
     study = optuna.load_study(study_name="water-gap-50", storage=f"sqlite:///{work / 'experiments' / 'optuna.db'}")
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(finished) == 2 and all(set(t.params) == {"n_sparse", "default_sigma.energy"} for t in finished), [t.params for t in finished]
