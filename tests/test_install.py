@@ -14,7 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import ase
+import ase.io
 import optuna
+import pytest
 
 from helpers import TINY_GAP
 
@@ -117,3 +120,33 @@ def test_installed_hpo_writes_only_under_its_root(tiny_data, tmp_path):
     with sqlite3.connect(work / "mlruns" / "mlflow.db") as db:
         locations = [row[0] for row in db.execute("select artifact_location from experiments where name != 'Default'")]
     assert locations and all(loc == (work / "mlruns" / "artifacts").as_uri() or loc.startswith((work / "mlruns").as_uri()) for loc in locations), locations
+
+
+def test_outputs_follow_root_and_typed_paths_the_working_directory(tmp_path, monkeypatch):
+    """In-process, the same rules: outputs under root (the working directory, HPO_ROOT or root=), as absolute
+    paths and URLs; a relative data path is read from the working directory; the workshop data fallback is
+    looked up beside the source checkout whatever the working directory."""
+    from hpo.config import load_config
+    from hpo.data import DataError, read_file
+    from hpo.paths import SOURCE_CHECKOUT, beside_source
+
+    monkeypatch.delenv("HPO_ROOT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([])
+    assert cfg.experiments_dir == str(tmp_path / "experiments")
+    assert cfg.study.storage == f"sqlite:///{tmp_path}/experiments/optuna.db"
+    assert cfg.tracking.tracking_uri == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert cfg.tracking.artifact_location == str(tmp_path / "mlruns" / "artifacts")
+    assert cfg.model.descriptor_cache_dir == str(tmp_path / "experiments" / "gap_descriptor_cache")
+    assert load_config(["root=runs"]).tracking.tracking_uri == f"sqlite:///{tmp_path}/runs/mlruns/mlflow.db"
+    monkeypatch.setenv("HPO_ROOT", str(tmp_path / "elsewhere"))
+    assert load_config([]).study.storage == f"sqlite:///{tmp_path}/elsewhere/experiments/optuna.db"
+
+    (tmp_path / "mine").mkdir()
+    ase.io.write(tmp_path / "mine" / "train.xyz", [ase.Atoms("H2", positions=[[0, 0, 0], [0, 0, 0.74]])] * 3, format="extxyz")
+    assert len(read_file("mine/train.xyz")) == 3  # dataset.train=mine/train.xyz, typed in tmp_path
+    monkeypatch.chdir(tmp_path / "mine")
+    with pytest.raises(DataError, match=f"{tmp_path}/mine/mine/train.xyz does not exist"):
+        read_file("mine/train.xyz")
+    assert SOURCE_CHECKOUT == CHECKOUT  # the test suite runs from an editable install of this checkout
+    assert beside_source("../shared/data/water") == CHECKOUT / ".." / "shared" / "data" / "water"
