@@ -90,9 +90,10 @@ def test_cli_optimize_and_multirun(tiny_overrides, tmp_path):
     command = [sys.executable, "-m", "hpo", "optimize", "--multirun", *tiny_overrides, "study.n_trials=1", "dataset.train_size=50,100"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    storage = tiny_overrides[2].split("=", 1)[1]
+    storage = f"sqlite:///{tmp_path}/experiments/optuna.db"  # output_overrides: root=tmp_path
     names = {s.study_name for s in optuna.get_all_study_summaries(storage)}
     assert names == {"water-gap-50", "water-gap-100"}
+    assert {p.name for p in tmp_path.iterdir()} == {"experiments", "mlruns"}  # Hydra's sweep folders included
     assert "[hpo] trial 0:" in done.stdout
 
 

@@ -16,7 +16,8 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from hpo.config import CONF_DIR, ConfigError
+from hpo.config import ConfigError
+from hpo.paths import CONF_DIR
 from hpo.redact import silence_run_urls
 
 USAGE = """usage: python -m hpo COMMAND [key=value ...] [--multirun]

@@ -1,6 +1,6 @@
 """Compose the Hydra config and check it before any fit.
 
-Config is data under ``conf/``; this module only reads it. ``validate`` checks
+Config is data under ``conf/`` (``src/hpo/conf``, shipped inside the package); this module only reads it. ``validate`` checks
 the composed tree against the allowed values declared below and raises a
 ``ConfigError`` that names the key, the value and what is allowed.
 """
@@ -15,15 +15,16 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from hpo.data import PROJECT_ROOT
 from hpo.models import kind
 from hpo.models.base import ConfigError, has_dotted
 from hpo.models.rules import allowed, describe, is_number as _is_number
-
-CONF_DIR = PROJECT_ROOT / "conf"
+from hpo.paths import CONF_DIR, absolute, resolve_path
 
 # ${hpo.or:VALUE,DEFAULT}: DEFAULT when VALUE is null (e.g. the study name of dataset.train_size=null).
 OmegaConf.register_new_resolver("hpo.or", lambda value, default: default if value is None else value, replace=True)
+# ${hpo.abspath:${root}}: the output root as an absolute path (~ expanded, relative to the working directory),
+# so root=~/runs, root=runs and HPO_ROOT=... all give URLs and directories that every process reads alike.
+OmegaConf.register_new_resolver("hpo.abspath", lambda path: absolute(str(path)), replace=True)
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("none", "successive_halving", "hyperband")
@@ -123,14 +124,9 @@ def check_added_keys(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def output_overrides(root: str | Path) -> list[str]:
-    """Overrides that send every output of a run (study storage, MLflow, trial directories) under ``root``:
-    benchmarks and tests run in throwaway directories this way."""
-    return [
-        f"experiments_dir={root}/experiments",
-        f"study.storage=sqlite:///{root}/experiments/optuna.db",
-        f"tracking.tracking_uri=sqlite:///{root}/mlruns/mlflow.db",
-        f"tracking.artifact_location={root}/mlruns/artifacts",
-    ]
+    """The override that sends every output of a run (study storage, MLflow, trial directories, caches)
+    under ``root``: benchmarks and tests run in throwaway directories this way."""
+    return [f"root={root}"]
 
 
 def model_params(cfg: DictConfig) -> dict[str, Any]:
@@ -382,7 +378,6 @@ def _validate_space(cfg: DictConfig, model: dict) -> None:
 
 
 def output_path(path: str | Path) -> Path:
-    """Every path in the config follows one rule: ``~`` expanded, relative paths against the project root."""
-    from hpo.data import resolve_path
-
+    """Every path in the config follows one rule: ``~`` expanded, relative paths against the working
+    directory (the outputs' defaults are absolute already: they are built on ``root``)."""
     return resolve_path(path).resolve()

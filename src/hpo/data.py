@@ -2,8 +2,9 @@
 
 The dataset config (``conf/dataset/*.yaml``) names the files and their sha256.
 A data directory is looked up in this order: ``dataset.data_dir`` (which defaults
-to ``$HPO_DATA_DIR``), each of ``dataset.fallback_dirs`` relative to the project
-root, and finally a user cache filled by a checked download.
+to ``$HPO_DATA_DIR``), each of ``dataset.fallback_dirs`` relative to the source
+checkout (relative to the working directory when hpo is installed), and finally
+a user cache filled by a checked download.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ import numpy as np
 
 from hpo import datacheck as dc
 from hpo.atomic import atomic_write
-
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from hpo.paths import beside_source, resolve_path
 
 
 class DataError(ValueError):
@@ -36,12 +36,6 @@ def sha256sum(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def resolve_path(path: str | os.PathLike) -> Path:
-    """Resolve a config path: ``~`` expanded, relative paths against the project root."""
-    path = Path(path).expanduser()
-    return path if path.is_absolute() else PROJECT_ROOT / path
 
 
 def find_data_dir(dataset_cfg, wanted: list[str]) -> Path:
@@ -62,7 +56,7 @@ def find_data_dir(dataset_cfg, wanted: list[str]) -> Path:
         if missing:
             raise DataError(f"dataset.data_dir {explicit} lacks {', '.join(missing)}")
         return explicit
-    for directory in (resolve_path(d) for d in dataset_cfg.fallback_dirs):
+    for directory in (beside_source(d) for d in dataset_cfg.fallback_dirs):
         if all((directory / name).is_file() for name in wanted):
             return directory
     return download(dataset_cfg, wanted)
@@ -86,7 +80,7 @@ def download(dataset_cfg, wanted: list[str]) -> Path:
             urllib.request.urlretrieve(url, partial)
         except OSError as exc:
             raise DataError(
-                f"no local copy of {name} (looked in HPO_DATA_DIR and {list(dataset_cfg.fallback_dirs)}) "
+                f"no local copy of {name} (looked in HPO_DATA_DIR and {[str(beside_source(d)) for d in dataset_cfg.fallback_dirs]}) "
                 f"and the download from {url} failed: {exc}"
             ) from exc
         actual = sha256sum(partial)

@@ -18,6 +18,7 @@ import numpy as np
 
 from hpo import plots
 from hpo.atomic import atomic_write
+from hpo.config import output_path
 from hpo.data import DataError, find_data_dir, is_own_data, load_own, read_frames, read_tensors
 from hpo.metrics import COMPONENTS
 from hpo.progress import Bar
@@ -78,7 +79,7 @@ def main(cfg) -> dict:
     if not trajectory.is_file():
         raise DataError(f"polarize.trajectory={settings.trajectory!r} does not exist; run `hpo md` first or give a file")
     tracker = Tracker(cfg.tracking)
-    outdir = Path(cfg.experiments_dir).expanduser().resolve() / "polarize" / time.strftime("%Y%m%d-%H%M%S")
+    outdir = output_path(cfg.experiments_dir) / "polarize" / time.strftime("%Y%m%d-%H%M%S")
     model = SAGPR.load(resolve_model(str(settings.model_uri), tracker.tracking_uri, outdir / "model"))
     frames = ase.io.read(trajectory, ":")
     start = time.perf_counter()

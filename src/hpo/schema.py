@@ -16,8 +16,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hpo.data import PROJECT_ROOT
 from hpo.models.base import ConfigError
+from hpo.paths import CONF_DIR
 
 
 @dataclass
@@ -186,7 +186,7 @@ def check_model_keys(cfg: DictConfig) -> None:
     """Every model key must be one its kind ships in conf/model/<kind>.yaml: a misspelt parameter would
     otherwise be ignored while the fit runs with the default."""
     name = cfg.model.get("kind")
-    shipped_file = PROJECT_ROOT / "conf" / "model" / f"{name}.yaml"
+    shipped_file = CONF_DIR / "model" / f"{name}.yaml"
     if not shipped_file.is_file():
         return  # hpo.config.validate names the unknown kind
     shipped = OmegaConf.to_container(OmegaConf.load(shipped_file))

@@ -21,7 +21,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
 from hpo.atomic import creation_lock, sqlite_file
-from hpo.data import PROJECT_ROOT
+from hpo.paths import SOURCE_CHECKOUT
 
 PACKAGES = ("hpo", "optuna", "mlflow", "hydra-core", "ase", "quippy-ase", "numpy", "scikit-learn", "featomic")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit for a param value
@@ -46,14 +46,18 @@ def package_versions() -> dict[str, str]:
 
 
 def git_commit() -> str:
+    """The commit of the source checkout hpo runs from; an installed hpo has none (its version is the
+    ``version.hpo`` tag), and the working directory's repository, if any, is the user's, not hpo's."""
+    if SOURCE_CHECKOUT is None:
+        return "none (installed package)"
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=10
+            ["git", "rev-parse", "HEAD"], cwd=SOURCE_CHECKOUT, capture_output=True, text=True, timeout=10
         )
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
     commit = out.stdout.strip() if out.returncode == 0 else "unknown"
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=SOURCE_CHECKOUT, capture_output=True, text=True)
     return commit + ("-dirty" if dirty.stdout.strip() else "")
 
 

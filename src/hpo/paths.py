@@ -1,0 +1,50 @@
+"""Where hpo's config lives and what a relative path means.
+
+The config ships inside the package (``hpo/conf``), so an installed hpo runs from any folder; Hydra's
+``--config-dir`` puts a user's own folder in front of it. Every output goes under the config's ``root``
+(the working directory unless ``HPO_ROOT`` or ``root=PATH`` says otherwise, conf/config.yaml), and a
+relative path typed by the user means what it means in a shell: relative to the working directory.
+A source checkout is recognised only to find the workshop data beside it and to record its git commit.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _source_checkout() -> Path | None:
+    # src/hpo/paths.py of a checkout (editable install) has the project's pyproject.toml two levels up;
+    # an installed copy lives in site-packages, where parents[2] is lib/pythonX.Y and holds no pyproject.toml.
+    here = Path(__file__).resolve()
+    top = here.parents[2]
+    if here.parents[1].name == "src" and (top / "pyproject.toml").is_file():
+        return top
+    return None
+
+
+SOURCE_CHECKOUT = _source_checkout()
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A path as a user means it: ``~`` expanded, a relative path against the working directory."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else Path.cwd() / path
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """``resolve_path`` made absolute and normalised, as a string for config interpolations
+    (``${hpo.abspath:${root}}``): a URL built on it (``sqlite:///...``) is absolute, so it means the same
+    folder in every process whatever its working directory."""
+    return str(resolve_path(path).resolve())
+
+
+def beside_source(path: str | os.PathLike) -> Path:
+    """A path relative to the source checkout when hpo runs from one (the workshop data at
+    ``../shared/data/water`` beside it), else relative to the working directory."""
+    path = Path(path).expanduser()
+    if path.is_absolute():
+        return path
+    return (SOURCE_CHECKOUT / path) if SOURCE_CHECKOUT is not None else Path.cwd() / path
