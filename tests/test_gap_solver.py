@@ -272,3 +272,27 @@ def test_own_data_defaults_come_from_the_data(emt):
     cut, why = KIND.data_defaults(small, data)["n_sparse"]
     assert cut < 144 and "memory_budget_gb" in why
     assert numpy_memory_bytes(dict(params, n_sparse=cut), frames) <= small["memory_budget_gb"] * 1e9 / 2
+
+
+def test_force_subsample_reaches_gap_fit_as_its_force_mask(emt, tmp_path):
+    """Half of each frame's atoms with forces in the fit: hpo's solver and gap_fit (told by its force mask)
+    fit the same model, and it differs from the fit with every force."""
+    root, train, val = emt
+    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
+                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0))
+    e0 = {"Cu": -0.1, "Al": -0.2}
+    forces = [a.get_forces() for a in train]
+    kept = gs.force_selection(train, 0.5, seed=3)
+    assert [int(k.sum()) for k in kept] == [4] * len(train)
+    model, sparse = gs.fit_frames(params, train, energies(train), e0, forces=forces, seed=1, force_atoms=kept)
+    everything, _ = gs.fit_frames(params, train, energies(train), e0, forces=forces, seed=1)
+    descriptors = gap.expected_descriptors(params, train)
+    keys = SimpleNamespace(energy="energy", force="forces")
+    result = gap.GAP(params, e0, keys, sparse=gap.SparsePoints(train, tuple(sparse[d] for d in descriptors)), force_atoms=kept).fit(
+        root / "train.xyz", tmp_path / "fit")
+    assert "force_mask_parameter_name=hpo_force_mask" in (tmp_path / "fit" / "gap_fit.cmd").read_text()
+    quippy_energies, quippy_forces = gap.predict(gap.load(result.model_file_), val)
+    assert np.abs(model.predict(val) - quippy_energies).max() < ENERGY_TOL
+    found = {d: environments(d, val, gradients=True) for d in descriptors}
+    assert max(np.abs(f - q).max() for f, q in zip(gs.predict_forces(model, found, val), quippy_forces)) < FORCE_TOL
+    assert np.abs(model.predict(val) - everything.predict(val)).max() > 100 * ENERGY_TOL

@@ -1,7 +1,7 @@
 """The vocabulary of parameter constraints: one table per model kind, written as data.
 
 A rule is a string (``"positive"``, ``"count"``, ``"optional_count"``, ``"non_negative_int"``,
-``"non_negative"``, ``"bool"``, and ``"count_or_auto"``/``"positive_or_auto"`` for values a kind can derive
+``"non_negative"``, ``"bool"``, ``"fraction"``, and ``"count_or_auto"``/``"positive_or_auto"`` for values a kind can derive
 from the data: ``ModelKind.data_defaults``) or a tuple of allowed values. The same table checks the composed
 config, every sampled trial and the estimator (``sklearn_constraints`` turns it into scikit-learn's
 ``_parameter_constraints``), so the three can never disagree.
@@ -22,6 +22,7 @@ DESCRIPTIONS = {
     "optional_count": "null or an integer >= 1",
     "non_negative_int": "an integer >= 0",
     "bool": "true or false",
+    "fraction": "a number in (0, 1]",
     "count_or_auto": "an integer >= 1 or auto (from the data)",
     "positive_or_auto": "a positive number or auto (from the data)",
 }
@@ -41,6 +42,8 @@ def allowed(rule: Rule, value: Any) -> bool:
         return isinstance(value, bool)
     if rule == "positive":
         return is_number(value) and value > 0
+    if rule == "fraction":
+        return is_number(value) and 0 < value <= 1
     if rule == "non_negative":
         return is_number(value) and value >= 0
     if rule == "optional_count" and value is None:
@@ -68,6 +71,7 @@ def sklearn_constraints(table: dict[str, Rule]) -> dict[str, list]:
             "optional_count": [Interval(Integral, 1, None, closed="left"), None],
             "non_negative_int": [Interval(Integral, 0, None, closed="left")],
             "bool": ["boolean"],
+            "fraction": [Interval(Real, 0, 1, closed="right")],
             "count_or_auto": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
             "positive_or_auto": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         }[rule]

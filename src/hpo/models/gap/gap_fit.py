@@ -181,6 +181,8 @@ def expected_descriptors(params: dict, frames: list[ase.Atoms]) -> list[str]:
 
 # force_parameter_name for an energy-only gap_fit: no frame has this column, so gap_fit adds no force targets.
 NO_FORCE_KEY = "hpo_no_force_targets"
+# A logical per-atom column of the training file: true leaves that atom's force out of the fit.
+FORCE_MASK_KEY = "hpo_force_mask"
 
 
 @dataclass(frozen=True)
@@ -254,6 +256,7 @@ def build_command(
     seed: int,
     sparse: SparsePoints | None = None,
     energy_only: bool = False,
+    force_mask: bool = False,
 ) -> list[str]:
     """The gap_fit argument list for one model config (``conf/model/gap.yaml`` layout).
 
@@ -279,6 +282,7 @@ def build_command(
         e0_arg,
         f"energy_parameter_name={keys.energy}",
         f"force_parameter_name={NO_FORCE_KEY if energy_only or not keys.force else keys.force}",
+        *([f"force_mask_parameter_name={FORCE_MASK_KEY}"] if force_mask else []),
         f"sparse_jitter={_number(params['sparse_jitter'])}",
         # gap_fit aborts on rnd_seed=0 ("linear-congruential ... fail with seed idum=0").
         f"rnd_seed={seed + 1}",
@@ -309,6 +313,7 @@ class GAP:
         seed: int = 0,
         sparse: SparsePoints | None = None,
         energy_only: bool = False,
+        force_atoms: Sequence[np.ndarray] | None = None,
     ):
         self.params = params
         self.e0 = e0
@@ -317,6 +322,7 @@ class GAP:
         self.seed = seed
         self.sparse = sparse
         self.energy_only = energy_only
+        self.force_atoms = force_atoms  # per frame, the atoms whose forces enter the fit (None: all)
 
     def fit(self, train_file: Path, workdir: Path, while_fitting: Callable[[], None] | None = None) -> "GAP":
         """Fit on the frames of ``train_file``.
@@ -329,10 +335,14 @@ class GAP:
         """
         workdir.mkdir(parents=True, exist_ok=True)
         local_train = workdir / "train.xyz"
-        shutil.copyfile(train_file, local_train)
+        if self.force_atoms is None:
+            shutil.copyfile(train_file, local_train)
+        else:
+            _write_force_mask(train_file, local_train, self.force_atoms)
         if self.sparse is not None:
             self.sparse.write(workdir)
-        command = build_command(self.params, local_train.name, self.e0, self.keys, self.seed, self.sparse, self.energy_only)
+        command = build_command(self.params, local_train.name, self.e0, self.keys, self.seed, self.sparse, self.energy_only,
+                                force_mask=self.force_atoms is not None)
         (workdir / "gap_fit.cmd").write_text(shlex.join(command) + "\n")
         env = dict(os.environ, OMP_NUM_THREADS=str(self.threads))
         out_path, err_path = workdir / "gap_fit.out", workdir / "gap_fit.err"
@@ -378,6 +388,18 @@ class GAP:
     @property
     def command_line(self) -> str:
         return shlex.join(self.command_)
+
+
+def _write_force_mask(train_file: Path, target: Path, force_atoms: Sequence[np.ndarray]) -> None:
+    """``train_file`` with gap_fit's force mask column: true for every atom whose force stays out of the fit."""
+    import ase.io
+
+    frames = ase.io.read(train_file, ":")
+    if len(frames) != len(force_atoms):
+        raise ValueError(f"{train_file}: {len(frames)} frames but a force selection for {len(force_atoms)}")
+    for atoms, kept in zip(frames, force_atoms):
+        atoms.arrays[FORCE_MASK_KEY] = ~np.asarray(kept, dtype=bool)
+    ase.io.write(target, frames, format="extxyz")
 
 
 def _tail(*paths: Path) -> str:

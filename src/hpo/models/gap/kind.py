@@ -49,6 +49,7 @@ PARAMETERS = {
     "fit_timeout_s": "positive",
     "memory_budget_gb": "positive",
     "force_metrics": "bool",
+    "force_fraction": "fraction",
     "solver": ("numpy", "gap_fit"),
     "sparse_selection": SPARSE_METHODS,
     "refit_tolerance_eV": "positive",
@@ -240,6 +241,7 @@ class GapKind(ModelKind):
         refit = gap_fit.GAP(
             params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed,
             sparse=gap_fit.SparsePoints(data.train.frames, indices), energy_only=not params["force_metrics"],
+            force_atoms=force_atoms(params, data.train.frames, cfg.study.seed) if params["force_metrics"] else None,
         ).fit(data.train.path, workdir)
         difference = _energy_difference(trial_files[0], refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
         _refuse_mismatch(difference, params, workdir)
@@ -257,13 +259,14 @@ class GapKind(ModelKind):
             raise TrialFailure("refit_mismatch", f"gap_fit cannot fit even one training frame within model.memory_budget_gb={params['memory_budget_gb']}: nothing checks hpo's model")
         subset = subset_frames(data.train, np.sort(order[:size]), workdir / "check_subset.xyz")
         forces = subset.forces if params["force_metrics"] and subset.forces else None
+        kept = force_atoms(params, subset.frames, cfg.study.seed) if forces is not None else None
         model, sparse = solver.fit_frames(params, subset.frames, subset.energies, data.solver_e0(cfg.dataset), forces=forces,
-                                          sparse_method=params["sparse_selection"], seed=cfg.study.seed, threads=cfg.threads)
+                                          sparse_method=params["sparse_selection"], seed=cfg.study.seed, threads=cfg.threads, force_atoms=kept)
         own_file = solver.write_xml(model, workdir / "check_hpo.xml")
         descriptors = gap_fit.expected_descriptors(params, subset.frames)
         refit = gap_fit.GAP(
             params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed,
-            sparse=gap_fit.SparsePoints(subset.frames, tuple(sparse[d] for d in descriptors)), energy_only=forces is None,
+            sparse=gap_fit.SparsePoints(subset.frames, tuple(sparse[d] for d in descriptors)), energy_only=forces is None, force_atoms=kept,
         ).fit(subset.path, workdir / "check_gap_fit")
         difference = _energy_difference(own_file, refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
         _refuse_mismatch(difference, params, workdir / "check_gap_fit")
@@ -323,7 +326,8 @@ def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fi
     start = time.perf_counter()
     # forces enter gap_fit's fit exactly when they enter the numpy solver's: model.force_metrics
     energy_only = not params["force_metrics"]
-    fitted = gap_fit.GAP(params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed, energy_only=energy_only).fit(
+    fitted = gap_fit.GAP(params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed, energy_only=energy_only,
+                         force_atoms=None if energy_only else force_atoms(params, data.train.frames, cfg.study.seed)).fit(
         data.train.path, workdir, while_fitting=compute_descriptors
     )
     fit_wall = time.perf_counter() - start
@@ -364,7 +368,8 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     start = time.perf_counter()
     sparse = solver.SparseSet.of(found, orders)
     gradient_cache = cache if _gradients_fit_in_cache(params, frames) else Cache(None)
-    factors, reused = training_factors(params, data.train, sparse, found, with_forces, cfg.study.seed, cache, gradient_cache)
+    factors, reused = training_factors(params, data.train, sparse, found, with_forces, cfg.study.seed, cache, gradient_cache,
+                                       force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None)
     factors.key = factors_key(params, data.train, sparse, with_forces, cfg.study.seed)
     hyper = solver.Hyper.from_params(params, data.solver_e0(cfg.dataset))
     solution = solver.solve(factors, frames, data.train.energies, hyper, params["n_sparse"])
@@ -426,10 +431,18 @@ def factors_key(params: dict, train, sparse: solver.SparseSet, with_forces: bool
         "gap-factors", [descriptor_key(d) for d in sparse.descriptors], quippy_version(), frame_digests(train.frames),
         float(params["zeta"]), method, seed, params["n_sparse"] if method == "random" else None,
         [digest_array(f) for f in train.forces] if with_forces else None,
+        float(params["force_fraction"]) if with_forces else None,
     )
 
 
-def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_forces: bool, seed: int, cache: Cache, gradient_cache: Cache):
+def force_atoms(params: dict, frames, seed: int):
+    """The atoms whose forces enter the fit (``model.force_fraction`` of each frame, seeded), None for all:
+    the same selection for hpo's solver, gap_fit's fits and refits (its force mask) and the factors' key."""
+    return solver.force_selection(frames, float(params["force_fraction"]), seed)
+
+
+def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_forces: bool, seed: int, cache: Cache,
+                     gradient_cache: Cache, kept=None):
     """The training set's ``solver.Factors`` for this descriptor, zeta and sparse order: from the cache when an
     entry holds at least these sparse points (FPS/CUR orders are greedy: a smaller set is its prefix), else
     built frame by frame (with a progress line on long sets) and cached. Returns (factors, reused)."""
@@ -443,7 +456,7 @@ def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_
             return solver.Factors.from_arrays(stored, hit), True
     bar = progress.Bar(len(train.frames), "[hpo] kernel rows", unit=" frames") if len(train.frames) * max(len(a) for a in train.frames) > LONG_FIT_ATOMS else None
     factors = solver.build_factors(sparse, train.frames, float(params["zeta"]), train.forces if with_forces else None, gradient_cache,
-                                   progress=bar.set if bar else None, found=found)
+                                   progress=bar.set if bar else None, found=found, force_atoms=kept)
     if bar:
         bar.close()
     cache.put("gap_factors", key, {**factors.arrays(), **{f"order_{i}": o for i, o in enumerate(sparse.orders)}})

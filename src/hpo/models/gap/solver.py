@@ -253,6 +253,20 @@ def frame_rows(sparse: SparseSet, atoms: ase.Atoms, zeta: float, with_forces: bo
     return energy, forces
 
 
+def force_selection(frames: Sequence[ase.Atoms], fraction: float, seed: int) -> list[np.ndarray] | None:
+    """Per frame, which atoms' forces enter the fit: a seeded ``fraction`` of each frame's atoms (at least
+    one); None for all of them. The same selection goes to gap_fit as its force mask."""
+    if fraction >= 1:
+        return None
+    rng = np.random.default_rng(seed)
+    kept = []
+    for atoms in frames:
+        chosen = np.zeros(len(atoms), dtype=bool)
+        chosen[rng.choice(len(atoms), max(1, int(round(fraction * len(atoms)))), replace=False)] = True
+        kept.append(chosen)
+    return kept
+
+
 def build_factors(
     sparse: SparseSet,
     frames: Sequence[ase.Atoms],
@@ -261,10 +275,12 @@ def build_factors(
     cache: Cache | None = None,
     progress: Callable[[int], None] | None = None,
     found: Mapping[str, Environments] | None = None,
+    force_atoms: Sequence[np.ndarray] | None = None,
 ) -> Factors:
     """Visit the frames one by one (descriptors with gradients from quippy, or ``cache``): energy rows kept,
-    force rows and -F folded into R. ``progress(i)`` after each frame. Without forces, the environments
-    the sparse points were chosen from (``found``, all frames) give the energy rows at once."""
+    force rows and -F folded into R (only the atoms of ``force_atoms``, per frame, when given).
+    ``progress(i)`` after each frame. Without forces, the environments the sparse points were chosen
+    from (``found``, all frames) give the energy rows at once."""
     start = time.perf_counter()
     m = sparse.size
     if forces is None and found is not None:
@@ -278,9 +294,11 @@ def build_factors(
     for i, atoms in enumerate(frames):
         energy_rows[i], rows = frame_rows(sparse, atoms, zeta, forces is not None, cache)
         if factor is not None:
-            target = -np.asarray(forces[i], dtype=float).reshape(-1, 1)
-            factor.add(np.hstack([rows, target]))
-            n_force_rows += len(rows)
+            block = np.hstack([rows, -np.asarray(forces[i], dtype=float).reshape(-1, 1)])
+            if force_atoms is not None:
+                block = block[np.repeat(force_atoms[i], 3)]
+            factor.add(block)
+            n_force_rows += len(block)
         if progress is not None:
             progress(i + 1)
     force_r = factor.r if factor is not None else None
@@ -367,6 +385,7 @@ def fit_frames(
     cache: Cache | None = None,
     times: SolveTimes | None = None,
     threads: int = 1,
+    force_atoms: Sequence[np.ndarray] | None = None,
 ) -> tuple[SparseGap, dict[str, np.ndarray]]:
     """Everything after the data: descriptors (cached), hpo's sparse points, the streamed factors and the
     solve. Returns the model and the sparse indices of each descriptor (0-based, selection order)."""
@@ -379,7 +398,7 @@ def fit_frames(
     hyper = Hyper.from_params(params, e0)
     times = times if times is not None else SolveTimes()
     with threadpool_limits(limits=threads):
-        factors = build_factors(sparse, frames, hyper.zeta, forces, cache, found=found)
+        factors = build_factors(sparse, frames, hyper.zeta, forces, cache, found=found, force_atoms=force_atoms)
         times.kernels_s += factors.times["kernels_s"]
         start = time.perf_counter()
         solution = solve(factors, frames, energies, hyper)
