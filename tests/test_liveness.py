@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from hpo import liveness
 from hpo.search import loop
 from hpo.search.storage import StudyError, load_study
 
@@ -107,9 +108,13 @@ def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, ti
           f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
 
 
-def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tmp_path):
-    extra = ["study.n_trials=3", "study.heartbeat_s=1", "study.grace_s=3", "study.enqueue_default=false", "model.solver=gap_fit"]
+def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tmp_path, capsys):
+    """Issue 25, item 1: `kill -9` after the first finished trial, then the same command at once. The default
+    heartbeat (30 s) and grace (90 s) have not expired: the dead process's records are closed by its liveness
+    record (this host, pid gone), not by heartbeat age."""
+    extra = ["study.n_trials=4", "study.enqueue_default=false", "model.solver=gap_fit"]
     cfg = tiny_cfg(*extra)
+    assert cfg.study.grace_s >= 60  # the rerun below comes well within it
     process = start([*tiny_overrides, *extra], tmp_path, "killed")
 
     def one_done_one_running():
@@ -122,37 +127,54 @@ def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tm
     parents, _ = runs_of(cfg)
     assert [p.info.status for p in parents] == ["RUNNING"]  # nobody could end it
     dead_parent = parents[0]
-    assert {"host", "pid", "heartbeat"} <= set(dead_parent.data.tags)
-    killed = [t.number for t in load_study(cfg.study).get_trials(states=(TrialState.RUNNING,))]
+    assert {"host", "pid", "pid_start", "heartbeat"} <= set(dead_parent.data.tags)
+    before = load_study(cfg.study)
+    killed = {t.number: t.params for t in before.get_trials(states=(TrialState.RUNNING,))}
+    complete_before = len(before.get_trials(states=(TrialState.COMPLETE,)))
+    assert killed
 
-    time.sleep(4)  # past grace_s: the heartbeats (Optuna's and the parent run's) are stale
     study = loop.run(cfg)
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    printed = capsys.readouterr().out
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
     assert not study.get_trials(states=(TrialState.RUNNING,))
+    reasons = {study.trials[n].user_attrs.get("failure", "") for n in killed}
     assert all(study.trials[n].state == TrialState.FAIL for n in killed)
+    assert all(r.startswith("killed: SIGKILL, likely out of memory (peak ") and r.endswith(" GB)") for r in reasons), reasons
     assert all_runs_ended(cfg) == []
     parents, children = runs_of(cfg)
     closed = next(p for p in parents if p.info.run_id == dead_parent.info.run_id)
     assert closed.info.status == "KILLED" and closed.data.tags["failure"] == "killed"
-    assert [c.info.status for c in children if c.data.tags["trial_number"] in {str(n) for n in killed}] == ["KILLED"] * len(killed)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3
-    print(f"SIGKILL+resume: {len(complete)} complete, {len(killed)} killed trial(s) FAIL, parent closed KILLED, "
-          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
+    killed_runs = [c for c in children if c.data.tags["trial_number"] in {str(n) for n in killed}]
+    assert [c.info.status for c in killed_runs] == ["KILLED"] * len(killed)
+    assert {c.data.tags["failure"] for c in killed_runs} == reasons
+    assert f"MLflow run(s) of processes that are gone as KILLED" in printed and dead_parent.info.run_id in printed
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    assert not [t for t in complete if t.params in killed.values()]  # a likely memory kill is not run again
+    print(f"SIGKILL+resume within grace: trials complete {complete_before} before, {len(complete)} after; "
+          f"{len(killed)} killed trial(s) FAIL ({sorted(reasons)}); parent closed KILLED; "
+          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}; message: {[l for l in printed.splitlines() if 'gone' in l]}")
 
 
 def test_live_parent_is_not_closed(tiny_cfg):
-    """Only a dead process's run is closed: this process is alive, however old its heartbeat."""
+    """Only a dead process's run is closed: this process is alive, however old its heartbeat; a dead pid's
+    run is closed however fresh its heartbeat, and so is a live pid whose start time is not the recorded one
+    (the pid was reused)."""
     cfg = tiny_cfg()
     tracker = loop.open_tracker(cfg)
-    run_id = tracker.start_run("optimize-live", tags={**loop.liveness_tags(), "run_type": "study", "heartbeat": "0"})
-    assert loop.close_dead_parents(tracker, grace_s=1) == []
+    study = {"run_type": "study", "study": "s"}
+    run_id = tracker.start_run("optimize-live", tags={**liveness.record(), **study, "heartbeat": "0"})
+    assert tracker.close_dead_runs("s", grace_s=1) == []
     dead = subprocess.Popen(["true"])
     dead.wait()
-    dead_id = tracker.start_run("optimize-dead", tags={**loop.liveness_tags(), "pid": dead.pid, "run_type": "study", "heartbeat": "0"})
-    assert loop.close_dead_parents(tracker, grace_s=1) == [dead_id]
+    dead_id = tracker.start_run("optimize-dead", tags={**liveness.record(), **study, "pid": dead.pid})
+    reused_id = tracker.start_run("optimize-reused", tags={**liveness.record(), **study, "pid_start": "another-boot:1"})
+    other_study = tracker.start_run("optimize-other", tags={**liveness.record(), "run_type": "study", "study": "t", "pid": dead.pid})
+    assert sorted(tracker.close_dead_runs("s", grace_s=1000)) == sorted([dead_id, reused_id])
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    assert tracker.client.get_run(other_study).info.status == "RUNNING"
     tracker.end_run(run_id)
+    assert tracker.close_dead_runs("t", grace_s=1000) == [other_study]
 
 
 def test_three_invocations_at_once_share_one_study(tiny_overrides, tiny_cfg, tmp_path):

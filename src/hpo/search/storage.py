@@ -8,15 +8,17 @@ and concurrent invocations never replay each other's draws, and a study is still
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import time
 import warnings
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from hpo import liveness
 from hpo.atomic import creation_lock, sqlite_file
 from hpo.redact import redact, redact_text
 from hpo.search.fidelity import rung_sizes
@@ -35,7 +37,10 @@ def make_storage(url: str, heartbeat_s: int, grace_s: int):
     """An Optuna storage for ``study.storage``.
 
     A trial whose worker died stops sending heartbeats; after ``grace_s`` the
-    next worker marks it failed and re-enqueues its parameters once.
+    next worker marks it failed. It is not run again: a worker killed without
+    warning was most likely killed for memory, and the same parameters would be
+    again. Journal storage has no heartbeats: ``fail_dead_trials`` (hpo's own
+    liveness record, in every storage) covers it.
     """
     # The directory was checked by hpo.config.validate: it exists, or it is inside experiments_dir.
     database = sqlite_file(url) or (Path(url.removeprefix("journal:")).expanduser() if url.startswith("journal:") else None)
@@ -56,7 +61,6 @@ def make_storage(url: str, heartbeat_s: int, grace_s: int):
                 engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except ImportError as exc:
         # Optuna re-raises a driver's ImportError without its name: the URL names the driver
@@ -210,6 +214,53 @@ def load_study(study_cfg, study_name: str | None = None) -> optuna.Study:
 def directions(cfg) -> list[str]:
     """``study.direction`` for the first objective (the validation metric); costs are minimised."""
     return [cfg.study.direction] + ["minimize"] * (len(cfg.study.objectives) - 1)
+
+
+# The trial's user attribute holding its liveness record (``hpo.liveness``).
+LIVENESS_ATTR = "liveness"
+
+
+def write_liveness(trial: optuna.Trial) -> None:
+    """Record who runs ``trial``, that it is alive now, and this process's peak memory so far."""
+    trial.set_user_attr(LIVENESS_ATTR, liveness.with_memory(liveness.record()))
+
+
+def fail_dead_trials(study: optuna.Study, grace_s: float, signals: dict[int, str] | None = None) -> list[tuple[optuna.trial.FrozenTrial, str]]:
+    """Fail every RUNNING trial whose process is gone by its liveness record (``hpo.liveness.gone``), with
+    the reason ``killed: SIGKILL, likely out of memory (peak X GB)``; ``signals``: pid -> the signal that
+    ended it, when known (a worker process's exit status). In any storage, however fresh the trial's
+    heartbeat. Returns the trials failed here, with their reasons."""
+    storage = storage_of(study)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        found = liveness.parse(trial.user_attrs.get(LIVENESS_ATTR) or {})
+        if found is None or not liveness.gone(found, grace_s):
+            continue
+        reason = liveness.killed_reason(found, (signals or {}).get(found.pid, "SIGKILL"))
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+            storage.set_trial_user_attr(trial._trial_id, "failure_message", f"process {found.pid} on {found.host} ended without ending its trial ({reason})")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except RuntimeError:  # another invocation failed it first (Optuna's UpdateFinishedTrialError)
+            continue
+        failed.append((trial, reason))
+    return failed
+
+
+def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
+    """Fail RUNNING trials whose worker died before the objective started.
+
+    A worker killed between creating a trial and the objective's first act (writing the trial's
+    liveness record) leaves a trial no heartbeat or record will ever end: after ``grace_s`` it never ran.
+    """
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if LIVENESS_ATTR not in trial.user_attrs and started and (now - started).total_seconds() > grace_s:
+            try:
+                storage_of(study).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except RuntimeError:
+                continue
 
 
 def storage_of(study: optuna.Study):
