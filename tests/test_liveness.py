@@ -237,3 +237,38 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
     assert "last lines of gap_fit output" in str(raised.value)
     assert noticed_s < 3.0
     print(f"gap_fit crash: trial failed {noticed_s:.2f} s after gap_fit's last output, {total_s:.1f} s in all")
+
+
+# A descriptor pass that takes seconds, almost all of it inside quippy's Fortran (`descriptor.calc`):
+# 16 frames of about 0.3 s each, energies only, so the cache writes between frames are small.
+SLOW_DESCRIPTORS = ["model.solver=numpy", "model.n_max=16", "model.l_max=12", "model.cutoff=12.0", "model.force_metrics=false"]
+
+
+@pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_inside_quippy_ends_in_one_paragraph(tiny_overrides, tiny_cfg, tmp_path, sent, code):
+    """Issue 25, item 3: SIGTERM (a scheduler's time limit) or Ctrl-C while quippy computes descriptors: the
+    one-paragraph message and exit code 128 + signal, never a traceback (SIGTERM surfaced inside quippy's
+    Python wrapper, Ctrl-C as f90wrap's RuntimeError "Interrupt occured"); the trial FAIL interrupted, the
+    study stops, no run RUNNING."""
+    extra = ["study.n_trials=2", *SLOW_DESCRIPTORS]
+    cfg = tiny_cfg(*extra)
+    process = start([*tiny_overrides, *extra], tmp_path, "optimize")
+    cache = Path(cfg.model.descriptor_cache_dir)
+    wait_for(lambda: cache.is_dir() and any(cache.rglob("*.npz")), "the descriptor pass to start")
+    process.send_signal(sent)
+    returncode = process.wait(timeout=300)
+    stderr = (tmp_path / "optimize.err").read_text()
+    name = signal.Signals(sent).name
+    assert returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    message = [line for line in stderr.splitlines() if line.startswith("hpo: ")]
+    assert message == [f"hpo: stopped by {name}. The command's MLflow runs were ended KILLED; in a study the trial that was "
+                       "running is recorded FAIL (reason interrupted) and the same command resumes the study where it stopped."], stderr[-3000:]
+    study = load_study(cfg.study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # stopped: no second trial started
+    assert study.trials[0].user_attrs["failure"] == "interrupted"
+    assert all_runs_ended(cfg) == []
+    parents, children = runs_of(cfg)
+    assert [p.info.status for p in parents] == ["KILLED"] and [c.info.status for c in children] == ["KILLED"]
+    print(f"{name} inside quippy: exit code {returncode}; stderr: {message[0]!r}; trials 0 complete before and after, "
+          f"1 FAIL interrupted; runs RUNNING afterwards: {len(all_runs_ended(cfg))}")

@@ -3,7 +3,8 @@
 Running the same command again resumes the study: ``study.n_trials`` counts finished trials over
 all invocations, never attempts. Trial 0 is the model's default config, so every study shows what
 the search gained over it. SIGTERM (what a scheduler sends at its time limit) and Ctrl-C end the
-current trial FAILED (reason ``interrupted``), close its MLflow run and the parent's, and exit non-zero.
+current trial FAILED (reason ``interrupted``), close its MLflow run and the parent's, and exit with
+128 + the signal (hpo.cli says so in one paragraph).
 """
 
 from __future__ import annotations

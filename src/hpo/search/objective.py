@@ -190,7 +190,7 @@ class Objective:
                 reason = classify(exc)
                 trial.set_user_attr("failure", reason)
                 trial.set_user_attr("failure_message", str(exc)[-2000:])
-                write_text(workdir / "failure.txt", "".join(traceback.format_exception(exc)))
+                write_text(workdir / "failure.txt", "".join(traceback.format_exception(raised)))
                 note = f"Trial {trial.number} of study {trial.study.study_name} failed ({reason}): {str(exc)[-1000:]}"
                 self.tracker.log(run_id, params=values, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:], NOTE_TAG: note})
                 self.tracker.log_artifacts(run_id, [workdir / "gap_fit.err", workdir / "gap_fit.out", workdir / "failure.txt"])
