@@ -272,3 +272,51 @@ def test_signal_inside_quippy_ends_in_one_paragraph(tiny_overrides, tiny_cfg, tm
     assert [p.info.status for p in parents] == ["KILLED"] and [c.info.status for c in children] == ["KILLED"]
     print(f"{name} inside quippy: exit code {returncode}; stderr: {message[0]!r}; trials 0 complete before and after, "
           f"1 FAIL interrupted; runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
+
+
+def test_journal_storage_killed_trial_does_not_stay_running(tiny_overrides, tiny_cfg, tmp_path, capsys):
+    """Issue 25, item 6: Optuna's journal storage has no heartbeats; hpo's liveness record is the rule there
+    too. `kill -9` mid-trial, then the same command at once: the trial is FAIL with the reason, the study
+    completes, nothing RUNNING in Optuna or MLflow."""
+    extra = ["study.n_trials=3", "study.enqueue_default=false", "model.solver=gap_fit", f"study.storage=journal:{tmp_path}/journal.log"]
+    cfg = tiny_cfg(*extra)
+    process = start([*tiny_overrides, *extra], tmp_path, "killed")
+    wait_for(lambda: running_trial_with_gap_fit(cfg), "a trial with its gap_fit running")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = load_study(cfg.study)
+    killed = [t.number for t in before.get_trials(states=(TrialState.RUNNING,))]
+    complete_before = len(before.get_trials(states=(TrialState.COMPLETE,)))
+    assert killed
+
+    study = loop.run(cfg)
+    printed = capsys.readouterr().out
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    reasons = {study.trials[n].user_attrs["failure"] for n in killed}
+    assert all(study.trials[n].state == TrialState.FAIL for n in killed)
+    assert all(r.startswith("killed: SIGKILL, likely out of memory (peak ") for r in reasons), reasons
+    assert all_runs_ended(cfg) == []
+    parents, _ = runs_of(cfg)
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
+    lines = [line for line in printed.splitlines() if "gone" in line]
+    assert any(f"trial {n} of a process that is gone: FAIL" in line for n in killed for line in lines)
+    print(f"journal SIGKILL+resume: trials complete {complete_before} before, 3 after; killed {killed} FAIL ({sorted(reasons)}); "
+          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}; message: {lines}")
+
+
+def test_journal_trial_of_another_host_fails_after_the_grace(tmp_path):
+    """On another host the pid cannot be checked: its trial fails once its heartbeat is older than the grace."""
+    import optuna
+
+    from hpo.search.storage import LIVENESS_ATTR, fail_dead_trials, make_storage
+
+    study = optuna.create_study(storage=make_storage(f"journal:{tmp_path}/journal.log", 30, 90), study_name="s")
+    fresh, stale = study.ask(), study.ask()
+    now = time.time()
+    fresh.set_user_attr(LIVENESS_ATTR, {"host": "another-node", "pid": "1", "heartbeat": f"{now:.0f}"})
+    stale.set_user_attr(LIVENESS_ATTR, {"host": "another-node", "pid": "1", "heartbeat": f"{now - 3600:.0f}", "peak_rss_bytes": "2500000000"})
+    failed = fail_dead_trials(study, grace_s=90)
+    assert [(t.number, reason) for t, reason in failed] == [(stale.number, "killed: SIGKILL, likely out of memory (peak 2.50 GB)")]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {fresh.number: TrialState.RUNNING, stale.number: TrialState.FAIL}
