@@ -9,10 +9,13 @@ and concurrent invocations never replay each other's draws, and a study is still
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import optuna
 from optuna.storages import RDBStorage
@@ -33,7 +36,113 @@ class StudyError(RuntimeError):
     """The study cannot go on (storage, search space, failure rate)."""
 
 
-def make_storage(url: str, heartbeat_s: int, grace_s: int):
+# Pauses between reconnection attempts to a database server: doubling from the first to the last.
+RECONNECT_FIRST_WAIT_S = 0.5
+RECONNECT_LONGEST_WAIT_S = 8.0
+_in_storage_call = threading.local()  # nested storage calls are retried by the outermost only
+_outage_lock = threading.Lock()
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it: Optuna wraps SQLAlchemy's errors) says the database connection
+    is gone, as when the server restarts, rather than that the statement was wrong."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    seen: BaseException | None = exc
+    for _ in range(10):  # a cause chain can loop through __context__
+        if seen is None:
+            return False
+        if isinstance(seen, (OperationalError, InterfaceError)) or (isinstance(seen, DBAPIError) and seen.connection_invalidated):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """Optuna's RDB storage on a database server, surviving the server's restart: a call whose connection
+    was lost is repeated with growing pauses for up to ``reconnect_s`` seconds (one line says so while
+    waiting, one when the server is back), then the study stops with a StudyError naming the storage."""
+
+    def __init__(self, url: str, reconnect_s: float, **kwargs):
+        super().__init__(url, **kwargs)
+        self.reconnect_s = reconnect_s
+        self.outage_since: float | None = None
+
+    def _reconnecting(self, call: Callable[[], Any]) -> Any:
+        if getattr(_in_storage_call, "active", False):
+            return call()
+        _in_storage_call.active = True
+        try:
+            return self._retry_while_lost(call)
+        finally:
+            _in_storage_call.active = False
+
+    def _retry_while_lost(self, call: Callable[[], Any]) -> Any:
+        wait = RECONNECT_FIRST_WAIT_S
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                result = call()
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                self._announce_outage(exc)
+                if time.monotonic() + wait > deadline:
+                    raise StudyError(
+                        f"study.storage={redact(self.url)!r} lost its connection and did not come back within "
+                        f"study.reconnect_s={self.reconnect_s:g} s: {redact_text(first_line(exc), self.url)}"
+                    ) from None
+                time.sleep(wait)
+                wait = min(2 * wait, RECONNECT_LONGEST_WAIT_S)
+                continue
+            self._announce_return()
+            return result
+
+    def _announce_outage(self, exc: BaseException) -> None:
+        with _outage_lock:
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                print(
+                    f"[hpo] study.storage {redact(self.url)} lost its connection ({redact_text(first_line(exc), self.url)}); "
+                    f"reconnecting for up to {self.reconnect_s:g} s (study.reconnect_s)",
+                    flush=True,
+                )
+
+    def _announce_return(self) -> None:
+        if self.outage_since is None:
+            return
+        with _outage_lock:
+            if self.outage_since is not None:
+                print(f"[hpo] study.storage reconnected after {time.monotonic() - self.outage_since:.0f} s", flush=True)
+                self.outage_since = None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what the database driver said (the innermost cause), without SQLAlchemy's links."""
+    inner = exc
+    while inner.__cause__ is not None and inner.__cause__ is not inner:
+        inner = inner.__cause__
+    text = str(getattr(inner, "orig", None) or inner).strip()
+    return text.splitlines()[0] if text else type(inner).__name__
+
+
+def _reconnecting_method(name: str):
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return self._reconnecting(lambda: method(self, *args, **kwargs))
+
+    return call
+
+
+# Every method of RDBStorage that talks to the database (Optuna's cache calls some private ones).
+for _name, _value in list(vars(RDBStorage).items()):
+    if callable(_value) and not _name.startswith("__") and not isinstance(_value, (staticmethod, classmethod)):
+        setattr(ReconnectingRDBStorage, _name, _reconnecting_method(_name))
+
+
+def make_storage(url: str, heartbeat_s: int, grace_s: int, reconnect_s: float = 120):
     """An Optuna storage for ``study.storage``.
 
     A trial whose worker died stops sending heartbeats; after ``grace_s`` the
@@ -55,10 +164,19 @@ def make_storage(url: str, heartbeat_s: int, grace_s: int):
         with warnings.catch_warnings():
             # Heartbeats are marked experimental since Optuna 2.8; they are how a killed worker's trial gets failed.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
+            if url.startswith("sqlite"):
+                return RDBStorage(
+                    url,
+                    # several worker processes write to one SQLite file: wait for the lock instead of failing
+                    engine_kwargs={"connect_args": {"timeout": 60}},
+                    heartbeat_interval=heartbeat_s,
+                    grace_period=grace_s,
+                )
+            return ReconnectingRDBStorage(
                 url,
-                # several worker processes write to one SQLite file: wait for the lock instead of failing
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                reconnect_s,
+                # a pooled connection the server closed (restart) is replaced before use, not failed on
+                engine_kwargs={"pool_pre_ping": True},
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
             )
@@ -174,7 +292,7 @@ def open_study(cfg, space: list[SearchParam], n_train: int | None = None) -> opt
     for attempt in range(CREATE_ATTEMPTS):
         try:
             with creation_lock(str(cfg.study.storage)):
-                storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
+                storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s, cfg.study.reconnect_s)
                 study = optuna.create_study(
                     storage=storage,
                     study_name=cfg.study.name,
@@ -203,7 +321,7 @@ def load_study(study_cfg, study_name: str | None = None) -> optuna.Study:
     """Load study ``study_name`` (default ``study.name``) that must exist; the error lists those the storage holds."""
     storage_url = str(study_cfg.storage)
     study_name = study_name or str(study_cfg.name)
-    storage = make_storage(storage_url, study_cfg.heartbeat_s, study_cfg.grace_s)
+    storage = make_storage(storage_url, study_cfg.heartbeat_s, study_cfg.grace_s, study_cfg.reconnect_s)
     try:
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
