@@ -142,3 +142,45 @@ def test_worker_killed_mid_trial_fails_its_trial_and_the_study_goes_on(tiny_over
     assert not [r for r in parents + children if r.info.status == "RUNNING"]
     print(f"worker SIGKILL: trial {victim.number} FAIL ({reason}); {len(study.get_trials(states=(TrialState.COMPLETE,)))} "
           f"complete after, {len(study.trials)} trials in all; message: {[l for l in printed.splitlines() if 'killed by' in l]}")
+
+
+def test_sigterm_to_the_invocation_stops_its_workers(tiny_overrides, tiny_cfg, tmp_path):
+    """SIGTERM to the invoking process alone (not its group) while its worker processes run trials: it stops
+    the workers, whose running trials end FAIL interrupted, ends every run, and says so in one paragraph with
+    exit code 143; no worker or gap_fit is left running under a study run that has ended."""
+    extra = ["study.n_trials=6", "study.n_workers=2", "threads=2", "study.enqueue_default=false", "model.solver=gap_fit"]
+    cfg = tiny_cfg(*extra)
+    with open(tmp_path / "optimize.out", "w") as out, open(tmp_path / "optimize.err", "w") as err:
+        process = subprocess.Popen([sys.executable, "-m", "hpo", "optimize", *tiny_overrides, *extra], cwd=tmp_path,
+                                   start_new_session=True, stdout=out, stderr=err)
+    optuna_storage = storage.make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
+
+    def running_fits() -> list:
+        try:
+            study = optuna.load_study(study_name=cfg.study.name, storage=optuna_storage)
+        except KeyError:
+            return []
+        return [t for t in study.get_trials(states=(TrialState.RUNNING,))
+                if t.user_attrs.get("workdir") and (Path(t.user_attrs["workdir"]) / "gap_fit.cmd").is_file()]
+
+    deadline = time.time() + 300
+    while not (fits := running_fits()):
+        assert time.time() < deadline and process.poll() is None, "no trial ever ran gap_fit"
+        time.sleep(0.2)
+    workers = {int(t.user_attrs["liveness"]["pid"]) for t in fits}
+    gap_fits = [pid for worker in workers for pid in children_of(worker)]
+    process.send_signal(signal.SIGTERM)
+    returncode = process.wait(timeout=300)
+    stderr = (tmp_path / "optimize.err").read_text()
+    assert returncode == 143, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert [line for line in stderr.splitlines() if line.startswith("hpo: ")][0].startswith("hpo: stopped by SIGTERM. ")
+    study = optuna.load_study(study_name=cfg.study.name, storage=optuna_storage)
+    interrupted = [t for t in study.get_trials(states=(TrialState.FAIL,)) if t.user_attrs.get("failure") == "interrupted"]
+    assert interrupted and not study.get_trials(states=(TrialState.RUNNING,))
+    parents, children = runs_of(cfg)
+    assert [p.info.status for p in parents] == ["KILLED"]
+    assert not [r for r in parents + children if r.info.status == "RUNNING"]
+    assert not [pid for pid in [*workers, *gap_fits] if Path(f"/proc/{pid}").exists()]
+    print(f"SIGTERM to the invocation with 2 workers: exit code {returncode}; {len(study.get_trials(states=(TrialState.COMPLETE,)))} complete, "
+          f"{len(interrupted)} FAIL interrupted; runs RUNNING afterwards: 0")

@@ -233,13 +233,29 @@ def watch_workers(workers: list, study: optuna.Study, tracker: Tracker, grace_s:
 
     pending = {worker.sentinel: worker for worker in workers}
     while pending:
-        for sentinel in wait(list(pending)):
+        try:
+            ended = wait(list(pending))
+        except KeyboardInterrupt:
+            stop_workers(list(pending.values()))
+            raise
+        for sentinel in ended:
             worker = pending.pop(sentinel)
             worker.join()
             if worker.exitcode is not None and worker.exitcode < 0:
                 name = signal.Signals(-worker.exitcode).name
                 print(f"[hpo] {worker.name} (pid {worker.pid}) was killed by {name}; {len(pending)} worker(s) go on", flush=True)
                 close_dead_invocations(study, tracker, grace_s, {worker.pid: name})
+
+
+def stop_workers(workers: list) -> None:
+    """SIGTERM to the workers still running when this process is interrupted (a signal to this process
+    alone): each ends its trial FAIL interrupted instead of going on under a study run that has ended."""
+    for worker in workers:
+        if worker.is_alive():
+            with contextlib.suppress(ProcessLookupError):  # it ended just now
+                os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join()
 
 
 def threads_per_worker(cfg) -> int:
@@ -310,7 +326,11 @@ def _worker(container: dict, parent_run_id: str, index: int) -> None:
     cfg = OmegaConf.create(container)
     quiet(bool(cfg.get("verbose", False)))  # a spawned process starts with Optuna's INFO lines on
     print(f"[hpo] worker {index} started (pid {os.getpid()}, {threads_per_worker(cfg)} thread(s))", flush=True)
-    optimize(cfg, parent_run_id)
+    try:
+        with sigterm_interrupts():
+            optimize(cfg, parent_run_id)
+    except KeyboardInterrupt as exc:  # the trial is recorded; the invoking process says it in one paragraph
+        raise SystemExit(128 + signal.Signals[getattr(exc, "signal_name", "SIGINT")].value) from None
 
 
 def close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:
