@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from optuna.trial import TrialState
 
+from hpo import liveness
 from hpo.search import loop
 from hpo.search.storage import StudyError, load_study
 
@@ -107,9 +108,13 @@ def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, ti
           f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
 
 
-def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tmp_path):
-    extra = ["study.n_trials=3", "study.heartbeat_s=1", "study.grace_s=3", "study.enqueue_default=false", "model.solver=gap_fit", "model.force_metrics=true"]
+def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tmp_path, capsys):
+    """Issue 25, item 1: `kill -9` after the first finished trial, then the same command at once. The default
+    heartbeat (30 s) and grace (90 s) have not expired: the dead process's records are closed by its liveness
+    record (this host, pid gone), not by heartbeat age."""
+    extra = ["study.n_trials=4", "study.enqueue_default=false", "model.solver=gap_fit", "model.force_metrics=true"]
     cfg = tiny_cfg(*extra)
+    assert cfg.study.grace_s >= 60  # the rerun below comes well within it
     process = start([*tiny_overrides, *extra], tmp_path, "killed")
 
     def one_done_one_running():
@@ -122,37 +127,54 @@ def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tm
     parents, _ = runs_of(cfg)
     assert [p.info.status for p in parents] == ["RUNNING"]  # nobody could end it
     dead_parent = parents[0]
-    assert {"host", "pid", "heartbeat"} <= set(dead_parent.data.tags)
-    killed = [t.number for t in load_study(cfg.study).get_trials(states=(TrialState.RUNNING,))]
+    assert {"host", "pid", "pid_start", "heartbeat"} <= set(dead_parent.data.tags)
+    before = load_study(cfg.study)
+    killed = {t.number: t.params for t in before.get_trials(states=(TrialState.RUNNING,))}
+    complete_before = len(before.get_trials(states=(TrialState.COMPLETE,)))
+    assert killed
 
-    time.sleep(4)  # past grace_s: the heartbeats (Optuna's and the parent run's) are stale
     study = loop.run(cfg)
-    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    printed = capsys.readouterr().out
+    complete = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == 4
     assert not study.get_trials(states=(TrialState.RUNNING,))
+    reasons = {study.trials[n].user_attrs.get("failure", "") for n in killed}
     assert all(study.trials[n].state == TrialState.FAIL for n in killed)
+    assert all(r.startswith("killed: SIGKILL, likely out of memory (peak ") and r.endswith(" GB)") for r in reasons), reasons
     assert all_runs_ended(cfg) == []
     parents, children = runs_of(cfg)
     closed = next(p for p in parents if p.info.run_id == dead_parent.info.run_id)
     assert closed.info.status == "KILLED" and closed.data.tags["failure"] == "killed"
-    assert [c.info.status for c in children if c.data.tags["trial_number"] in {str(n) for n in killed}] == ["KILLED"] * len(killed)
-    complete = study.get_trials(states=(TrialState.COMPLETE,))
-    assert len({tuple(sorted(t.params.items())) for t in complete}) == 3
-    print(f"SIGKILL+resume: {len(complete)} complete, {len(killed)} killed trial(s) FAIL, parent closed KILLED, "
-          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
+    killed_runs = [c for c in children if c.data.tags["trial_number"] in {str(n) for n in killed}]
+    assert [c.info.status for c in killed_runs] == ["KILLED"] * len(killed)
+    assert {c.data.tags["failure"] for c in killed_runs} == reasons
+    assert f"MLflow run(s) of processes that are gone as KILLED" in printed and dead_parent.info.run_id in printed
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == 4
+    assert not [t for t in complete if t.params in killed.values()]  # a likely memory kill is not run again
+    print(f"SIGKILL+resume within grace: trials complete {complete_before} before, {len(complete)} after; "
+          f"{len(killed)} killed trial(s) FAIL ({sorted(reasons)}); parent closed KILLED; "
+          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}; message: {[l for l in printed.splitlines() if 'gone' in l]}")
 
 
 def test_live_parent_is_not_closed(tiny_cfg):
-    """Only a dead process's run is closed: this process is alive, however old its heartbeat."""
+    """Only a dead process's run is closed: this process is alive, however old its heartbeat; a dead pid's
+    run is closed however fresh its heartbeat, and so is a live pid whose start time is not the recorded one
+    (the pid was reused)."""
     cfg = tiny_cfg()
     tracker = loop.open_tracker(cfg)
-    run_id = tracker.start_run("optimize-live", tags={**loop.liveness_tags(), "run_type": "study", "heartbeat": "0"})
-    assert loop.close_dead_parents(tracker, grace_s=1) == []
+    study = {"run_type": "study", "study": "s"}
+    run_id = tracker.start_run("optimize-live", tags={**liveness.record(), **study, "heartbeat": "0"})
+    assert tracker.close_dead_runs("s", grace_s=1) == []
     dead = subprocess.Popen(["true"])
     dead.wait()
-    dead_id = tracker.start_run("optimize-dead", tags={**loop.liveness_tags(), "pid": dead.pid, "run_type": "study", "heartbeat": "0"})
-    assert loop.close_dead_parents(tracker, grace_s=1) == [dead_id]
+    dead_id = tracker.start_run("optimize-dead", tags={**liveness.record(), **study, "pid": dead.pid})
+    reused_id = tracker.start_run("optimize-reused", tags={**liveness.record(), **study, "pid_start": "another-boot:1"})
+    other_study = tracker.start_run("optimize-other", tags={**liveness.record(), "run_type": "study", "study": "t", "pid": dead.pid})
+    assert sorted(tracker.close_dead_runs("s", grace_s=1000)) == sorted([dead_id, reused_id])
     assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    assert tracker.client.get_run(other_study).info.status == "RUNNING"
     tracker.end_run(run_id)
+    assert tracker.close_dead_runs("t", grace_s=1000) == [other_study]
 
 
 def test_three_invocations_at_once_share_one_study(tiny_overrides, tiny_cfg, tmp_path):
@@ -215,3 +237,86 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
     assert "last lines of gap_fit output" in str(raised.value)
     assert noticed_s < 3.0
     print(f"gap_fit crash: trial failed {noticed_s:.2f} s after gap_fit's last output, {total_s:.1f} s in all")
+
+
+# A descriptor pass that takes seconds, almost all of it inside quippy's Fortran (`descriptor.calc`):
+# 16 frames of about 0.3 s each, energies only, so the cache writes between frames are small.
+SLOW_DESCRIPTORS = ["model.solver=numpy", "model.n_max=16", "model.l_max=12", "model.cutoff=12.0", "model.force_metrics=false"]
+
+
+@pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
+def test_signal_inside_quippy_ends_in_one_paragraph(tiny_overrides, tiny_cfg, tmp_path, sent, code):
+    """Issue 25, item 3: SIGTERM (a scheduler's time limit) or Ctrl-C while quippy computes descriptors: the
+    one-paragraph message and exit code 128 + signal, never a traceback (SIGTERM surfaced inside quippy's
+    Python wrapper, Ctrl-C as f90wrap's RuntimeError "Interrupt occured"); the trial FAIL interrupted, the
+    study stops, no run RUNNING."""
+    extra = ["study.n_trials=2", *SLOW_DESCRIPTORS]
+    cfg = tiny_cfg(*extra)
+    process = start([*tiny_overrides, *extra], tmp_path, "optimize")
+    cache = Path(cfg.model.descriptor_cache_dir)
+    wait_for(lambda: cache.is_dir() and any(cache.rglob("*.npz")), "the descriptor pass to start")
+    process.send_signal(sent)
+    returncode = process.wait(timeout=300)
+    stderr = (tmp_path / "optimize.err").read_text()
+    name = signal.Signals(sent).name
+    assert returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    message = [line for line in stderr.splitlines() if line.startswith("hpo: ")]
+    assert message == [f"hpo: stopped by {name}. The command's MLflow runs were ended KILLED; in a study the trial that was "
+                       "running is recorded FAIL (reason interrupted) and the same command resumes the study where it stopped."], stderr[-3000:]
+    study = load_study(cfg.study)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # stopped: no second trial started
+    assert study.trials[0].user_attrs["failure"] == "interrupted"
+    assert all_runs_ended(cfg) == []
+    parents, children = runs_of(cfg)
+    assert [p.info.status for p in parents] == ["KILLED"] and [c.info.status for c in children] == ["KILLED"]
+    print(f"{name} inside quippy: exit code {returncode}; stderr: {message[0]!r}; trials 0 complete before and after, "
+          f"1 FAIL interrupted; runs RUNNING afterwards: {len(all_runs_ended(cfg))}")
+
+
+def test_journal_storage_killed_trial_does_not_stay_running(tiny_overrides, tiny_cfg, tmp_path, capsys):
+    """Issue 25, item 6: Optuna's journal storage has no heartbeats; hpo's liveness record is the rule there
+    too. `kill -9` mid-trial, then the same command at once: the trial is FAIL with the reason, the study
+    completes, nothing RUNNING in Optuna or MLflow."""
+    extra = ["study.n_trials=3", "study.enqueue_default=false", "model.solver=gap_fit", f"study.storage=journal:{tmp_path}/journal.log"]
+    cfg = tiny_cfg(*extra)
+    process = start([*tiny_overrides, *extra], tmp_path, "killed")
+    wait_for(lambda: running_trial_with_gap_fit(cfg), "a trial with its gap_fit running")
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = load_study(cfg.study)
+    killed = [t.number for t in before.get_trials(states=(TrialState.RUNNING,))]
+    complete_before = len(before.get_trials(states=(TrialState.COMPLETE,)))
+    assert killed
+
+    study = loop.run(cfg)
+    printed = capsys.readouterr().out
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 3
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+    reasons = {study.trials[n].user_attrs["failure"] for n in killed}
+    assert all(study.trials[n].state == TrialState.FAIL for n in killed)
+    assert all(r.startswith("killed: SIGKILL, likely out of memory (peak ") for r in reasons), reasons
+    assert all_runs_ended(cfg) == []
+    parents, _ = runs_of(cfg)
+    assert sorted(p.info.status for p in parents) == ["FINISHED", "KILLED"]
+    lines = [line for line in printed.splitlines() if "gone" in line]
+    assert any(f"trial {n} of a process that is gone: FAIL" in line for n in killed for line in lines)
+    print(f"journal SIGKILL+resume: trials complete {complete_before} before, 3 after; killed {killed} FAIL ({sorted(reasons)}); "
+          f"runs RUNNING afterwards: {len(all_runs_ended(cfg))}; message: {lines}")
+
+
+def test_journal_trial_of_another_host_fails_after_the_grace(tmp_path):
+    """On another host the pid cannot be checked: its trial fails once its heartbeat is older than the grace."""
+    import optuna
+
+    from hpo.search.storage import LIVENESS_ATTR, fail_dead_trials, make_storage
+
+    study = optuna.create_study(storage=make_storage(f"journal:{tmp_path}/journal.log", 30, 90), study_name="s")
+    fresh, stale = study.ask(), study.ask()
+    now = time.time()
+    fresh.set_user_attr(LIVENESS_ATTR, {"host": "another-node", "pid": "1", "heartbeat": f"{now:.0f}"})
+    stale.set_user_attr(LIVENESS_ATTR, {"host": "another-node", "pid": "1", "heartbeat": f"{now - 3600:.0f}", "peak_rss_bytes": "2500000000"})
+    failed = fail_dead_trials(study, grace_s=90)
+    assert [(t.number, reason) for t, reason in failed] == [(stale.number, "killed: SIGKILL, likely out of memory (peak 2.50 GB)")]
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states == {fresh.number: TrialState.RUNNING, stale.number: TrialState.FAIL}

@@ -11,12 +11,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from optuna.trial import TrialState
+
 from hpo.search import loop
-from helpers import assert_intact
+from hpo.search.storage import StudyError, load_study
+from helpers import assert_intact, runs_of
 
 
 def free_port() -> int:
@@ -30,8 +34,24 @@ def as_postgres(command: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
 
 
+@dataclass
+class Postgres:
+    """A PostgreSQL server of a test's own, which the test may stop and start again."""
+
+    url: str
+    pg_ctl: list[str]
+    options: str
+    log: Path
+
+    def stop(self) -> None:
+        subprocess.run(as_postgres([*self.pg_ctl, "-m", "fast", "-w", "stop"]), check=True, capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run(as_postgres([*self.pg_ctl, "-o", self.options, "-w", "-l", str(self.log), "start"]), check=True, capture_output=True)
+
+
 @pytest.fixture
-def postgres_url():
+def postgres():
     binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
     if not binaries:
         pytest.skip("PostgreSQL server binaries not installed (apt-get install postgresql; .ci/run does)")
@@ -42,13 +62,23 @@ def postgres_url():
         shutil.chown(root, "postgres")
     data, port = root / "data", free_port()
     subprocess.run(as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "hpo"]), check=True, capture_output=True)
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
-    subprocess.run(as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-o", options, "-w", "-l", str(root / "log"), "start"]), check=True, capture_output=True)
+    server = Postgres(
+        url=f"postgresql+psycopg2://hpo@127.0.0.1:{port}/postgres",
+        pg_ctl=[str(bin_dir / "pg_ctl"), "-D", str(data)],
+        options=f"-p {port} -k {root} -c listen_addresses=127.0.0.1",
+        log=root / "log",
+    )
+    server.start()
     try:
-        yield f"postgresql+psycopg2://hpo@127.0.0.1:{port}/postgres"
+        yield server
     finally:
-        subprocess.run(as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
+        subprocess.run(as_postgres([*server.pg_ctl, "-m", "immediate", "stop"]), capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres):
+    return postgres.url
 
 
 @pytest.fixture
@@ -88,3 +118,59 @@ def test_two_workers_on_postgres_and_mlflow_server(tiny_cfg, postgres_url, mlflo
     )
     loop.run(cfg)
     assert_intact(cfg, 4)
+
+
+def test_postgres_restart_mid_study(tiny_overrides, tiny_cfg, postgres, tmp_path):
+    """Issue 25, item 4: the study's PostgreSQL server goes down after the first finished trial (pg_ctl stop
+    -m fast: connections cut) and comes back once the study has said it is waiting. The study reconnects,
+    finishes every trial, and leaves nothing RUNNING."""
+    extra = ["study.n_trials=4", "study.heartbeat_s=1", "study.enqueue_default=false", "model.solver=gap_fit", f"study.storage={postgres.url}"]
+    cfg = tiny_cfg(*extra)
+    out = tmp_path / "optimize.out"
+    with open(out, "w") as stdout, open(tmp_path / "optimize.err", "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "hpo", "optimize", *tiny_overrides, *extra], cwd=tmp_path,
+                                   start_new_session=True, stdout=stdout, stderr=stderr)
+
+    def until(condition, what: str) -> None:
+        deadline = time.time() + 300
+        while not condition():
+            assert time.time() < deadline and process.poll() is None, f"never saw {what}: {out.read_text()[-2000:]}"
+            time.sleep(0.3)
+
+    def finished_trials() -> int:
+        try:
+            return len(load_study(cfg.study).get_trials(states=(TrialState.COMPLETE,)))
+        except StudyError:
+            return 0
+
+    until(lambda: finished_trials() >= 1, "a finished trial")
+    postgres.stop()
+    until(lambda: "lost its connection" in out.read_text(), "the line saying the study waits for its storage")
+    postgres.start()
+    returncode = process.wait(timeout=600)
+    printed = out.read_text()
+    assert returncode == 0, (tmp_path / "optimize.err").read_text()[-3000:]
+    waiting = [line for line in printed.splitlines() if "study.storage" in line and "connect" in line]
+    assert len([line for line in waiting if "lost its connection" in line]) == 1, waiting
+    assert "reconnecting for up to 120 s (study.reconnect_s)" in waiting[0] and "hpo@127.0.0.1" in waiting[0]
+    assert any("reconnected after" in line for line in waiting)
+    study = assert_intact(cfg, 4)
+    parents, children = runs_of(cfg)
+    assert not [r for r in parents + children if r.info.status == "RUNNING"]
+    print(f"PostgreSQL restart: {len(study.get_trials(states=(TrialState.COMPLETE,)))} complete after, {len(study.trials)} trials in all, "
+          f"runs RUNNING afterwards: 0; messages: {waiting}")
+
+
+def test_postgres_that_stays_down_stops_the_study_with_a_message(postgres, capsys):
+    """The reconnection is bounded: past study.reconnect_s the storage gives up in one paragraph naming it."""
+    from hpo.search.storage import make_storage
+
+    storage = make_storage(postgres.url, 30, 90, reconnect_s=2)
+    assert storage.get_all_studies() == []
+    postgres.stop()
+    with pytest.raises(StudyError) as raised:
+        storage.get_all_studies()
+    message = str(raised.value)
+    assert message.startswith(f"study.storage={postgres.url!r} lost its connection and did not come back within study.reconnect_s=2 s: ")
+    assert "\n" not in message
+    assert capsys.readouterr().out.count("lost its connection") == 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import signal
 import sys
 import time
 from typing import Callable
@@ -135,8 +136,30 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
         except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp, MDUnstable, SpectrumError) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except (KeyboardInterrupt, RuntimeError) as exc:
+            name = interrupt_signal(exc)
+            if name is None:
+                raise
+            print(f"hpo: {interrupted_message(name)}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signal.Signals[name].value) from None
 
     return wrapped
+
+
+def interrupt_signal(exc: BaseException) -> str | None:
+    """The signal that stopped the command (SIGTERM as hpo's ``Interrupted``, Ctrl-C as KeyboardInterrupt
+    or, inside quippy's Fortran, as f90wrap's RuntimeError); None for any other error."""
+    from hpo.search.objective import as_interrupt
+
+    exc = as_interrupt(exc)
+    return getattr(exc, "signal_name", "SIGINT") if isinstance(exc, KeyboardInterrupt) else None
+
+
+def interrupted_message(name: str) -> str:
+    return (
+        f"stopped by {name}. The command's MLflow runs were ended KILLED; in a study the trial that was running "
+        "is recorded FAIL (reason interrupted) and the same command resumes the study where it stopped."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -31,6 +31,23 @@ class _DropInternal(logging.Filter):
         return "CloudPickle" not in record.getMessage()
 
 
+class _DropInterrupted(logging.Filter):
+    """Optuna logs a trial ended by a signal (SIGTERM, Ctrl-C: a KeyboardInterrupt) at WARNING with its
+    traceback, which ends wherever the signal landed (often inside quippy's Fortran wrapper), and then
+    "Trial N failed with value None."; hpo says it in one paragraph (hpo.cli) and records the trial."""
+
+    def __init__(self):
+        super().__init__()
+        self.interrupted: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            self.interrupted.add(message.split(" failed", 1)[0])  # "Trial N"
+            return False
+        return message.split(" failed with value", 1)[0] not in self.interrupted
+
+
 def quiet(verbose: bool = False) -> None:
     """Console defaults of every command (and every worker process): see the module docstring."""
     if verbose:
@@ -54,6 +71,9 @@ def quiet(verbose: bool = False) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    trial_logger = logging.getLogger("optuna.study._optimize")
+    if not any(isinstance(f, _DropInterrupted) for f in trial_logger.filters):
+        trial_logger.addFilter(_DropInterrupted())
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 

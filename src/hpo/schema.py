@@ -57,6 +57,7 @@ class Study:
     n_workers: int
     heartbeat_s: int
     grace_s: int
+    reconnect_s: int
     max_refused_trials: int
     cv_folds: int
 

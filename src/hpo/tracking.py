@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import platform
 import subprocess
 import time
@@ -20,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
+from hpo import liveness
 from hpo.atomic import creation_lock, sqlite_file
 from hpo.paths import SOURCE_CHECKOUT
 
@@ -172,3 +174,50 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def beat(self, *run_ids: str) -> None:
+        """Refresh the heartbeat of ``run_ids`` (one tag write each)."""
+        now = f"{time.time():.0f}"
+        for run_id in run_ids:
+            try:
+                self.client.set_tag(run_id, "heartbeat", now)
+            except Exception:  # a missed heartbeat must not cost a trial
+                pass
+
+    def close_dead_runs(self, study: str, grace_s: float, reasons: dict[str, str] | None = None) -> list[str]:
+        """End as KILLED every RUNNING run of ``study`` (study runs and their trial runs) whose process is gone
+        by its liveness record (``hpo.liveness.gone``), however fresh its heartbeat. A trial run without a
+        record of its own goes with its study run. ``reasons``: run id -> why its trial failed (the trial's
+        record knows its peak memory). Returns the ids closed."""
+        reasons = reasons or {}
+        running = [
+            run
+            for run in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'", max_results=5000)
+            if run.data.tags.get("study") == study
+        ]
+        dead_parents = {
+            run.info.run_id
+            for run in running
+            if "mlflow.parentRunId" not in run.data.tags and self._gone(run, grace_s)
+        }
+        closed = []
+        for run in running:
+            run_id, tags = run.info.run_id, run.data.tags
+            if run_id in dead_parents:
+                continue
+            own = liveness.parse(tags)
+            if (own is not None and liveness.gone(own, grace_s)) or (own is None and tags.get("mlflow.parentRunId") in dead_parents):
+                reason = reasons.get(run_id) or liveness.killed_reason(own)
+                self.log(run_id, tags={"state": "FAIL", "failure": reason})
+                self.end_run(run_id, "KILLED")
+                closed.append(run_id)
+        for run_id in dead_parents:  # after their trials: a reader never sees a closed study with running trials
+            self.log(run_id, tags={"failure": "killed", "closed_by": f"{platform.node()}:{os.getpid()}"})
+            self.end_run(run_id, "KILLED")
+            closed.append(run_id)
+        return closed
+
+    @staticmethod
+    def _gone(run, grace_s: float) -> bool:
+        found = liveness.parse(run.data.tags)
+        return found is not None and liveness.gone(found, grace_s)

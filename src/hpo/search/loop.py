@@ -3,17 +3,16 @@
 Running the same command again resumes the study: ``study.n_trials`` counts finished trials over
 all invocations, never attempts. Trial 0 is the model's default config, so every study shows what
 the search gained over it. SIGTERM (what a scheduler sends at its time limit) and Ctrl-C end the
-current trial FAILED (reason ``interrupted``), close its MLflow run and the parent's, and exit non-zero.
+current trial FAILED (reason ``interrupted``), close its MLflow run and the parent's, and exit with
+128 + the signal (hpo.cli says so in one paragraph).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gzip
 import multiprocessing
 import os
-import platform
 import shutil
 import signal
 import threading
@@ -28,7 +27,7 @@ from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
-from hpo import own_data, plots
+from hpo import liveness, own_data, plots
 from hpo.disk import disk_report
 from hpo.data import load_datasets
 from hpo.mlflow_ui import save_trials_view
@@ -36,15 +35,11 @@ from hpo.models import kind
 from hpo.progress import format_value, quiet
 from hpo.redact import redact, redact_text, silence_run_urls
 from hpo.search import origin
-from hpo.search.objective import Objective
+from hpo.search.objective import Interrupted, Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
 from hpo.search.space import default_values, outside_space, search_space
-from hpo.search.storage import StudyError, open_study, storage_of
+from hpo.search.storage import StudyError, fail_dead_trials, fail_unstarted_trials, open_study, storage_of
 from hpo.tracking import Tracker, provenance_tags
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM arrived: end the current trial and the runs as Ctrl-C would."""
 
 
 @contextlib.contextmanager
@@ -55,7 +50,7 @@ def sigterm_interrupts():
         return
 
     def interrupt(signum, frame):
-        raise Interrupted(f"signal {signal.Signals(signum).name}")
+        raise Interrupted(signal.Signals(signum).name)
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -115,12 +110,12 @@ def run(cfg) -> optuna.Study:
     study = open_study(cfg, space, n_train=len(data.train))
     origin.record(study, cfg)  # model kind and data: report, promote and curves read them back
     tracker = open_tracker(cfg)
-    close_dead_parents(tracker, cfg.study.grace_s)
+    close_dead_invocations(study, tracker, cfg.study.grace_s)
     view = save_trials_view(tracker, cfg, [p.name for p in space])
     print(f"[hpo] trials in MLflow: mlflow ui --backend-store-uri {redact(tracker.tracking_uri)} ; open {view}", flush=True)
     n_workers = cfg.study.n_workers
     tags = {
-            **liveness_tags(),
+            **liveness.record(),
             **provenance_tags(),
             **data.hashes,
             "study": cfg.study.name,
@@ -175,61 +170,18 @@ def probe_database(uri: str, key: str) -> None:
         raise StudyError(f"{key}={redact(uri)!r} cannot be opened: {redact_text(str(exc), uri)}") from None
 
 
-def liveness_tags() -> dict:
-    """Who runs a parent run, and when it last showed life: a later invocation closes the run of a
-    process that died without ending it (SIGKILL, node failure)."""
-    return {"host": platform.node(), "pid": os.getpid(), "heartbeat": f"{time.time():.0f}"}
-
-
-def beat(tracker: Tracker, parent_run_id: str) -> None:
-    """Refresh the parent run's heartbeat (one tag write, at every trial end)."""
-    try:
-        tracker.client.set_tag(parent_run_id, "heartbeat", f"{time.time():.0f}")
-    except Exception:  # a missed heartbeat must not cost a trial
-        pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a killed child not yet reaped by its parent is a zombie: dead for our purpose
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
-def close_dead_parents(tracker: Tracker, grace_s: float) -> list[str]:
-    """End as KILLED the RUNNING study runs of this experiment whose process is dead on this host and
-    whose heartbeat is older than ``grace_s`` (and their RUNNING trial runs). Returns their ids."""
-    host = platform.node()
-    closed = []
-    running = tracker.client.search_runs(
-        [tracker.experiment_id], "attributes.status = 'RUNNING' and tags.run_type = 'study'", max_results=1000
-    )
-    for run in running:
-        tags = run.data.tags
-        try:
-            pid = int(tags["pid"])
-            heartbeat = float(tags.get("heartbeat", run.info.start_time / 1000))
-        except (KeyError, ValueError):
-            continue
-        if tags.get("host") != host or time.time() - heartbeat < grace_s or pid_alive(pid):
-            continue
-        children = tracker.client.search_runs(
-            [tracker.experiment_id], f"attributes.status = 'RUNNING' and tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000
-        )
-        for child in children:
-            tracker.log(child.info.run_id, tags={"state": "FAIL", "failure": "killed"})
-            tracker.end_run(child.info.run_id, "KILLED")
-        tracker.log(run.info.run_id, tags={"failure": "killed", "closed_by": f"{host}:{os.getpid()}"})
-        tracker.end_run(run.info.run_id, "KILLED")
-        closed.append(run.info.run_id)
-        print(f"[hpo] closed study run {run.info.run_id} of dead process {pid} (last heartbeat {time.time() - heartbeat:.0f} s ago) as KILLED", flush=True)
+def close_dead_invocations(study: optuna.Study, tracker: Tracker, grace_s: float, signals: dict[int, str] | None = None) -> list[str]:
+    """Close what processes of this study that died without ending it (SIGKILL, OOM killer, lost node)
+    left open: their RUNNING trials FAIL with the reason, their trial and study runs KILLED. Judged by
+    the liveness records, not by heartbeat age alone (``hpo.liveness``); ``signals``: pid -> the signal
+    that ended it, where known. Returns the run ids closed."""
+    failed = fail_dead_trials(study, grace_s, signals)
+    reasons = {t.user_attrs["mlflow_run_id"]: reason for t, reason in failed if "mlflow_run_id" in t.user_attrs}
+    for trial, reason in failed:
+        print(f"[hpo] trial {trial.number} of a process that is gone: FAIL ({reason})", flush=True)
+    closed = tracker.close_dead_runs(study.study_name, grace_s, reasons)
+    if closed:
+        print(f"[hpo] closed {len(closed)} MLflow run(s) of processes that are gone as KILLED: {', '.join(closed)}", flush=True)
     return closed
 
 
@@ -264,8 +216,7 @@ def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, mod
             ]
             for worker in workers:
                 worker.start()
-            for worker in workers:
-                worker.join()
+            watch_workers(workers, study, tracker, cfg.study.grace_s)
     finally:
         close_orphan_runs(study, tracker)
         if count(study, TrialState.COMPLETE):
@@ -273,6 +224,38 @@ def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, mod
     if failure_verdict(study, cfg.study):
         tracker.log(parent, tags={"failure": "failure_rate"})
         raise StudyError(failure_verdict(study, cfg.study))
+
+
+def watch_workers(workers: list, study: optuna.Study, tracker: Tracker, grace_s: float) -> None:
+    """Wait for the worker processes; one ended by a signal (the OOM killer's SIGKILL) has its trial
+    failed at once with that signal as the reason, while the other workers go on with the study."""
+    from multiprocessing.connection import wait
+
+    pending = {worker.sentinel: worker for worker in workers}
+    while pending:
+        try:
+            ended = wait(list(pending))
+        except KeyboardInterrupt:
+            stop_workers(list(pending.values()))
+            raise
+        for sentinel in ended:
+            worker = pending.pop(sentinel)
+            worker.join()
+            if worker.exitcode is not None and worker.exitcode < 0:
+                name = signal.Signals(-worker.exitcode).name
+                print(f"[hpo] {worker.name} (pid {worker.pid}) was killed by {name}; {len(pending)} worker(s) go on", flush=True)
+                close_dead_invocations(study, tracker, grace_s, {worker.pid: name})
+
+
+def stop_workers(workers: list) -> None:
+    """SIGTERM to the workers still running when this process is interrupted (a signal to this process
+    alone): each ends its trial FAIL interrupted instead of going on under a study run that has ended."""
+    for worker in workers:
+        if worker.is_alive():
+            with contextlib.suppress(ProcessLookupError):  # it ended just now
+                os.kill(worker.pid, signal.SIGTERM)
+    for worker in workers:
+        worker.join()
 
 
 def threads_per_worker(cfg) -> int:
@@ -286,7 +269,8 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
     Before each trial the worker counts finished and running trials, so that
     several workers together stop at exactly ``n_trials`` finished ones; a
     running trial may still fail, so while others run the worker waits rather
-    than leaves. Trials of dead workers are failed first (heartbeats).
+    than leaves. Trials of dead workers are failed first (liveness records in
+    every storage, and Optuna's heartbeats in RDB storages).
     """
     cfg = OmegaConf.merge(cfg, {"threads": threads_per_worker(cfg)})
     space = search_space(cfg, quiet=True)  # named once, by run()
@@ -296,9 +280,8 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
     tracker = Tracker(cfg.tracking)
     workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
     objective = Objective(cfg, model, space, data, tracker, parent_run_id, workroot)
-    progress = Progress(cfg.study, metric_unit(cfg), heartbeat=lambda: beat(tracker, parent_run_id))
-    # Journal storage has no heartbeats: a killed worker's trial there stays RUNNING and is not waited for.
-    heartbeats = is_heartbeat_enabled(storage_of(study))
+    progress = Progress(cfg.study, metric_unit(cfg), heartbeat=lambda: tracker.beat(parent_run_id))
+    heartbeats = is_heartbeat_enabled(storage_of(study))  # Optuna's, RDB storages only; hpo's liveness records cover every storage
     deadline = time.monotonic() + (cfg.study.timeout_s or float("inf"))
     while time.monotonic() < deadline and not failure_verdict(study, cfg.study):
         refused = count_refused(study)
@@ -308,13 +291,14 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
                 f"{refused} trials were refused before any fit (study.max_refused_trials={cfg.study.max_refused_trials}); "
                 f"the search space or budgets leave nothing to fit. Last: {last}"
             )
+        fail_dead_trials(study, cfg.study.grace_s)
         if heartbeats:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(study)
-            fail_unstarted_trials(study, cfg.study.grace_s)
+        fail_unstarted_trials(study, cfg.study.grace_s)
         done, running = count_finished(study), count(study, TrialState.RUNNING)
-        if done >= cfg.study.n_trials or (done + running >= cfg.study.n_trials and not heartbeats):
+        if done >= cfg.study.n_trials:
             break
         if done + running >= cfg.study.n_trials:
             time.sleep(1.0)
@@ -337,27 +321,16 @@ def metric_unit(cfg) -> str:
     return ""
 
 
-def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
-    """Fail RUNNING trials whose worker died before the objective started.
-
-    Optuna only fails trials that have sent a heartbeat; a worker killed between
-    creating a trial and its first heartbeat leaves it RUNNING forever. The
-    objective's first act is to set ``mlflow_run_id``, after the heartbeat
-    thread has started, so a trial without it after ``grace_s`` never ran.
-    """
-    now = datetime.datetime.now()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        started = trial.datetime_start
-        if "mlflow_run_id" not in trial.user_attrs and started and (now - started).total_seconds() > grace_s:
-            storage_of(study).set_trial_state_values(trial._trial_id, TrialState.FAIL)
-
-
 def _worker(container: dict, parent_run_id: str, index: int) -> None:
     """Entry point of a worker process (module level, so ``spawn`` can import it)."""
     cfg = OmegaConf.create(container)
     quiet(bool(cfg.get("verbose", False)))  # a spawned process starts with Optuna's INFO lines on
     print(f"[hpo] worker {index} started (pid {os.getpid()}, {threads_per_worker(cfg)} thread(s))", flush=True)
-    optimize(cfg, parent_run_id)
+    try:
+        with sigterm_interrupts():
+            optimize(cfg, parent_run_id)
+    except KeyboardInterrupt as exc:  # the trial is recorded; the invoking process says it in one paragraph
+        raise SystemExit(128 + signal.Signals[getattr(exc, "signal_name", "SIGINT")].value) from None
 
 
 def close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:
@@ -368,7 +341,7 @@ def close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:
             continue
         run = tracker.client.get_run(run_id)
         if run.info.status == "RUNNING":
-            tracker.log(run_id, tags={"state": "FAIL", "failure": "killed"})
+            tracker.log(run_id, tags={"state": "FAIL", "failure": trial.user_attrs.get("failure", "killed")})
             tracker.end_run(run_id, "KILLED")
 
 

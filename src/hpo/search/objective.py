@@ -16,13 +16,14 @@ from typing import Callable
 import numpy as np
 import optuna
 
-from hpo import peak_memory
+from hpo import liveness, peak_memory
 from hpo.atomic import write_text
 from hpo.data import Datasets, joined_frames, subset_frames
 from hpo.models import kind
 from hpo.models.base import MemoryBudgetExceeded, Scored, TrialFailure, with_values
 from hpo.search.fidelity import rung_sizes
 from hpo.search.space import SearchParam, suggest
+from hpo.search.storage import write_liveness
 from hpo.tracking import NOTE_TAG, Tracker
 
 # Called after each fidelity rung with (training-set size, what the rung scored); True stops the trial.
@@ -99,6 +100,26 @@ def cross_validated(cfg, model_kind, model: dict, data: Datasets, workdir: Path,
     return Scored(found, scored.params, scored.tags, scored.artifacts, scored.model_files)
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal (SIGTERM from a scheduler, Ctrl-C) ends the trial and the study; ``signal_name`` says which."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(f"signal {signal_name}")
+        self.signal_name = signal_name
+
+
+# What quippy's Fortran wrappers (f90wrap) raise, as a RuntimeError, when Ctrl-C arrives inside a call.
+FORTRAN_INTERRUPT = "Interrupt occured"
+
+
+def as_interrupt(exc: BaseException) -> BaseException:
+    """``exc``, or ``Interrupted`` when it is Ctrl-C caught inside quippy's Fortran: a RuntimeError would
+    fail one trial and let the study go on, where the user asked it to stop."""
+    if isinstance(exc, RuntimeError) and str(exc).startswith(FORTRAN_INTERRUPT):
+        return Interrupted("SIGINT")
+    return exc
+
+
 def classify(exc: BaseException) -> str:
     """The failure reason recorded for an exception that ended a fit."""
     if isinstance(exc, TrialFailure):
@@ -130,11 +151,14 @@ class Objective:
         self.trial_metrics = kind(model["kind"]).trial_metrics
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        write_liveness(trial)  # first: a RUNNING trial without a record after study.grace_s never started
         values = suggest(trial, self.space)
         model = with_values(self.model, values)
         workdir = self.workroot / f"trial_{trial.number:04d}"
-        tags = {"trial_number": trial.number, "study": trial.study.study_name, "state": "RUNNING", "run_type": "trial"}
-        with self.tracker.run(f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id) as run_id:
+        tags = {"trial_number": trial.number, "study": trial.study.study_name, "state": "RUNNING", "run_type": "trial", **liveness.record()}
+        with self.tracker.run(f"trial-{trial.number}", tags=tags, parent_run_id=self.parent_run_id) as run_id, liveness.beating(
+            lambda: self.beat(trial, run_id), self.cfg.study.heartbeat_s
+        ):
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("workdir", str(workdir))
 
@@ -163,14 +187,17 @@ class Objective:
                     tags={"state": "PRUNED", "failure": exc.reason, "failure_message": str(exc)},
                 )
                 raise
-            except BaseException as exc:
+            except BaseException as raised:
+                exc = as_interrupt(raised)
                 reason = classify(exc)
                 trial.set_user_attr("failure", reason)
                 trial.set_user_attr("failure_message", str(exc)[-2000:])
-                write_text(workdir / "failure.txt", "".join(traceback.format_exception(exc)))
+                write_text(workdir / "failure.txt", "".join(traceback.format_exception(raised)))
                 note = f"Trial {trial.number} of study {trial.study.study_name} failed ({reason}): {str(exc)[-1000:]}"
                 self.tracker.log(run_id, params=values, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:], NOTE_TAG: note})
                 self.tracker.log_artifacts(run_id, [workdir / "gap_fit.err", workdir / "gap_fit.out", workdir / "failure.txt"])
+                if exc is not raised:
+                    raise exc from raised
                 raise
             objectives = [metric_value(scored.metrics, name) for name in self.cfg.study.objectives]
             for key in (*self.cfg.study.objectives, *self.trial_metrics):
@@ -186,6 +213,12 @@ class Objective:
             self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE", NOTE_TAG: note})
             self.tracker.log_artifacts(run_id, scored.artifacts)
         return objectives[0] if len(objectives) == 1 else tuple(objectives)
+
+    def beat(self, trial: optuna.Trial, run_id: str) -> None:
+        """Show life on the trial (with the peak memory a later invocation reports if this process is
+        killed), its run and the study run."""
+        write_liveness(trial)
+        self.tracker.beat(run_id, self.parent_run_id)
 
 
 def trial_note(cfg, number: int, study_name: str, scored: Scored, values: dict) -> str:

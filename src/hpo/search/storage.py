@@ -8,15 +8,20 @@ and concurrent invocations never replay each other's draws, and a study is still
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
+import threading
 import time
 import warnings
 from pathlib import Path
+from typing import Any, Callable
 
 import optuna
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
+from hpo import liveness
 from hpo.atomic import creation_lock, sqlite_file
 from hpo.redact import redact, redact_text
 from hpo.search.fidelity import rung_sizes
@@ -31,11 +36,120 @@ class StudyError(RuntimeError):
     """The study cannot go on (storage, search space, failure rate)."""
 
 
-def make_storage(url: str, heartbeat_s: int, grace_s: int):
+# Pauses between reconnection attempts to a database server: doubling from the first to the last.
+RECONNECT_FIRST_WAIT_S = 0.5
+RECONNECT_LONGEST_WAIT_S = 8.0
+_in_storage_call = threading.local()  # nested storage calls are retried by the outermost only
+_outage_lock = threading.Lock()
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it: Optuna wraps SQLAlchemy's errors) says the database connection
+    is gone, as when the server restarts, rather than that the statement was wrong."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    seen: BaseException | None = exc
+    for _ in range(10):  # a cause chain can loop through __context__
+        if seen is None:
+            return False
+        if isinstance(seen, (OperationalError, InterfaceError)) or (isinstance(seen, DBAPIError) and seen.connection_invalidated):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class ReconnectingRDBStorage(RDBStorage):
+    """Optuna's RDB storage on a database server, surviving the server's restart: a call whose connection
+    was lost is repeated with growing pauses for up to ``reconnect_s`` seconds (one line says so while
+    waiting, one when the server is back), then the study stops with a StudyError naming the storage."""
+
+    def __init__(self, url: str, reconnect_s: float, **kwargs):
+        super().__init__(url, **kwargs)
+        self.reconnect_s = reconnect_s
+        self.outage_since: float | None = None
+
+    def _reconnecting(self, call: Callable[[], Any]) -> Any:
+        if getattr(_in_storage_call, "active", False):
+            return call()
+        _in_storage_call.active = True
+        try:
+            return self._retry_while_lost(call)
+        finally:
+            _in_storage_call.active = False
+
+    def _retry_while_lost(self, call: Callable[[], Any]) -> Any:
+        wait = RECONNECT_FIRST_WAIT_S
+        deadline = time.monotonic() + self.reconnect_s
+        while True:
+            try:
+                result = call()
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                self._announce_outage(exc)
+                if time.monotonic() + wait > deadline:
+                    raise StudyError(
+                        f"study.storage={redact(self.url)!r} lost its connection and did not come back within "
+                        f"study.reconnect_s={self.reconnect_s:g} s: {redact_text(first_line(exc), self.url)}"
+                    ) from None
+                time.sleep(wait)
+                wait = min(2 * wait, RECONNECT_LONGEST_WAIT_S)
+                continue
+            self._announce_return()
+            return result
+
+    def _announce_outage(self, exc: BaseException) -> None:
+        with _outage_lock:
+            if self.outage_since is None:
+                self.outage_since = time.monotonic()
+                print(
+                    f"[hpo] study.storage {redact(self.url)} lost its connection ({redact_text(first_line(exc), self.url)}); "
+                    f"reconnecting for up to {self.reconnect_s:g} s (study.reconnect_s)",
+                    flush=True,
+                )
+
+    def _announce_return(self) -> None:
+        if self.outage_since is None:
+            return
+        with _outage_lock:
+            if self.outage_since is not None:
+                print(f"[hpo] study.storage reconnected after {time.monotonic() - self.outage_since:.0f} s", flush=True)
+                self.outage_since = None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of what the database driver said (the innermost cause), without SQLAlchemy's links."""
+    inner = exc
+    while inner.__cause__ is not None and inner.__cause__ is not inner:
+        inner = inner.__cause__
+    text = str(getattr(inner, "orig", None) or inner).strip()
+    return text.splitlines()[0] if text else type(inner).__name__
+
+
+def _reconnecting_method(name: str):
+    method = getattr(RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        return self._reconnecting(lambda: method(self, *args, **kwargs))
+
+    return call
+
+
+# Every method of RDBStorage that talks to the database (Optuna's cache calls some private ones).
+for _name, _value in list(vars(RDBStorage).items()):
+    if callable(_value) and not _name.startswith("__") and not isinstance(_value, (staticmethod, classmethod)):
+        setattr(ReconnectingRDBStorage, _name, _reconnecting_method(_name))
+
+
+def make_storage(url: str, heartbeat_s: int, grace_s: int, reconnect_s: float = 120):
     """An Optuna storage for ``study.storage``.
 
     A trial whose worker died stops sending heartbeats; after ``grace_s`` the
-    next worker marks it failed and re-enqueues its parameters once.
+    next worker marks it failed. It is not run again: a worker killed without
+    warning was most likely killed for memory, and the same parameters would be
+    again. Journal storage has no heartbeats: ``fail_dead_trials`` (hpo's own
+    liveness record, in every storage) covers it.
     """
     # The directory was checked by hpo.config.validate: it exists, or it is inside experiments_dir.
     database = sqlite_file(url) or (Path(url.removeprefix("journal:")).expanduser() if url.startswith("journal:") else None)
@@ -50,13 +164,21 @@ def make_storage(url: str, heartbeat_s: int, grace_s: int):
         with warnings.catch_warnings():
             # Heartbeats are marked experimental since Optuna 2.8; they are how a killed worker's trial gets failed.
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(
+            if url.startswith("sqlite"):
+                return RDBStorage(
+                    url,
+                    # several worker processes write to one SQLite file: wait for the lock instead of failing
+                    engine_kwargs={"connect_args": {"timeout": 60}},
+                    heartbeat_interval=heartbeat_s,
+                    grace_period=grace_s,
+                )
+            return ReconnectingRDBStorage(
                 url,
-                # several worker processes write to one SQLite file: wait for the lock instead of failing
-                engine_kwargs={"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None,
+                reconnect_s,
+                # a pooled connection the server closed (restart) is replaced before use, not failed on
+                engine_kwargs={"pool_pre_ping": True},
                 heartbeat_interval=heartbeat_s,
                 grace_period=grace_s,
-                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
     except ImportError as exc:
         # Optuna re-raises a driver's ImportError without its name: the URL names the driver
@@ -170,7 +292,7 @@ def open_study(cfg, space: list[SearchParam], n_train: int | None = None) -> opt
     for attempt in range(CREATE_ATTEMPTS):
         try:
             with creation_lock(str(cfg.study.storage)):
-                storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s)
+                storage = make_storage(str(cfg.study.storage), cfg.study.heartbeat_s, cfg.study.grace_s, cfg.study.reconnect_s)
                 study = optuna.create_study(
                     storage=storage,
                     study_name=cfg.study.name,
@@ -199,7 +321,7 @@ def load_study(study_cfg, study_name: str | None = None) -> optuna.Study:
     """Load study ``study_name`` (default ``study.name``) that must exist; the error lists those the storage holds."""
     storage_url = str(study_cfg.storage)
     study_name = study_name or str(study_cfg.name)
-    storage = make_storage(storage_url, study_cfg.heartbeat_s, study_cfg.grace_s)
+    storage = make_storage(storage_url, study_cfg.heartbeat_s, study_cfg.grace_s, study_cfg.reconnect_s)
     try:
         return optuna.load_study(study_name=study_name, storage=storage)
     except KeyError:
@@ -210,6 +332,53 @@ def load_study(study_cfg, study_name: str | None = None) -> optuna.Study:
 def directions(cfg) -> list[str]:
     """``study.direction`` for the first objective (the validation metric); costs are minimised."""
     return [cfg.study.direction] + ["minimize"] * (len(cfg.study.objectives) - 1)
+
+
+# The trial's user attribute holding its liveness record (``hpo.liveness``).
+LIVENESS_ATTR = "liveness"
+
+
+def write_liveness(trial: optuna.Trial) -> None:
+    """Record who runs ``trial``, that it is alive now, and this process's peak memory so far."""
+    trial.set_user_attr(LIVENESS_ATTR, liveness.with_memory(liveness.record()))
+
+
+def fail_dead_trials(study: optuna.Study, grace_s: float, signals: dict[int, str] | None = None) -> list[tuple[optuna.trial.FrozenTrial, str]]:
+    """Fail every RUNNING trial whose process is gone by its liveness record (``hpo.liveness.gone``), with
+    the reason ``killed: SIGKILL, likely out of memory (peak X GB)``; ``signals``: pid -> the signal that
+    ended it, when known (a worker process's exit status). In any storage, however fresh the trial's
+    heartbeat. Returns the trials failed here, with their reasons."""
+    storage = storage_of(study)
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        found = liveness.parse(trial.user_attrs.get(LIVENESS_ATTR) or {})
+        if found is None or not liveness.gone(found, grace_s):
+            continue
+        reason = liveness.killed_reason(found, (signals or {}).get(found.pid, "SIGKILL"))
+        try:
+            storage.set_trial_user_attr(trial._trial_id, "failure", reason)
+            storage.set_trial_user_attr(trial._trial_id, "failure_message", f"process {found.pid} on {found.host} ended without ending its trial ({reason})")
+            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+        except RuntimeError:  # another invocation failed it first (Optuna's UpdateFinishedTrialError)
+            continue
+        failed.append((trial, reason))
+    return failed
+
+
+def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
+    """Fail RUNNING trials whose worker died before the objective started.
+
+    A worker killed between creating a trial and the objective's first act (writing the trial's
+    liveness record) leaves a trial no heartbeat or record will ever end: after ``grace_s`` it never ran.
+    """
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        started = trial.datetime_start
+        if LIVENESS_ATTR not in trial.user_attrs and started and (now - started).total_seconds() > grace_s:
+            try:
+                storage_of(study).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except RuntimeError:
+                continue
 
 
 def storage_of(study: optuna.Study):
