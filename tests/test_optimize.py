@@ -47,7 +47,8 @@ def test_three_trial_study_is_tracked_and_resumes(tiny_cfg, capsys):
         artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(child.info.run_id)}
         # the numpy solver's sparse points (one index file per species), kept for the gap_fit refit at promotion
         assert {"sparse_0.idx", "sparse_1.idx", "train_errors.csv", "validation_errors.csv", "parity_energy.png"} <= artifacts
-        assert child.data.tags["solver"] == "numpy" and child.data.metrics["descriptor_time_s"] >= 0
+        assert child.data.tags["solver"] == "numpy" and "descriptor_time_s" in child.data.metrics
+        assert 0.1 < child.data.metrics["peak_rss_gb"] < 16  # the trial's own peak: a Python process with quippy
     best_run = next(c for c in children if c.data.tags["trial_number"] == str(study.best_trial.number))
     assert best_run.data.tags.get("model_logged") == "true"
     assert "gain over the default" in capsys.readouterr().out
