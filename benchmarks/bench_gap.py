@@ -4,7 +4,7 @@
    ``hpo.search.loop.run`` with ``model.solver=gap_fit`` (Optuna, MLflow and all) in a temporary directory;
    overhead = (trial wall time - gap_fit time) / gap_fit time.
 2. Evaluation throughput on the validation frames with the model fitted at the first size:
-   the plain quippy calculator loop against hpo's path (hpo.sparse_gap, descriptors not cached),
+   the plain quippy calculator loop against hpo's path (hpo.models.gap.sparse_gap, descriptors not cached),
    and the largest energy difference between the two.
 
     python benchmarks/bench_gap.py [--sizes 50 200]

@@ -1,4 +1,4 @@
-"""Tests of hpo.sagpr: exactness against the reference table, symmetry, I/O, cache.
+"""Tests of hpo.models.sagpr: exactness against the reference table, symmetry, I/O, cache.
 
 The data-driven tests need the workshop water data; they look in $HPO_DATA_DIR,
 else in ../shared/data/water next to the repository, and fail (with the

@@ -27,6 +27,7 @@ from hpo.models.rules import Rule, allowed, describe
 # Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna).
 FAILURE_REASONS = (
     "gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "interrupted", "error",
+    "refit_mismatch", "pruned", "killed",
 )
 
 
@@ -38,6 +39,8 @@ class TrialFailure(RuntimeError):
     """A fit that cannot produce a metric, with a reason from ``FAILURE_REASONS``."""
 
     def __init__(self, reason: str, message: str):
+        if reason not in FAILURE_REASONS:  # the reasons are a vocabulary users filter runs by
+            raise ValueError(f"unknown failure reason {reason!r}; add it to FAILURE_REASONS")
         super().__init__(message)
         self.reason = reason
 
