@@ -84,7 +84,7 @@ def main(cfg) -> dict:
     frames = ase.io.read(trajectory, ":")
     start = time.perf_counter()
     try:
-        with Bar(len(frames), "[hpo] polarizability", unit=" frames") as bar:
+        with Bar(len(frames), "[hpo] polarizability", unit="frames") as bar:
             predicted = model.predict(frames, progress=lambda done, total: bar.set(done))
     except ValueError as exc:
         raise PolarizeError(f"{trajectory.name}: {exc}") from exc

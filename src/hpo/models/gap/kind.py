@@ -454,7 +454,7 @@ def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_
         if all(len(o) >= n for o, n in zip(orders, needed)) and all(np.array_equal(o[: len(mine)], mine[: len(o)]) for o, mine in zip(orders, sparse.orders)):
             stored = solver.SparseSet.of(found, dict(zip(sparse.descriptors, orders)))
             return solver.Factors.from_arrays(stored, hit), True
-    bar = progress.Bar(len(train.frames), "[hpo] kernel rows", unit=" frames") if len(train.frames) * max(len(a) for a in train.frames) > LONG_FIT_ATOMS else None
+    bar = progress.Bar(len(train.frames), "[hpo] kernel rows", unit="frames") if len(train.frames) * max(len(a) for a in train.frames) > LONG_FIT_ATOMS else None
     factors = solver.build_factors(sparse, train.frames, float(params["zeta"]), train.forces if with_forces else None, gradient_cache,
                                    progress=bar.set if bar else None, found=found, force_atoms=kept)
     if bar:
