@@ -246,7 +246,7 @@ def test_memory_estimate_is_flat_in_frames_and_grows_with_sparse_points():
     d = gap.soap_dimensions(8, 6, 1)
     pairs = gap.neighbours_per_atom(5.0, [cell]) + 1
     at = {n: gs.memory_bytes(2000, [cell] * n, d, pairs, True) for n in (50, 500)}
-    assert at[500] - at[50] < 0.5e9  # 450 more frames: vectors and energy rows only
+    assert at[500] - at[50] < 0.6e9  # 450 more frames: descriptor vectors and energy rows only
     assert at[500] < 4e9
     assert gs.memory_bytes(4000, [cell] * 50, d, pairs, True) > at[50] + 0.2e9
 

@@ -422,7 +422,7 @@ def memory_bytes(n_sparse_total: int, frames: Sequence[ase.Atoms], dimensions: i
     environments_total = sum(len(a) for a in frames)
     largest = max(len(a) for a in frames)
     total = BASELINE_BYTES
-    total += 8 * environments_total * dimensions  # vectors for the sparse selection
+    total += 8 * environments_total * dimensions * 2  # vectors for the sparse selection, and their per-frame parts while joined
     total += 8 * n_frames * m * 3  # energy rows, and the solve's stacked copies
     total += 8 * m * m * 4  # K_MM, its Cholesky factor, the solve's R rows and QR copies
     if with_forces:
