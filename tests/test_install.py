@@ -6,6 +6,8 @@ The install reuses pip's cache and takes a minute or two; it runs in CI like eve
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import os
 import shutil
 import sqlite3
@@ -125,10 +127,11 @@ def test_installed_hpo_writes_only_under_its_root(tiny_data, tmp_path):
 def test_outputs_follow_root_and_typed_paths_the_working_directory(tmp_path, monkeypatch):
     """In-process, the same rules: outputs under root (the working directory, HPO_ROOT or root=), as absolute
     paths and URLs; a relative data path is read from the working directory; the workshop data fallback is
-    looked up beside the source checkout whatever the working directory."""
+    looked up relative to the working directory as well."""
     from hpo.config import load_config
     from hpo.data import DataError, read_file
-    from hpo.paths import SOURCE_CHECKOUT, beside_source
+    from hpo.data import find_data_dir
+    from hpo.paths import SOURCE_CHECKOUT
 
     monkeypatch.delenv("HPO_ROOT", raising=False)
     monkeypatch.chdir(tmp_path)
@@ -149,4 +152,11 @@ def test_outputs_follow_root_and_typed_paths_the_working_directory(tmp_path, mon
     with pytest.raises(DataError, match=f"{tmp_path}/mine/mine/train.xyz does not exist"):
         read_file("mine/train.xyz")
     assert SOURCE_CHECKOUT == CHECKOUT  # the test suite runs from an editable install of this checkout
-    assert beside_source("../shared/data/water") == CHECKOUT / ".." / "shared" / "data" / "water"
+    # the workshop data fallback is relative to the working directory too, never to where hpo is installed
+    (tmp_path / "shared" / "data" / "water").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "mine")
+    monkeypatch.delenv("HPO_DATA_DIR", raising=False)
+    for name in ("a.xyz", "b.xyz"):
+        (tmp_path / "shared" / "data" / "water" / name).write_text("")
+    dataset = SimpleNamespace(data_dir=None, fallback_dirs=["../shared/data/water"])
+    assert find_data_dir(dataset, ["a.xyz", "b.xyz"]) == tmp_path / "mine" / ".." / "shared" / "data" / "water"

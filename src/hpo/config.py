@@ -287,8 +287,8 @@ def _validate_loss(cfg: DictConfig, model: dict) -> None:
             if value is not None and (not _is_number(value) or value <= 0):
                 _fail(f"study.loss.{name}", value, "null (the validation set's standard deviation) or a positive number")
     loss_metrics = {"val_loss", "train_loss"}
-    if model["kind"] != "gap" and loss_metrics & {cfg.study.metric, *cfg.study.objectives}:
-        _fail("study.metric", cfg.study.metric, f"a metric of model {model['kind']!r}: the loss (study.loss) is recorded by GAP trials only")
+    if not kind(model["kind"]).records_loss and loss_metrics & {cfg.study.metric, *cfg.study.objectives}:
+        _fail("study.metric", cfg.study.metric, f"a metric of model {model['kind']!r}: its trials record no loss (study.loss)")
 
 
 def check_data(cfg: DictConfig, data) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 
 from hpo import datacheck as dc
 from hpo.atomic import atomic_write
-from hpo.paths import beside_source, resolve_path
+from hpo.paths import resolve_path
 
 
 class DataError(ValueError):
@@ -56,7 +56,7 @@ def find_data_dir(dataset_cfg, wanted: list[str]) -> Path:
         if missing:
             raise DataError(f"dataset.data_dir {explicit} lacks {', '.join(missing)}")
         return explicit
-    for directory in (beside_source(d) for d in dataset_cfg.fallback_dirs):
+    for directory in (resolve_path(d) for d in dataset_cfg.fallback_dirs):
         if all((directory / name).is_file() for name in wanted):
             return directory
     return download(dataset_cfg, wanted)
@@ -80,7 +80,7 @@ def download(dataset_cfg, wanted: list[str]) -> Path:
             urllib.request.urlretrieve(url, partial)
         except OSError as exc:
             raise DataError(
-                f"no local copy of {name} (looked in HPO_DATA_DIR and {[str(beside_source(d)) for d in dataset_cfg.fallback_dirs]}) "
+                f"no local copy of {name} (looked in HPO_DATA_DIR and {[str(resolve_path(d)) for d in dataset_cfg.fallback_dirs]}) "
                 f"and the download from {url} failed: {exc}"
             ) from exc
         actual = sha256sum(partial)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from hpo.config import output_path
+from hpo.models import kind
 
 
 def directory_bytes(path: str | os.PathLike | None) -> int:
@@ -29,16 +30,12 @@ def size_text(n_bytes: int) -> str:
     return f"{n_bytes / 1e6:.{1 if n_bytes < 1e7 else 0}f} MB"
 
 
-# model kind -> (key of the cache directory, key of its bound in GB) in the model config
-CACHE_KEYS = {"gap": ("descriptor_cache_dir", "descriptor_cache_max_gb"), "sagpr": ("cache_dir", "cache_max_gb")}
-
-
 def disk_report(*cfgs) -> str:
     """What the commands' outputs hold on disk: each model cache against its bound, and the study's trial
     directories (printed at the end of ``optimize`` and ``pipeline``)."""
     lines, seen = ["[hpo] disk:"], set()
     for cfg in cfgs:
-        dir_key, max_key = CACHE_KEYS.get(str(cfg.model.kind), (None, None))
+        dir_key, max_key = kind(str(cfg.model.kind)).cache_keys or (None, None)
         cache_dir = cfg.model.get(dir_key) if dir_key else None
         if cache_dir and ("cache", str(cache_dir)) not in seen:
             seen.add(("cache", str(cache_dir)))

@@ -4,7 +4,8 @@ The config ships inside the package (``hpo/conf``), so an installed hpo runs fro
 ``--config-dir`` puts a user's own folder in front of it. Every output goes under the config's ``root``
 (the working directory unless ``HPO_ROOT`` or ``root=PATH`` says otherwise, conf/config.yaml), and a
 relative path typed by the user means what it means in a shell: relative to the working directory.
-A source checkout is recognised only to find the workshop data beside it and to record its git commit.
+A source checkout is recognised only to record its git commit (provenance of the code that ran); nothing
+is read or written relative to where the package lives.
 """
 
 from __future__ import annotations
@@ -39,12 +40,3 @@ def absolute(path: str | os.PathLike) -> str:
     (``${hpo.abspath:${root}}``): a URL built on it (``sqlite:///...``) is absolute, so it means the same
     folder in every process whatever its working directory."""
     return str(resolve_path(path).resolve())
-
-
-def beside_source(path: str | os.PathLike) -> Path:
-    """A path relative to the source checkout when hpo runs from one (the workshop data at
-    ``../shared/data/water`` beside it), else relative to the working directory."""
-    path = Path(path).expanduser()
-    if path.is_absolute():
-        return path
-    return (SOURCE_CHECKOUT / path) if SOURCE_CHECKOUT is not None else Path.cwd() / path

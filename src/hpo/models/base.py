@@ -108,6 +108,12 @@ class ModelKind:
     trial_metrics: ClassVar[tuple[str, ...]]
     # Module file that MLflow imports to load a registered model of this kind (models from code).
     pyfunc_code: ClassVar[Path]
+    # Whether its models drive MD (promotion screens candidates with a short MD only then).
+    drives_md: ClassVar[bool] = False
+    # Whether its trials record train_loss/val_loss (study.loss), so a study may minimise them.
+    records_loss: ClassVar[bool] = False
+    # Model-config keys of its on-disk cache and of that cache's bound in GB (None: no cache).
+    cache_keys: ClassVar[tuple[str, str] | None] = None
 
     def check(self, params: dict, prefix: str = "model") -> None:
         """Raise ``ConfigError`` for a parameter outside the table or an impossible combination."""
@@ -151,6 +157,11 @@ class ModelKind:
         """Refuse a fit that cannot finish (e.g. over the memory budget) before it starts; none by default."""
 
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
+        raise NotImplementedError
+
+    def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
+        """``test_*`` errors of a registered model (its ``files``) on the test frames; ``val`` gives the scales
+        of any loss. Called once per promotion."""
         raise NotImplementedError
 
     def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:

@@ -233,7 +233,7 @@ def screen_settings(cfg) -> dict | None:
     k, steps, starts = screen.k, screen.steps, list(screen.start_frames)
     if not isinstance(k, int) or isinstance(k, bool) or k < 0:
         raise hpo_config.ConfigError(f"promote.screen.k={k!r} is not allowed: an integer >= 0 (0: no screening)")
-    if k == 0 or cfg.model.kind != "gap":
+    if k == 0 or not kind(cfg.model.kind).drives_md:
         return None
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise hpo_config.ConfigError(f"promote.screen.steps={steps!r} is not allowed: an integer >= 1")
@@ -365,32 +365,6 @@ def screen_candidates(cfg, study, candidates, data, screen: dict, tracker: Track
 # --------------------------------------------------------------------------- #
 # test errors
 # --------------------------------------------------------------------------- #
-def test_errors(cfg, model: dict, files: list[Path], test, model_kind) -> dict[str, float]:
-    """``test_*`` errors of a fitted model on the test frames: GAP energies per cell and per atom (and forces
-    with ``model.force_metrics`` when the data have them); SA-GPR per component, 6 unique, L0 and L2."""
-    if model_kind.name == "gap":
-        from hpo.metrics import energy_force_metrics
-        from hpo.models.gap import gap_fit, sparse_gap
-
-        xml = next(p for p in files if p.suffix == ".xml")
-        with_forces = bool(model.get("force_metrics")) and bool(test.forces)
-        predicted_forces = None
-        try:
-            if with_forces:
-                raise sparse_gap.UnsupportedModel("forces need quippy's calculator")
-            energies = sparse_gap.SparseGap.read(xml).predict(test.frames)
-        except sparse_gap.UnsupportedModel:
-            energies, forces = gap_fit.predict(gap_fit.load(xml), test.frames)
-            predicted_forces = forces if with_forces else None
-        return energy_force_metrics("test", test.energies, energies, test.n_atoms, test.forces if with_forces else None, predicted_forces)
-    from hpo.models.sagpr.estimator import SAGPR, component_rmse
-    from hpo.models.sagpr.kind import prefixed, tensors_of
-
-    folder = next(p for p in files if p.is_dir())
-    true = tensors_of(test, cfg, model)
-    return prefixed("test", component_rmse(true, SAGPR.load(folder).predict(test.frames)))
-
-
 def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str, float], dict[str, str]]:
     """The promoted model's test errors (and the hand-tuned default trial's, ``default_test_*``), with tags
     describing the split. The test set is read here, once per promotion, and by nothing else."""
@@ -407,11 +381,7 @@ def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str
         print(f"[hpo] no test split ({why}): the registered model has no test error", flush=True)
         return {}, {"test_split": "none"}
     model = with_values(hpo_config.model_params(cfg), trial.params)
-    found = test_errors(cfg, model, files, test, model_kind)
-    if model_kind.name == "gap":  # test_loss, with the scales of the study's val_loss
-        from hpo.models.gap.kind import trial_loss
-
-        found.update({k: v for k, v in trial_loss(cfg, found, data.val, bool(model.get("force_metrics")), ("test",)).items() if k == "test_loss"})
+    found = model_kind.test_errors(cfg, model, files, test, data.val)
     split = hashlib.sha256("".join(frame_digests(test.frames)).encode()).hexdigest()
     source = cfg.dataset.get("test_file") or test.path
     tags = {"test_split": "frames of " + str(source) + (" not in " + data.train.path.name if cfg.dataset.get("test_excludes_train") else ""),
@@ -423,7 +393,7 @@ def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str
         else:
             default_files, _ = model_files(cfg, study, default, data)
             default_model = with_values(hpo_config.model_params(cfg), default.params)
-            found.update({f"default_{k}": v for k, v in test_errors(cfg, default_model, default_files, test, model_kind).items()})
+            found.update({f"default_{k}": v for k, v in model_kind.test_errors(cfg, default_model, default_files, test, data.val).items()})
         tags["default_trial"] = str(default.number)
     return found, tags
 

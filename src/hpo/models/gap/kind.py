@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -78,6 +79,9 @@ class GapKind(ModelKind):
         "train_energy_rmse", "val_energy_rmse", "energy_rmse_ratio", "val_force_rmse", "val_loss", "fit_time_s", "eval_time_s", "md_ms_per_atom",
     )
     pyfunc_code = Path(__file__).with_name("pyfunc.py")
+    drives_md = True
+    records_loss = True
+    cache_keys = ("descriptor_cache_dir", "descriptor_cache_max_gb")
 
     def check_combination(self, params: dict, prefix: str) -> None:
         if params["atom_sigma"] >= params["cutoff"]:
@@ -220,6 +224,23 @@ class GapKind(ModelKind):
             artifacts=[*fitted.artifacts, workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
             model_files=[fitted.model_file],
         )
+
+    def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
+        """Energies per cell and per atom (and forces with ``model.force_metrics`` when the data have them), and
+        ``test_loss`` with the scales of the study's val_loss."""
+        xml = next(p for p in files if p.suffix == ".xml")
+        with_forces = bool(params.get("force_metrics")) and bool(test.forces)
+        predicted_forces = None
+        try:
+            if with_forces:
+                raise sparse_gap.UnsupportedModel("forces need quippy's calculator")
+            energies = sparse_gap.SparseGap.read(xml).predict(test.frames)
+        except sparse_gap.UnsupportedModel:
+            energies, forces = gap_fit.predict(gap_fit.load(xml), test.frames)
+            predicted_forces = forces if with_forces else None
+        found = metrics.energy_force_metrics("test", test.energies, energies, test.n_atoms, test.forces if with_forces else None, predicted_forces)
+        loss = trial_loss(cfg, found, val, bool(params.get("force_metrics")), ("test",))
+        return {**found, **({"test_loss": loss["test_loss"]} if "test_loss" in loss else {})}
 
     def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
         """The model to register. A trial solved with numpy is refitted by gap_fit on the same sparse points, and
@@ -370,7 +391,6 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     gradient_cache = cache if _gradients_fit_in_cache(params, frames) else Cache(None)
     factors, reused = training_factors(params, data.train, sparse, found, with_forces, cfg.study.seed, cache, gradient_cache,
                                        force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None)
-    factors.key = factors_key(params, data.train, sparse, with_forces, cfg.study.seed)
     hyper = solver.Hyper.from_params(params, data.solver_e0(cfg.dataset))
     solution = solver.solve(factors, frames, data.train.energies, hyper, params["n_sparse"])
     fit_time = time.perf_counter() - start
@@ -453,14 +473,14 @@ def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_
         orders = tuple(hit[f"order_{i}"] for i in range(len(sparse.descriptors)))
         if all(len(o) >= n for o, n in zip(orders, needed)) and all(np.array_equal(o[: len(mine)], mine[: len(o)]) for o, mine in zip(orders, sparse.orders)):
             stored = solver.SparseSet.of(found, dict(zip(sparse.descriptors, orders)))
-            return solver.Factors.from_arrays(stored, hit), True
+            return dataclasses.replace(solver.Factors.from_arrays(stored, hit), key=key), True
     bar = progress.Bar(len(train.frames), "[hpo] kernel rows", unit="frames") if len(train.frames) * max(len(a) for a in train.frames) > LONG_FIT_ATOMS else None
     factors = solver.build_factors(sparse, train.frames, float(params["zeta"]), train.forces if with_forces else None, gradient_cache,
                                    progress=bar.set if bar else None, found=found, force_atoms=kept)
     if bar:
         bar.close()
     cache.put("gap_factors", key, {**factors.arrays(), **{f"order_{i}": o for i, o in enumerate(sparse.orders)}})
-    return factors, False
+    return dataclasses.replace(factors, key=key), False
 
 
 def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool, prefixes: tuple[str, ...] = ("train", "val")) -> dict[str, float]:

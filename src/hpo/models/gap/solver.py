@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -121,8 +122,9 @@ class SparseSet:
     def prefix(self, n_sparse: int | None = None) -> int:
         return sum(self.counts(n_sparse))
 
+    @cached_property  # asked for every frame of a fit: computed once per sparse set
     def positions(self) -> list[np.ndarray]:
-        """Column of each descriptor's point, by rank: descriptor o's rank r lands at positions()[o][r]."""
+        """Column of each descriptor's point, by rank: descriptor o's rank r lands at positions[o][r]."""
         keys = sorted((rank, o) for o, order in enumerate(self.orders) for rank in range(len(order)))
         out = [np.zeros(len(order), dtype=int) for order in self.orders]
         for column, (rank, o) in enumerate(keys):
@@ -132,14 +134,14 @@ class SparseSet:
     def covariance(self, zeta: float) -> np.ndarray:
         """K_MM for delta = 1 in column order: block diagonal over descriptors."""
         k_mm = np.zeros((self.size, self.size))
-        for columns, points, cutoffs in zip(self.positions(), self.points, self.cutoffs):
+        for columns, points, cutoffs in zip(self.positions, self.points, self.cutoffs):
             k_mm[np.ix_(columns, columns)] = kernels.sparse_covariance(points, cutoffs, zeta)
         return k_mm
 
     def model(self, weights: np.ndarray, n_sparse: int | None, hyper: Hyper, species: Sequence[int]) -> SparseGap:
         """The SparseGap of solved ``weights`` (columns of ``prefix(n_sparse)``), points in index order as gap_fit lists them."""
         gps = []
-        for descriptor, order, points, columns, count in zip(self.descriptors, self.orders, self.points, self.positions(), self.counts(n_sparse)):
+        for descriptor, order, points, columns, count in zip(self.descriptors, self.orders, self.points, self.positions, self.counts(n_sparse)):
             by_index = np.argsort(order[:count], kind="stable")
             gps.append(SparseGP(descriptor=descriptor, delta=hyper.delta, zeta=hyper.zeta,
                                 alpha=weights[columns[:count]][by_index], sparse_points=points[:count][by_index]))
@@ -245,7 +247,7 @@ def frame_rows(sparse: SparseSet, atoms: ase.Atoms, zeta: float, with_forces: bo
     """One frame's energy row (M,) and force rows (3 n_atoms, M) in column order, delta = 1."""
     energy = np.zeros(sparse.size)
     forces = np.zeros((3 * len(atoms), sparse.size)) if with_forces else None
-    for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions()):
+    for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions):
         env = environments(descriptor, [atoms], cache, gradients=with_forces)
         energy[columns] = kernels.energy_rows(env, points, cutoffs, zeta)[0]
         if with_forces:
@@ -285,7 +287,7 @@ def build_factors(
     m = sparse.size
     if forces is None and found is not None:
         energy_rows = np.zeros((len(frames), m))
-        for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions()):
+        for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions):
             energy_rows[:, columns] = kernels.energy_rows(found[descriptor], points, cutoffs, zeta)
         return Factors(sparse, float(zeta), sparse.covariance(zeta), energy_rows, None, 0, {"kernels_s": time.perf_counter() - start})
     energy_rows = np.zeros((len(frames), m))

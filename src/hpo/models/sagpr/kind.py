@@ -48,7 +48,13 @@ class SagprKind(ModelKind):
     targets = ("polarizability",)
     parameters = PARAMETERS
     trial_metrics = ("train_rmse", "val_rmse", "rmse_ratio", "fit_time_s", "eval_time_s")
+    cache_keys = ("cache_dir", "cache_max_gb")
     pyfunc_code = Path(__file__).with_name("pyfunc.py")
+
+    def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
+        """RMSE per component, of the 6 unique ones, of L0 and of L2."""
+        folder = next(p for p in files if p.is_dir())
+        return prefixed("test", component_rmse(tensors_of(test, cfg, params), SAGPR.load(folder).predict(test.frames)))
 
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
         self.check_trial(params)
