@@ -52,7 +52,7 @@ from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
 FORCE_PAIR_CHUNK = 20000  # gradient pairs per block of predict_forces
 # a process's own arrays and libraries besides the fit (Python, quippy, Optuna, MLflow); with it the estimate
-# was 1.39 / 1.48 / 1.90 GB against 1.01 / 1.25 / 1.92 GB measured (bench_gap_scale.py, 50 / 200 / 500 frames)
+# is 1.41 / 1.58 / 1.90 GB against 1.01 / 1.25 / 1.92 GB measured (bench_gap_scale.py, 50 / 200 / 500 frames)
 BASELINE_BYTES = 600e6
 
 
