@@ -11,7 +11,7 @@ import pytest
 from helpers import require_shared_water
 from hpo.models.gap import gap_fit as gap
 from hpo.models.gap import solver as gs
-from hpo.models.gap.descriptors import environments
+from hpo.models.gap.descriptors import descriptor_key, environments
 from hpo.cache import Cache
 from hpo.models.gap.sparse_gap import SparseGap
 from hpo.models.sparse_gp import select_sparse
@@ -222,9 +222,9 @@ def test_smaller_sparse_set_from_the_factors_of_a_larger_one(emt, tmp_path):
     found = {d: environments(d, train) for d in descriptors}
     orders = {d: select_sparse(found[d].vectors, 10, "fps", 1) for d in descriptors}
     hyper = gs.Hyper.from_params(params, e0)
-    large = gs.build_factors(gs.SparseSet.of(found, orders), train, 2, forces)
+    large = gs.build_factors(gs.SparseSet.of(found, orders), train, forces)
     small_orders = {d: o[:6] for d, o in orders.items()}
-    small = gs.build_factors(gs.SparseSet.of(found, small_orders), train, 2, forces)
+    small = gs.build_factors(gs.SparseSet.of(found, small_orders), train, forces)
     from_large = gs.solve(large, train, energies(train), hyper, n_sparse=6)
     direct = gs.solve(small, train, energies(train), hyper)
     for a, b in zip(from_large.model.gps, direct.model.gps):
@@ -272,6 +272,59 @@ def test_own_data_defaults_come_from_the_data(emt):
     cut, why = KIND.data_defaults(small, data)["n_sparse"]
     assert cut < 144 and "memory_budget_gb" in why
     assert numpy_memory_bytes(dict(params, n_sparse=cut), frames) <= small["memory_budget_gb"] * 1e9 / 2
+
+
+SHORT_SOAP = dict(cutoff=2.5, atom_sigma=0.4, n_max=3, l_max=2, n_sparse=6, delta=0.2, zeta=3)
+
+
+def test_two_descriptors_fit_equals_gap_fit_on_emt(emt, tmp_path):
+    """A long and a short SOAP (model.descriptors), each with its own n_sparse, delta and zeta: hpo's solver
+    and gap_fit (gap={soap ... : soap ...} on the same sparse points) fit the same energies and forces."""
+    root, train, val = emt
+    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
+                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0), descriptors=[SHORT_SOAP])
+    e0 = {"Cu": -0.1, "Al": -0.2}
+    descriptors = gap.expected_descriptors(params, train)
+    assert len(descriptors) == 4 and "cutoff=2.5" in descriptors[2] and "zeta=3" in descriptors[3]  # 2 settings x 2 species
+    model, sparse = gs.fit_frames(params, train, energies(train), e0, forces=[a.get_forces() for a in train], seed=1)
+    assert [len(gp.alpha) for gp in model.gps] == [10, 10, 6, 6]
+    keys = SimpleNamespace(energy="energy", force="forces")
+    result = gap.GAP(params, e0, keys, sparse=gap.SparsePoints(train, tuple(sparse[d] for d in descriptors))).fit(root / "train.xyz", tmp_path / "fit")
+    written = SparseGap.read(result.model_file_)
+    # gap_fit lists the settings species by species in this order (GP keys aside: its copy names the index files)
+    assert [descriptor_key(gp.descriptor) for gp in written.gps] == [descriptor_key(d) for d in descriptors]
+    assert [gp.delta for gp in written.gps] == [0.5, 0.5, 0.2, 0.2]
+    quippy_energies, quippy_forces = gap.predict(gap.load(result.model_file_), val)
+    assert np.abs(model.predict(val) - quippy_energies).max() < ENERGY_TOL
+    found = {d: environments(d, val, gradients=True) for d in descriptors}
+    assert max(np.abs(f - q).max() for f, q in zip(gs.predict_forces(model, found, val), quippy_forces)) < FORCE_TOL
+    # the short SOAP contributes: without it the model is another one
+    alone, _ = gs.fit_frames({**params, "descriptors": []}, train, energies(train), e0, forces=[a.get_forces() for a in train], seed=1)
+    assert np.abs(model.predict(val) - alone.predict(val)).max() > 100 * ENERGY_TOL
+
+
+def test_other_counts_per_descriptor_from_the_factors_of_a_larger_set(emt):
+    """Factors built for 10 points of every descriptor solve a fit of 10 long-SOAP and 4 short-SOAP points (columns
+    that are not a prefix: R re-triangularised) as factors built for exactly those points do."""
+    _, train, _ = emt
+    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
+                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0), descriptors=[{**SHORT_SOAP, "n_sparse": 10}])
+    e0 = {"Cu": -0.1, "Al": -0.2}
+    forces = [a.get_forces() for a in train]
+    descriptors = gap.expected_descriptors(params, train)
+    found = {d: environments(d, train) for d in descriptors}
+    orders = {d: select_sparse(found[d].vectors, 10, "fps", 1) for d in descriptors}
+    hyper = gs.Hyper.from_params(params, e0)
+    large = gs.build_factors(gs.SparseSet.of(found, orders), train, forces)
+    counts = [10, 10, 4, 4]
+    small = gs.build_factors(gs.SparseSet.of(found, {d: o[:c] for (d, o), c in zip(orders.items(), counts)}), train, forces)
+    from_large = gs.solve(large, train, energies(train), hyper, n_sparse=counts)
+    assert from_large.columns[-1] > len(from_large.columns) - 1  # not a prefix
+    direct = gs.solve(small, train, energies(train), hyper, n_sparse=counts)
+    for a, b in zip(from_large.model.gps, direct.model.gps):
+        np.testing.assert_allclose(a.sparse_points, b.sparse_points)
+        np.testing.assert_allclose(a.alpha, b.alpha, rtol=1e-7, atol=1e-9 * np.abs(b.alpha).max())
+    assert from_large.train_force_rmse == pytest.approx(direct.train_force_rmse, rel=1e-9)
 
 
 def test_force_subsample_reaches_gap_fit_as_its_force_mask(emt, tmp_path):

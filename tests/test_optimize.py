@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import optuna
 import pytest
@@ -149,3 +150,44 @@ def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
     total = sum(8 * int(rows) * int(cols) * (2 if twice else 1) for rows, cols, twice in arrays)
     frames = ase.io.read(tiny_data / "gap_input_50.xyz", ":")
     assert gap.covariance_memory_bytes(20, frames, with_forces=False) == total  # water's default: energies only
+
+
+def test_a_second_descriptor_is_searched_by_its_path(tiny_cfg):
+    """model.descriptors adds a short SOAP beside the model's own; the search samples its cutoff by path
+    (descriptors.0.cutoff), the trial fits both (two index files per species) and records the sampled value."""
+    cfg = tiny_cfg(
+        "study.n_trials=2",
+        "model.descriptors=[{cutoff:2.0,atom_sigma:0.4,n_sparse:8,delta:0.3,zeta:3}]",
+        "~search.space",
+        "+search.space={descriptors.0.cutoff:{type:float,low:1.5,high:2.5}}",
+    )
+    study = loop.run(cfg)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 2
+    assert trials[0].params["descriptors.0.cutoff"] == 2.0  # the enqueued default: the config's entry
+    assert 1.5 <= trials[1].params["descriptors.0.cutoff"] <= 2.5
+    _, children = runs_of(cfg)
+    for child in children:
+        artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(child.info.run_id)}
+        assert {f"sparse_{i}.idx" for i in range(4)} <= artifacts  # 2 descriptors x 2 species (O, H)
+        assert float(child.data.params["descriptors.0.cutoff"]) == trials[int(child.data.tags["trial_number"])].params["descriptors.0.cutoff"]
+    xml = Path(study.best_trial.user_attrs["workdir"]) / "gap.xml"
+    assert xml.read_text().count("<gpCoordinates") == 4
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("{cutof:2.0}", "model.descriptors.0.cutof is not a descriptor key"),
+        ("{cutoff:-2.0}", "model.descriptors.0.cutoff=-2.0 is not allowed: a positive number"),
+        ("{cutoff:2.0,atom_sigma:3.0}", "model.descriptors.0.atom_sigma=3.0 is not allowed: smaller than the cutoff (2.0)"),
+        ("{descriptor:distance_2b}", "model.descriptors.0.descriptor='distance_2b' is not allowed: one of ('soap',)"),
+    ],
+)
+def test_a_bad_descriptor_entry_is_named(tiny_cfg, entry, message):
+    from hpo import config as hpo_config
+    from hpo.models.base import ConfigError
+
+    with pytest.raises(ConfigError) as error:
+        hpo_config.validate(tiny_cfg(f"model.descriptors=[{entry}]"))
+    assert message in str(error.value)

@@ -71,12 +71,14 @@ def provenance_tags() -> dict[str, str]:
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Nested dict -> {"a.b": value}, the spelling the search space uses."""
+    """Nested dict -> {"a.b": value}, the spelling the search space uses (list items by index: "descriptors.0.cutoff")."""
     flat = {}
     for key, value in tree.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             flat.update(flatten(value, name + "."))
+        elif isinstance(value, list) and value and all(isinstance(item, dict) for item in value):
+            flat.update(flatten({str(i): item for i, item in enumerate(value)}, name + "."))
         else:
             flat[name] = value
     return flat

@@ -16,6 +16,7 @@ promotion, plots and data loading ask the kind instead of comparing strings:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -66,10 +67,15 @@ class Scored:
     model_files: list[Path] = field(default_factory=list)
 
 
+def _step(node: Any, part: str) -> Any:
+    """One part of a dotted path: a key, or an index into a list (``descriptors.0.cutoff``)."""
+    return int(part) if isinstance(node, Sequence) and not isinstance(node, str) else part
+
+
 def get_dotted(tree: dict, dotted: str) -> Any:
     node = tree
     for part in dotted.split("."):
-        node = node[part]
+        node = node[_step(node, part)]
     return node
 
 
@@ -77,14 +83,14 @@ def set_dotted(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
-        node = node[part]
-    node[leaf] = value
+        node = node[_step(node, part)]
+    node[_step(node, leaf)] = value
 
 
 def has_dotted(tree: dict, dotted: str) -> bool:
     try:
         get_dotted(tree, dotted)
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, IndexError, ValueError):
         return False
     return True
 

@@ -32,6 +32,14 @@ def descriptor_key(descriptor: str) -> str:
     return " ".join([name] + [f"{key}={pairs[key]}" for key in sorted(pairs) if key not in GP_ONLY_KEYS])
 
 
+def descriptor_value(descriptor: str, key: str) -> str:
+    """The value of one key of a descriptor string (e.g. ``zeta`` or ``delta``: each descriptor of a GAP has its own)."""
+    for found, value in _KEY_VALUE.findall(descriptor):
+        if found == key:
+            return value
+    raise KeyError(f"no {key}= in descriptor {descriptor!r}")
+
+
 def quippy_version() -> str:
     from importlib import metadata
 

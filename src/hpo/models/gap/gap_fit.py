@@ -66,15 +66,16 @@ def effective_n_sparse(n_sparse: int, frames: list[ase.Atoms]) -> int:
     return int(min(n_sparse, max(environments_per_species(frames).values())))
 
 
-def covariance_memory_bytes(n_sparse: int, frames: list[ase.Atoms], with_forces: bool = True) -> int:
+def covariance_memory_bytes(n_sparse: int | Sequence[int], frames: list[ase.Atoms], with_forces: bool = True) -> int:
     """gap_fit's own estimate of its covariance matrices, the arrays that grow with n_sparse.
 
-    One descriptor per species, each with ``n_sparse`` points: S sparse points
-    in all and T targets (one energy per frame and, ``with_forces``, three force
-    components per atom). gap_fit prints these as "yY S T * 2", "yy S S" and
-    "A S S+T * 2" under "Memory Estimate".
+    One descriptor per species, each with ``n_sparse`` points (a sequence: one value per descriptor setting of
+    ``descriptor_settings``): S sparse points in all and T targets (one energy per frame and, ``with_forces``,
+    three force components per atom). gap_fit prints these as "yY S T * 2", "yy S S" and "A S S+T * 2" under
+    "Memory Estimate".
     """
-    sparse = len(environments_per_species(frames)) * n_sparse
+    per_setting = [n_sparse] if isinstance(n_sparse, (int, np.integer)) else list(n_sparse)
+    sparse = len(environments_per_species(frames)) * sum(int(n) for n in per_setting)
     targets = len(frames) + (3 * sum(len(atoms) for atoms in frames) if with_forces else 0)
     return 8 * (2 * sparse * targets + sparse * sparse + 2 * sparse * (sparse + targets))
 
@@ -105,7 +106,8 @@ def needs_gradients(params: dict) -> bool:
 
 
 def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:
-    """gap_fit's memory for the training descriptors and their gradients, the arrays that grow with the cutoff.
+    """gap_fit's memory for the training descriptors and their gradients, the arrays that grow with the cutoff,
+    summed over the descriptors of ``descriptor_settings`` (gap_fit holds them all at once).
 
     gap_fit keeps one SOAP vector per atom ("x d n" under "Memory Estimate") and, for the forces,
     one gradient vector per atom, neighbour and direction ("xPrime d 3n'"), n' counting each atom
@@ -117,14 +119,18 @@ def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:
     cutoff then costs time, not memory.
     """
     species = len({int(z) for atoms in frames for z in atoms.numbers})
-    dimensions = soap_dimensions(int(params["n_max"]), int(params["l_max"]), species)
     centres = sum(len(atoms) for atoms in frames)
-    if not needs_gradients(params):
-        return int(8 * dimensions * centres)
-    neighbours = neighbours_per_atom(float(params["cutoff"]), frames) + 1.0
-    gradients = 3 * centres * neighbours
-    one_frame = 3 * max(len(atoms) for atoms in frames) * neighbours
-    return int(8 * dimensions * (centres + gradients + one_frame))
+    total = 0
+    for setting in descriptor_settings(params):
+        dimensions = soap_dimensions(int(setting["n_max"]), int(setting["l_max"]), species)
+        if not needs_gradients(params):
+            total += 8 * dimensions * centres
+            continue
+        neighbours = neighbours_per_atom(float(setting["cutoff"]), frames) + 1.0
+        gradients = 3 * centres * neighbours
+        one_frame = 3 * max(len(atoms) for atoms in frames) * neighbours
+        total += 8 * dimensions * (centres + gradients + one_frame)
+    return int(total)
 
 
 def largest_cutoff(params: dict, frames: list[ase.Atoms], budget_bytes: float) -> float:
@@ -161,22 +167,30 @@ def _number(value) -> str:
     return repr(value) if isinstance(value, float) else str(value)
 
 
-def descriptor_text(params: dict) -> str:
-    """The text inside gap={...}: descriptor name and its keys, as gap_fit receives them."""
-    return " ".join([params["descriptor"]] + [f"{k}={_number(params[k])}" for k in DESCRIPTOR_KEYS])
+def descriptor_settings(params: dict) -> list[dict]:
+    """Every descriptor of the GAP as a mapping of gap_fit's keys: the model's own SOAP, then each entry of
+    ``model.descriptors`` (further descriptors summed into the energy) over the keys it does not set."""
+    main = {"descriptor": params["descriptor"], **{key: params[key] for key in DESCRIPTOR_KEYS}}
+    return [main] + [{**main, **dict(extra)} for extra in params.get("descriptors") or ()]
+
+
+def descriptor_text(setting: dict) -> str:
+    """The text of one descriptor inside gap={...} (a mapping of ``descriptor_settings``), as gap_fit receives it."""
+    return " ".join([setting["descriptor"]] + [f"{k}={_number(setting[k])}" for k in DESCRIPTOR_KEYS])
 
 
 def expected_descriptors(params: dict, frames: list[ase.Atoms]) -> list[str]:
-    """The descriptor strings gap_fit will write into the model, one per centre species.
+    """The descriptor strings gap_fit will write into the model: per descriptor setting, one per centre species.
 
     gap_fit splits a multi-species descriptor into one per species found in the
     training frames, appending ``n_species``, ``Z`` and ``species_Z`` (in order of
-    first appearance). Knowing them before the fit lets hpo compute the
+    first appearance), descriptor after descriptor. Knowing them before the fit lets hpo compute the
     evaluation descriptors while gap_fit runs; a wrong guess only costs that head start.
     """
     species = list(dict.fromkeys(int(z) for atoms in frames for z in atoms.numbers))
     species_z = "{" + " ".join(map(str, species)) + " }"
-    return [f"{descriptor_text(params)} n_species={len(species)} Z={z} species_Z={species_z}" for z in species]
+    return [f"{descriptor_text(setting)} n_species={len(species)} Z={z} species_Z={species_z}"
+            for setting in descriptor_settings(params) for z in species]
 
 
 # force_parameter_name for an energy-only gap_fit: no frame has this column, so gap_fit adds no force targets.
@@ -224,12 +238,12 @@ def gap_fit_sparse_args(params: dict, frames: Sequence[ase.Atoms], index_files: 
 
     ``index_files`` (paths as gap_fit sees them from its working directory) and
     ``counts`` (indices in each) follow ``expected_descriptors(params, frames)``
-    (species in order of first appearance). Replaces gap_fit's own split (``add_species=F``)
+    (species in order of first appearance, setting after setting). Replaces gap_fit's own split (``add_species=F``)
     because gap_fit would give every species the same ``sparse_file``.
     """
     descriptors = expected_descriptors(params, frames)
     if len(index_files) != len(descriptors):
-        raise ValueError(f"{len(descriptors)} descriptors (one per species) but {len(index_files)} index files")
+        raise ValueError(f"{len(descriptors)} descriptors (one per species and setting) but {len(index_files)} index files")
     parts = []
     for descriptor, index_file, n in zip(descriptors, index_files, counts):
         text = _replace_keys(descriptor, n_sparse=str(n), sparse_method="index_file")
@@ -264,14 +278,14 @@ def build_command(
     ``energy_only`` (or no ``keys.force``: a file without forces) it gets no force targets. ``e0``:
     isolated-atom energies (eV) per species, or None for gap_fit's ``e0_method=average``.
     """
-    descriptor = descriptor_text(params)
+    descriptors = " : ".join(descriptor_text(setting) for setting in descriptor_settings(params))
     sigma = params["default_sigma"]
     default_sigma = " ".join(_number(sigma[k]) for k in ("energy", "force", "virial", "hessian"))
     if e0 is None:  # the mean over training frames of the energy per atom, for every species
         e0_arg = "e0_method=average"
     else:
         e0_arg = "e0={" + ":".join(f"{symbol}:{_number(energy)}" for symbol, energy in sorted(e0.items())) + "}"
-    gap_arg = f"gap={{{descriptor}}}"
+    gap_arg = f"gap={{{descriptors}}}"
     if sparse is not None:
         (gap_arg,) = gap_fit_sparse_args(params, sparse.frames, sparse.files, [len(i) for i in sparse.indices])
     return [

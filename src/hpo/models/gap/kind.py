@@ -28,8 +28,9 @@ from hpo import metrics, plots, progress
 from hpo.atomic import write_text
 from hpo.cache import Cache, digest, digest_array, frame_digests
 from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TrialFailure
+from hpo.models.rules import allowed, describe
 from hpo.models.gap import gap_fit, solver, sparse_gap
-from hpo.models.gap.descriptors import Environments, descriptor_key, environments, quippy_version
+from hpo.models.gap.descriptors import Environments, descriptor_key, descriptor_value, environments, quippy_version
 from hpo.models.sparse_gp import SPARSE_METHODS, select_sparse
 from hpo.tracking import flatten
 
@@ -56,6 +57,13 @@ PARAMETERS = {
     "refit_tolerance_eV": "positive",
     "cost_frames": "non_negative_int",
     "descriptor_cache_max_gb": "positive",
+}
+# What an entry of model.descriptors may set (the rest it takes from the model's own SOAP), with its rule.
+DESCRIPTOR_PARAMETERS = {
+    "descriptor": ("soap",),  # hpo's solver and evaluation implement the dot-product kernel of SOAP-like vectors
+    **{key: PARAMETERS.get(key, "positive") for key in gap_fit.DESCRIPTOR_KEYS},
+    "n_sparse": "count",
+    "covariance_type": ("dot_product",),
 }
 
 # Training sets with more atoms than this show a progress line while their kernel rows are computed.
@@ -84,8 +92,19 @@ class GapKind(ModelKind):
     cache_keys = ("descriptor_cache_dir", "descriptor_cache_max_gb")
 
     def check_combination(self, params: dict, prefix: str) -> None:
-        if params["atom_sigma"] >= params["cutoff"]:
-            raise ConfigError(f"{prefix}.atom_sigma={params['atom_sigma']!r} is not allowed: smaller than the cutoff ({params['cutoff']})")
+        extras = params.get("descriptors") or []
+        if not isinstance(extras, (list, tuple)) or not all(hasattr(extra, "items") for extra in extras):
+            raise ConfigError(f"{prefix}.descriptors={extras!r} is not allowed: a list of mappings of descriptor keys")
+        for i, extra in enumerate(extras):
+            for key, value in extra.items():
+                if key not in DESCRIPTOR_PARAMETERS:
+                    raise ConfigError(f"{prefix}.descriptors.{i}.{key} is not a descriptor key: one of {', '.join(DESCRIPTOR_PARAMETERS)}")
+                if not allowed(DESCRIPTOR_PARAMETERS[key], value):
+                    raise ConfigError(f"{prefix}.descriptors.{i}.{key}={value!r} is not allowed: {describe(DESCRIPTOR_PARAMETERS[key])}")
+        for i, setting in enumerate(gap_fit.descriptor_settings(params)):
+            where = prefix if i == 0 else f"{prefix}.descriptors.{i - 1}"
+            if setting["atom_sigma"] >= setting["cutoff"]:
+                raise ConfigError(f"{where}.atom_sigma={setting['atom_sigma']!r} is not allowed: smaller than the cutoff ({setting['cutoff']})")
 
     def data_defaults(self, params: dict, data) -> dict[str, tuple[object, str]]:
         """``n_sparse=auto``: a tenth of the most frequent species' environments (``AUTO_SPARSE_*``), no more
@@ -136,7 +155,7 @@ class GapKind(ModelKind):
                 ))
             largest = int(_largest(lambda n: numpy_memory_bytes({**params, "n_sparse": int(n)}, frames) <= budget, 1, int(params["n_sparse"]), integer=True))
             raise _over_budget("n_sparse", MemoryBudgetExceeded(
-                f"hpo's solver would need about {estimate / 1e9:.3g} GB (n_sparse={gap_fit.effective_n_sparse(params['n_sparse'], frames)} per species, "
+                f"hpo's solver would need about {estimate / 1e9:.3g} GB (n_sparse={'+'.join(map(str, sparse_counts(params, frames)))} per species, "
                 f"{'energies and forces' if params['force_metrics'] else 'energies'}, {len(frames)} frames), over "
                 f"model.memory_budget_gb={params['memory_budget_gb']}; at most n_sparse={largest} fits",
                 estimate,
@@ -152,12 +171,12 @@ class GapKind(ModelKind):
                 f"(n_max={params['n_max']}, l_max={params['l_max']}, {len(frames)} frames)",
                 descriptors,
             ))
-        n_sparse = gap_fit.effective_n_sparse(params["n_sparse"], frames)
+        n_sparse = sparse_counts(params, frames)
         estimate = gap_fit.covariance_memory_bytes(n_sparse, frames, with_forces)
         if estimate > budget:
             raise _over_budget("n_sparse", MemoryBudgetExceeded(
                 f"gap_fit would need about {estimate / 1e9:.1f} GB for its covariance matrices "
-                f"(n_sparse={n_sparse}, {len(frames)} frames), over model.memory_budget_gb={params['memory_budget_gb']}",
+                f"(n_sparse={'+'.join(map(str, n_sparse))} per species, {len(frames)} frames), over model.memory_budget_gb={params['memory_budget_gb']}",
                 estimate,
             ))
 
@@ -175,7 +194,7 @@ class GapKind(ModelKind):
         forces with ``model.force_metrics``), write CSVs and a parity plot."""
         params = copy.deepcopy(self.resolve_auto(params, data))
         requested = params["n_sparse"]
-        params["n_sparse"] = gap_fit.effective_n_sparse(requested, data.train.frames)
+        params = capped_n_sparse(params, data.train.frames)
         self.check_trial(params)
         self.preflight(params, data.train.frames)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -250,8 +269,7 @@ class GapKind(ModelKind):
         subset gap_fit can fit: figure ``production_gap_fit_refit`` says which (1 refit, 0 hpo's own)."""
         if params["solver"] != "numpy":
             return trial_files, {}
-        params = copy.deepcopy(params)
-        params["n_sparse"] = gap_fit.effective_n_sparse(params["n_sparse"], data.train.frames)
+        params = capped_n_sparse(params, data.train.frames)
         budget = params["memory_budget_gb"] * 1e9
         estimate = gap_fit_memory_bytes(params, data.train.frames)
         if estimate > budget:
@@ -294,10 +312,26 @@ class GapKind(ModelKind):
         return {"check_frames": float(size), "check_max_energy_difference_eV": difference}
 
 
+def capped_n_sparse(params: dict, frames) -> dict:
+    """``params`` with the n_sparse of every descriptor capped at the environments per species, as gap_fit does
+    (so the record says what was fitted, and subsets of these frames keep the same descriptor strings)."""
+    params = copy.deepcopy(params)
+    params["n_sparse"] = gap_fit.effective_n_sparse(params["n_sparse"], frames)
+    for extra in params.get("descriptors") or []:
+        if "n_sparse" in extra:
+            extra["n_sparse"] = gap_fit.effective_n_sparse(extra["n_sparse"], frames)
+    return params
+
+
+def sparse_counts(params: dict, frames) -> list[int]:
+    """n_sparse per species of each descriptor setting, as fitted."""
+    return [gap_fit.effective_n_sparse(s["n_sparse"], frames) for s in gap_fit.descriptor_settings(params)]
+
+
 def gap_fit_memory_bytes(params: dict, frames) -> int:
     """gap_fit's own estimate for a fit of ``frames``: descriptors (with gradients when forces are fitted) and covariances."""
     return gap_fit.descriptor_memory_bytes(params, frames) + gap_fit.covariance_memory_bytes(
-        gap_fit.effective_n_sparse(params["n_sparse"], frames), frames, bool(params["force_metrics"]))
+        sparse_counts(params, frames), frames, bool(params["force_metrics"]))
 
 
 def _energy_difference(model_file: Path, other_file: Path, frames, cache: Cache) -> float:
@@ -392,9 +426,9 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     factors, reused = training_factors(params, data.train, sparse, found, with_forces, cfg.study.seed, cache, gradient_cache,
                                        force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None)
     hyper = solver.Hyper.from_params(params, data.solver_e0(cfg.dataset))
-    solution = solver.solve(factors, frames, data.train.energies, hyper, params["n_sparse"])
+    solution = solver.solve(factors, frames, data.train.energies, hyper)
     fit_time = time.perf_counter() - start
-    indices = sparse.indices(params["n_sparse"])
+    indices = sparse.indices(sparse.requested)
     points = gap_fit.SparsePoints(frames, tuple(indices[d] for d in descriptors))
     points.write(workdir)
     model_file = solver.write_xml(solution.model, workdir / gap_fit.MODEL_FILE)
@@ -427,10 +461,10 @@ def validation_predictions(params: dict, frames, factors: solver.Factors, soluti
         return solver.predict(solution.model, frames, found_cache, with_forces)
     key = digest("gap-evaluation-rows", factors.key, frame_digests(frames))
     hit = cache.get("gap_evaluation_rows", key)
-    if hit is not None and hit["energy_rows"].shape[1] >= len(solution.weights):
+    if hit is not None and hit["energy_rows"].shape[1] == factors.sparse.size:  # rows of these columns (not of smaller factors of that key)
         rows = solver.EvaluationRows(hit["energy_rows"], hit.get("force_rows"))
     else:
-        rows = solver.EvaluationRows.of(factors.sparse, frames, factors.zeta, True, Cache(None))
+        rows = solver.EvaluationRows.of(factors.sparse, frames, True, Cache(None))
         cache.put("gap_evaluation_rows", key, rows.arrays())
     return rows.predict(solution, hyper, frames)
 
@@ -445,11 +479,11 @@ def _gradients_fit_in_cache(params: dict, frames) -> bool:
 
 
 def factors_key(params: dict, train, sparse: solver.SparseSet, with_forces: bool, seed: int) -> str:
-    """What a training set's factors depend on: descriptors, quippy, frames, zeta, the sparse order, forces."""
+    """What a training set's factors depend on: descriptors, quippy, frames, zetas, the sparse order, forces."""
     method = params["sparse_selection"]
     return digest(
         "gap-factors", [descriptor_key(d) for d in sparse.descriptors], quippy_version(), frame_digests(train.frames),
-        float(params["zeta"]), method, seed, params["n_sparse"] if method == "random" else None,
+        list(sparse.zetas), method, seed, list(sparse.requested) if method == "random" else None,
         [digest_array(f) for f in train.forces] if with_forces else None,
         float(params["force_fraction"]) if with_forces else None,
     )
@@ -467,7 +501,7 @@ def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_
     entry holds at least these sparse points (FPS/CUR orders are greedy: a smaller set is its prefix), else
     built frame by frame (with a progress line on long sets) and cached. Returns (factors, reused)."""
     key = factors_key(params, train, sparse, with_forces, seed)
-    needed = sparse.counts(params["n_sparse"])
+    needed = sparse.counts(sparse.requested)
     hit = cache.get("gap_factors", key)
     if hit is not None:
         orders = tuple(hit[f"order_{i}"] for i in range(len(sparse.descriptors)))
@@ -475,7 +509,7 @@ def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_
             stored = solver.SparseSet.of(found, dict(zip(sparse.descriptors, orders)))
             return dataclasses.replace(solver.Factors.from_arrays(stored, hit), key=key), True
     bar = progress.Bar(len(train.frames), "[hpo] kernel rows", unit="frames") if len(train.frames) * max(len(a) for a in train.frames) > LONG_FIT_ATOMS else None
-    factors = solver.build_factors(sparse, train.frames, float(params["zeta"]), train.forces if with_forces else None, gradient_cache,
+    factors = solver.build_factors(sparse, train.frames, train.forces if with_forces else None, gradient_cache,
                                    progress=bar.set if bar else None, found=found, force_atoms=kept)
     if bar:
         bar.close()
@@ -499,10 +533,11 @@ def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool, prefixes:
 def numpy_memory_bytes(params: dict, frames) -> int:
     """Peak memory of a fit by hpo's streamed solver with these parameters (``solver.memory_bytes``)."""
     species = len({int(z) for atoms in frames for z in atoms.numbers})
+    settings = gap_fit.descriptor_settings(params)
     return solver.memory_bytes(
-        species * gap_fit.effective_n_sparse(params["n_sparse"], frames), frames,
-        gap_fit.soap_dimensions(int(params["n_max"]), int(params["l_max"]), species),
-        gap_fit.neighbours_per_atom(float(params["cutoff"]), frames) + 1.0, bool(params["force_metrics"]),
+        species * sum(sparse_counts(params, frames)), frames,
+        [gap_fit.soap_dimensions(int(s["n_max"]), int(s["l_max"]), species) for s in settings],
+        [gap_fit.neighbours_per_atom(float(s["cutoff"]), frames) + 1.0 for s in settings], bool(params["force_metrics"]),
     )
 
 
@@ -526,7 +561,7 @@ def sparse_order(descriptor: str, frames, found: Environments, params: dict, see
     """``select_sparse`` of these environments, cached: FPS and CUR orderings are greedy, so a trial
     asking for fewer points than a cached ordering takes its prefix (the same points a fresh selection
     would pick) and one asking for more extends the cache. (FPS over 1600 environments costs ~2 s.)"""
-    method, wanted = params["sparse_selection"], int(params["n_sparse"])
+    method, wanted = params["sparse_selection"], int(descriptor_value(descriptor, "n_sparse"))
     if method == "random":  # a seeded draw: cheap, and its prefixes are not draws of fewer points
         return select_sparse(found.vectors, wanted, method, seed)
     key = digest("gap-sparse-order", descriptor_key(descriptor), frame_digests(frames), method, seed)

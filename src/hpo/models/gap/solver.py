@@ -46,7 +46,7 @@ import scipy.linalg
 
 from hpo.cache import Cache
 from hpo.models.gap import gap_fit, kernels
-from hpo.models.gap.descriptors import Environments, environments
+from hpo.models.gap.descriptors import Environments, descriptor_value, environments
 from hpo.models.gap.sparse_gap import SparseGap, SparseGP
 from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
@@ -61,10 +61,9 @@ BASELINE_BYTES = 600e6
 
 @dataclass(frozen=True)
 class Hyper:
-    """The GP settings of one fit, in gap_fit's meaning."""
+    """The GP settings of one fit shared by its descriptors, in gap_fit's meaning (delta, zeta and n_sparse are
+    each descriptor's own: ``SparseSet`` reads them from the descriptor strings)."""
 
-    delta: float
-    zeta: float
     energy_sigma: float  # default_sigma[0], per atom (scaled by sqrt(n_atoms))
     force_sigma: float  # default_sigma[1]
     sparse_jitter: float
@@ -76,7 +75,6 @@ class Hyper:
 
         sigma = params["default_sigma"]
         return cls(
-            delta=float(params["delta"]), zeta=float(params["zeta"]),
             energy_sigma=float(sigma["energy"]), force_sigma=float(sigma["force"]),
             sparse_jitter=float(params["sparse_jitter"]),
             e0={atomic_numbers[s]: float(v) for s, v in e0.items()},
@@ -98,7 +96,8 @@ class SparseSet:
 
     ``orders[o]`` are environment indices of descriptor ``o`` in selection order (FPS/CUR are greedy,
     so the first k are the points of n_sparse = k). Columns go rank by rank (rank 0 of every
-    descriptor, then rank 1, ...), so the columns of any n_sparse are a prefix.
+    descriptor, then rank 1, ...), so the columns of any n_sparse shared by all descriptors are a prefix.
+    Each descriptor's delta, zeta and n_sparse are those of its string (gap_fit's own record of them).
     """
 
     descriptors: tuple[str, ...]
@@ -117,12 +116,41 @@ class SparseSet:
     def size(self) -> int:
         return sum(len(o) for o in self.orders)
 
-    def counts(self, n_sparse: int | None = None) -> list[int]:
-        """Points of each descriptor at ``n_sparse`` (gap_fit caps each at its number of environments)."""
-        return [len(o) if n_sparse is None else min(int(n_sparse), len(o)) for o in self.orders]
+    @property
+    def zetas(self) -> tuple[float, ...]:
+        return tuple(float(descriptor_value(d, "zeta")) for d in self.descriptors)
 
-    def prefix(self, n_sparse: int | None = None) -> int:
+    @property
+    def deltas(self) -> tuple[float, ...]:
+        return tuple(float(descriptor_value(d, "delta")) for d in self.descriptors)
+
+    @property
+    def requested(self) -> tuple[int, ...]:
+        """Each descriptor's n_sparse: the points a fit with these descriptor strings uses."""
+        return tuple(int(descriptor_value(d, "n_sparse")) for d in self.descriptors)
+
+    def counts(self, n_sparse: int | Sequence[int] | None = None) -> list[int]:
+        """Points of each descriptor at ``n_sparse`` (one value for all, or one per descriptor; None: all
+        points held), each capped at the points held (gap_fit caps at the number of environments)."""
+        if n_sparse is None:
+            return [len(o) for o in self.orders]
+        wanted = [n_sparse] * len(self.orders) if isinstance(n_sparse, (int, np.integer)) else list(n_sparse)
+        return [min(int(n), len(o)) for n, o in zip(wanted, self.orders)]
+
+    def prefix(self, n_sparse: int | Sequence[int] | None = None) -> int:
         return sum(self.counts(n_sparse))
+
+    def columns(self, counts: Sequence[int]) -> np.ndarray:
+        """Columns (ascending) of the first ``counts[o]`` points of each descriptor: the column order of the
+        sparse set those points make."""
+        return np.sort(np.concatenate([p[:c] for p, c in zip(self.positions, counts)]).astype(int))
+
+    def scales(self) -> np.ndarray:
+        """delta^2 of each column's descriptor: kernel rows are computed for delta = 1 and scaled at the solve."""
+        out = np.zeros(self.size)
+        for columns, delta in zip(self.positions, self.deltas):
+            out[columns] = delta**2
+        return out
 
     @cached_property  # asked for every frame of a fit: computed once per sparse set
     def positions(self) -> list[np.ndarray]:
@@ -133,23 +161,22 @@ class SparseSet:
             out[o][rank] = column
         return out
 
-    def covariance(self, zeta: float) -> np.ndarray:
+    def covariance(self) -> np.ndarray:
         """K_MM for delta = 1 in column order: block diagonal over descriptors."""
         k_mm = np.zeros((self.size, self.size))
-        for columns, points, cutoffs in zip(self.positions, self.points, self.cutoffs):
+        for columns, points, cutoffs, zeta in zip(self.positions, self.points, self.cutoffs, self.zetas):
             k_mm[np.ix_(columns, columns)] = kernels.sparse_covariance(points, cutoffs, zeta)
         return k_mm
 
-    def model(self, weights: np.ndarray, n_sparse: int | None, hyper: Hyper, species: Sequence[int]) -> SparseGap:
-        """The SparseGap of solved ``weights`` (columns of ``prefix(n_sparse)``), points in index order as gap_fit lists them."""
+    def model(self, weights: np.ndarray, hyper: Hyper, species: Sequence[int]) -> SparseGap:
+        """The SparseGap of solved ``weights`` (one per column), points in index order as gap_fit lists them."""
         gps = []
-        for descriptor, order, points, columns, count in zip(self.descriptors, self.orders, self.points, self.positions, self.counts(n_sparse)):
-            by_index = np.argsort(order[:count], kind="stable")
-            gps.append(SparseGP(descriptor=descriptor, delta=hyper.delta, zeta=hyper.zeta,
-                                alpha=weights[columns[:count]][by_index], sparse_points=points[:count][by_index]))
+        for descriptor, order, points, columns, delta, zeta in zip(self.descriptors, self.orders, self.points, self.positions, self.deltas, self.zetas):
+            by_index = np.argsort(order, kind="stable")
+            gps.append(SparseGP(descriptor=descriptor, delta=delta, zeta=zeta, alpha=weights[columns][by_index], sparse_points=points[by_index]))
         return SparseGap(e0={z: float(hyper.e0.get(z, 0.0)) for z in sorted(species)}, gps=tuple(gps))
 
-    def indices(self, n_sparse: int | None = None) -> dict[str, np.ndarray]:
+    def indices(self, n_sparse: int | Sequence[int] | None = None) -> dict[str, np.ndarray]:
         return {d: order[:count] for d, order, count in zip(self.descriptors, self.orders, self.counts(n_sparse))}
 
 
@@ -201,14 +228,13 @@ def block_rows(n_columns: int) -> int:
 
 @dataclass
 class Factors:
-    """A training set's part of a GAP fit for one descriptor set, zeta and ordered sparse set, delta = 1.
+    """A training set's part of a GAP fit for one descriptor set, their zetas and ordered sparse set, delta = 1.
 
     ``k_mm`` (M, M); ``energy_rows`` (frames, M); ``force_r``: R of the force rows and their targets
     [K_F | -F] ((M + 1) x (M + 1); None without forces), ``force_rows``: how many force components it holds.
     """
 
     sparse: SparseSet
-    zeta: float
     k_mm: np.ndarray
     energy_rows: np.ndarray
     force_r: np.ndarray | None
@@ -217,39 +243,46 @@ class Factors:
     key: str = ""  # what the cache knows these factors by (rows of other frames against them are keyed by it)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"k_mm": self.k_mm, "energy_rows": self.energy_rows, "force_rows": np.array(self.force_rows), "zeta": np.array(self.zeta)}
+        out = {"k_mm": self.k_mm, "energy_rows": self.energy_rows, "force_rows": np.array(self.force_rows)}
         if self.force_r is not None:
             out["force_r"] = self.force_r
         return out
 
     @classmethod
     def from_arrays(cls, sparse: SparseSet, a: Mapping[str, np.ndarray]) -> Factors:
-        return cls(sparse, float(a["zeta"]), a["k_mm"], a["energy_rows"], a.get("force_r"), int(a["force_rows"]))
+        return cls(sparse, a["k_mm"], a["energy_rows"], a.get("force_r"), int(a["force_rows"]))
 
-    def restricted(self, n_sparse: int | None) -> Factors:
-        """The factors of a smaller sparse set (its columns are a prefix; so is R's leading block)."""
+    def restricted(self, n_sparse: int | Sequence[int] | None) -> tuple[Factors, np.ndarray]:
+        """The factors of a smaller sparse set, and its columns among these. One n_sparse for all descriptors
+        keeps a prefix of the columns, whose factor is R's leading block (a QR property); other counts take
+        R's columns of those points and the target, re-triangularised (|R[:, kept] a - R[:, M]| is the same norm)."""
         counts = self.sparse.counts(n_sparse)
+        columns = self.sparse.columns(counts)
         if counts == self.sparse.counts():
-            return self
-        m = self.sparse.prefix(n_sparse)
+            return self, columns
+        m = len(columns)
         sparse = SparseSet(self.sparse.descriptors, tuple(o[:c] for o, c in zip(self.sparse.orders, counts)),
                            tuple(p[:c] for p, c in zip(self.sparse.points, counts)), tuple(x[:c] for x, c in zip(self.sparse.cutoffs, counts)))
         force_r = None
-        if self.force_r is not None:
+        if self.force_r is not None and columns[-1] == m - 1:
             # keep the target column and the residual rows: |K a - y|^2 = |R[:m,:m] a - R[:m,M]|^2 + |R[m:,M]|^2
             target = self.force_r[:, -1]
             force_r = np.zeros((m + 1, m + 1))
             force_r[:m, :m] = self.force_r[:m, :m]
             force_r[:m, m] = target[:m]
             force_r[m, m] = np.linalg.norm(target[m:])
-        return Factors(sparse, self.zeta, self.k_mm[:m, :m], self.energy_rows[:, :m], force_r, self.force_rows, dict(self.times), self.key)
+        elif self.force_r is not None:
+            kept = np.append(columns, self.sparse.size)
+            (force_r,) = scipy.linalg.qr(self.force_r[:, kept], mode="r", check_finite=False)
+            force_r = np.triu(force_r[: m + 1])
+        return Factors(sparse, self.k_mm[np.ix_(columns, columns)], self.energy_rows[:, columns], force_r, self.force_rows, dict(self.times), self.key), columns
 
 
-def frame_rows(sparse: SparseSet, atoms: ase.Atoms, zeta: float, with_forces: bool, cache: Cache | None) -> tuple[np.ndarray, np.ndarray | None]:
+def frame_rows(sparse: SparseSet, atoms: ase.Atoms, with_forces: bool, cache: Cache | None) -> tuple[np.ndarray, np.ndarray | None]:
     """One frame's energy row (M,) and force rows (3 n_atoms, M) in column order, delta = 1."""
     energy = np.zeros(sparse.size)
     forces = np.zeros((3 * len(atoms), sparse.size)) if with_forces else None
-    for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions):
+    for descriptor, points, cutoffs, columns, zeta in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions, sparse.zetas):
         env = environments(descriptor, [atoms], cache, gradients=with_forces)
         energy[columns] = kernels.energy_rows(env, points, cutoffs, zeta)[0]
         if with_forces:
@@ -274,7 +307,6 @@ def force_selection(frames: Sequence[ase.Atoms], fraction: float, seed: int) -> 
 def build_factors(
     sparse: SparseSet,
     frames: Sequence[ase.Atoms],
-    zeta: float,
     forces: Sequence[np.ndarray] | None = None,
     cache: Cache | None = None,
     progress: Callable[[int], None] | None = None,
@@ -289,14 +321,14 @@ def build_factors(
     m = sparse.size
     if forces is None and found is not None:
         energy_rows = np.zeros((len(frames), m))
-        for descriptor, points, cutoffs, columns in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions):
+        for descriptor, points, cutoffs, columns, zeta in zip(sparse.descriptors, sparse.points, sparse.cutoffs, sparse.positions, sparse.zetas):
             energy_rows[:, columns] = kernels.energy_rows(found[descriptor], points, cutoffs, zeta)
-        return Factors(sparse, float(zeta), sparse.covariance(zeta), energy_rows, None, 0, {"kernels_s": time.perf_counter() - start})
+        return Factors(sparse, sparse.covariance(), energy_rows, None, 0, {"kernels_s": time.perf_counter() - start})
     energy_rows = np.zeros((len(frames), m))
     factor = TriangularFactor(m + 1, block_rows(m + 1)) if forces is not None else None
     n_force_rows = 0
     for i, atoms in enumerate(frames):
-        energy_rows[i], rows = frame_rows(sparse, atoms, zeta, forces is not None, cache)
+        energy_rows[i], rows = frame_rows(sparse, atoms, forces is not None, cache)
         if factor is not None:
             block = np.hstack([rows, -np.asarray(forces[i], dtype=float).reshape(-1, 1)])
             if force_atoms is not None:
@@ -306,28 +338,31 @@ def build_factors(
         if progress is not None:
             progress(i + 1)
     force_r = factor.r if factor is not None else None
-    return Factors(sparse, float(zeta), sparse.covariance(zeta), energy_rows, force_r, n_force_rows,
+    return Factors(sparse, sparse.covariance(), energy_rows, force_r, n_force_rows,
                    {"kernels_s": time.perf_counter() - start})
 
 
 @dataclass(frozen=True)
 class Solution:
-    """A solved fit: the model, its weights in column order, and its training errors (eV, eV/A)."""
+    """A solved fit: the model, its weights (one per column of the factors it was solved on that it uses:
+    ``columns``, each scaled by ``scales``, its descriptor's delta^2), and its training errors (eV, eV/A)."""
 
     model: SparseGap
     weights: np.ndarray
+    columns: np.ndarray
+    scales: np.ndarray
     train_energies: np.ndarray
     train_force_rmse: float | None
 
 
-def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, hyper: Hyper, n_sparse: int | None = None) -> Solution:
-    """gap_fit's least-squares problem on ``factors`` (restricted to ``n_sparse``), by QR."""
-    factors = factors.restricted(n_sparse)
+def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, hyper: Hyper, n_sparse: int | Sequence[int] | None = None) -> Solution:
+    """gap_fit's least-squares problem on ``factors`` restricted to ``n_sparse`` (None: each descriptor's own), by QR."""
+    factors, columns = factors.restricted(factors.sparse.requested if n_sparse is None else n_sparse)
     m = factors.sparse.size
-    scale = hyper.delta**2
+    scale = factors.sparse.scales()  # K = delta^2 K(delta=1), per descriptor: columns of K_NM and R, blocks of K_MM
     n_atoms = np.array([len(a) for a in frames])
     e0 = hyper.e0_of(frames)
-    k_mm = scale * factors.k_mm
+    k_mm = np.sqrt(scale)[:, None] * factors.k_mm * np.sqrt(scale)[None, :]
     k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
     k_nm = scale * factors.energy_rows
     y = np.asarray(energies, dtype=float) - e0
@@ -342,21 +377,21 @@ def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, h
         residual = scale * factors.force_r[:m, :m] @ weights - factors.force_r[:m, m]
         force_rmse = float(np.sqrt((residual @ residual + factors.force_r[m, m] ** 2) / factors.force_rows))
     species = sorted({int(z) for atoms in frames for z in atoms.numbers})
-    model = factors.sparse.model(weights, None, hyper, species)
-    return Solution(model, weights, e0 + scale * factors.energy_rows @ weights, force_rmse)
+    model = factors.sparse.model(weights, hyper, species)
+    return Solution(model, weights, columns, scale, e0 + (scale * factors.energy_rows) @ weights, force_rmse)
 
 
 @dataclass(frozen=True)
 class EvaluationRows:
     """Kernel rows of frames to predict (delta = 1), against the columns of a ``Factors``: a solved model's
-    energies and forces on them are two matrix-vector products, for any delta and any smaller n_sparse."""
+    energies and forces on them are two matrix-vector products, for any deltas and any smaller n_sparse."""
 
     energy_rows: np.ndarray  # (frames, M)
     force_rows: np.ndarray | None  # (3 atoms, M), atom-major
 
     @classmethod
-    def of(cls, sparse: SparseSet, frames: Sequence[ase.Atoms], zeta: float, with_forces: bool, cache: Cache | None = None) -> EvaluationRows:
-        rows = [frame_rows(sparse, atoms, zeta, with_forces, cache) for atoms in frames]
+    def of(cls, sparse: SparseSet, frames: Sequence[ase.Atoms], with_forces: bool, cache: Cache | None = None) -> EvaluationRows:
+        rows = [frame_rows(sparse, atoms, with_forces, cache) for atoms in frames]
         return cls(np.array([e for e, _ in rows]).reshape(len(frames), sparse.size),
                    np.vstack([f for _, f in rows]) if with_forces and rows else None)
 
@@ -365,12 +400,11 @@ class EvaluationRows:
 
     def predict(self, solution: Solution, hyper: Hyper, frames: Sequence[ase.Atoms]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Energies (eV) and forces (eV/A, empty without force rows) of ``solution`` on these frames."""
-        m = len(solution.weights)
-        scale = hyper.delta**2
-        energies = hyper.e0_of(frames) + scale * self.energy_rows[:, :m] @ solution.weights
+        weights = solution.scales * solution.weights
+        energies = hyper.e0_of(frames) + self.energy_rows[:, solution.columns] @ weights
         if self.force_rows is None:
             return energies, []
-        forces = -scale * (self.force_rows[:, :m] @ solution.weights)  # F = -dE/dr
+        forces = -(self.force_rows[:, solution.columns] @ weights)  # F = -dE/dr
         out, offset = [], 0
         for atoms in frames:
             out.append(forces[offset : offset + 3 * len(atoms)].reshape(len(atoms), 3))
@@ -397,12 +431,12 @@ def fit_frames(
 
     descriptors = gap_fit.expected_descriptors(params, frames)
     found = {d: environments(d, frames, cache) for d in descriptors}
-    orders = {d: select_sparse(found[d].vectors, params["n_sparse"], sparse_method, seed) for d in descriptors}
+    orders = {d: select_sparse(found[d].vectors, int(descriptor_value(d, "n_sparse")), sparse_method, seed) for d in descriptors}
     sparse = SparseSet.of(found, orders)
     hyper = Hyper.from_params(params, e0)
     times = times if times is not None else SolveTimes()
     with threadpool_limits(limits=threads):
-        factors = build_factors(sparse, frames, hyper.zeta, forces, cache, found=found, force_atoms=force_atoms)
+        factors = build_factors(sparse, frames, forces, cache, found=found, force_atoms=force_atoms)
         times.kernels_s += factors.times["kernels_s"]
         start = time.perf_counter()
         solution = solve(factors, frames, energies, hyper)
@@ -413,25 +447,29 @@ def fit_frames(
 # --------------------------------------------------------------------------- memory, known before
 
 
-def memory_bytes(n_sparse_total: int, frames: Sequence[ase.Atoms], dimensions: int, pairs_per_atom: float, with_forces: bool) -> int:
+def memory_bytes(n_sparse_total: int, frames: Sequence[ase.Atoms], dimensions: int | Sequence[int],
+                 pairs_per_atom: float | Sequence[float], with_forces: bool) -> int:
     """Peak memory of a streamed fit (bytes), from the arrays it holds at once.
 
     Grows with the training set only through the energy rows (frames x M) and the descriptor vectors of
-    the sparse selection (environments x d); the force part is one frame's descriptor gradients (quippy's
-    and hpo's copy), one chunk of kernel gradients, one frame's force rows and the TSQR buffer and its
-    QR copy. ``pairs_per_atom``: gradient pairs per centre (neighbours inside the cutoff plus itself).
+    the sparse selection (environments x d, every descriptor's); the force part is one frame's descriptor
+    gradients of one descriptor at a time (quippy's and hpo's copy), one chunk of kernel gradients, one
+    frame's force rows and the TSQR buffer and its QR copy. ``dimensions`` and ``pairs_per_atom`` (gradient
+    pairs per centre: neighbours inside the cutoff plus itself) are one value, or one per descriptor setting.
     """
+    dimensions = [dimensions] if isinstance(dimensions, (int, np.integer)) else list(dimensions)
+    pairs_per_atom = [pairs_per_atom] * len(dimensions) if isinstance(pairs_per_atom, (int, float)) else list(pairs_per_atom)
     m = int(n_sparse_total)
     n_frames = len(frames)
     environments_total = sum(len(a) for a in frames)
     largest = max(len(a) for a in frames)
     total = BASELINE_BYTES
-    total += 8 * environments_total * dimensions * 2  # vectors for the sparse selection, and their per-frame parts while joined
+    total += 8 * environments_total * sum(dimensions) * 2  # vectors for the sparse selection, and their per-frame parts while joined
     total += 8 * n_frames * m * 3  # energy rows, and the solve's stacked copies
     total += 8 * m * m * 4  # K_MM, its Cholesky factor, the solve's R rows and QR copies
     if with_forces:
-        pairs = largest * pairs_per_atom
-        total += 8 * pairs * 3 * dimensions * 2  # one frame's gradients, quippy's array and hpo's
+        pairs = largest * max(pairs_per_atom)
+        total += 8 * largest * max(p * d for p, d in zip(pairs_per_atom, dimensions)) * 3 * 2  # one frame's gradients, quippy's array and hpo's
         total += 8 * min(pairs, kernels.PAIR_CHUNK) * 3 * m * 2  # kernel gradients of one chunk, and their sum
         total += 8 * 3 * largest * (m + 1) * 3  # one frame's force rows, their scatter and the stacked copy
         total += 8 * (m + 1 + block_rows(m + 1)) * (m + 1) * 2  # TSQR buffer and the R that LAPACK returns
