@@ -401,3 +401,44 @@ def test_nothing_running_after_a_refused_study(tiny_cfg, tmp_path):
     parents, children = runs_of(cfg)
     assert len(parents) == 1 and len(children) == 2
     assert not [r for r in parents + children if r.info.status == "RUNNING"]
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A 16 MB tmpfs made by the test (root may mount; CI runs as root), unmounted afterwards."""
+    mount = tmp_path / "scratch"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.fail(f"cannot mount a tmpfs for the full-disk test (needs root): {done.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_stops_the_study_cleanly_and_it_resumes(tiny_cfg, tiny_overrides, small_filesystem, tmp_path):
+    """experiments/ (trials, caches and the study's SQLite database) on a 16 MB file system filled to its last
+    64 kB: the command stops with one paragraph "no space left on ..." and exit code 2, no traceback; the
+    database passes SQLite's integrity check and no MLflow run is left RUNNING; with space again the same
+    command closes the trial the full disk left open (its process is gone) and finishes the study."""
+    import sqlite3
+
+    from helpers import assert_intact
+
+    where = f"experiments_dir={small_filesystem}"
+    loop.run(tiny_cfg("study.n_trials=1", where))  # the database and one finished trial exist
+    filler = small_filesystem / "filler"
+    filler.write_bytes(b"\0" * (shutil.disk_usage(small_filesystem).free - 64_000))
+    command = [sys.executable, "-m", "hpo", "optimize", *tiny_overrides, where, "study.n_trials=2"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "hpo: " in done.stderr and "no space left on the file system of" in done.stderr
+    assert "Traceback" not in done.stderr.split("hpo: ")[-1]
+    with sqlite3.connect(small_filesystem / "optuna.db") as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    cfg = tiny_cfg("study.n_trials=2", where)
+    parents, children = runs_of(cfg)
+    assert all(run.info.status != "RUNNING" for run in parents + children)
+    filler.unlink()
+    loop.run(cfg)
+    study = assert_intact(cfg, 2)
+    assert len(study.trials) == 3  # the trial the full disk stopped is kept, FAIL

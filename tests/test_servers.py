@@ -81,34 +81,41 @@ def postgres_url(postgres):
     return postgres.url
 
 
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = free_port()
+def start_mlflow_server(root: Path, port: int) -> subprocess.Popen:
+    """A real ``mlflow server`` on 127.0.0.1:port with its store under ``root``, answering once this returns."""
     process = subprocess.Popen(
         [
             sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"sqlite:///{tmp_path}/server.db",
-            "--artifacts-destination", str(tmp_path / "server-artifacts"),
+            "--backend-store-uri", f"sqlite:///{root}/server.db",
+            "--artifacts-destination", str(root / "server-artifacts"),
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
     )
-    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                break
+                return process
         except OSError:
             time.sleep(0.5)
-    else:
-        process.kill()
-        pytest.fail("mlflow server did not start within 120 s")
+    os.killpg(process.pid, 9)
+    pytest.fail("mlflow server did not start within 120 s")
+
+
+def stop_mlflow_server(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, 9)
+    process.wait()
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = free_port()
+    process = start_mlflow_server(tmp_path, port)
     try:
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(process.pid, 9)
-        process.wait()
+        stop_mlflow_server(process)
 
 
 def test_two_workers_on_postgres_and_mlflow_server(tiny_cfg, postgres_url, mlflow_server):
@@ -174,3 +181,36 @@ def test_postgres_that_stays_down_stops_the_study_with_a_message(postgres, capsy
     assert message.startswith(f"study.storage={postgres.url!r} lost its connection and did not come back within study.reconnect_s=2 s: ")
     assert "\n" not in message
     assert capsys.readouterr().out.count("lost its connection") == 1
+
+
+def test_mlflow_server_away_for_a_while_is_one_line_not_retry_spam(tmp_path, capfd, monkeypatch):
+    """Issue 25, item 4: the tracking server stops while a trial logs its metrics; hpo says once that it waits
+    (and for how long at most), urllib3's per-retry warnings stay out of the console, and the metrics arrive
+    once the server is back."""
+    import threading
+
+    from omegaconf import OmegaConf
+
+    from hpo.tracking import Tracker
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")  # retries 1, 2, 4, 8 ... s apart: the test waits less
+    port = free_port()
+    server = start_mlflow_server(tmp_path, port)
+    url = f"http://127.0.0.1:{port}"
+    tracker = Tracker(OmegaConf.create({"tracking_uri": url, "experiment": "away", "artifact_location": None}))
+    run_id = tracker.start_run("trial-0")
+    stop_mlflow_server(server)
+    logged = threading.Thread(target=tracker.log, args=(run_id,), kwargs={"metrics": {"val_loss": 0.25}})
+    logged.start()
+    time.sleep(3)  # a few of MLflow's retries fail meanwhile
+    server = start_mlflow_server(tmp_path, port)
+    try:
+        logged.join(timeout=300)
+        assert not logged.is_alive()
+        assert tracker.client.get_run(run_id).data.metrics["val_loss"] == 0.25
+    finally:
+        stop_mlflow_server(server)
+    out, err = capfd.readouterr()
+    assert out.count("is not answering; waiting for it up to about") == 1, out
+    assert f"MLflow tracking server {url} answered again after" in out
+    assert "Retrying" not in out + err

@@ -139,11 +139,24 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
         except (KeyboardInterrupt, RuntimeError) as exc:
             name = interrupt_signal(exc)
             if name is None:
-                raise
+                _raise_unless_disk_full(exc, cfg)
             print(f"hpo: {interrupted_message(name)}", file=sys.stderr, flush=True)
             raise SystemExit(128 + signal.Signals[name].value) from None
+        except Exception as exc:
+            _raise_unless_disk_full(exc, cfg)
 
     return wrapped
+
+
+def _raise_unless_disk_full(exc: BaseException, cfg: DictConfig) -> None:
+    """A full disk anywhere in a command (a study's trials handle their own) is one paragraph and exit code 2."""
+    from hpo.disk import full_disk_text, no_space_left
+
+    if not no_space_left(exc):
+        raise exc
+    print(f"hpo: {full_disk_text(exc, cfg.get('experiments_dir', '.'))}. Free space there (or set root= elsewhere) "
+          "and run the same command again.", file=sys.stderr, flush=True)
+    raise SystemExit(2) from None
 
 
 def interrupt_signal(exc: BaseException) -> str | None:

@@ -8,6 +8,7 @@ parent when trials run in other threads or processes.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 import platform
@@ -84,11 +85,65 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def server_wait_bound_s() -> float:
+    """How long MLflow's client retries a request to a tracking server that does not answer: urllib3's backoff
+    (factor * 2^(n-1) from the second retry, at most 120 s each, plus up to the jitter) over MLflow's retries
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, _BACKOFF_FACTOR, _BACKOFF_JITTER: 7, 2 and 1 s by default, about 250 s)."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, MLFLOW_HTTP_REQUEST_BACKOFF_JITTER, MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+
+    factor, jitter = MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get(), MLFLOW_HTTP_REQUEST_BACKOFF_JITTER.get()
+    retries = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get()
+    return float(sum(min(120.0, factor * 2 ** (n - 1)) if n > 1 else 0.0 for n in range(1, retries + 1)) + retries * jitter)
+
+
+class ServerWaitNotice(logging.Filter):
+    """While an MLflow tracking server does not answer, urllib3 logs a warning per retry ("Retrying
+    (Retry(total=5, ...)) after connection broken by ..."): one line instead says that hpo waits and for how
+    long at most, and one more when the server answers again (``answered``)."""
+
+    def __init__(self, url: str):
+        super().__init__()
+        self.url = url
+        self.since: float | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("Retrying"):
+            return True
+        if self.since is None:
+            self.since = time.monotonic()
+            print(f"[hpo] MLflow tracking server {self.url} is not answering; waiting for it up to about "
+                  f"{server_wait_bound_s():.0f} s (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR)", flush=True)
+        return False
+
+    def answered(self) -> None:
+        if self.since is not None:
+            print(f"[hpo] MLflow tracking server {self.url} answered again after {time.monotonic() - self.since:.0f} s", flush=True)
+            self.since = None
+
+
+def _server_wait_notice(uri: str) -> ServerWaitNotice | None:
+    """The process's notice for a tracking server at ``uri`` (installed once on urllib3's logger), None for a local store."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    from hpo.redact import redact_text
+
+    pool = logging.getLogger("urllib3.connectionpool")
+    for existing in pool.filters:
+        if isinstance(existing, ServerWaitNotice) and existing.url == redact_text(uri, uri):
+            return existing
+    notice = ServerWaitNotice(redact_text(uri, uri))
+    pool.addFilter(notice)
+    return notice
+
+
 class Tracker:
     """The MLflow experiment of one config, and the runs we create in it."""
 
     def __init__(self, tracking_cfg):
         uri = str(tracking_cfg.tracking_uri)
+        self.notice = _server_wait_notice(uri)
         if sqlite_file(uri) is not None:
             sqlite_file(uri).parent.mkdir(parents=True, exist_ok=True)
         self.tracking_uri = uri
@@ -126,7 +181,13 @@ class Tracker:
         if parent_run_id:
             tags["mlflow.parentRunId"] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        self._answered()
         return run.info.run_id
+
+    def _answered(self) -> None:
+        """A request went through: if the server had stopped answering, say it is back."""
+        if self.notice is not None:
+            self.notice.answered()
 
     @contextlib.contextmanager
     def run(self, name: str, tags: dict | None = None, parent_run_id: str | None = None):
@@ -158,6 +219,7 @@ class Tracker:
             params=[Param(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in (params or {}).items()],
             tags=[RunTag(k, str(v)[:MAX_PARAM_LENGTH]) for k, v in (tags or {}).items()],
         )
+        self._answered()
 
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
@@ -176,6 +238,7 @@ class Tracker:
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+        self._answered()
 
     def beat(self, *run_ids: str) -> None:
         """Refresh the heartbeat of ``run_ids`` (one tag write each)."""

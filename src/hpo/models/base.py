@@ -28,7 +28,7 @@ from hpo.models.rules import Rule, allowed, describe
 # Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna).
 FAILURE_REASONS = (
     "gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "interrupted", "error",
-    "refit_mismatch", "pruned", "killed",
+    "refit_mismatch", "pruned", "killed", "disk_full",
 )
 
 

@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from hpo import config as hpo_config
 from hpo import liveness, own_data, plots
-from hpo.disk import disk_report
+from hpo.disk import disk_report, full_disk_text, no_space_left
 from hpo.data import load_datasets
 from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
@@ -303,7 +303,19 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
         if done + running >= cfg.study.n_trials:
             time.sleep(1.0)
             continue
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
+        try:
+            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
+        except Exception as exc:  # outside a trial (the study's database): the disk is the one fault named here
+            if not no_space_left(exc):
+                raise
+            raise StudyError(_disk_full_advice(full_disk_text(exc, workroot))) from None
+        if objective.disk_full:
+            raise StudyError(_disk_full_advice(objective.disk_full))
+
+
+def _disk_full_advice(where: str) -> str:
+    return (f"{where}. The study stopped: every next trial would fail the same way; its database keeps what was done. "
+            "Free space there (or set root= / experiments_dir= elsewhere) and run the same command: the study resumes.")
 
 
 def count_refused(study: optuna.Study) -> int:

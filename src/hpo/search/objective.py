@@ -8,6 +8,7 @@ turns any failure into a recorded reason instead of a lost trial.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import traceback
 from pathlib import Path
@@ -19,6 +20,7 @@ import optuna
 from hpo import liveness, peak_memory
 from hpo.atomic import write_text
 from hpo.data import Datasets, joined_frames, subset_frames
+from hpo.disk import full_disk_text, no_space_left
 from hpo.models import kind
 from hpo.models.base import MemoryBudgetExceeded, Scored, TrialFailure, with_values
 from hpo.search.fidelity import rung_sizes
@@ -122,6 +124,8 @@ def as_interrupt(exc: BaseException) -> BaseException:
 
 def classify(exc: BaseException) -> str:
     """The failure reason recorded for an exception that ended a fit."""
+    if no_space_left(exc):
+        return "disk_full"
     if isinstance(exc, TrialFailure):
         return exc.reason
     if isinstance(exc, KeyboardInterrupt):
@@ -149,6 +153,8 @@ class Objective:
         self.parent_run_id = parent_run_id
         self.workroot = workroot
         self.trial_metrics = kind(model["kind"]).trial_metrics
+        # Set when a trial failed for a full disk: every next trial would too, so the loop stops with this.
+        self.disk_full: str | None = None
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         write_liveness(trial)  # first: a RUNNING trial without a record after study.grace_s never started
@@ -190,13 +196,17 @@ class Objective:
             except BaseException as raised:
                 exc = as_interrupt(raised)
                 reason = classify(exc)
+                if reason == "disk_full":
+                    self.disk_full = f"trial {trial.number}: {full_disk_text(exc, self.workroot)}"
+                    exc = TrialFailure("disk_full", f"{self.disk_full}: {exc}")
                 trial.set_user_attr("failure", reason)
                 trial.set_user_attr("failure_message", str(exc)[-2000:])
-                write_text(workdir / "failure.txt", "".join(traceback.format_exception(raised)))
+                with contextlib.suppress(OSError):  # the disk may be full: the record goes to Optuna and MLflow anyway
+                    write_text(workdir / "failure.txt", "".join(traceback.format_exception(raised)))
                 note = f"Trial {trial.number} of study {trial.study.study_name} failed ({reason}): {str(exc)[-1000:]}"
                 self.tracker.log(run_id, params=values, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:], NOTE_TAG: note})
                 self.tracker.log_artifacts(run_id, [workdir / "gap_fit.err", workdir / "gap_fit.out", workdir / "failure.txt"])
-                if exc is not raised:
+                if exc is not raised and reason != "disk_full":
                     raise exc from raised
                 raise
             objectives = [metric_value(scored.metrics, name) for name in self.cfg.study.objectives]

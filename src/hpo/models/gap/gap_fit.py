@@ -170,7 +170,7 @@ def _number(value) -> str:
 def descriptor_settings(params: dict) -> list[dict]:
     """Every descriptor of the GAP as a mapping of gap_fit's keys: the model's own SOAP, then each entry of
     ``model.descriptors`` (further descriptors summed into the energy) over the keys it does not set."""
-    main = {"descriptor": params["descriptor"], **{key: params[key] for key in DESCRIPTOR_KEYS}}
+    main = {key: params[key] for key in ("descriptor", *DESCRIPTOR_KEYS) if key in params}
     return [main] + [{**main, **dict(extra)} for extra in params.get("descriptors") or ()]
 
 
