@@ -163,6 +163,8 @@ CONFIG_FAULTS = [
      "study.storage='sqlite:////nonexistent/dir/optuna.db' is not allowed: a database in an existing directory"),
     ("cutoff-too-large-for-memory", ["model.solver=gap_fit", "model.force_metrics=true", "model.cutoff=100.0"], ConfigError,
      "model.cutoff=100.0 is not allowed for this data: cutoff=100.0 Å: about 3.92e+05 neighbours per atom"),
+    ("descriptor-pass-over-time", ["model.cutoff=60.0"], ConfigError,  # energies only: no memory bound, 5e4 neighbours
+     "model.cutoff=60.0 is not allowed for this data: cutoff=60.0 Å: the descriptors of the 10 training frames would take about"),
     ("search-space-over-memory", ["model.solver=gap_fit", "model.force_metrics=true", "search.space.cutoff.low=30.0", "search.space.cutoff.high=40.0", "model.memory_budget_gb=1"], ConfigError,
      "search.space.cutoff.low=30.0 is not allowed for this data: even the cheapest point of the search space is over budget: "
      "cutoff=30.0 Å: about 1.06e+04 neighbours per atom"),

@@ -295,15 +295,15 @@ def check_data(cfg: DictConfig, data) -> None:
     """Checks that need the data, run after reading it and before any fit: the model's own parameters
     (the fit, trial 0) and the cheapest point of the search space must pass the model kind's preflight
     (e.g. GAP's memory estimate, which grows with the cutoff through the density of the training cells).
-    Sampled trials over budget are pruned instead (``MemoryBudgetExceeded``)."""
-    from hpo.models.base import MemoryBudgetExceeded, with_values
+    Sampled trials over budget are pruned instead (``OverBudget``)."""
+    from hpo.models.base import OverBudget, with_values
 
     model = model_params(cfg)
     model_kind = kind(model["kind"])
     frames = data.train.frames
     try:
         model_kind.preflight(model, frames)
-    except MemoryBudgetExceeded as exc:
+    except OverBudget as exc:
         name = getattr(exc, "parameter", None)
         key = f"model.{name}" if name else "model"
         value = model.get(name) if name else None
@@ -314,7 +314,7 @@ def check_data(cfg: DictConfig, data) -> None:
         return
     try:
         model_kind.preflight(with_values(model, lows), frames)
-    except MemoryBudgetExceeded as exc:
+    except OverBudget as exc:
         name = getattr(exc, "parameter", None)
         key = f"search.space.{name}.low" if name in lows else "search.space"
         value = lows.get(name, OmegaConf.to_container(space))

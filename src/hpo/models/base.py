@@ -28,7 +28,7 @@ from hpo.models.rules import Rule, allowed, describe
 # Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna).
 FAILURE_REASONS = (
     "gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "interrupted", "error",
-    "refit_mismatch", "pruned", "killed", "disk_full",
+    "refit_mismatch", "pruned", "killed", "disk_full", "time_budget",
 )
 
 
@@ -46,14 +46,44 @@ class TrialFailure(RuntimeError):
         self.reason = reason
 
 
-class MemoryBudgetExceeded(optuna.TrialPruned):
-    """Refused before the fit: the estimated peak memory is over budget (pruned, not failed)."""
+class OverBudget(optuna.TrialPruned):
+    """Refused before the fit: an estimate is over its budget (pruned, not failed). ``metrics``: the estimate
+    as recorded on the trial's run; ``parameter`` (set by the kind): the model parameter that drives it."""
+
+    reason: ClassVar[str]
+    parameter: str | None = None
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        raise NotImplementedError
+
+
+class MemoryBudgetExceeded(OverBudget):
+    """The estimated peak memory is over ``model.memory_budget_gb``."""
 
     reason = "memory_budget"
 
     def __init__(self, message: str, estimate_bytes: int):
         super().__init__(message)
         self.estimate_bytes = estimate_bytes
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"memory_estimate_gb": self.estimate_bytes / 1e9}
+
+
+class TimeBudgetExceeded(OverBudget):
+    """The estimated time of a stage of the fit (e.g. the descriptor pass) is over the fit's time bound."""
+
+    reason = "time_budget"
+
+    def __init__(self, message: str, estimate_s: float):
+        super().__init__(message)
+        self.estimate_s = estimate_s
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {"time_estimate_s": self.estimate_s}
 
 
 @dataclass

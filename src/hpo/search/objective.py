@@ -22,7 +22,7 @@ from hpo.atomic import write_text
 from hpo.data import Datasets, joined_frames, subset_frames
 from hpo.disk import full_disk_text, no_space_left
 from hpo.models import kind
-from hpo.models.base import MemoryBudgetExceeded, Scored, TrialFailure, with_values
+from hpo.models.base import MemoryBudgetExceeded, OverBudget, Scored, TrialFailure, with_values
 from hpo.search.fidelity import rung_sizes
 from hpo.search.space import SearchParam, suggest
 from hpo.search.storage import write_liveness
@@ -182,14 +182,15 @@ class Objective:
                 self.tracker.log(run_id, params=exc.scored.params, tags={**exc.scored.tags, "state": "PRUNED", "pruned_at_size": exc.size})
                 self.tracker.log_artifacts(run_id, exc.scored.artifacts)
                 raise
-            except MemoryBudgetExceeded as exc:
+            except OverBudget as exc:
                 trial.set_user_attr("failure", exc.reason)
                 trial.set_user_attr("failure_message", str(exc))
-                trial.set_user_attr("memory_estimate_bytes", exc.estimate_bytes)
+                if isinstance(exc, MemoryBudgetExceeded):
+                    trial.set_user_attr("memory_estimate_bytes", exc.estimate_bytes)
                 self.tracker.log(
                     run_id,
                     params=values,
-                    metrics={"memory_estimate_gb": exc.estimate_bytes / 1e9},
+                    metrics=exc.metrics,
                     tags={"state": "PRUNED", "failure": exc.reason, "failure_message": str(exc)},
                 )
                 raise

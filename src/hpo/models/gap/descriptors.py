@@ -133,7 +133,7 @@ def environments(
                 from quippy.descriptors import Descriptor  # imported late: loading the Fortran library is slow
 
                 calculator = Descriptor(descriptor)
-            found = _one_frame(calculator, descriptor, atoms, gradients)
+            found = calculate_frame(calculator, descriptor, atoms, gradients)
             cache.put("gap_descriptors", key, found.arrays())
         else:
             found = Environments.from_arrays(hit)
@@ -141,7 +141,7 @@ def environments(
     return Environments.concatenate(parts, [len(atoms) for atoms in frames])
 
 
-def _one_frame(calculator, descriptor: str, atoms: ase.Atoms, gradients: bool) -> Environments:
+def calculate_frame(calculator, descriptor: str, atoms: ase.Atoms, gradients: bool) -> Environments:
     dimensions = calculator.dimensions()
     out = calculator.calc(atoms, grad=gradients)
     data = np.asarray(out["data"], dtype=float).reshape(-1, dimensions) if len(out.get("data", [])) else np.zeros((0, dimensions))

@@ -27,10 +27,10 @@ import numpy as np
 from hpo import metrics, plots, progress
 from hpo.atomic import write_text
 from hpo.cache import Cache, digest, digest_array, frame_digests
-from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TrialFailure
+from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TimeBudgetExceeded, TrialFailure
 from hpo.models.rules import allowed, describe
 from hpo.models.gap import gap_fit, solver, sparse_gap
-from hpo.models.gap.descriptors import Environments, descriptor_key, descriptor_value, environments, quippy_version
+from hpo.models.gap.descriptors import Environments, calculate_frame, descriptor_key, descriptor_value, environments, quippy_version
 from hpo.models.sparse_gp import SPARSE_METHODS, select_sparse
 from hpo.tracking import flatten
 
@@ -66,6 +66,10 @@ DESCRIPTOR_PARAMETERS = {
     "covariance_type": ("dot_product",),
 }
 
+# The descriptor pass is timed on one frame at this cutoff (A) at most before a fit and scaled by the atoms
+# and by the neighbours at the real cutoff (a centre's SOAP and its gradients cost in proportion to its
+# neighbours): a cutoff of 100 A is refused in a second instead of running for hours.
+PROBE_CUTOFF = 4.0
 # Training sets with more atoms than this show a progress line while their kernel rows are computed.
 LONG_FIT_ATOMS = 20000
 # n_sparse=auto: this fraction of the most frequent species' environments, within these bounds and half
@@ -134,11 +138,18 @@ class GapKind(ModelKind):
         return out
 
     def preflight(self, params: dict, frames: list) -> None:
-        """The fit's peak memory, estimated before it starts, against ``model.memory_budget_gb``: hpo's
-        streamed solver (``numpy_memory_bytes``: flat in the number of frames) or gap_fit (its descriptor
-        gradients grow with the cutoff cubed and the frames, its covariances with n_sparse); gap_fit itself
-        dies only after minutes of work (or takes the machine down) with "Error allocating ... bytes".
-        Over budget: ``MemoryBudgetExceeded`` naming the parameter and the largest value of it that fits."""
+        """The fit's peak memory and the time of its descriptor pass, estimated before it starts.
+
+        Memory against ``model.memory_budget_gb``: hpo's streamed solver (``numpy_memory_bytes``: flat in the
+        number of frames) or gap_fit (its descriptor gradients grow with the cutoff cubed and the frames, its
+        covariances with n_sparse); gap_fit itself dies only after minutes of work (or takes the machine down)
+        with "Error allocating ... bytes". Time against ``model.fit_timeout_s`` (``descriptor_pass_seconds``).
+        Over either: ``MemoryBudgetExceeded`` / ``TimeBudgetExceeded`` naming the parameter and the largest
+        value of it that fits."""
+        self._check_memory(params, frames)
+        self._check_descriptor_time(params, frames)
+
+    def _check_memory(self, params: dict, frames: list) -> None:
         budget = params["memory_budget_gb"] * 1e9
         if params["solver"] == "numpy":
             estimate = numpy_memory_bytes(params, frames)
@@ -179,6 +190,22 @@ class GapKind(ModelKind):
                 f"(n_sparse={'+'.join(map(str, n_sparse))} per species, {len(frames)} frames), over model.memory_budget_gb={params['memory_budget_gb']}",
                 estimate,
             ))
+
+    def _check_descriptor_time(self, params: dict, frames: list) -> None:
+        """The training set's descriptor pass (both solvers compute it: hpo's for its solve, gap_fit its own)
+        must fit in ``model.fit_timeout_s``; over it: ``TimeBudgetExceeded`` naming the largest cutoff that fits."""
+        bound = float(params["fit_timeout_s"])
+        estimate = descriptor_pass_seconds(params, frames)
+        if estimate <= bound:
+            return
+        at = lambda cutoff: descriptor_pass_seconds({**params, "cutoff": cutoff}, frames)
+        largest = _largest(lambda c: at(c) <= bound, 0.0, float(params["cutoff"]))
+        raise _over_budget("cutoff", TimeBudgetExceeded(
+            f"cutoff={params['cutoff']!r} Å: the descriptors of the {len(frames)} training frames"
+            f"{' with their gradients' if params['force_metrics'] else ''} would take about {estimate:.3g} s "
+            f"(timed on one frame, scaled by atoms and neighbours), over model.fit_timeout_s={params['fit_timeout_s']}; "
+            f"at most cutoff={largest:.3g} Å fits", estimate,
+        ))
 
     def fit_targets(self, params: dict) -> tuple[str, ...]:
         return self.targets if params.get("force_metrics") else ("energy",)
@@ -310,6 +337,48 @@ class GapKind(ModelKind):
         difference = _energy_difference(own_file, refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
         _refuse_mismatch(difference, params, workdir / "check_gap_fit")
         return {"check_frames": float(size), "check_max_energy_difference_eV": difference}
+
+
+_PROBES: dict[str, float] = {}  # seconds per centre and neighbour, by descriptor and probe frame: one timing per process
+
+
+def descriptor_pass_seconds(params: dict, frames) -> float:
+    """Seconds quippy takes for the descriptors (with gradients when forces are fitted) of ``frames``: the
+    largest frame is timed once per process at min(cutoff, ``PROBE_CUTOFF``), per centre and neighbour, and
+    that rate is multiplied by the centres and their neighbours at the real cutoff (density of the frames)."""
+    probe = max(frames, key=len)
+    gradients = bool(params["force_metrics"])
+    centres = sum(len(a) for a in frames)
+    total = 0.0
+    for setting in gap_fit.descriptor_settings(params):
+        cutoff = float(setting["cutoff"])
+        timed_cutoff = min(cutoff, PROBE_CUTOFF)
+        timed = {**params, **setting, "cutoff": timed_cutoff, "atom_sigma": min(float(setting["atom_sigma"]), timed_cutoff / 2),
+                 "cutoff_transition_width": min(float(setting["cutoff_transition_width"]), timed_cutoff / 2), "descriptors": []}
+        strings = gap_fit.expected_descriptors(timed, [probe])
+        key = digest("descriptor-probe", [descriptor_key(d) for d in strings], gradients, frame_digests([probe]))
+        if key not in _PROBES:
+            _PROBES[key] = _frame_seconds(strings, probe, gradients) / (len(probe) * (gap_fit.neighbours_per_atom(timed_cutoff, [probe]) + 1.0))
+        total += _PROBES[key] * centres * (gap_fit.neighbours_per_atom(cutoff, frames) + 1.0)
+    return total
+
+
+def _frame_seconds(descriptors: list[str], atoms, gradients: bool, repeats: int = 3) -> float:
+    """Seconds of quippy's descriptors of one frame, best of ``repeats`` after a first call (which sets up
+    quippy's buffers: on a 12-atom frame it costs more than the descriptors themselves)."""
+    from quippy.descriptors import Descriptor  # imported late: loading the Fortran library is slow
+
+    total = 0.0
+    for descriptor in descriptors:
+        calculator = Descriptor(descriptor)
+        calculate_frame(calculator, descriptor, atoms, gradients)
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            calculate_frame(calculator, descriptor, atoms, gradients)
+            best = min(best, time.perf_counter() - start)
+        total += best
+    return total
 
 
 def capped_n_sparse(params: dict, frames) -> dict:
