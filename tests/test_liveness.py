@@ -318,3 +318,29 @@ def test_journal_trial_of_another_host_fails_after_the_grace(tmp_path):
     assert [(t.number, reason) for t, reason in failed] == [(stale.number, "killed: SIGKILL, likely out of memory (peak 2.50 GB)")]
     states = {t.number: t.state for t in study.get_trials()}
     assert states == {fresh.number: TrialState.RUNNING, stale.number: TrialState.FAIL}
+
+
+def test_gap_fit_killed_by_a_signal_is_named(tmp_path):
+    """gap_fit killed by SIGKILL (what the kernel's OOM killer sends) mid-fit: the trial's reason is "killed"
+    and the message names the signal and the likely cause, not a generic exit code."""
+    from types import SimpleNamespace
+
+    import ase.io
+
+    from hpo.models.gap.gap_fit import GAP, GapFitError
+
+    source = Path(os.environ.get("HPO_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "water")))
+    ase.io.write(tmp_path / "train.xyz", ase.io.read(source / "gap_input_50.xyz", ":10"), format="extxyz")
+    params = dict(descriptor="soap", l_max=6, n_max=8, atom_sigma=0.5, cutoff=5.0, cutoff_transition_width=1.0, central_weight=1.0,
+                  n_sparse=100, delta=1.0, covariance_type="dot_product", zeta=2, sparse_method="cur_points",
+                  default_sigma=dict(energy=0.01, force=0.5, virial=0.0, hessian=0.0), sparse_jitter=1e-8, fit_timeout_s=300)
+
+    def kill_gap_fit(stop) -> None:  # beside the fit: the child named gap_fit of this process, as the OOM killer would
+        while subprocess.run(["pkill", "-KILL", "-P", str(os.getpid()), "gap_fit"]).returncode != 0 and not stop():
+            time.sleep(0.05)
+
+    with pytest.raises(GapFitError) as raised:
+        GAP(params, {"H": -13.6, "O": -2041.8}, SimpleNamespace(energy="energy", force="force"), energy_only=True).fit(
+            tmp_path / "train.xyz", tmp_path / "fit", while_fitting=kill_gap_fit)
+    assert raised.value.reason == "killed"
+    assert "gap_fit killed by SIGKILL, likely out of memory" in str(raised.value)

@@ -9,8 +9,10 @@ the config is validated before we get here.
 from __future__ import annotations
 
 import os
+import resource
 import shlex
 import shutil
+import signal
 import subprocess
 import sysconfig
 import threading
@@ -47,7 +49,7 @@ TAIL_LINES = 30
 
 
 class GapFitError(TrialFailure):
-    """gap_fit failed; ``reason`` is one of gap_fit_error, timeout, missing_model."""
+    """gap_fit failed; ``reason`` is one of gap_fit_error, timeout, missing_model, killed."""
 
     def __init__(self, reason: str, message: str, tail: str = ""):
         super().__init__(reason, f"{message}\n--- last lines of gap_fit output ---\n{tail}" if tail else message)
@@ -388,6 +390,11 @@ class GAP:
                 raise GapFitError("timeout", f"gap_fit ran longer than model.fit_timeout_s={timeout} s", _tail(out_path, err_path))
         watcher.join()
         tail = _tail(out_path, err_path)
+        if process.returncode < 0:  # a signal: on a workstation or a node, SIGKILL is almost always the OOM killer
+            name = signal.Signals(-process.returncode).name
+            likely = ", likely out of memory" if name == "SIGKILL" else ""
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6  # kB: the largest child of this process so far
+            raise GapFitError("killed", f"gap_fit killed by {name}{likely} (largest gap_fit of this process so far: {peak:.2g} GB) in {workdir}", tail)
         if process.returncode != 0 or "SYSTEM ABORT" in tail:
             raise GapFitError("gap_fit_error", f"gap_fit exited with code {process.returncode} in {workdir}", tail)
         partial = workdir / PARTIAL_MODEL_FILE
