@@ -349,3 +349,41 @@ def test_force_subsample_reaches_gap_fit_as_its_force_mask(emt, tmp_path):
     found = {d: environments(d, val, gradients=True) for d in descriptors}
     assert max(np.abs(f - q).max() for f, q in zip(gs.predict_forces(model, found, val), quippy_forces)) < FORCE_TOL
     assert np.abs(model.predict(val) - everything.predict(val)).max() > 100 * ENERGY_TOL
+
+
+def test_memory_estimate_holds_the_measured_peak_of_a_fit_with_forces(tmp_path):
+    """``hpo fit`` with forces on 108-atom EMT Cu cells (n_max 8, l_max 6, 500 sparse points) in its own
+    process: the estimate the budget is held to is within a factor of 2 of the process's measured peak."""
+    import subprocess
+    import sys
+
+    from ase import units
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.md.langevin import Langevin
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))
+    atoms.calc = EMT()
+    dynamics = Langevin(atoms, 2 * units.fs, temperature_K=900, friction=0.02, rng=np.random.default_rng(0))
+    frames = []
+    for _ in range(7):
+        dynamics.run(5)
+        frame = atoms.copy()
+        frame.info["REF_energy"] = atoms.get_potential_energy()
+        frame.arrays["REF_forces"] = atoms.get_forces()
+        frames.append(frame)
+    isolated = ase.Atoms("Cu", cell=[20, 20, 20], pbc=False)
+    isolated.calc = EMT()
+    isolated.info["REF_energy"] = isolated.get_potential_energy()
+    isolated.calc = None
+    ase.io.write(tmp_path / "train.xyz", [isolated, *frames[:5]], format="extxyz")
+    ase.io.write(tmp_path / "val.xyz", frames[5:], format="extxyz")
+    command = [sys.executable, "-m", "hpo", "fit", "dataset=files", "dataset.train=train.xyz", "dataset.val=val.xyz", "dataset.name=cu108",
+               "dataset.keys.energy=REF_energy", "dataset.keys.forces=REF_forces", f"root={tmp_path}", "model.n_max=8", "model.l_max=6",
+               "model.cutoff=5.0", "model.atom_sigma=0.5", "model.n_sparse=500", "model.memory_budget_gb=4"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = dict(line.split() for line in done.stdout.splitlines() if line.startswith("  ") and len(line.split()) == 2)
+    peak, estimate = float(printed["peak_rss_gb"]), float(printed["memory_estimate_gb"])
+    print(f"108-atom Cu, 5 frames with forces, 500 sparse points: estimate {estimate:.2f} GB, measured peak {peak:.2f} GB")
+    assert 0.5 <= peak / estimate <= 2.0

@@ -125,6 +125,7 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
         quiet(bool(cfg.get("verbose", False)))
         from hpo.data import DataError
         from hpo.md import MDBlowUp, MDUnstable
+        from hpo.models.base import TrialFailure
         from hpo.polarize import PolarizeError
         from hpo.registry.resolve import PromoteError
         from hpo.search.storage import StudyError
@@ -136,6 +137,9 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
         except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp, MDUnstable, SpectrumError) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
+        except TrialFailure as exc:  # `hpo fit`: one fit, no study to record it in
+            print(f"hpo: the fit failed ({exc.reason}): {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         except (KeyboardInterrupt, RuntimeError) as exc:
             name = interrupt_signal(exc)
             if name is None:

@@ -229,6 +229,9 @@ class GapKind(ModelKind):
         fit = fit_with_numpy if params["solver"] == "numpy" else fit_with_gap_fit
         fitted = fit(cfg, params, data, workdir, cache)
         found = dict(fitted.metrics)
+        # the estimate the budget was held to: this process's (numpy) or gap_fit's own (its child process)
+        estimate = numpy_memory_bytes(params, data.train.frames) if params["solver"] == "numpy" else gap_fit_memory_bytes(params, data.train.frames)
+        found["memory_estimate_gb"] = estimate / 1e9
         sets = {"train": data.train, "val": data.val}
         for name, frames in sets.items():
             forces = fitted.forces.get(name) if params["force_metrics"] else None
