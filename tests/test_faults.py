@@ -16,11 +16,12 @@ from pathlib import Path
 import ase.io
 import numpy as np
 import pytest
+from optuna.trial import TrialState
 
 from hpo.config import ConfigError, load_config, model_params, output_overrides
 from hpo.data import DataError, read_frames
 from hpo.search import loop
-from hpo.search.storage import StudyError, make_storage
+from hpo.search.storage import StudyError, load_study, make_storage
 
 from helpers import runs_of
 
@@ -440,7 +441,10 @@ def test_full_disk_stops_the_study_cleanly_and_it_resumes(tiny_cfg, tiny_overrid
     cfg = tiny_cfg("study.n_trials=2", where)
     parents, children = runs_of(cfg)
     assert all(run.info.status != "RUNNING" for run in parents + children)
+    before = len(load_study(cfg.study).trials)
     filler.unlink()
     loop.run(cfg)
     study = assert_intact(cfg, 2)
     assert len(study.trials) == 3  # the trial the full disk stopped is kept, FAIL
+    print(f"full disk: {done.stderr.split('hpo: ')[-1].strip()} | trials before {before}, after {len(study.trials)} "
+          f"({len(study.get_trials(states=(TrialState.COMPLETE,)))} complete); runs RUNNING afterwards: 0")

@@ -214,3 +214,4 @@ def test_mlflow_server_away_for_a_while_is_one_line_not_retry_spam(tmp_path, cap
     assert out.count("is not answering; waiting for it up to about") == 1, out
     assert f"MLflow tracking server {url} answered again after" in out
     assert "Retrying" not in out + err
+    print("MLflow server away: " + " | ".join(line for line in out.splitlines() if "MLflow tracking server" in line))
