@@ -325,17 +325,11 @@ def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, h
     factors = factors.restricted(n_sparse)
     m = factors.sparse.size
     scale = hyper.delta**2
-    n_atoms = np.array([len(a) for a in frames])
     e0 = hyper.e0_of(frames)
-    k_mm = scale * factors.k_mm
-    k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
-    k_nm = scale * factors.energy_rows
+    k_mm, k_nm, sigma = _weighted_problem(factors, frames, hyper)
     y = np.asarray(energies, dtype=float) - e0
-    sigma = hyper.energy_sigma * np.sqrt(n_atoms)
     if factors.force_r is not None:
-        k_nm = np.vstack([k_nm, scale * factors.force_r[:m, :m]])
         y = np.concatenate([y, factors.force_r[:m, m]])
-        sigma = np.concatenate([sigma, np.full(m, hyper.force_sigma)])
     weights = solve_projected_process(k_mm, k_nm, y, sigma)
     force_rmse = None
     if factors.force_r is not None and factors.force_rows:
@@ -344,6 +338,167 @@ def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, h
     species = sorted({int(z) for atoms in frames for z in atoms.numbers})
     model = factors.sparse.model(weights, None, hyper, species)
     return Solution(model, weights, e0 + scale * factors.energy_rows @ weights, force_rmse)
+
+
+@dataclass(frozen=True)
+class Posterior:
+    """The sparse GP's posterior covariance, for the predictive variance of any energy the model predicts.
+
+    gap_fit's model is the projected process (deterministic training conditional, Quinonero-Candela &
+    Rasmussen 2005): the latent local energy f(q) = k(q, X_M) K_MM^-1 u with u ~ N(0, K_MM) at the sparse
+    points, plus the part of the prior the sparse points do not reach. Its posterior variance of any linear
+    functional g of f (one atom's local energy, a frame's total energy) with covariance row k_g against the
+    sparse points and prior variance k_gg is
+
+        var(g) = k_gg - k_g K_MM^-1 k_g^T + k_g Sigma k_g^T,   Sigma = (K_MM + K_MN Lambda^-1 K_NM)^-1,
+
+    and since R^T R = Sigma^-1 for the R of the QR the solve takes ([Lambda^-1/2 K_NM; U], ``solve``), the two
+    quadratic forms are |L^-1 k_g|^2 (K_MM = L L^T, jitter included) and |R^-T k_g|^2. This is the variance of
+    the latent energy, without the noise sigma: it says how far the data constrain the model there, in eV^2.
+    With every training environment a sparse point it is the full GP's variance (tests/test_variance.py).
+    Sparse points of different descriptors (centre species) are independent GPs, as in gap_fit.
+    """
+
+    descriptors: tuple[str, ...]
+    points: tuple[np.ndarray, ...]  # (m_o, d) per descriptor
+    cutoffs: tuple[np.ndarray, ...]
+    columns: tuple[np.ndarray, ...]  # column of each point in L and R
+    delta: float
+    zeta: float
+    k_mm_factor: np.ndarray  # lower L, delta^2 K_MM + jitter = L L^T
+    r: np.ndarray  # upper R, R^T R = Sigma^-1
+
+    @classmethod
+    def of(cls, factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper, n_sparse: int | None = None) -> Posterior:
+        """From the factors of a fit (``solve``'s least-squares matrix, factorised again: one (N + 2M) x M QR)."""
+        factors = factors.restricted(n_sparse)
+        k_mm, k_nm, sigma = _weighted_problem(factors, frames, hyper)
+        lower = scipy.linalg.cholesky(k_mm, lower=True)
+        (r,) = scipy.linalg.qr(np.vstack([k_nm / sigma[:, None], lower.T]), mode="r", check_finite=False)
+        sparse, m = factors.sparse, factors.sparse.size
+        return cls(sparse.descriptors, sparse.points, sparse.cutoffs, tuple(sparse.positions), float(hyper.delta), float(factors.zeta),
+                   lower, np.triu(r[:m]))
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {"delta": np.array(self.delta), "zeta": np.array(self.zeta), "k_mm_factor": self.k_mm_factor, "r": self.r,
+               "descriptors": np.array(self.descriptors)}
+        for i, (p, c, k) in enumerate(zip(self.points, self.cutoffs, self.columns)):
+            out.update({f"points_{i}": p, f"cutoffs_{i}": c, f"columns_{i}": k})
+        return out
+
+    @classmethod
+    def from_arrays(cls, a: Mapping[str, np.ndarray]) -> Posterior:
+        n = len(a["descriptors"])
+        return cls(tuple(str(d) for d in a["descriptors"]), tuple(a[f"points_{i}"] for i in range(n)), tuple(a[f"cutoffs_{i}"] for i in range(n)),
+                   tuple(a[f"columns_{i}"] for i in range(n)), float(a["delta"]), float(a["zeta"]), a["k_mm_factor"], a["r"])
+
+    @classmethod
+    def of_model(cls, model: SparseGap, frames: Sequence[ase.Atoms], hyper: Hyper, forces: Sequence[np.ndarray] | None = None,
+                 cache: Cache | None = None, force_atoms: Sequence[np.ndarray] | None = None) -> Posterior:
+        """The posterior of a fitted model of any origin (gap_fit's XML or hpo's): its sparse points against the
+        training frames' descriptors (and force rows when ``forces``), factorised as ``build_factors`` does."""
+        sparse = SparseSet(tuple(model.descriptors), tuple(np.arange(len(gp.alpha)) for gp in model.gps),
+                           tuple(gp.sparse_points for gp in model.gps), tuple(np.ones(len(gp.alpha)) for gp in model.gps))
+        factors = build_factors(sparse, frames, hyper.zeta, forces, cache,
+                                found=None if forces is not None else {d: environments(d, frames, cache) for d in sparse.descriptors},
+                                force_atoms=force_atoms)
+        return cls.of(factors, frames, hyper)
+
+    def save(self, path: Path) -> Path:
+        from hpo.atomic import atomic_write_npz
+
+        atomic_write_npz(Path(path), **self.arrays())
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Posterior:
+        with np.load(path, allow_pickle=False) as data:
+            return cls.from_arrays({k: data[k] for k in data.files})
+
+    def variance(self, rows: np.ndarray, prior: np.ndarray) -> np.ndarray:
+        """var(g) of functionals with covariance rows ``rows`` (n, M) and prior variances ``prior`` (n,), delta^2 included."""
+        if len(rows) == 0:
+            return np.zeros(0)
+        a = scipy.linalg.solve_triangular(self.k_mm_factor, rows.T, lower=True, check_finite=False)
+        b = scipy.linalg.solve_triangular(self.r, rows.T, trans="T", lower=False, check_finite=False)
+        return prior - np.einsum("ij,ij->j", a, a) + np.einsum("ij,ij->j", b, b)
+
+    def std(self, frames: Sequence[ase.Atoms], cache: Cache | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Predictive std (eV) of each frame's total energy, and of each atom's local energy (per frame, (n_atoms,)),
+        in blocks of about ``PREDICT_ATOMS`` atoms. An atom of a species without a descriptor gets 0 (its energy is e0)."""
+        frame_std, atom_std = [], []
+        for start, stop in _blocks([len(a) for a in frames], PREDICT_ATOMS):
+            block = list(frames[start:stop])
+            f, a = self._block_std(block, cache)
+            frame_std.append(f)
+            atom_std.extend(a)
+        return (np.concatenate(frame_std) if frame_std else np.zeros(0)), atom_std
+
+    def _block_std(self, frames: list[ase.Atoms], cache: Cache | None) -> tuple[np.ndarray, list[np.ndarray]]:
+        scale = self.delta**2
+        m = len(self.r)
+        frame_rows = np.zeros((len(frames), m))
+        frame_prior = np.zeros(len(frames))
+        offsets = np.cumsum([0] + [len(a) for a in frames])
+        atom_var = np.zeros(offsets[-1])
+        for descriptor, points, cutoffs, columns in zip(self.descriptors, self.points, self.cutoffs, self.columns):
+            env = environments(descriptor, frames, cache)
+            k_env = scale * env.cutoff[:, None] * (env.vectors @ points.T) ** self.zeta * cutoffs[None, :]
+            rows = np.zeros((len(k_env), m))
+            rows[:, columns] = k_env
+            frame_rows += kernels.sum_rows(env.frame, len(frames), rows)
+            self_prior = scale * env.cutoff**2 * np.einsum("ij,ij->i", env.vectors, env.vectors) ** self.zeta
+            for f in range(len(frames)):
+                mine = env.frame == f
+                v, c = env.vectors[mine], env.cutoff[mine]
+                frame_prior[f] += scale * float(np.sum(np.outer(c, c) * (v @ v.T) ** self.zeta))
+            atoms_of = _centre_atoms(descriptor, frames, env.frame)
+            atom_var[offsets[env.frame] + atoms_of] = self.variance(rows, self_prior)
+        frame_var = self.variance(frame_rows, frame_prior)
+        atom_std = np.sqrt(np.maximum(atom_var, 0.0))
+        return np.sqrt(np.maximum(frame_var, 0.0)), [atom_std[offsets[i] : offsets[i + 1]] for i in range(len(frames))]
+
+
+def _centre_atoms(descriptor: str, frames: Sequence[ase.Atoms], env_frame: np.ndarray) -> np.ndarray:
+    """Index within its frame of each environment's centre atom: the atoms of the descriptor's Z, in order."""
+    import re
+
+    found = re.search(r"\bZ=(\d+)", descriptor)
+    out = []
+    for atoms in frames:
+        numbers = atoms.numbers
+        out.append(np.flatnonzero(numbers == int(found.group(1))) if found else np.arange(len(atoms)))
+    centres = np.concatenate(out) if out else np.zeros(0, dtype=int)
+    if len(centres) != len(env_frame):
+        raise ValueError(f"{len(env_frame)} environments of {descriptor!r} for {len(centres)} centre atoms")
+    return centres.astype(int)
+
+
+def _blocks(sizes: Sequence[int], atoms_per_block: int) -> list[tuple[int, int]]:
+    out, start, count = [], 0, 0
+    for i, size in enumerate(sizes):
+        count += size
+        if count >= atoms_per_block:
+            out.append((start, i + 1))
+            start, count = i + 1, 0
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
+def _weighted_problem(factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gap_fit's K_MM (jitter added), stacked K_NM (energies, then the force factor's rows) and their noise sigma."""
+    m = factors.sparse.size
+    scale = hyper.delta**2
+    n_atoms = np.array([len(a) for a in frames])
+    k_mm = scale * factors.k_mm
+    k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
+    k_nm = scale * factors.energy_rows
+    sigma = hyper.energy_sigma * np.sqrt(n_atoms)
+    if factors.force_r is not None:
+        k_nm = np.vstack([k_nm, scale * factors.force_r[:m, :m]])
+        sigma = np.concatenate([sigma, np.full(m, hyper.force_sigma)])
+    return k_mm, k_nm, sigma
 
 
 @dataclass(frozen=True)
