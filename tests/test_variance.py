@@ -86,6 +86,30 @@ def test_gap_variance_is_the_dense_gp_variance_with_every_environment_sparse(wat
     np.testing.assert_allclose(np.concatenate(atom_std), np.concatenate(dense_atoms), rtol=1e-4, atol=1e-7)
 
 
+def test_gap_variance_by_qr_is_the_projected_process_formula(water):
+    """More targets than sparse points: the QR route's factors give k** - k K_MM^-1 k + k Sigma k (explicit inverses here)."""
+    train, test = water
+    params = tiny_params(zeta=2)
+    hyper = gs.Hyper(delta=0.5, zeta=2.0, energy_sigma=0.01, force_sigma=0.5, sparse_jitter=1e-6, e0={})
+    found = {d: environments(d, train) for d in gap.expected_descriptors(params, train)}
+    sparse = gs.SparseSet.of(found, {d: np.arange(3) for d in found})  # M = 6 < 8 frames
+    factors = gs.build_factors(sparse, train, 2.0, found=found)
+    solution = gs.solve(factors, train, np.zeros(len(train)), hyper, with_posterior=True)
+    assert solution.posterior.r is not None
+    frame_std, _ = solution.posterior.std(test)
+    k_mm = 0.25 * factors.k_mm + 1e-6 * np.eye(6)
+    k_nm = 0.25 * factors.energy_rows
+    noise = (0.01 * np.sqrt([len(a) for a in train])) ** 2
+    sigma = np.linalg.inv(k_mm + k_nm.T @ (k_nm / noise[:, None]))
+    rows = 0.25 * gs.EvaluationRows.of(sparse, test, 2.0, False).energy_rows
+    k_ss, frame_s, _ = dense_kernel(params, test, test, 0.5)
+    s_s = np.zeros((len(test), len(frame_s)))
+    s_s[frame_s, np.arange(len(frame_s))] = 1.0
+    prior = np.diag(s_s @ k_ss @ s_s.T)
+    var = prior - np.einsum("ij,ji->i", rows, np.linalg.solve(k_mm, rows.T)) + np.einsum("ij,jk,ik->i", rows, sigma, rows)
+    np.testing.assert_allclose(frame_std, np.sqrt(var), rtol=1e-5)
+
+
 def test_gap_std_grows_away_from_the_training_data(water):
     train, test = water
     params = tiny_params(zeta=2, n_sparse=20)
@@ -149,3 +173,96 @@ def test_sagpr_std_is_the_dense_gp_std_and_the_projected_process_on_every_enviro
     sparse.save(tmp_path / "model")
     _, loaded_std = SAGPR.load(tmp_path / "model").predict(validate, return_std=True)
     np.testing.assert_allclose(loaded_std, sparse_std, rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- the stability gate
+
+
+def test_stability_gate_flags_a_run_whose_frames_extrapolate(water):
+    from hpo import stability
+    from hpo.models.sparse_gp import select_sparse
+
+    train, validate = water
+    params = tiny_params(zeta=2, n_sparse=20)
+    hyper = gs.Hyper(delta=0.5, zeta=2.0, energy_sigma=0.005, force_sigma=0.5, sparse_jitter=1e-8, e0={})
+    found = {d: environments(d, train) for d in gap.expected_descriptors(params, train)}
+    sparse = gs.SparseSet.of(found, {d: select_sparse(e.vectors, 20, "fps", 0) for d, e in found.items()})
+    posterior = gs.Posterior.of(gs.build_factors(sparse, train, 2.0, found=found), train, hyper)
+    threshold = float(posterior.std(validate)[0].max())
+    criteria = stability.StabilityCriteria(max_departure_A=0.5, max_h_distance_A=2.5, min_temperature_K=0.0,
+                                           max_temperature_K=2000.0, max_extrapolating_fraction=0.25)
+    ranges = stability.training_ranges(train)
+    # a run that drifts away: validation frames with one O-H bond pulled further out, 0.1 A more each time
+    # (within the distance bands: only the model's own uncertainty sees it)
+    run = [*validate, *(stretched(validate[i], 0.3 + 0.1 * k) for k, i in enumerate((0, 1, 3, 0)))]
+    steps = list(range(len(run)))
+    std = posterior.std(run)[0]
+    verdict = stability.judge(run, [300.0] * len(run), steps, ranges, criteria, uncertainty=std,
+                              uncertainty_threshold=threshold, uncertainty_source="largest on validation")
+    assert not verdict.stable and "extrapolating" in verdict.reason
+    assert verdict.extrapolating[len(validate):].all() and not verdict.extrapolating[: len(validate)].any()
+    assert verdict.metrics["extrapolating_fraction"] == pytest.approx(4 / len(run))
+    # the frames alone (no uncertainty) pass every geometric rule
+    assert stability.judge(run, [300.0] * len(run), steps, ranges, criteria).stable
+    # the validation frames themselves are not extrapolating
+    assert stability.judge(validate, [300.0] * len(validate), list(range(len(validate))), ranges, criteria,
+                           uncertainty=posterior.std(validate)[0], uncertainty_threshold=threshold).stable
+
+
+def test_bounds_widen_to_the_training_data_and_name_their_source(water):
+    from hpo import stability
+
+    train, validate = water
+    criteria = stability.StabilityCriteria(max_departure_A=0.5, max_h_distance_A=2.5, min_temperature_K=0.0, max_temperature_K=2000.0)
+    same, sources = stability.bounds_from_training(criteria, train, "train.xyz")
+    assert same.max_h_distance_A == 2.5 and "literature default" in sources["max_h_distance_A"]
+    from ase.build import molecule
+
+    far = molecule("H2O")  # a hydrogen 3 A from the oxygen, as in reactive data
+    far.positions[1] = far.positions[0] + 3.0 * (far.positions[1] - far.positions[0]) / np.linalg.norm(far.positions[1] - far.positions[0])
+    h_far = stability._hydrogen_to_heavy(stability._FrameGeometry(far))[0]
+    assert h_far == pytest.approx(3.0)
+    widened, sources = stability.bounds_from_training(criteria, [*train, far], "reactive.xyz")
+    assert widened.max_h_distance_A == pytest.approx(h_far + 0.5)
+    assert "training data (reactive.xyz" in sources["max_h_distance_A"] and "training frames carry no momenta" in sources["max_temperature_K"]
+
+
+def test_rdf_criterion_flags_a_compressed_cell(water):
+    from hpo import stability
+
+    train, validate = water
+    criteria = stability.StabilityCriteria(max_departure_A=5.0, max_h_distance_A=2.5, min_temperature_K=0.0, max_temperature_K=2000.0,
+                                           rdf_max_mae=1.0, rdf_window_frames=2, rdf_bin_A=0.1)
+    r_max = stability.usable_range([*train, *validate])
+    reference = stability.rdf(train, r_max, criteria.rdf_bin_A)
+    # g(r) of the training frames integrates to the neighbour count: 2 H within 1.2 A of each O
+    h_o = reference.pairs["H-O"]
+    shells = 4 / 3 * np.pi * ((reference.r + 0.05) ** 3 - (reference.r - 0.05) ** 3)
+    density_h = 8 / train[0].get_volume()
+    assert np.sum((h_o * shells * density_h)[reference.r < 1.2]) == pytest.approx(2.0, abs=0.05)
+    compressed = [a.copy() for a in validate]
+    for atoms in compressed[2:]:
+        atoms.set_cell(atoms.cell * 0.9, scale_atoms=True)
+    steps = list(range(len(compressed)))
+    verdict = stability.judge(compressed, [300.0] * len(steps), steps, stability.training_ranges(train), criteria, reference_rdf=reference)
+    assert not verdict.stable and "RDF departs from the training RDF" in verdict.reason and verdict.first_unstable_step >= 2
+    assert stability.judge(validate, [300.0] * len(steps), steps, stability.training_ranges(train), criteria, reference_rdf=reference).stable
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def test_calibration_scale_recovers_a_known_factor():
+    from hpo import calibration
+
+    rng = np.random.default_rng(0)
+    std = rng.uniform(0.01, 0.1, 4000)  # heteroscedastic: a GP's std varies frame to frame
+    errors = 2.5 * std * rng.standard_normal(4000)  # the model's std is 2.5 x too small
+    test_std = rng.uniform(0.01, 0.1, 4000)
+    test_errors = 2.5 * test_std * rng.standard_normal(4000)
+    scale, found = calibration.calibrate("energy", {"val": (errors, std), "test": (test_errors, test_std)})
+    assert scale == pytest.approx(2.5, rel=0.03)
+    assert found["test_energy_raw_coverage_1std"] < 0.4  # before: far below nominal
+    assert found["test_energy_coverage_1std"] == pytest.approx(calibration.NOMINAL[1], abs=0.03)
+    assert found["test_energy_coverage_2std"] == pytest.approx(calibration.NOMINAL[2], abs=0.02)
+    assert found["test_energy_z_rms"] == pytest.approx(1.0, abs=0.05)

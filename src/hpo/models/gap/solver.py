@@ -318,10 +318,13 @@ class Solution:
     weights: np.ndarray
     train_energies: np.ndarray
     train_force_rmse: float | None
+    posterior: Posterior | None = None
 
 
-def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, hyper: Hyper, n_sparse: int | None = None) -> Solution:
-    """gap_fit's least-squares problem on ``factors`` (restricted to ``n_sparse``), by QR."""
+def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, hyper: Hyper, n_sparse: int | None = None,
+          with_posterior: bool = False) -> Solution:
+    """gap_fit's least-squares problem on ``factors`` (restricted to ``n_sparse``), by QR; ``with_posterior``: the
+    solution carries its ``Posterior`` (from the same factorisation)."""
     factors = factors.restricted(n_sparse)
     m = factors.sparse.size
     scale = hyper.delta**2
@@ -330,14 +333,15 @@ def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, h
     y = np.asarray(energies, dtype=float) - e0
     if factors.force_r is not None:
         y = np.concatenate([y, factors.force_r[:m, m]])
-    weights = solve_projected_process(k_mm, k_nm, y, sigma)
+    weights, found = solve_projected_process(k_mm, k_nm, y, sigma, posterior=True) if with_posterior else (solve_projected_process(k_mm, k_nm, y, sigma), None)
     force_rmse = None
     if factors.force_r is not None and factors.force_rows:
         residual = scale * factors.force_r[:m, :m] @ weights - factors.force_r[:m, m]
         force_rmse = float(np.sqrt((residual @ residual + factors.force_r[m, m] ** 2) / factors.force_rows))
     species = sorted({int(z) for atoms in frames for z in atoms.numbers})
     model = factors.sparse.model(weights, None, hyper, species)
-    return Solution(model, weights, e0 + scale * factors.energy_rows @ weights, force_rmse)
+    posterior = Posterior.from_factors(factors.sparse, hyper, factors.zeta, found) if with_posterior else None
+    return Solution(model, weights, e0 + scale * factors.energy_rows @ weights, force_rmse, posterior)
 
 
 @dataclass(frozen=True)
@@ -352,8 +356,10 @@ class Posterior:
 
         var(g) = k_gg - k_g K_MM^-1 k_g^T + k_g Sigma k_g^T,   Sigma = (K_MM + K_MN Lambda^-1 K_NM)^-1,
 
-    and since R^T R = Sigma^-1 for the R of the QR the solve takes ([Lambda^-1/2 K_NM; U], ``solve``), the two
-    quadratic forms are |L^-1 k_g|^2 (K_MM = L L^T, jitter included) and |R^-T k_g|^2. This is the variance of
+    computed from the factors the solve has at hand (``sparse_gp.solve_projected_process(posterior=True)``):
+    with R^T R = Sigma^-1 from the QR of [Lambda^-1/2 K_NM; U] (more targets than sparse points) the quadratic
+    forms are |L^-1 k_g|^2 (K_MM = L L^T, jitter included) and |R^-T k_g|^2; with fewer targets (energies only)
+    Woodbury's identity folds both into |B L^-1 k_g|^2 with an (N x M) B. This is the variance of
     the latent energy, without the noise sigma: it says how far the data constrain the model there, in eV^2.
     With every training environment a sparse point it is the full GP's variance (tests/test_variance.py).
     Sparse points of different descriptors (centre species) are independent GPs, as in gap_fit.
@@ -366,22 +372,28 @@ class Posterior:
     delta: float
     zeta: float
     k_mm_factor: np.ndarray  # lower L, delta^2 K_MM + jitter = L L^T
-    r: np.ndarray  # upper R, R^T R = Sigma^-1
+    r: np.ndarray | None = None  # upper R, R^T R = Sigma^-1 (QR route)
+    b: np.ndarray | None = None  # (N, M), Woodbury route
+    std_scale: float = 1.0  # calibration (hpo.calibration, fitted on validation at promotion): multiplies every std
 
     @classmethod
     def of(cls, factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper, n_sparse: int | None = None) -> Posterior:
-        """From the factors of a fit (``solve``'s least-squares matrix, factorised again: one (N + 2M) x M QR)."""
+        """From the factors of a fit: its weighted problem solved again, keeping the posterior's factors."""
         factors = factors.restricted(n_sparse)
         k_mm, k_nm, sigma = _weighted_problem(factors, frames, hyper)
-        lower = scipy.linalg.cholesky(k_mm, lower=True)
-        (r,) = scipy.linalg.qr(np.vstack([k_nm / sigma[:, None], lower.T]), mode="r", check_finite=False)
-        sparse, m = factors.sparse, factors.sparse.size
-        return cls(sparse.descriptors, sparse.points, sparse.cutoffs, tuple(sparse.positions), float(hyper.delta), float(factors.zeta),
-                   lower, np.triu(r[:m]))
+        _, found = solve_projected_process(k_mm, k_nm, np.zeros(len(k_nm)), sigma, posterior=True)
+        return cls.from_factors(factors.sparse, hyper, factors.zeta, found)
+
+    @classmethod
+    def from_factors(cls, sparse: SparseSet, hyper: Hyper, zeta: float, found: Mapping[str, np.ndarray]) -> Posterior:
+        m = sparse.size
+        return cls(sparse.descriptors, sparse.points, sparse.cutoffs, tuple(sparse.positions), float(hyper.delta), float(zeta),
+                   found["lower"], np.triu(found["r"][:m]) if "r" in found else None, found.get("b"))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"delta": np.array(self.delta), "zeta": np.array(self.zeta), "k_mm_factor": self.k_mm_factor, "r": self.r,
-               "descriptors": np.array(self.descriptors)}
+        out = {"delta": np.array(self.delta), "zeta": np.array(self.zeta), "k_mm_factor": self.k_mm_factor,
+               "descriptors": np.array(self.descriptors), "std_scale": np.array(self.std_scale)}
+        out.update({k: v for k, v in (("r", self.r), ("b", self.b)) if v is not None})
         for i, (p, c, k) in enumerate(zip(self.points, self.cutoffs, self.columns)):
             out.update({f"points_{i}": p, f"cutoffs_{i}": c, f"columns_{i}": k})
         return out
@@ -390,7 +402,8 @@ class Posterior:
     def from_arrays(cls, a: Mapping[str, np.ndarray]) -> Posterior:
         n = len(a["descriptors"])
         return cls(tuple(str(d) for d in a["descriptors"]), tuple(a[f"points_{i}"] for i in range(n)), tuple(a[f"cutoffs_{i}"] for i in range(n)),
-                   tuple(a[f"columns_{i}"] for i in range(n)), float(a["delta"]), float(a["zeta"]), a["k_mm_factor"], a["r"])
+                   tuple(a[f"columns_{i}"] for i in range(n)), float(a["delta"]), float(a["zeta"]), a["k_mm_factor"], a.get("r"), a.get("b"),
+                   float(a.get("std_scale", 1.0)))
 
     @classmethod
     def of_model(cls, model: SparseGap, frames: Sequence[ase.Atoms], hyper: Hyper, forces: Sequence[np.ndarray] | None = None,
@@ -420,6 +433,9 @@ class Posterior:
         if len(rows) == 0:
             return np.zeros(0)
         a = scipy.linalg.solve_triangular(self.k_mm_factor, rows.T, lower=True, check_finite=False)
+        if self.r is None:
+            c = self.b @ a
+            return prior - np.einsum("ij,ij->j", c, c)
         b = scipy.linalg.solve_triangular(self.r, rows.T, trans="T", lower=False, check_finite=False)
         return prior - np.einsum("ij,ij->j", a, a) + np.einsum("ij,ij->j", b, b)
 
@@ -436,7 +452,7 @@ class Posterior:
 
     def _block_std(self, frames: list[ase.Atoms], cache: Cache | None) -> tuple[np.ndarray, list[np.ndarray]]:
         scale = self.delta**2
-        m = len(self.r)
+        m = len(self.k_mm_factor)
         frame_rows = np.zeros((len(frames), m))
         frame_prior = np.zeros(len(frames))
         offsets = np.cumsum([0] + [len(a) for a in frames])
@@ -455,8 +471,8 @@ class Posterior:
             atoms_of = _centre_atoms(descriptor, frames, env.frame)
             atom_var[offsets[env.frame] + atoms_of] = self.variance(rows, self_prior)
         frame_var = self.variance(frame_rows, frame_prior)
-        atom_std = np.sqrt(np.maximum(atom_var, 0.0))
-        return np.sqrt(np.maximum(frame_var, 0.0)), [atom_std[offsets[i] : offsets[i + 1]] for i in range(len(frames))]
+        atom_std = self.std_scale * np.sqrt(np.maximum(atom_var, 0.0))
+        return self.std_scale * np.sqrt(np.maximum(frame_var, 0.0)), [atom_std[offsets[i] : offsets[i + 1]] for i in range(len(frames))]
 
 
 def _centre_atoms(descriptor: str, frames: Sequence[ase.Atoms], env_frame: np.ndarray) -> np.ndarray:

@@ -30,9 +30,14 @@ from hpo.models.gap.descriptors import Environments, environments
 
 # gap_fit's integer code of covariance_type=dot_product in the XML.
 DOT_PRODUCT = 2
-# The sparse GP's posterior (``solver.Posterior``) beside a model's XML: gap_fit's XML carries the weights,
-# not the covariance a predictive variance needs.
-POSTERIOR_FILE = "gap_posterior.npz"
+# The sparse GP's posterior (``solver.Posterior``) beside a model's XML, as ``gap.xml.posterior.npz``:
+# gap_fit's XML carries the weights, not the covariance a predictive variance needs; named after the XML
+# so it travels with it as its companions do (promotion copies ``gap.xml*``).
+POSTERIOR_SUFFIX = ".posterior.npz"
+
+
+def posterior_file(model_file: Path) -> Path:
+    return Path(str(model_file) + POSTERIOR_SUFFIX)
 class UnsupportedModel(ValueError):
     """A GAP this module cannot evaluate (e.g. not a dot-product kernel): use quippy's calculator."""
 
@@ -64,7 +69,7 @@ class SparseGap:
 
     e0: dict[int, float]
     gps: tuple[SparseGP, ...]
-    posterior: object = None  # solver.Posterior, read from POSTERIOR_FILE beside the XML when there is one
+    posterior: object = None  # solver.Posterior, read from posterior_file(xml) when there is one
 
     @classmethod
     def read(cls, model_file: Path) -> SparseGap:
@@ -92,10 +97,10 @@ class SparseGap:
                 )
             )
         posterior = None
-        if (Path(model_file).parent / POSTERIOR_FILE).is_file():
+        if posterior_file(model_file).is_file():
             from hpo.models.gap.solver import Posterior
 
-            posterior = Posterior.load(Path(model_file).parent / POSTERIOR_FILE)
+            posterior = Posterior.load(posterior_file(model_file))
         return cls(e0=e0, gps=tuple(gps), posterior=posterior)
 
     @property
@@ -117,5 +122,5 @@ class SparseGap:
         if not return_std:
             return energies
         if self.posterior is None:
-            raise UnsupportedModel(f"no {POSTERIOR_FILE} beside the model: it keeps no posterior, so no std")
+            raise UnsupportedModel("no gap.xml.posterior.npz beside the model: it keeps no posterior, so no std")
         return energies, self.posterior.std(frames, cache)[0]

@@ -339,7 +339,8 @@ class SAGPR(BaseEstimator):
         cov2 = self_k2 - np.einsum("kim,kin->imn", a, a) + np.einsum("kim,kin->imn", b, b)
         # T = -a0/sqrt(3) I + sum_mu a2_mu B_mu with a0 and a2 independent a priori and a posteriori
         var = np.maximum(var0, 0.0)[:, None, None] / 3.0 * np.eye(3) + np.einsum("imn,mab,nab->iab", cov2, _B2, _B2)
-        return np.sqrt(np.maximum(var, 0.0))
+        # the calibration scale fitted on validation at promotion (hpo.calibration), when the model has one
+        return float(v.get("scale", 1.0)) * np.sqrt(np.maximum(var, 0.0))
 
     def predict(
         self,
