@@ -71,7 +71,7 @@ def main() -> None:
     params.update(n_sparse=args.n_sparse, default_sigma=dict(energy=0.01, force=0.5, virial=0.0, hessian=0.0))
     model, _ = gs.fit_frames(params, train, energies(train), E0, cache=cache)
     hyper = gs.Hyper.from_params(params, E0)
-    posterior = gs.Posterior.of_model(model, train, hyper, cache=cache)
+    posterior = gs.posterior_of_model(model, train, hyper, cache=cache)
     splits = {}
     for name, frames in (("val", val), ("test", test)):
         predicted = model.predict(frames, cache)
@@ -140,7 +140,7 @@ def main() -> None:
     frame.calc = quippy.potential.Potential(param_filename=str(root / gap.PARTIAL_MODEL_FILE), calc_args="local_gap_variance")
     frame.get_potential_energy()
     quippy_variance = np.ravel(frame.calc.extra_results["atoms"]["local_gap_variance"])
-    ours = gs.Posterior.of_model(SparseGap.read(root / gap.PARTIAL_MODEL_FILE), eight, small).std([val[0]])[1][0] ** 2
+    ours = gs.posterior_of_model(SparseGap.read(root / gap.PARTIAL_MODEL_FILE), eight, small).std([val[0]])[1][0] ** 2
     print(f"quippy local_gap_variance (export_covariance=T), eV^2 per atom: {quippy_variance.min():.3g}-{quippy_variance.max():.3g}; "
           f"hpo's posterior variance of the local energies: {ours.min():.3g}-{ours.max():.3g}")
 

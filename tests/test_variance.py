@@ -55,7 +55,7 @@ def test_gap_variance_is_the_dense_gp_variance_with_every_environment_sparse(wat
     found = {d: environments(d, train) for d in gap.expected_descriptors(params, train)}
     sparse = gs.SparseSet.of(found, {d: np.arange(len(e.vectors)) for d, e in found.items()})
     factors = gs.build_factors(sparse, train, 2.0, found=found)
-    posterior = gs.Posterior.of(factors, train, hyper)
+    posterior = gs.posterior_of(factors, train, hyper)
     frame_std, atom_std = posterior.std(test)
 
     # The dense GP on the frame energies: y = S f + noise, f ~ N(0, K) over every environment.
@@ -119,7 +119,7 @@ def test_gap_std_grows_away_from_the_training_data(water):
 
     sparse = gs.SparseSet.of(found, {d: select_sparse(e.vectors, 20, "fps", 0) for d, e in found.items()})
     factors = gs.build_factors(sparse, train, 2.0, found=found)
-    posterior = gs.Posterior.of(factors, train, hyper)
+    posterior = gs.posterior_of(factors, train, hyper)
     far = stretched(test[0], 0.8)
     frame_std, atom_std = posterior.std([test[0], far])
     assert frame_std[1] > 2 * frame_std[0]
@@ -187,7 +187,7 @@ def test_stability_gate_flags_a_run_whose_frames_extrapolate(water):
     hyper = gs.Hyper(delta=0.5, zeta=2.0, energy_sigma=0.005, force_sigma=0.5, sparse_jitter=1e-8, e0={})
     found = {d: environments(d, train) for d in gap.expected_descriptors(params, train)}
     sparse = gs.SparseSet.of(found, {d: select_sparse(e.vectors, 20, "fps", 0) for d, e in found.items()})
-    posterior = gs.Posterior.of(gs.build_factors(sparse, train, 2.0, found=found), train, hyper)
+    posterior = gs.posterior_of(gs.build_factors(sparse, train, 2.0, found=found), train, hyper)
     threshold = float(posterior.std(validate)[0].max())
     criteria = stability.StabilityCriteria(max_departure_A=0.5, max_h_distance_A=2.5, min_temperature_K=0.0,
                                            max_temperature_K=2000.0, max_extrapolating_fraction=0.25)

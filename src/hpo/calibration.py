@@ -1,6 +1,6 @@
 """Is a model's predictive std honest? z-scores of its errors, coverage of its intervals, a fitted scale.
 
-A GP's std (``hpo.models.gap.solver.Posterior``, ``SAGPR.predict(return_std=True)``) is the latent
+A GP's std (``hpo.models.gap.posterior.Posterior``, ``SAGPR.predict(return_std=True)``) is the latent
 function's posterior std under the kernel's prior amplitude (delta for GAP, the kernel's own scale for
 SA-GPR), which the fit does not tune: it says where the model is unsure, relative to elsewhere, and its
 absolute size can be off by a common factor. On the validation split:

@@ -249,7 +249,7 @@ class GapKind(ModelKind):
         return {**found, **({"test_loss": loss["test_loss"]} if "test_loss" in loss else {})}
 
     def attach_posterior(self, cfg, params: dict, data, files: list[Path]) -> list[Path]:
-        """The sparse GP's posterior (``solver.Posterior``) written beside the XML as ``gap.xml.posterior.npz``,
+        """The sparse GP's posterior (``posterior.Posterior``) written beside the XML as ``gap.xml.posterior.npz``,
         recomputed from the model's own sparse points and the training frames' descriptors (and force rows when
         forces were fitted): the same for a model of gap_fit's or of hpo's solver, since both solve the same
         problem. (quippy's ``local_gap_variance`` of a gap_fit model fitted with ``export_covariance=T`` is not
@@ -264,7 +264,7 @@ class GapKind(ModelKind):
         cache = Cache(params["descriptor_cache_dir"])
         if with_forces and not _gradients_fit_in_cache(params, data.train.frames):
             cache = Cache(None)
-        posterior = solver.Posterior.of_model(
+        posterior = solver.posterior_of_model(
             model, data.train.frames, solver.Hyper.from_params(params, {}), data.train.forces if with_forces else None, cache,
             force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None,
         )

@@ -47,6 +47,7 @@ import scipy.linalg
 from hpo.cache import Cache
 from hpo.models.gap import gap_fit, kernels
 from hpo.models.gap.descriptors import Environments, environments
+from hpo.models.gap.posterior import PREDICT_ATOMS, Posterior
 from hpo.models.gap.sparse_gap import SparseGap, SparseGP
 from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
@@ -340,166 +341,34 @@ def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, h
         force_rmse = float(np.sqrt((residual @ residual + factors.force_r[m, m] ** 2) / factors.force_rows))
     species = sorted({int(z) for atoms in frames for z in atoms.numbers})
     model = factors.sparse.model(weights, None, hyper, species)
-    posterior = Posterior.from_factors(factors.sparse, hyper, factors.zeta, found) if with_posterior else None
+    posterior = posterior_from_factors(factors.sparse, hyper, factors.zeta, found) if with_posterior else None
     return Solution(model, weights, e0 + scale * factors.energy_rows @ weights, force_rmse, posterior)
 
 
-@dataclass(frozen=True)
-class Posterior:
-    """The sparse GP's posterior covariance, for the predictive variance of any energy the model predicts.
-
-    gap_fit's model is the projected process (deterministic training conditional, Quinonero-Candela &
-    Rasmussen 2005): the latent local energy f(q) = k(q, X_M) K_MM^-1 u with u ~ N(0, K_MM) at the sparse
-    points, plus the part of the prior the sparse points do not reach. Its posterior variance of any linear
-    functional g of f (one atom's local energy, a frame's total energy) with covariance row k_g against the
-    sparse points and prior variance k_gg is
-
-        var(g) = k_gg - k_g K_MM^-1 k_g^T + k_g Sigma k_g^T,   Sigma = (K_MM + K_MN Lambda^-1 K_NM)^-1,
-
-    computed from the factors the solve has at hand (``sparse_gp.solve_projected_process(posterior=True)``):
-    with R^T R = Sigma^-1 from the QR of [Lambda^-1/2 K_NM; U] (more targets than sparse points) the quadratic
-    forms are |L^-1 k_g|^2 (K_MM = L L^T, jitter included) and |R^-T k_g|^2; with fewer targets (energies only)
-    Woodbury's identity folds both into |B L^-1 k_g|^2 with an (N x M) B. This is the variance of
-    the latent energy, without the noise sigma: it says how far the data constrain the model there, in eV^2.
-    With every training environment a sparse point it is the full GP's variance (tests/test_variance.py).
-    Sparse points of different descriptors (centre species) are independent GPs, as in gap_fit.
-    """
-
-    descriptors: tuple[str, ...]
-    points: tuple[np.ndarray, ...]  # (m_o, d) per descriptor
-    cutoffs: tuple[np.ndarray, ...]
-    columns: tuple[np.ndarray, ...]  # column of each point in L and R
-    delta: float
-    zeta: float
-    k_mm_factor: np.ndarray  # lower L, delta^2 K_MM + jitter = L L^T
-    r: np.ndarray | None = None  # upper R, R^T R = Sigma^-1 (QR route)
-    b: np.ndarray | None = None  # (N, M), Woodbury route
-    std_scale: float = 1.0  # calibration (hpo.calibration, fitted on validation at promotion): multiplies every std
-
-    @classmethod
-    def of(cls, factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper, n_sparse: int | None = None) -> Posterior:
-        """From the factors of a fit: its weighted problem solved again, keeping the posterior's factors."""
-        factors = factors.restricted(n_sparse)
-        k_mm, k_nm, sigma = _weighted_problem(factors, frames, hyper)
-        _, found = solve_projected_process(k_mm, k_nm, np.zeros(len(k_nm)), sigma, posterior=True)
-        return cls.from_factors(factors.sparse, hyper, factors.zeta, found)
-
-    @classmethod
-    def from_factors(cls, sparse: SparseSet, hyper: Hyper, zeta: float, found: Mapping[str, np.ndarray]) -> Posterior:
-        m = sparse.size
-        return cls(sparse.descriptors, sparse.points, sparse.cutoffs, tuple(sparse.positions), float(hyper.delta), float(zeta),
-                   found["lower"], np.triu(found["r"][:m]) if "r" in found else None, found.get("b"))
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        out = {"delta": np.array(self.delta), "zeta": np.array(self.zeta), "k_mm_factor": self.k_mm_factor,
-               "descriptors": np.array(self.descriptors), "std_scale": np.array(self.std_scale)}
-        out.update({k: v for k, v in (("r", self.r), ("b", self.b)) if v is not None})
-        for i, (p, c, k) in enumerate(zip(self.points, self.cutoffs, self.columns)):
-            out.update({f"points_{i}": p, f"cutoffs_{i}": c, f"columns_{i}": k})
-        return out
-
-    @classmethod
-    def from_arrays(cls, a: Mapping[str, np.ndarray]) -> Posterior:
-        n = len(a["descriptors"])
-        return cls(tuple(str(d) for d in a["descriptors"]), tuple(a[f"points_{i}"] for i in range(n)), tuple(a[f"cutoffs_{i}"] for i in range(n)),
-                   tuple(a[f"columns_{i}"] for i in range(n)), float(a["delta"]), float(a["zeta"]), a["k_mm_factor"], a.get("r"), a.get("b"),
-                   float(a.get("std_scale", 1.0)))
-
-    @classmethod
-    def of_model(cls, model: SparseGap, frames: Sequence[ase.Atoms], hyper: Hyper, forces: Sequence[np.ndarray] | None = None,
-                 cache: Cache | None = None, force_atoms: Sequence[np.ndarray] | None = None) -> Posterior:
-        """The posterior of a fitted model of any origin (gap_fit's XML or hpo's): its sparse points against the
-        training frames' descriptors (and force rows when ``forces``), factorised as ``build_factors`` does."""
-        sparse = SparseSet(tuple(model.descriptors), tuple(np.arange(len(gp.alpha)) for gp in model.gps),
-                           tuple(gp.sparse_points for gp in model.gps), tuple(np.ones(len(gp.alpha)) for gp in model.gps))
-        factors = build_factors(sparse, frames, hyper.zeta, forces, cache,
-                                found=None if forces is not None else {d: environments(d, frames, cache) for d in sparse.descriptors},
-                                force_atoms=force_atoms)
-        return cls.of(factors, frames, hyper)
-
-    def save(self, path: Path) -> Path:
-        from hpo.atomic import atomic_write_npz
-
-        atomic_write_npz(Path(path), **self.arrays())
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: Path) -> Posterior:
-        with np.load(path, allow_pickle=False) as data:
-            return cls.from_arrays({k: data[k] for k in data.files})
-
-    def variance(self, rows: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        """var(g) of functionals with covariance rows ``rows`` (n, M) and prior variances ``prior`` (n,), delta^2 included."""
-        if len(rows) == 0:
-            return np.zeros(0)
-        a = scipy.linalg.solve_triangular(self.k_mm_factor, rows.T, lower=True, check_finite=False)
-        if self.r is None:
-            c = self.b @ a
-            return prior - np.einsum("ij,ij->j", c, c)
-        b = scipy.linalg.solve_triangular(self.r, rows.T, trans="T", lower=False, check_finite=False)
-        return prior - np.einsum("ij,ij->j", a, a) + np.einsum("ij,ij->j", b, b)
-
-    def std(self, frames: Sequence[ase.Atoms], cache: Cache | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Predictive std (eV) of each frame's total energy, and of each atom's local energy (per frame, (n_atoms,)),
-        in blocks of about ``PREDICT_ATOMS`` atoms. An atom of a species without a descriptor gets 0 (its energy is e0)."""
-        frame_std, atom_std = [], []
-        for start, stop in _blocks([len(a) for a in frames], PREDICT_ATOMS):
-            block = list(frames[start:stop])
-            f, a = self._block_std(block, cache)
-            frame_std.append(f)
-            atom_std.extend(a)
-        return (np.concatenate(frame_std) if frame_std else np.zeros(0)), atom_std
-
-    def _block_std(self, frames: list[ase.Atoms], cache: Cache | None) -> tuple[np.ndarray, list[np.ndarray]]:
-        scale = self.delta**2
-        m = len(self.k_mm_factor)
-        frame_rows = np.zeros((len(frames), m))
-        frame_prior = np.zeros(len(frames))
-        offsets = np.cumsum([0] + [len(a) for a in frames])
-        atom_var = np.zeros(offsets[-1])
-        for descriptor, points, cutoffs, columns in zip(self.descriptors, self.points, self.cutoffs, self.columns):
-            env = environments(descriptor, frames, cache)
-            k_env = scale * env.cutoff[:, None] * (env.vectors @ points.T) ** self.zeta * cutoffs[None, :]
-            rows = np.zeros((len(k_env), m))
-            rows[:, columns] = k_env
-            frame_rows += kernels.sum_rows(env.frame, len(frames), rows)
-            self_prior = scale * env.cutoff**2 * np.einsum("ij,ij->i", env.vectors, env.vectors) ** self.zeta
-            for f in range(len(frames)):
-                mine = env.frame == f
-                v, c = env.vectors[mine], env.cutoff[mine]
-                frame_prior[f] += scale * float(np.sum(np.outer(c, c) * (v @ v.T) ** self.zeta))
-            atoms_of = _centre_atoms(descriptor, frames, env.frame)
-            atom_var[offsets[env.frame] + atoms_of] = self.variance(rows, self_prior)
-        frame_var = self.variance(frame_rows, frame_prior)
-        atom_std = self.std_scale * np.sqrt(np.maximum(atom_var, 0.0))
-        return self.std_scale * np.sqrt(np.maximum(frame_var, 0.0)), [atom_std[offsets[i] : offsets[i + 1]] for i in range(len(frames))]
+def posterior_of(factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper, n_sparse: int | None = None) -> Posterior:
+    """The ``Posterior`` of a fit's factors: its weighted problem solved again, keeping the posterior's factors."""
+    factors = factors.restricted(n_sparse)
+    k_mm, k_nm, sigma = _weighted_problem(factors, frames, hyper)
+    _, found = solve_projected_process(k_mm, k_nm, np.zeros(len(k_nm)), sigma, posterior=True)
+    return posterior_from_factors(factors.sparse, hyper, factors.zeta, found)
 
 
-def _centre_atoms(descriptor: str, frames: Sequence[ase.Atoms], env_frame: np.ndarray) -> np.ndarray:
-    """Index within its frame of each environment's centre atom: the atoms of the descriptor's Z, in order."""
-    import re
-
-    found = re.search(r"\bZ=(\d+)", descriptor)
-    out = []
-    for atoms in frames:
-        numbers = atoms.numbers
-        out.append(np.flatnonzero(numbers == int(found.group(1))) if found else np.arange(len(atoms)))
-    centres = np.concatenate(out) if out else np.zeros(0, dtype=int)
-    if len(centres) != len(env_frame):
-        raise ValueError(f"{len(env_frame)} environments of {descriptor!r} for {len(centres)} centre atoms")
-    return centres.astype(int)
+def posterior_from_factors(sparse: SparseSet, hyper: Hyper, zeta: float, found: Mapping[str, np.ndarray]) -> Posterior:
+    m = sparse.size
+    return Posterior(sparse.descriptors, sparse.points, sparse.cutoffs, tuple(sparse.positions), float(hyper.delta), float(zeta),
+                     found["lower"], np.triu(found["r"][:m]) if "r" in found else None, found.get("b"))
 
 
-def _blocks(sizes: Sequence[int], atoms_per_block: int) -> list[tuple[int, int]]:
-    out, start, count = [], 0, 0
-    for i, size in enumerate(sizes):
-        count += size
-        if count >= atoms_per_block:
-            out.append((start, i + 1))
-            start, count = i + 1, 0
-    if start < len(sizes):
-        out.append((start, len(sizes)))
-    return out
+def posterior_of_model(model: SparseGap, frames: Sequence[ase.Atoms], hyper: Hyper, forces: Sequence[np.ndarray] | None = None,
+                       cache: Cache | None = None, force_atoms: Sequence[np.ndarray] | None = None) -> Posterior:
+    """The posterior of a fitted model of any origin (gap_fit's XML or hpo's): its sparse points against the
+    training frames' descriptors (and force rows when ``forces``), factorised as ``build_factors`` does."""
+    sparse = SparseSet(tuple(model.descriptors), tuple(np.arange(len(gp.alpha)) for gp in model.gps),
+                       tuple(gp.sparse_points for gp in model.gps), tuple(np.ones(len(gp.alpha)) for gp in model.gps))
+    factors = build_factors(sparse, frames, hyper.zeta, forces, cache,
+                            found=None if forces is not None else {d: environments(d, frames, cache) for d in sparse.descriptors},
+                            force_atoms=force_atoms)
+    return posterior_of(factors, frames, hyper)
 
 
 def _weighted_problem(factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -613,7 +482,6 @@ def memory_bytes(n_sparse_total: int, frames: Sequence[ase.Atoms], dimensions: i
 # --------------------------------------------------------------------------- forces of a SparseGap
 
 
-PREDICT_ATOMS = 1024  # atoms per block of predictions: bounds the descriptor gradients held at once
 
 
 def predict(model: SparseGap, frames: Sequence[ase.Atoms], cache: Cache | None = None, with_forces: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:

@@ -30,7 +30,7 @@ from hpo.models.gap.descriptors import Environments, environments
 
 # gap_fit's integer code of covariance_type=dot_product in the XML.
 DOT_PRODUCT = 2
-# The sparse GP's posterior (``solver.Posterior``) beside a model's XML, as ``gap.xml.posterior.npz``:
+# The sparse GP's posterior (``posterior.Posterior``) beside a model's XML, as ``gap.xml.posterior.npz``:
 # gap_fit's XML carries the weights, not the covariance a predictive variance needs; named after the XML
 # so it travels with it as its companions do (promotion copies ``gap.xml*``).
 POSTERIOR_SUFFIX = ".posterior.npz"
@@ -69,7 +69,7 @@ class SparseGap:
 
     e0: dict[int, float]
     gps: tuple[SparseGP, ...]
-    posterior: object = None  # solver.Posterior, read from posterior_file(xml) when there is one
+    posterior: object = None  # posterior.Posterior, read from posterior_file(xml) when there is one
 
     @classmethod
     def read(cls, model_file: Path) -> SparseGap:
@@ -98,7 +98,7 @@ class SparseGap:
             )
         posterior = None
         if posterior_file(model_file).is_file():
-            from hpo.models.gap.solver import Posterior
+            from hpo.models.gap.posterior import Posterior
 
             posterior = Posterior.load(posterior_file(model_file))
         return cls(e0=e0, gps=tuple(gps), posterior=posterior)
@@ -117,7 +117,7 @@ class SparseGap:
 
     def predict(self, frames: Sequence[ase.Atoms], cache: Cache | None = None, return_std: bool = False):
         """Energies (eV) of ``frames``, computing (or loading) their descriptors; ``return_std`` (scikit-learn's
-        convention): also each frame's predictive std (eV) of its total energy (``solver.Posterior``)."""
+        convention): also each frame's predictive std (eV) of its total energy (``posterior.Posterior``)."""
         energies = self.energies(frames, {d: environments(d, frames, cache) for d in self.descriptors})
         if not return_std:
             return energies

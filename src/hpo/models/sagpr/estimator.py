@@ -301,7 +301,7 @@ class SAGPR(BaseEstimator):
 
         Exact model: W_minus^T W_minus = (K + reg I)^-1, no W_plus (the GP's closed form). Projected process
         (n_env): W_minus^T W_minus = K_MM^-1 and W_plus^T W_plus = (K_MM + K_MN K_NM / reg)^-1 (the deterministic
-        training conditional, as for GAP: ``hpo.models.gap.solver.Posterior``). The variance is the latent
+        training conditional, as for GAP: ``hpo.models.gap.posterior.Posterior``). The variance is the latent
         tensor's, without the noise reg, in the model's units squared. Empty when a lambda has more than
         ``VARIANCE_MAX_COLUMNS`` weights.
         """
