@@ -24,7 +24,9 @@ def promoted_root(tiny_data, tmp_path_factory):
     """One promoted study shared by this module's tests (promotion is the slow part)."""
     root = tmp_path_factory.mktemp("promoted")
     # gap_fit fitting forces too: its fits of these slices include a stable trial for the screen (see test_trust)
-    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit", "model.force_metrics=true"]
+    # (the uncertainty rule is recorded, not judged: 10-frame models extrapolate in a quarter of their MD frames)
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit", "model.force_metrics=true",
+                 "md.stability.max_extrapolating_fraction=null"]
     cfg = load_config([*overrides, "study.n_trials=2"])
     loop.run(cfg)
     return overrides, cfg, hpo_promote.promote(cfg)
@@ -61,6 +63,14 @@ def test_promote_registers_champion_with_lineage(promoted):
     validation = f"{cfg.dataset.data_dir}/gap_validate.xyz"
     energies = model.predict([validation])
     assert energies.shape == (6,) and np.all(np.isfinite(energies))
+    # the same model from Python with its calibrated posterior std (scikit-learn's return_std)
+    import ase.io
+
+    import hpo
+
+    numpy_energies, std = hpo.load_model("models:/water-gap@champion", cfg.tracking.tracking_uri).predict(
+        ase.io.read(validation, ":"), return_std=True)
+    assert np.abs(numpy_energies - energies).max() < 1e-6 and std.shape == (6,) and np.all(std > 0)
 
     again = hpo_promote.promote(cfg)  # same trial: reuses the version, no duplicate
     assert again["version"] == lineage["version"]
@@ -76,6 +86,13 @@ def test_md_with_champion(promoted_cfg, ensemble):
 
     frames = ase.io.read(result["trajectory"], ":")
     assert len(frames) == 21 and result["steps_completed"] == 20
+    # the model's std per frame and per atom in the trajectory, and as a metric history on the run
+    assert all(f.info["energy_std_eV_per_atom"] > 0 and f.arrays["local_energy_std_eV"].shape == (12,) for f in frames)
+    assert result["energy_std_eV_per_atom_max"] == pytest.approx(max(f.info["energy_std_eV_per_atom"] for f in frames))
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    run_id = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                "tags.run_type = 'md'", order_by=["attributes.start_time DESC"])[0].info.run_id
+    assert len(client.get_metric_history(run_id, "energy_std_eV_per_atom")) == 21
     assert result["break_even_steps"] > 0 and result["speedup_per_step"] > 1
     # the study's reference data (10 training + 6 validation frames) is part of the model's cost
     assert result["reference_data_cost_s"] == 16 * cfg.md.reference_cost_s_per_frame
@@ -127,10 +144,12 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
         "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small','model.solver=gap_fit','model.force_metrics=true']",
         "pipeline.sagpr_overrides=['search=sagpr_small','model.n_max=2','model.l_max=2','model.nc=null','model.rc=3.0']",
         "md.steps=10",
+        "md.stability.max_extrapolating_fraction=null",
     ]
     first = pipeline.run(overrides)
     assert first["md"]["steps_completed"] == 10
     assert first["polarize"]["n_frames"] == 11 and 0 <= first["polarize"]["fraction_outside"] <= 1
+    assert 0 <= first["polarize"]["fraction_uncertain"] <= 1 and first["polarize"]["uncertainty_threshold"] > 0
     assert first["md"]["md_stable"] is True
     client = mlflow.tracking.MlflowClient(load_config(overrides).tracking.tracking_uri)
     sagpr = client.get_model_version("water-sagpr", first["sagpr_version"]).tags

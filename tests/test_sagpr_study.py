@@ -71,6 +71,10 @@ def test_sagpr_on_own_data_polarize_and_spectrum(tiny_data, tmp_path, capsys):
     ase.io.write(tmp_path / "mine_train.xyz", frames[:10], format="extxyz")
     ase.io.write(tmp_path / "mine_val.xyz", frames[10:], format="extxyz")
     trajectory = [frames[10 + i % 4].copy() for i in range(12)]
+    # the last frame with one O-H bond 0.6 A longer: beyond the validation set for the model's own std
+    hydrogen = 1
+    bond = trajectory[-1].get_distance(0, hydrogen, mic=True, vector=True)
+    trajectory[-1].positions[hydrogen] += 0.6 * bond / np.linalg.norm(bond)
     for step, atoms in enumerate(trajectory):
         atoms.info = {"time_fs": 0.5 * step}
     ase.io.write(tmp_path / "trajectory.xyz", trajectory, format="extxyz")
@@ -95,3 +99,9 @@ def test_sagpr_on_own_data_polarize_and_spectrum(tiny_data, tmp_path, capsys):
     found = spectrum.main(make(f"spectrum.trajectory={result['outdir'] / 'trajectory_polarizability.xyz'}", "spectrum.min_frames=10"))
     assert (found["outdir"] / "raman.png").is_file()
     assert found["fraction_extrapolated"] == pytest.approx(result["fraction_outside"])
+    # the model's own std: validation frames never pass the largest validation std; stretching a frame raises its std
+    flags = [atoms.info["polarizability_uncertain"] for atoms in written]
+    assert not any(flags[:11]) and flags.count(True) == result["n_uncertain"]
+    stds = [atoms.info["polarizability_std_max"] for atoms in written]
+    assert max(stds[:11]) <= result["uncertainty_threshold"] and stds[11] > 1.2 * stds[3]  # frame 3: the same frame unstretched
+    assert found["fraction_uncertain"] == pytest.approx(result["fraction_uncertain"])

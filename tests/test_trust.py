@@ -35,7 +35,10 @@ def tiny_study(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("trust")
     # forces in the fit (the workshop force column, sigma 0.5): the case (best trial unstable, default
     # stable) was found with them; energy-only fits of 10 frames give two unstable trials here.
-    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "study.n_trials=2", "model.solver=gap_fit", "model.force_metrics=true"]
+    # 10-frame models put a quarter of their MD frames beyond their own validation std (the uncertainty rule,
+    # tested in test_variance.py, is recorded here and not judged): these tests are about the other rules
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "study.n_trials=2", "model.solver=gap_fit", "model.force_metrics=true",
+                 "md.stability.max_extrapolating_fraction=null"]
     loop.run(load_config(overrides))
     return lambda *extra: load_config([*overrides, *extra])
 
@@ -106,6 +109,7 @@ def test_md_main_records_verdict_and_costs(tiny_study, capsys):
     assert "ASSUMED" in run.data.tags["cost_assumptions"]
     artifacts = {f.path for f in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(run.info.run_id)}
     assert {"distance_bands.png", "nn_distances.csv", "md.png"} <= artifacts
+    assert "md_stability_bounds" in run.data.tags and "literature default" in run.data.tags["md_stability_bounds"]
 
 
 # --------------------------------------------------------------------------- #
@@ -159,6 +163,10 @@ def test_gate_registers_the_best_stable_candidate_with_test_errors(tiny_study, c
     assert float(tags["test_energy_rmse"]) > 0 and float(tags["test_energy_rmse_per_atom"]) > 0
     assert tags["train_size"] == "10" and tags["test_size"] == "10" and len(tags["test_split_sha256"]) == 64
     assert tags["default_trial"] == str(second.number) and tags["default_test_energy_rmse"] == tags["test_energy_rmse"]
+    # its std calibrated on validation (the scale stored in the model), coverage recorded on test
+    assert float(tags["std_scale"]) > 0 and 0 <= float(tags["test_energy_coverage_1std"]) <= 1
+    assert 0 <= float(tags["test_energy_raw_coverage_2std"]) <= 1 and "calibration_energy.png" in {f.path for f in client.list_artifacts(version.run_id)}
+    assert tags["screen_stable_ranked"] == str(second.number)
     run = client.get_run(version.run_id)
     assert run.info.status == "FINISHED" and run.data.metrics["test_energy_rmse"] == pytest.approx(float(tags["test_energy_rmse"]), rel=1e-5)
     figures = {f.path for f in client.list_artifacts(version.run_id, "screen")}

@@ -10,7 +10,11 @@ are judged against the nearest-neighbour distance ranges of the model's training
 frames with the criteria of ``md.stability``; the verdict (``md_stable``, the
 first unstable MD step and why), the per-pair distances (``nn_distances.csv``,
 ``distance_bands.png``) and the NVE energy drift are recorded. A run that blew
-up is judged on the frames it kept.
+up is judged on the frames it kept. Bounds widen where the training data reach
+further, the RDF of the run is compared with the training frames', and with a
+model that keeps its posterior (every promoted GAP) each frame's predictive std
+is written into the trajectory, logged as a metric history and judged against
+the largest std on the validation frames (``md.stability``).
 """
 
 from __future__ import annotations
@@ -161,6 +165,11 @@ def criteria_of(md_cfg) -> stability.StabilityCriteria:
             max_h_distance_A=float(section.max_h_distance_A),
             min_temperature_K=float(section.min_temperature_K),
             max_temperature_K=float(section.max_temperature_K),
+            max_extrapolating_fraction=None if section.max_extrapolating_fraction is None else float(section.max_extrapolating_fraction),
+            rdf_max_mae=None if section.rdf_max_mae is None else float(section.rdf_max_mae),
+            rdf_window_frames=int(section.rdf_window_frames),
+            rdf_bin_A=float(section.rdf_bin_A),
+            rdf_min_range_A=float(section.rdf_min_range_A),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"md.stability={dict(section)} is not allowed: {exc}") from None
@@ -182,13 +191,84 @@ class Stability:
         return f"UNSTABLE from step {v.first_unstable_step}: {v.reason}"
 
 
+@dataclass
+class Along:
+    """The model's std along a trajectory, and the threshold beyond which a frame is extrapolating."""
+
+    uncertainty: object  # hpo.models.base.Uncertainty
+    threshold: float
+    source: str
+
+
+def uncertainty_threshold(model_kind, files: list[Path], validation, validation_name: str, md_cfg) -> tuple[float, str] | None:
+    """``md.stability.uncertainty_factor`` x the model's largest std on the ``validation`` frames, and that
+    sentence (None when the model keeps no posterior)."""
+    reference = model_kind.predictive_std(files, validation)
+    if reference is None:
+        return None
+    largest = float(np.max(reference.per_frame[reference.primary]))
+    factor = float(md_cfg.stability.uncertainty_factor)
+    return factor * largest, f"{factor:g} x the largest {reference.primary} on {validation_name}, {largest:.3g}"
+
+
+def uncertainty_along(model_kind, files: list[Path], frames, threshold: tuple[float, str] | None) -> Along | None:
+    """The model's std on ``frames`` (NaN on frames whose positions are not finite) against ``threshold``."""
+    if threshold is None:
+        return None
+    finite = [i for i, atoms in enumerate(frames) if np.isfinite(atoms.positions).all()]
+    found = model_kind.predictive_std(files, [frames[i] for i in finite])
+    if found is None:
+        return None
+    for name, values in found.per_frame.items():
+        full = np.full(len(frames), np.nan)
+        full[finite] = values
+        found.per_frame[name] = full
+    if found.per_atom is not None:
+        per_atom = [np.full(len(atoms), np.nan) for atoms in frames]
+        for i, values in zip(finite, found.per_atom):
+            per_atom[i] = values
+        found.per_atom = per_atom
+    return Along(found, threshold[0], threshold[1])
+
+
+def write_uncertainty(trajectory: Path, frames, along: Along) -> None:
+    """The trajectory again, each frame with its std (``info``) and, per atom, its local std (``arrays``)."""
+    from hpo.atomic import atomic_write
+
+    found = along.uncertainty
+    for i, atoms in enumerate(frames):
+        for name, values in found.per_frame.items():
+            atoms.info[name] = float(values[i])
+        atoms.info["extrapolating"] = bool(found.per_frame[found.primary][i] > along.threshold)  # NaN: False
+        if found.per_atom is not None:
+            atoms.arrays[found.per_atom_name] = np.asarray(found.per_atom[i], dtype=float)
+    with atomic_write(trajectory) as tmp:
+        ase.io.write(tmp, list(frames), format="extxyz")
+
+
 def judge_trace(
-    trace: Trace, ranges: dict[str, tuple[float, float]], md_cfg, outdir: Path | None = None, title: str = ""
+    trace: Trace, ranges: dict[str, tuple[float, float]], md_cfg, outdir: Path | None = None, title: str = "",
+    training=None, train_name: str = "", along: Along | None = None,
 ) -> Stability:
     """Judge the logged frames of ``trace`` against ``ranges`` (training nearest-neighbour ranges) with the
-    criteria of ``md.stability``; with ``outdir`` write ``nn_distances.csv`` and ``distance_bands.png``."""
+    criteria of ``md.stability``; with ``outdir`` write ``nn_distances.csv`` and ``distance_bands.png``.
+    With ``training`` (frames of ``train_name``) the bounds widen where those frames reach further, and the RDF
+    criterion compares with their RDF; with ``along`` the uncertainty criterion applies."""
     criteria = criteria_of(md_cfg)
-    verdict = stability.judge(trace.frames, trace.temperature, trace.steps, ranges, criteria)
+    bounds, reference = None, None
+    if training is not None:
+        criteria, bounds = stability.bounds_from_training(criteria, training, train_name)
+        r_max = stability.usable_range([*training, trace.frames[0]])
+        if criteria.rdf_max_mae is not None and r_max >= max(criteria.rdf_min_range_A, 2 * criteria.rdf_bin_A):
+            reference = stability.rdf(training, r_max, criteria.rdf_bin_A)
+        elif criteria.rdf_max_mae is not None:
+            bounds["rdf"] = (f"not judged: the cells' usable range {r_max:.2f} Å (half the smallest cell height) is below "
+                             f"md.stability.rdf_min_range_A={criteria.rdf_min_range_A:g} Å")
+    verdict = stability.judge(
+        trace.frames, trace.temperature, trace.steps, ranges, criteria, bounds=bounds, reference_rdf=reference,
+        uncertainty=None if along is None else along.uncertainty.per_frame[along.uncertainty.primary],
+        uncertainty_threshold=None if along is None else along.threshold, uncertainty_source="" if along is None else along.source,
+    )
     metrics = dict(verdict.metrics)
     for name, (low, high) in ranges.items():
         metrics[f"train_nn_min_{name}"], metrics[f"train_nn_max_{name}"] = low, high
@@ -201,6 +281,7 @@ def judge_trace(
         "md_first_unstable_step": "none" if verdict.stable else str(verdict.first_unstable_step),
         "md_stability_reason": verdict.reason or "none",
         "md_stability_criteria": ", ".join(f"{k}={v}" for k, v in vars(criteria).items()),
+        "md_stability_bounds": "; ".join(f"{k}: {v}" for k, v in verdict.bounds.items()) or "none",
     }
     files: list[Path] = []
     if outdir is not None:
@@ -270,6 +351,7 @@ def main(cfg) -> dict:
     from hpo import config as hpo_config
     from hpo import plots
     from hpo.data import find_data_dir, is_own_data, load_datasets, read_frames, sha256sum
+    from hpo.models import md_kind
     from hpo.models.gap.gap_fit import MODEL_FILE, load
     from hpo.registry.resolve import resolve_model, version_tags
     from hpo.tracking import Tracker, provenance_tags
@@ -307,8 +389,17 @@ def main(cfg) -> dict:
         tracker.log_config(run_id, cfg)
         metrics, trace, blow_up = run(frames[md_cfg.start_frame], load(model_file), md_cfg, outdir)
         title = f"{md_cfg.ensemble.upper()} MD, GAP {md_cfg.model_uri}, start {validation.name}[{md_cfg.start_frame}]"
-        judged = judge_trace(trace, ranges, md_cfg, outdir, f"{title}\nnearest-neighbour distances vs {train_name} ({len(training)} frames)")
+        threshold = uncertainty_threshold(md_kind(), [model_file], frames, validation.name, md_cfg)
+        along = uncertainty_along(md_kind(), [model_file], trace.frames, threshold)
+        judged = judge_trace(trace, ranges, md_cfg, outdir, f"{title}\nnearest-neighbour distances vs {train_name} ({len(training)} frames)",
+                             training=training, train_name=train_name, along=along)
         metrics.update(judged.metrics)
+        if along is not None:
+            write_uncertainty(outdir / "trajectory.xyz", trace.frames, along)
+            tracker.log_history(run_id, along.uncertainty.per_frame, trace.steps)
+            metrics["uncertainty_threshold"] = along.threshold
+            for name, values in along.uncertainty.per_frame.items():
+                metrics[f"{name}_max"] = float(np.nanmax(values)) if np.isfinite(values).any() else float("nan")
         cost, assumptions = cost_lines(cfg, lineage, metrics, len(training) + len(frames))
         metrics.update(cost)
         figure = plots.md_plot(outdir / "md.png", trace.time_fs, trace.potential, trace.kinetic, trace.temperature, title)
@@ -324,6 +415,7 @@ def main(cfg) -> dict:
             print(f"  {key:<34}{value:.6g}")
         print(f"[hpo] cost comparison: {assumptions}")
         print(f"[hpo] MD stability ({train_name} ranges, md.stability): {judged.describe()}", flush=True)
+        print(f"[hpo] bounds: {judged.tags['md_stability_bounds']}", flush=True)
         if blow_up:
             raise MDBlowUp(f"{blow_up} Stability of the frames kept: {judged.describe()}", judged.verdict)
     if not judged.verdict.stable:

@@ -32,6 +32,11 @@ class PolarizeError(ValueError):
 
 # Per-frame flag in the written trajectory: a component beyond polarize.outlier_sigma training std.
 EXTRAPOLATED_KEY = "polarizability_extrapolated"
+# Per-frame flag: the model's own predictive std (largest component) beyond polarize.uncertainty_factor x
+# the largest seen on the validation frames; and the std itself (9 numbers, row by row, and the largest).
+UNCERTAIN_KEY = "polarizability_uncertain"
+STD_KEY = "polarizability_std"
+STD_MAX_KEY = "polarizability_std_max"
 
 
 def outliers(predicted: np.ndarray, reference: np.ndarray, n_sigma: float) -> np.ndarray:
@@ -70,6 +75,15 @@ def reference_set(cfg) -> tuple[str, list[ase.Atoms], str]:
     return train_name, frames, cfg.dataset.property_keys.polarizability
 
 
+def validation_set(cfg) -> tuple[str, list[ase.Atoms]]:
+    """The validation frames the model was selected on: their file name and frames."""
+    if is_own_data(cfg.dataset):
+        data = load_own(cfg, need=("polarizability",))
+        return data.val.path.name, data.val.frames
+    name = cfg.dataset.validation_file
+    return name, read_frames(find_data_dir(cfg.dataset, [name]) / name, cfg.dataset.property_keys, need=()).frames
+
+
 def main(cfg) -> dict:
     """``python -m hpo polarize``: predict ``polarize.trajectory`` with ``polarize.model_uri``."""
     from hpo.models.sagpr.estimator import SAGPR
@@ -83,11 +97,13 @@ def main(cfg) -> dict:
     model = SAGPR.load(resolve_model(str(settings.model_uri), tracker.tracking_uri, outdir / "model"))
     frames = ase.io.read(trajectory, ":")
     start = time.perf_counter()
+    with_std = bool(getattr(model, "variance_", None))  # models saved before hpo kept their posterior have none
     try:
         with Bar(len(frames), "[hpo] polarizability", unit="frames") as bar:
-            predicted = model.predict(frames, progress=lambda done, total: bar.set(done))
+            found = model.predict(frames, progress=lambda done, total: bar.set(done), return_std=with_std)
     except ValueError as exc:
         raise PolarizeError(f"{trajectory.name}: {exc}") from exc
+    predicted, std = found if with_std else (found, None)
     frames_per_s = len(frames) / max(time.perf_counter() - start, 1e-9)
     print(f"[hpo] {len(frames)} frames predicted at {frames_per_s:.0f} frames/s", flush=True)
 
@@ -96,13 +112,30 @@ def main(cfg) -> dict:
     reference = read_tensors(reference_frames, key, train_name, symmetry_tol=float("inf"))
 
     far = outliers(predicted, reference, settings.outlier_sigma)
+    uncertain, uncertainty = np.zeros(0, dtype=int), {}
+    if std is not None:
+        validation_name, validation = validation_set(cfg)
+        _, validation_std = model.predict(validation, return_std=True)
+        largest = float(validation_std.max(axis=(1, 2)).max())
+        threshold = float(settings.uncertainty_factor) * largest
+        uncertain = np.flatnonzero(std.max(axis=(1, 2)) > threshold)
+        uncertainty = {"uncertainty_threshold": threshold, "validation_std_max": largest, "n_uncertain": len(uncertain),
+                       "fraction_uncertain": len(uncertain) / len(frames), "std_max": float(std.max()),
+                       "std_median": float(np.median(std.max(axis=(1, 2))))}
     with atomic_write(outdir / "trajectory_cartesian.out") as tmp:
         np.savetxt(tmp, predicted.reshape(len(frames), 9), fmt="%.10f")
-    flagged = set(far.tolist())
+    if std is not None:
+        with atomic_write(outdir / "trajectory_std.out") as tmp:
+            np.savetxt(tmp, std.reshape(len(frames), 9), fmt="%.10f")
+    flagged, doubtful = set(far.tolist()), set(uncertain.tolist())
     for index, (atoms, tensor) in enumerate(zip(frames, predicted)):
         atoms.info[key] = tensor.ravel()
         # read by `hpo spectrum`, which says how much of its input was extrapolated
         atoms.info[EXTRAPOLATED_KEY] = index in flagged
+        if std is not None:
+            atoms.info[STD_KEY] = std[index].ravel()
+            atoms.info[STD_MAX_KEY] = float(std[index].max())
+            atoms.info[UNCERTAIN_KEY] = index in doubtful
     with atomic_write(outdir / "trajectory_polarizability.xyz") as tmp:
         ase.io.write(tmp, frames, format="extxyz")
     time_fs = np.array([a.info.get("time_fs", index) for index, a in enumerate(frames)], dtype=float)
@@ -112,9 +145,12 @@ def main(cfg) -> dict:
 
     table, metrics = comparison_table(predicted, reference)
     metrics.update(frames_per_s=frames_per_s, n_frames=len(frames), n_outside=len(far), fraction_outside=len(far) / len(frames), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
+    metrics.update(uncertainty)
     run_id = tracker.start_run("polarize", tags={"command": "polarize", "run_type": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
     tracker.log(run_id, metrics=metrics)
-    tracker.log_artifacts(run_id, [outdir / "trajectory_cartesian.out", outdir / "trajectory_polarizability.xyz", figure])
+    if std is not None:
+        tracker.log_history(run_id, {"polarizability_std_max": std.max(axis=(1, 2))}, range(len(frames)))
+    tracker.log_artifacts(run_id, [outdir / "trajectory_cartesian.out", outdir / "trajectory_std.out", outdir / "trajectory_polarizability.xyz", figure])
     tracker.end_run(run_id)
     print(f"[hpo] polarizability of {len(frames)} frames of {trajectory} in {outdir} (MLflow run {run_id})")
     print(f"  predicted vs training data ({train_name}):\n{table}")
@@ -124,4 +160,10 @@ def main(cfg) -> dict:
             f"(first: {far[:10].tolist()}): the model extrapolates there",
             flush=True,
         )
-    return {"outdir": outdir, "tensors": predicted, **metrics}
+    if len(uncertain):
+        print(
+            f"[hpo] warning: {len(uncertain)} frame(s) ({len(uncertain) / len(frames):.1%}) have a predictive std above "
+            f"{uncertainty['uncertainty_threshold']:.3g} ({settings.uncertainty_factor:g} x the largest on {validation_name}; first: {uncertain[:10].tolist()})",
+            flush=True,
+        )
+    return {"outdir": outdir, "tensors": predicted, "std": std, **metrics}

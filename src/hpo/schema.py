@@ -106,6 +106,7 @@ class Polarize:
     trajectory: str
     reference_train_size: int
     outlier_sigma: float
+    uncertainty_factor: float
 
 
 @dataclass

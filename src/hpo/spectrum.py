@@ -341,7 +341,7 @@ def main(cfg) -> dict:
 
     from hpo.config import output_path
     from hpo.data import DataError, read_tensors
-    from hpo.polarize import EXTRAPOLATED_KEY
+    from hpo.polarize import EXTRAPOLATED_KEY, UNCERTAIN_KEY
     from hpo.tracking import Tracker, provenance_tags
 
     settings = cfg.spectrum
@@ -374,6 +374,9 @@ def main(cfg) -> dict:
     # frames `hpo polarize` flagged as predicted beyond the training data's spread
     flags = [atoms.info.get(EXTRAPOLATED_KEY) for atoms in frames]
     extrapolated = {"fraction_extrapolated": sum(bool(f) for f in flags) / len(frames)} if any(f is not None for f in flags) else {}
+    doubts = [atoms.info.get(UNCERTAIN_KEY) for atoms in frames]
+    if any(d is not None for d in doubts):  # the model's own std beyond its validation set's (`hpo polarize`)
+        extrapolated["fraction_uncertain"] = sum(bool(d) for d in doubts) / len(frames)
     named = {"iso": spectra.iso, "aniso": spectra.aniso, **{f"vdos_{k}": v for k, v in (spectra.vdos or {}).items()}}
     peaks = {f"peak_{name}_cm": float(spectra.wavenumber_cm[np.argmax(values)]) for name, values in named.items()}
     tracker = Tracker(cfg.tracking)
@@ -390,4 +393,7 @@ def main(cfg) -> dict:
             "data's spread (flagged by `hpo polarize`): bands they carry are extrapolations of the polarizability model",
             flush=True,
         )
+    if extrapolated.get("fraction_uncertain"):
+        print(f"[hpo] warning: {extrapolated['fraction_uncertain']:.1%} of these frames have a predictive std beyond the largest "
+              "on the validation frames (flagged by `hpo polarize`)", flush=True)
     return {"outdir": outdir, **peaks, **extrapolated}

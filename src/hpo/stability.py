@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -206,6 +206,15 @@ class StabilityCriteria:
     max_h_distance_A: float
     min_temperature_K: float
     max_temperature_K: float
+    # The model's own uncertainty: a frame whose std passes the threshold the caller gives is
+    # extrapolating; more than this fraction of the frames is unstable. None: not judged.
+    max_extrapolating_fraction: float | None = None
+    # Fu et al.'s RDF criterion: the integral of |g_MD(r) - g_train(r)| dr (Å) over a window of this many
+    # frames, per species pair, above rdf_max_mae is unstable. None: not judged.
+    rdf_max_mae: float | None = None
+    rdf_window_frames: int = 1
+    rdf_bin_A: float = 0.05
+    rdf_min_range_A: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.max_departure_A >= 0 or not self.max_h_distance_A > 0:
@@ -232,6 +241,9 @@ class Verdict:
     distances: dict[str, np.ndarray]
     h_heavy_A: np.ndarray
     last_step: int
+    bounds: dict[str, str] = field(default_factory=dict)  # each bound with its value and where it came from
+    extrapolating: np.ndarray | None = None  # per frame: the model's std above its threshold
+    rdf_mae: dict[str, np.ndarray] = field(default_factory=dict)  # per pair, per frame (NaN before a full window)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -255,6 +267,11 @@ class Verdict:
                 out[f"nn_max_{name}"] = float(np.nanmax(extremes[:, 1]))
         if np.isfinite(self.h_heavy_A).any():
             out["h_heavy_max"] = float(np.nanmax(self.h_heavy_A))
+        if self.extrapolating is not None:
+            out["extrapolating_fraction"] = float(np.mean(self.extrapolating))
+        for name, mae in self.rdf_mae.items():
+            if np.isfinite(mae).any():
+                out[f"rdf_mae_max_{name}"] = float(np.nanmax(mae))
         return out
 
 
@@ -264,6 +281,12 @@ def judge(
     steps: Sequence[int],
     ranges: Mapping[str, tuple[float, float]],
     criteria: StabilityCriteria,
+    *,
+    bounds: Mapping[str, str] | None = None,
+    uncertainty: Sequence[float] | None = None,
+    uncertainty_threshold: float | None = None,
+    uncertainty_source: str = "",
+    reference_rdf: RDF | None = None,
 ) -> Verdict:
     """Judge a trajectory frame by frame; the first frame that breaks a rule decides step and reason.
 
@@ -278,6 +301,14 @@ def judge(
     - temperature: outside [``min_temperature_K``, ``max_temperature_K``]
       (a NaN temperature is outside).
     - a frame with non-finite positions is unstable.
+    - uncertainty (``uncertainty``: the model's std per frame, with ``criteria.max_extrapolating_fraction``):
+      a frame above ``uncertainty_threshold`` is extrapolating; the frame at which more than that fraction of
+      all the frames have been is unstable.
+    - RDF (``reference_rdf``: :func:`rdf` of the training frames, with ``criteria.rdf_max_mae``): the last
+      frame of the first window of ``rdf_window_frames`` frames whose RDF departs from the reference by more
+      than ``rdf_max_mae`` (integral of |g - g_ref| over r, per pair) is unstable.
+
+    ``bounds`` (:func:`bounds_from_training`) say where each bound came from; the verdict keeps them.
     """
     if not len(frames) == len(temperatures_K) == len(steps):
         raise ValueError(
@@ -296,6 +327,20 @@ def judge(
     distances = _collect(per_frame)
     h_heavy_A = np.asarray(h_heavy, dtype=float)
     departure = criteria.max_departure_A
+    bounds = dict(bounds or {})
+    extrapolating, allowed = None, None
+    if uncertainty is not None and uncertainty_threshold is not None:  # recorded always, judged with a fraction
+        extrapolating = np.asarray(uncertainty, dtype=float) > uncertainty_threshold
+        judged = criteria.max_extrapolating_fraction is not None
+        allowed = int(math.floor(criteria.max_extrapolating_fraction * len(frames))) if judged else len(frames)
+        bounds.setdefault("uncertainty", f"{uncertainty_threshold:.4g} ({uncertainty_source}); " + (
+            f"at most {criteria.max_extrapolating_fraction:g} of the frames beyond" if judged else "not judged (max_extrapolating_fraction null)"))
+    rdf_mae: dict[str, np.ndarray] = {}
+    if reference_rdf is not None and criteria.rdf_max_mae is not None:
+        rdf_mae = windowed_rdf_mae(frames, reference_rdf, min(criteria.rdf_window_frames, len(frames)))
+        bounds.setdefault("rdf", f"{criteria.rdf_max_mae:g} Å (integral of |g_MD - g_train| dr over 0-{reference_rdf.r_max:.2f} Å, "
+                                 f"windows of {criteria.rdf_window_frames} frames; Fu et al. 2023)")
+    seen = 0
 
     for i, step in enumerate(int(s) for s in steps):
         broken = [] if finite[i] else [f"non-finite atomic positions at step {step}"]
@@ -322,9 +367,146 @@ def judge(
                 f"temperature {temperature:.0f} K at step {step}, outside "
                 f"{criteria.min_temperature_K:g}-{criteria.max_temperature_K:g} K"
             )
+        if extrapolating is not None and extrapolating[i]:
+            seen += 1
+            if seen > allowed:
+                broken.append(
+                    f"{seen} of {len(frames)} frames extrapolating by step {step} (model std {uncertainty[i]:.3g} above "
+                    f"{uncertainty_threshold:.3g}, {uncertainty_source}; allowed fraction {criteria.max_extrapolating_fraction:g})"
+                )
+        for name, mae in rdf_mae.items():
+            if mae[i] > criteria.rdf_max_mae:
+                broken.append(
+                    f"{name} RDF departs from the training RDF by {mae[i]:.3g} Å at step {step} "
+                    f"(integral of |g - g_train| dr over {criteria.rdf_window_frames} frames; bound {criteria.rdf_max_mae:g} Å)"
+                )
         if broken:
-            return Verdict(False, step, "; ".join(broken), distances, h_heavy_A, int(steps[-1]))
-    return Verdict(True, None, "", distances, h_heavy_A, int(steps[-1]))
+            return Verdict(False, step, "; ".join(broken), distances, h_heavy_A, int(steps[-1]), bounds, extrapolating, rdf_mae)
+    return Verdict(True, None, "", distances, h_heavy_A, int(steps[-1]), bounds, extrapolating, rdf_mae)
+
+
+# --------------------------------------------------------------------------- bounds from the training data
+
+
+def bounds_from_training(criteria: StabilityCriteria, training: Sequence[ase.Atoms], name: str) -> tuple[StabilityCriteria, dict[str, str]]:
+    """``criteria`` widened where the training frames (file ``name``) show a wider range than the literature
+    default, and each bound's source: a hydrogen farther from every heavy atom than ``max_h_distance_A`` in
+    training moves that bound to its largest training distance plus ``max_departure_A`` (the allowance of the
+    distance bands); training frames with momenta hotter than ``max_temperature_K`` move it to their hottest
+    (colder than ``min_temperature_K``: to their coldest). Distance bands are always the training ranges."""
+    sources = {"distance_bands": f"training ranges of {name} ± {criteria.max_departure_A:g} Å (allowance: Fu et al. 2023)"}
+    h_far = [d for d in (_hydrogen_to_heavy(_FrameGeometry(a))[0] for a in training) if np.isfinite(d)]
+    widened = {}
+    if h_far and max(h_far) > criteria.max_h_distance_A:
+        widened["max_h_distance_A"] = max(h_far) + criteria.max_departure_A
+        sources["max_h_distance_A"] = (f"{widened['max_h_distance_A']:.2f} Å: training data ({name}: a hydrogen {max(h_far):.2f} Å from "
+                                       f"every heavy atom, + {criteria.max_departure_A:g} Å)")
+    else:
+        sources["max_h_distance_A"] = f"{criteria.max_h_distance_A:g} Å: literature default (MLIPAudit 2025)" + (
+            f"; training data reach {max(h_far):.2f} Å" if h_far else "")
+    temperatures = [a.get_temperature() for a in training if "momenta" in a.arrays and len(a) > 0]
+    high, low = criteria.max_temperature_K, criteria.min_temperature_K
+    if temperatures and max(temperatures) > high:
+        widened["max_temperature_K"] = float(max(temperatures))
+    if temperatures and min(temperatures) < low:
+        widened["min_temperature_K"] = float(min(temperatures))
+    for key, default in (("min_temperature_K", low), ("max_temperature_K", high)):
+        if key in widened:
+            sources[key] = f"{widened[key]:.0f} K: training data ({name}: instantaneous temperature of its momenta)"
+        else:
+            sources[key] = f"{default:g} K: configured default (md.stability.{key})" + (
+                f"; training frames {min(temperatures):.0f}-{max(temperatures):.0f} K" if temperatures else "; training frames carry no momenta")
+    return replace(criteria, **widened), sources
+
+
+# --------------------------------------------------------------------------- radial distribution functions
+
+
+@dataclass(frozen=True, eq=False)
+class RDF:
+    """Partial radial distribution functions g_AB(r) of some frames, per species pair, on common bins."""
+
+    r_max: float
+    bin_A: float
+    pairs: dict[str, np.ndarray]  # "A-B" -> g (n_bins,)
+
+    @property
+    def r(self) -> np.ndarray:
+        return (np.arange(int(round(self.r_max / self.bin_A))) + 0.5) * self.bin_A
+
+
+def usable_range(frames: Sequence[ase.Atoms]) -> float:
+    """Half the smallest cell height over ``frames`` (Å): beyond it a periodic cell's pairs are its own images.
+    0 when a frame is not periodic along every axis (no density, no RDF)."""
+    heights = []
+    for atoms in frames:
+        if not np.all(atoms.pbc):
+            return 0.0
+        heights.append(float(np.min(1.0 / np.linalg.norm(np.linalg.inv(complete_cell(atoms.cell.array)).T, axis=1))))
+    return 0.5 * min(heights) if heights else 0.0
+
+
+def _pair_histograms(atoms: ase.Atoms, r_max: float, bin_A: float) -> dict[str, tuple[np.ndarray, float]]:
+    """Per pair of one frame: the histogram of its distances and its ideal-gas normalisation factor
+    (N_A N_B / V, N_A (N_A - 1) / V for A = B), both to be summed over frames."""
+    from ase.neighborlist import neighbor_list
+
+    n_bins = int(round(r_max / bin_A))
+    i, j, d = neighbor_list("ijd", atoms, r_max)
+    symbols = np.asarray(atoms.get_chemical_symbols())
+    counts = {name: int(np.sum(symbols == name)) for name in np.unique(symbols)}
+    volume = atoms.get_volume()
+    out = {}
+    for a, b in _pairs(counts):
+        mine = (symbols[i] == a) & (symbols[j] == b)
+        hist = np.histogram(d[mine], bins=n_bins, range=(0.0, n_bins * bin_A))[0].astype(float)
+        norm = counts[a] * (counts[b] - (a == b)) / volume
+        out[pair_name(a, b)] = (hist, norm)
+    return out
+
+
+def _shells(n_bins: int, bin_A: float) -> np.ndarray:
+    edges = np.arange(n_bins + 1) * bin_A
+    return 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+
+
+def rdf(frames: Sequence[ase.Atoms], r_max: float, bin_A: float) -> RDF:
+    """Average partial RDFs of ``frames`` up to ``r_max`` (Å)."""
+    n_bins = int(round(r_max / bin_A))
+    sums: dict[str, list] = {}
+    for atoms in frames:
+        for name, (hist, norm) in _pair_histograms(atoms, r_max, bin_A).items():
+            total = sums.setdefault(name, [np.zeros(n_bins), 0.0])
+            total[0] += hist
+            total[1] += norm
+    shells = _shells(n_bins, bin_A)
+    return RDF(n_bins * bin_A, bin_A, {name: hist / (norm * shells) if norm > 0 else np.zeros(n_bins) for name, (hist, norm) in sums.items()})
+
+
+def windowed_rdf_mae(frames: Sequence[ase.Atoms], reference: RDF, window: int) -> dict[str, np.ndarray]:
+    """Per pair of ``reference``, per frame: the integral of |g - g_ref| dr (Å) of the window of ``window``
+    frames ending there (NaN before the first full window, or for a frame whose positions are not finite)."""
+    n_bins = len(reference.r)
+    hists = {name: np.zeros((len(frames), n_bins)) for name in reference.pairs}
+    norms = {name: np.zeros(len(frames)) for name in reference.pairs}
+    for k, atoms in enumerate(frames):
+        if not np.isfinite(atoms.positions).all():
+            continue
+        for name, (hist, norm) in _pair_histograms(atoms, reference.r_max, reference.bin_A).items():
+            if name in hists:
+                hists[name][k], norms[name][k] = hist, norm
+    shells = _shells(n_bins, reference.bin_A)
+    out = {}
+    for name, g_ref in reference.pairs.items():
+        mae = np.full(len(frames), np.nan)
+        h, n = np.cumsum(hists[name], axis=0), np.cumsum(norms[name])
+        for k in range(window - 1, len(frames)):
+            hist = h[k] - (h[k - window] if k >= window else 0.0)
+            norm = n[k] - (n[k - window] if k >= window else 0.0)
+            if norm > 0:
+                mae[k] = float(np.sum(np.abs(hist / (norm * shells) - g_ref)) * reference.bin_A)
+        out[name] = mae
+    return out
 
 
 def energy_drift(

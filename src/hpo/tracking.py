@@ -221,6 +221,15 @@ class Tracker:
         )
         self._answered()
 
+    def log_history(self, run_id: str, series: dict, steps) -> None:
+        """Metrics with one value per step (e.g. along an MD trajectory), in batches of MLflow's 1000."""
+        from mlflow.utils.time import get_current_time_millis
+
+        now = get_current_time_millis()
+        found = [Metric(name, float(v), now, int(step)) for name, values in series.items() for v, step in zip(values, steps) if math.isfinite(float(v))]
+        for start in range(0, len(found), 1000):
+            self.client.log_batch(run_id, metrics=found[start : start + 1000])
+
     def log_artifacts(self, run_id: str, paths: list[Path], artifact_path: str | None = None) -> None:
         for path in paths:
             if Path(path).exists():

@@ -20,3 +20,11 @@ def kind(name: str) -> ModelKind:
     if name not in KINDS:
         raise ConfigError(f"model.kind={name!r} is not allowed: one of {tuple(KINDS)}")
     return importlib.import_module(KINDS[name]).KIND
+
+
+def md_kind() -> ModelKind:
+    """The kind whose models drive MD (``ModelKind.drives_md``): what ``md`` and the stability gate run."""
+    found = [name for name in KINDS if kind(name).drives_md]
+    if len(found) != 1:
+        raise ConfigError(f"exactly one model kind must drive MD, found {found}")
+    return kind(found[0])

@@ -87,6 +87,17 @@ class TimeBudgetExceeded(OverBudget):
 
 
 @dataclass
+class Uncertainty:
+    """A model's predictive std on some frames: named per-frame arrays (units in the name), ``primary`` the one
+    thresholds apply to; ``per_atom`` (per frame, one value per atom) when the kind has one."""
+
+    per_frame: dict[str, Any]
+    primary: str
+    per_atom: list | None = None
+    per_atom_name: str = ""
+
+
+@dataclass
 class Scored:
     """What one fit produced: metrics, flags and the files worth keeping."""
 
@@ -199,6 +210,25 @@ class ModelKind:
         """``test_*`` errors of a registered model (its ``files``) on the test frames; ``val`` gives the scales
         of any loss. Called once per promotion."""
         raise NotImplementedError
+
+    def attach_posterior(self, cfg, params: dict, data, files: list[Path]) -> list[Path]:
+        """Make the model in ``files`` carry what its predictive std needs (a file beside it that registration
+        copies), from the training data of ``data``; the files (unchanged by default: nothing to add)."""
+        return files
+
+    def predictive_std(self, files: list[Path], frames) -> Uncertainty | None:
+        """The predictive std of the model in ``files`` on ``frames`` (None: it keeps no posterior)."""
+        return None
+
+    def calibration_pairs(self, cfg, params: dict, files: list[Path], split, data):
+        """(errors, predictive std) of the model in ``files`` on a split's frames, flat arrays in the same units,
+        and the quantity's name (e.g. "energy"); None when the model keeps no posterior. ``data``: the study's
+        ``Datasets`` (its detected keys)."""
+        return None
+
+    def set_std_scale(self, files: list[Path], scale: float) -> None:
+        """Multiply the model's stored calibration scale by ``scale`` (``hpo.calibration.fit_scale`` of the std it
+        reports now), so every std it reports afterwards includes it (nothing by default)."""
 
     def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
         """The files to register for a trial's model, and figures about making them (none by default: the

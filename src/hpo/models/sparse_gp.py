@@ -60,7 +60,7 @@ def select_sparse(x: np.ndarray, n_sparse: int, method: str = "fps", seed: int =
     return chosen
 
 
-def solve_projected_process(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, sigma: np.ndarray | float) -> np.ndarray:
+def solve_projected_process(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, sigma: np.ndarray | float, posterior: bool = False):
     """Weights w minimising |Lambda^-1/2 (y - K_NM w)|^2 + w^T K_MM w (Lambda = diag(sigma^2)).
 
     Two routes to the same w, whichever is cheaper:
@@ -77,6 +77,13 @@ def solve_projected_process(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, s
 
     ``k_mm`` must be positive definite (add a jitter to its diagonal first); scipy raises
     LinAlgError otherwise.
+
+    ``posterior``: also the factors of the posterior covariance the solve has at hand, for the predictive
+    variance k_gg - k_g K_MM^-1 k_g^T + k_g Sigma k_g^T (Sigma = (K_MM + K_MN Lambda^-1 K_NM)^-1) of a
+    functional with covariance row k_g: ``{"lower": L}`` (K_MM = L L^T) and either ``"r"`` (QR route:
+    R^T R = Sigma^-1, the variance is k_gg - |L^-1 k_g|^2 + |R^-T k_g|^2) or ``"b"`` (Cholesky route:
+    B = chol(K_NM K_MM^-1 K_MN + Lambda)^-1 (L^-1 K_MN)^T, the variance is k_gg - |B L^-1 k_g|^2, Woodbury's
+    identity). Returns (w, factors) then.
     """
     sigma = np.broadcast_to(np.asarray(sigma, dtype=float), (len(k_nm),))
     if len(k_nm) < len(k_mm):
@@ -88,9 +95,15 @@ def solve_projected_process(k_mm: np.ndarray, k_nm: np.ndarray, y: np.ndarray, s
             a = scipy.linalg.cho_solve(scipy.linalg.cho_factor(q, lower=True), y)
         except np.linalg.LinAlgError:  # tiny noise on a near-singular kernel: LU, as the exact model does
             a = scipy.linalg.solve(q, y, assume_a="sym")
-        return scipy.linalg.solve_triangular(lower, v @ a, lower=True, trans="T")
+        w = scipy.linalg.solve_triangular(lower, v @ a, lower=True, trans="T")
+        if not posterior:
+            return w
+        w_q, v_q = np.linalg.eigh(q)  # q may be near-singular where the Cholesky failed: its eigenpairs
+        keep = w_q > w_q.max() * len(q) * np.finfo(float).eps
+        return w, {"lower": lower, "b": (v_q[:, keep] / np.sqrt(w_q[keep])).T @ v.T}
     u = scipy.linalg.cholesky(k_mm, lower=False)  # K_MM = U^T U
     a = np.vstack([k_nm / sigma[:, None], u])
     b = np.concatenate([y / sigma, np.zeros(len(u))])
     q, r = np.linalg.qr(a)
-    return scipy.linalg.solve_triangular(r, q.T @ b)
+    w = scipy.linalg.solve_triangular(r, q.T @ b)
+    return (w, {"lower": u.T, "r": r}) if posterior else w

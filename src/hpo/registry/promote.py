@@ -123,6 +123,8 @@ def promote(cfg) -> dict:
         if production:
             workdir = files[0].parent
             tracker.log(run_id, metrics=production)
+        # the registered model carries its posterior (predictive std in md, polarize and hpo.load_model)
+        files = model_kind.attach_posterior(cfg, model, data, files)
         metrics = {k: v for k, v in trial.user_attrs.items() if isinstance(v, float)}
         lineage = {
             "study": study.study_name,
@@ -149,9 +151,11 @@ def promote(cfg) -> dict:
         tracker.client.set_tag(run_id, "mlflow.runName", f"promote-{study.study_name}-trial{trial.number}")
         tracker.log(run_id, tags=lineage)
 
-        test_metrics, test_tags = test_errors_of(cfg, study, trial, files, data, model_kind)
+        test_metrics, test_tags = test_errors_of(cfg, study, trial, files, data, model_kind, promote_dir)
         lineage.update(test_tags, **{k: f"{v:.6g}" for k, v in test_metrics.items()})
         tracker.log(run_id, metrics=test_metrics, tags=test_tags)
+        if "calibration_plot" in test_tags:
+            tracker.log_artifacts(run_id, [Path(test_tags["calibration_plot"])])
         if screened is not None:
             tracker.log(run_id, metrics={f"screen.{k}": v for k, v in screened.metrics.items()})
             tracker.log_artifacts(run_id, screened.figures, "screen")
@@ -293,15 +297,21 @@ class Screened:
     figures: list[Path] = field(default_factory=list)
 
 
-def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, tracker: Tracker, parent: str, outdir: Path):
-    """Short MD of one candidate from each screen start frame, in one nested MLflow run.
+def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, tracker: Tracker, parent: str, outdir: Path, model_kind=None):
+    """Short MD of one candidate from each screen start frame, in one nested MLflow run, judged with the
+    bounds of ``md.stability`` widened by the training data, their RDF and the candidate's own uncertainty
+    (its posterior written beside its model first).
 
     Returns (stable, why, metrics, figures): ``why`` names the first unstable start frame's verdict.
     """
     from hpo import md as hpo_md
+    from hpo.models import md_kind
     from hpo.models.gap.gap_fit import load
 
+    model_kind = model_kind or md_kind()
     md_cfg = screen_md_config(cfg, screen)
+    files = model_kind.attach_posterior(cfg, with_values(hpo_config.model_params(cfg), trial.params), data, files)
+    threshold = hpo_md.uncertainty_threshold(model_kind, files, data.val.frames, data.val.path.name, md_cfg)
     xml = next(p for p in files if p.suffix == ".xml")
     tags = {"command": "promote", "run_type": "md_screen", "trial": trial.number, "study": cfg.study.name}
     stable, why, metrics, figures, tags_out = True, "", {}, [], {}
@@ -311,7 +321,9 @@ def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, trac
             where = outdir / f"trial{trial.number}" / f"start{start}"
             found, trace, blow_up = hpo_md.run(data.val.frames[start], potential, md_cfg, where)
             title = f"screen: trial {trial.number}, {md_cfg.ensemble.upper()} from {data.val.path.name}[{start}]"
-            judged = hpo_md.judge_trace(trace, ranges, md_cfg, where, title)
+            along = hpo_md.uncertainty_along(model_kind, files, trace.frames, threshold)
+            judged = hpo_md.judge_trace(trace, ranges, md_cfg, where, title, training=data.train.frames,
+                                        train_name=data.train.path.name, along=along)
             plot = plots.md_plot(where / "md.png", trace.time_fs, trace.potential, trace.kinetic, trace.temperature, title)
             tracker.log(run_id, metrics={f"start{start}.{k}": v for k, v in {**found, **judged.metrics}.items()},
                         tags={f"start{start}.{k}": v for k, v in {**judged.tags, "blow_up": blow_up or "none"}.items()})
@@ -330,7 +342,8 @@ def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, trac
 
 
 def screen_candidates(cfg, study, candidates, data, screen: dict, tracker: Tracker, parent: str, outdir: Path):
-    """The gate: screen the candidates in order; the first stable one wins (``promote.trial``: that one, stable or not)."""
+    """The gate: screen every candidate, then register the stable one ranked first (candidates come ranked: by the
+    validation metric, or by cost within ``promote.within``); ``promote.trial``: that one, stable or not."""
     from hpo import stability
 
     if max(screen["start_frames"]) >= len(data.val):
@@ -340,20 +353,25 @@ def screen_candidates(cfg, study, candidates, data, screen: dict, tracker: Track
     ranges = stability.training_ranges(data.train.frames)
     print(f"[hpo] screening {len(candidates)} candidate(s) of study {study.study_name!r} with {screen['steps']} "
           f"{screen['ensemble'].upper()} steps from validation frames {screen['start_frames']} (promote.screen)", flush=True)
-    rejected = []
+    results = []
     for trial in candidates:
         files, workdir = model_files(cfg, study, trial, data)
         stable, why, metrics, figures = screen_trial(cfg, trial, files, data, screen, ranges, tracker, parent, outdir)
-        summary = "; ".join([*(f"trial {n}: {w}" for n, w in rejected), f"trial {trial.number}: {'stable' if stable else why}"])
+        results.append((trial, files, workdir, stable, why, metrics, figures))
+    summary = "; ".join(f"trial {t.number}: {'stable' if ok else why}" for t, _, _, ok, why, _, _ in results)
+    ranking = [t.number for t, _, _, ok, _, _, _ in results if ok]  # candidates come ranked: so are these
+    for trial, files, workdir, stable, why, metrics, figures in results:
         tags = {"md_stable": str(stable).lower(), "md_stability_reason": why or "none", "screened": summary[:4900],
-                "screen_settings": str(screen)}
+                "screen_settings": str(screen), "screen_stable_ranked": ", ".join(map(str, ranking)) or "none"}
         if stable:
+            if len(ranking) > 1:
+                print(f"[hpo] stable candidates, best first: trials {ranking}; registering trial {trial.number}", flush=True)
             return trial, files, workdir, Screened(tags, metrics, figures)
         if cfg.promote.trial is not None:
             print(f"[hpo] warning: promote.trial={trial.number} is not stable in MD ({why}); registering it as asked, "
                   "tagged md_stable=false", flush=True)
             return trial, files, workdir, Screened(tags, metrics, figures)
-        rejected.append((trial.number, why))
+    rejected = [(t.number, why) for t, _, _, _, why, _, _ in results]
     lines = "\n".join(f"  trial {n}: {why}" for n, why in rejected)
     raise PromoteError(
         f"no stable candidate among the {len(candidates)} best trials of study {study.study_name!r} "
@@ -365,13 +383,34 @@ def screen_candidates(cfg, study, candidates, data, screen: dict, tracker: Track
 # --------------------------------------------------------------------------- #
 # test errors
 # --------------------------------------------------------------------------- #
-def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str, float], dict[str, str]]:
+def calibrate(cfg, trial, files, data, test, model_kind, outdir: Path) -> tuple[dict[str, float], dict[str, str]]:
+    """The registered model's predictive std against its errors (``hpo.calibration``): the scale fitted on the
+    validation split, stored in the model (every std it reports is multiplied by it), and the z-scores and
+    coverage on validation and test before and after it; the calibration plot's path in the tags."""
+    from hpo import calibration
+
+    model = with_values(hpo_config.model_params(cfg), trial.params)
+    splits = {"val": data.val, **({"test": test} if test is not None else {})}
+    pairs = {name: model_kind.calibration_pairs(cfg, model, files, split, data) for name, split in splits.items()}
+    if any(found is None for found in pairs.values()):
+        return {}, {}
+    quantity = pairs["val"][2]
+    plot = outdir / f"calibration_{quantity}.png"
+    scale, found = calibration.calibrate(quantity, {name: (e, s) for name, (e, s, _) in pairs.items()}, plot,
+                                         f"{model_kind.display_name} {quantity} std, trial {trial.number}")
+    model_kind.set_std_scale(files, scale)
+    return found, {"std_scale": f"{scale:.6g}", "calibration_plot": str(plot)}
+
+
+def test_errors_of(cfg, study, trial, files, data, model_kind, outdir: Path | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """The promoted model's test errors (and the hand-tuned default trial's, ``default_test_*``), with tags
-    describing the split. The test set is read here, once per promotion, and by nothing else."""
+    describing the split, and with ``outdir`` the calibration of its std (``calibrate``). The test set is read
+    here, once per promotion, and by nothing else."""
     from hpo.cache import frame_digests
     from hpo.search.selection import default_trial
 
     test = load_test_set(cfg, data)
+    calibrated, calibration_tags = calibrate(cfg, trial, files, data, test, model_kind, outdir) if outdir is not None else ({}, {})
     if test is None:
         source = cfg.dataset.get("source")
         why = {
@@ -379,7 +418,7 @@ def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str
             "pool": f"dataset.split.test={cfg.dataset.get('split', {}).get('test')!r} keeps no frame for it",
         }.get(source, f"dataset.test_file={cfg.dataset.get('test_file')!r} has no frame outside the training set")
         print(f"[hpo] no test split ({why}): the registered model has no test error", flush=True)
-        return {}, {"test_split": "none"}
+        return calibrated, {"test_split": "none", **calibration_tags}
     model = with_values(hpo_config.model_params(cfg), trial.params)
     found = model_kind.test_errors(cfg, model, files, test, data.val)
     split = hashlib.sha256("".join(frame_digests(test.frames)).encode()).hexdigest()
@@ -395,7 +434,7 @@ def test_errors_of(cfg, study, trial, files, data, model_kind) -> tuple[dict[str
             default_model = with_values(hpo_config.model_params(cfg), default.params)
             found.update({f"default_{k}": v for k, v in model_kind.test_errors(cfg, default_model, default_files, test, data.val).items()})
         tags["default_trial"] = str(default.number)
-    return found, tags
+    return {**found, **calibrated}, {**tags, **calibration_tags}
 
 
 def print_test_summary(cfg, trial, found: dict[str, float], model_kind) -> None:

@@ -24,10 +24,10 @@ from typing import Callable
 
 import numpy as np
 
-from hpo import metrics, plots, progress
+from hpo import calibration, metrics, plots, progress
 from hpo.atomic import write_text
 from hpo.cache import Cache, digest, digest_array, frame_digests
-from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TimeBudgetExceeded, TrialFailure
+from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TimeBudgetExceeded, TrialFailure, Uncertainty
 from hpo.models.rules import allowed, describe
 from hpo.models.gap import gap_fit, solver, sparse_gap
 from hpo.models.gap.descriptors import Environments, calculate_frame, descriptor_key, descriptor_value, environments, quippy_version
@@ -263,6 +263,12 @@ class GapKind(ModelKind):
             },
             title,
         )
+        artifacts = []
+        if "val" in fitted.std:  # calibration of the posterior std on the validation split (hpo.calibration)
+            _, calibrated = calibration.calibrate("energy", {"val": (fitted.energies["val"] - data.val.energies, fitted.std["val"])},
+                                                  workdir / "calibration_energy.png", f"GAP energy std, {data.val.path.name}")
+            found.update(calibrated)
+            artifacts.append(workdir / "calibration_energy.png")
         if params["descriptor_cache_dir"]:
             cache.trim(int(params["descriptor_cache_max_gb"] * 1e9))
         found.update({f"cache_{k}": float(v) for k, v in cache.stats.items()})
@@ -270,7 +276,7 @@ class GapKind(ModelKind):
             metrics=found,
             params={**flatten(params), "n_sparse_requested": requested, "threads": cfg.threads},
             tags=tags,
-            artifacts=[*fitted.artifacts, workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
+            artifacts=[*fitted.artifacts, workdir / "train_errors.csv", workdir / "validation_errors.csv", parity, *artifacts],
             model_files=[fitted.model_file],
         )
 
@@ -290,6 +296,59 @@ class GapKind(ModelKind):
         found = metrics.energy_force_metrics("test", test.energies, energies, test.n_atoms, test.forces if with_forces else None, predicted_forces)
         loss = trial_loss(cfg, found, val, bool(params.get("force_metrics")), ("test",))
         return {**found, **({"test_loss": loss["test_loss"]} if "test_loss" in loss else {})}
+
+    def attach_posterior(self, cfg, params: dict, data, files: list[Path]) -> list[Path]:
+        """The sparse GP's posterior (``posterior.Posterior``) written beside the XML as ``gap.xml.posterior.npz``,
+        recomputed from the model's own sparse points and the training frames' descriptors (and force rows when
+        forces were fitted): the same for a model of gap_fit's or of hpo's solver, since both solve the same
+        problem. (quippy's ``local_gap_variance`` of a gap_fit model fitted with ``export_covariance=T`` is not
+        this variance: README, "Uncertainty".) Models quippy alone evaluates keep none."""
+        xml = next(p for p in files if p.suffix == ".xml")
+        params = self.resolve_auto(copy.deepcopy(params), data)
+        try:
+            model = sparse_gap.SparseGap.read(xml)
+        except sparse_gap.UnsupportedModel:
+            return files
+        with_forces = bool(params["force_metrics"]) and bool(data.train.forces)
+        cache = Cache(params["descriptor_cache_dir"])
+        if with_forces and not _gradients_fit_in_cache(params, data.train.frames):
+            cache = Cache(None)
+        posterior = solver.posterior_of_model(
+            model, data.train.frames, solver.Hyper.from_params(params, {}), data.train.forces if with_forces else None, cache,
+            force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None,
+        )
+        posterior.save(sparse_gap.posterior_file(xml))
+        return files
+
+    def predictive_std(self, files: list[Path], frames) -> Uncertainty | None:
+        """Per frame: the std of the total energy per atom (eV/atom, what thresholds use: comparable across cell
+        sizes), of the total energy (eV) and the largest of its atoms' local energies (eV); per atom the latter."""
+        xml = next(p for p in files if p.suffix == ".xml")
+        if not sparse_gap.posterior_file(xml).is_file():
+            return None
+        posterior = solver.Posterior.load(sparse_gap.posterior_file(xml))
+        frame_std, atom_std = posterior.std(list(frames))
+        n_atoms = np.array([len(a) for a in frames], dtype=float)
+        return Uncertainty(
+            per_frame={"energy_std_eV_per_atom": frame_std / n_atoms, "energy_std_eV": frame_std,
+                       "local_energy_std_max_eV": np.array([a.max() if len(a) else 0.0 for a in atom_std])},
+            primary="energy_std_eV_per_atom", per_atom=atom_std, per_atom_name="local_energy_std_eV",
+        )
+
+    def calibration_pairs(self, cfg, params: dict, files: list[Path], split, data):
+        """Energy errors (eV per frame) and the posterior std of the frames' energies (eV)."""
+        xml = next(p for p in files if p.suffix == ".xml")
+        model = sparse_gap.SparseGap.read(xml)
+        if model.posterior is None:
+            return None
+        energies, std = model.predict(split.frames, Cache(params["descriptor_cache_dir"]), return_std=True)
+        return energies - split.energies, std, "energy"
+
+    def set_std_scale(self, files: list[Path], scale: float) -> None:
+        path = sparse_gap.posterior_file(next(p for p in files if p.suffix == ".xml"))
+        if path.is_file():  # the scale was fitted to the std as reported, i.e. with any earlier scale in
+            posterior = solver.Posterior.load(path)
+            dataclasses.replace(posterior, std_scale=posterior.std_scale * float(scale)).save(path)
 
     def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
         """The model to register. A trial solved with numpy is refitted by gap_fit on the same sparse points, and
@@ -431,6 +490,7 @@ class Fitted:
     metrics: dict[str, float]
     tags: dict[str, str]
     artifacts: list[Path]
+    std: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # posterior std of the energies (eV), where known
 
 
 def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitted:
@@ -498,7 +558,7 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     factors, reused = training_factors(params, data.train, sparse, found, with_forces, cfg.study.seed, cache, gradient_cache,
                                        force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None)
     hyper = solver.Hyper.from_params(params, data.solver_e0(cfg.dataset))
-    solution = solver.solve(factors, frames, data.train.energies, hyper)
+    solution = solver.solve(factors, frames, data.train.energies, hyper, with_posterior=True)
     fit_time = time.perf_counter() - start
     indices = sparse.indices(sparse.requested)
     points = gap_fit.SparsePoints(frames, tuple(indices[d] for d in descriptors))
@@ -506,6 +566,7 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     model_file = solver.write_xml(solution.model, workdir / gap_fit.MODEL_FILE)
     start = time.perf_counter()
     val_energies, val_forces = validation_predictions(params, data.val.frames, factors, solution, hyper, with_forces, cache)
+    val_std = solution.posterior.std(data.val.frames, cache)[0]
     found_metrics = {"fit_time_s": fit_time, "descriptor_time_s": descriptor_time, "eval_time_s": time.perf_counter() - start,
                      "factors_reused": float(reused), "kernel_time_s": factors.times.get("kernels_s", 0.0)}
     if solution.train_force_rmse is not None:
@@ -517,6 +578,7 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
         metrics=found_metrics,
         tags={},
         artifacts=[workdir / name for name in points.files],
+        std={"val": val_std},
     )
 
 

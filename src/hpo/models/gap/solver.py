@@ -47,6 +47,7 @@ import scipy.linalg
 from hpo.cache import Cache
 from hpo.models.gap import gap_fit, kernels
 from hpo.models.gap.descriptors import Environments, descriptor_value, environments
+from hpo.models.gap.posterior import PREDICT_ATOMS, Posterior
 from hpo.models.gap.sparse_gap import SparseGap, SparseGP
 from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
@@ -353,32 +354,72 @@ class Solution:
     scales: np.ndarray
     train_energies: np.ndarray
     train_force_rmse: float | None
+    posterior: Posterior | None = None
 
 
-def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, hyper: Hyper, n_sparse: int | Sequence[int] | None = None) -> Solution:
-    """gap_fit's least-squares problem on ``factors`` restricted to ``n_sparse`` (None: each descriptor's own), by QR."""
+def solve(factors: Factors, frames: Sequence[ase.Atoms], energies: np.ndarray, hyper: Hyper, n_sparse: int | Sequence[int] | None = None,
+          with_posterior: bool = False) -> Solution:
+    """gap_fit's least-squares problem on ``factors`` restricted to ``n_sparse`` (None: each descriptor's own), by QR;
+    ``with_posterior``: the solution carries its ``Posterior`` (from the same factorisation)."""
     factors, columns = factors.restricted(factors.sparse.requested if n_sparse is None else n_sparse)
     m = factors.sparse.size
     scale = factors.sparse.scales()  # K = delta^2 K(delta=1), per descriptor: columns of K_NM and R, blocks of K_MM
-    n_atoms = np.array([len(a) for a in frames])
     e0 = hyper.e0_of(frames)
-    k_mm = np.sqrt(scale)[:, None] * factors.k_mm * np.sqrt(scale)[None, :]
-    k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
-    k_nm = scale * factors.energy_rows
+    k_mm, k_nm, sigma = _weighted_problem(factors, frames, hyper)
     y = np.asarray(energies, dtype=float) - e0
-    sigma = hyper.energy_sigma * np.sqrt(n_atoms)
     if factors.force_r is not None:
-        k_nm = np.vstack([k_nm, scale * factors.force_r[:m, :m]])
         y = np.concatenate([y, factors.force_r[:m, m]])
-        sigma = np.concatenate([sigma, np.full(m, hyper.force_sigma)])
-    weights = solve_projected_process(k_mm, k_nm, y, sigma)
+    weights, found = solve_projected_process(k_mm, k_nm, y, sigma, posterior=True) if with_posterior else (solve_projected_process(k_mm, k_nm, y, sigma), None)
     force_rmse = None
     if factors.force_r is not None and factors.force_rows:
         residual = scale * factors.force_r[:m, :m] @ weights - factors.force_r[:m, m]
         force_rmse = float(np.sqrt((residual @ residual + factors.force_r[m, m] ** 2) / factors.force_rows))
     species = sorted({int(z) for atoms in frames for z in atoms.numbers})
     model = factors.sparse.model(weights, hyper, species)
-    return Solution(model, weights, columns, scale, e0 + (scale * factors.energy_rows) @ weights, force_rmse)
+    posterior = posterior_from_factors(factors.sparse, found) if with_posterior else None
+    return Solution(model, weights, columns, scale, e0 + (scale * factors.energy_rows) @ weights, force_rmse, posterior)
+
+
+def posterior_of(factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper, n_sparse: int | Sequence[int] | None = None) -> Posterior:
+    """The ``Posterior`` of a fit's factors: its weighted problem solved again, keeping the posterior's factors."""
+    factors, _ = factors.restricted(factors.sparse.requested if n_sparse is None else n_sparse)
+    k_mm, k_nm, sigma = _weighted_problem(factors, frames, hyper)
+    _, found = solve_projected_process(k_mm, k_nm, np.zeros(len(k_nm)), sigma, posterior=True)
+    return posterior_from_factors(factors.sparse, found)
+
+
+def posterior_from_factors(sparse: SparseSet, found: Mapping[str, np.ndarray]) -> Posterior:
+    m = sparse.size
+    return Posterior(sparse.descriptors, sparse.points, sparse.cutoffs, tuple(sparse.positions), sparse.deltas, sparse.zetas,
+                     found["lower"], np.triu(found["r"][:m]) if "r" in found else None, found.get("b"))
+
+
+def posterior_of_model(model: SparseGap, frames: Sequence[ase.Atoms], hyper: Hyper, forces: Sequence[np.ndarray] | None = None,
+                       cache: Cache | None = None, force_atoms: Sequence[np.ndarray] | None = None) -> Posterior:
+    """The posterior of a fitted model of any origin (gap_fit's XML or hpo's): its sparse points against the
+    training frames' descriptors (and force rows when ``forces``), factorised as ``build_factors`` does."""
+    sparse = SparseSet(tuple(model.descriptors), tuple(np.arange(len(gp.alpha)) for gp in model.gps),
+                       tuple(gp.sparse_points for gp in model.gps), tuple(np.ones(len(gp.alpha)) for gp in model.gps))
+    factors = build_factors(sparse, frames, forces, cache,
+                            found=None if forces is not None else {d: environments(d, frames, cache) for d in sparse.descriptors},
+                            force_atoms=force_atoms)
+    return posterior_of(factors, frames, hyper, n_sparse=[len(gp.alpha) for gp in model.gps])
+
+
+def _weighted_problem(factors: Factors, frames: Sequence[ase.Atoms], hyper: Hyper) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """gap_fit's K_MM (each descriptor's delta^2, jitter added), stacked K_NM (energies, then the force factor's
+    rows) and their noise sigma."""
+    m = factors.sparse.size
+    scale = factors.sparse.scales()
+    n_atoms = np.array([len(a) for a in frames])
+    k_mm = np.sqrt(scale)[:, None] * factors.k_mm * np.sqrt(scale)[None, :]
+    k_mm[np.diag_indices_from(k_mm)] += hyper.sparse_jitter
+    k_nm = scale * factors.energy_rows
+    sigma = hyper.energy_sigma * np.sqrt(n_atoms)
+    if factors.force_r is not None:
+        k_nm = np.vstack([k_nm, scale * factors.force_r[:m, :m]])
+        sigma = np.concatenate([sigma, np.full(m, hyper.force_sigma)])
+    return k_mm, k_nm, sigma
 
 
 @dataclass(frozen=True)
@@ -480,7 +521,6 @@ def memory_bytes(n_sparse_total: int, frames: Sequence[ase.Atoms], dimensions: i
 # --------------------------------------------------------------------------- forces of a SparseGap
 
 
-PREDICT_ATOMS = 1024  # atoms per block of predictions: bounds the descriptor gradients held at once
 
 
 def predict(model: SparseGap, frames: Sequence[ase.Atoms], cache: Cache | None = None, with_forces: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:

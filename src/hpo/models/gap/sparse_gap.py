@@ -30,6 +30,14 @@ from hpo.models.gap.descriptors import Environments, environments
 
 # gap_fit's integer code of covariance_type=dot_product in the XML.
 DOT_PRODUCT = 2
+# The sparse GP's posterior (``posterior.Posterior``) beside a model's XML, as ``gap.xml.posterior.npz``:
+# gap_fit's XML carries the weights, not the covariance a predictive variance needs; named after the XML
+# so it travels with it as its companions do (promotion copies ``gap.xml*``).
+POSTERIOR_SUFFIX = ".posterior.npz"
+
+
+def posterior_file(model_file: Path) -> Path:
+    return Path(str(model_file) + POSTERIOR_SUFFIX)
 class UnsupportedModel(ValueError):
     """A GAP this module cannot evaluate (e.g. not a dot-product kernel): use quippy's calculator."""
 
@@ -61,6 +69,7 @@ class SparseGap:
 
     e0: dict[int, float]
     gps: tuple[SparseGP, ...]
+    posterior: object = None  # posterior.Posterior, read from posterior_file(xml) when there is one
 
     @classmethod
     def read(cls, model_file: Path) -> SparseGap:
@@ -87,7 +96,12 @@ class SparseGap:
                     sparse_points=np.array([_vector(p) for p in points]),
                 )
             )
-        return cls(e0=e0, gps=tuple(gps))
+        posterior = None
+        if posterior_file(model_file).is_file():
+            from hpo.models.gap.posterior import Posterior
+
+            posterior = Posterior.load(posterior_file(model_file))
+        return cls(e0=e0, gps=tuple(gps), posterior=posterior)
 
     @property
     def descriptors(self) -> list[str]:
@@ -101,6 +115,12 @@ class SparseGap:
             totals += np.bincount(env.frame, weights=gp.local_energies(env), minlength=len(frames))
         return totals
 
-    def predict(self, frames: Sequence[ase.Atoms], cache: Cache | None = None) -> np.ndarray:
-        """Energies of ``frames``, computing (or loading) their descriptors."""
-        return self.energies(frames, {d: environments(d, frames, cache) for d in self.descriptors})
+    def predict(self, frames: Sequence[ase.Atoms], cache: Cache | None = None, return_std: bool = False):
+        """Energies (eV) of ``frames``, computing (or loading) their descriptors; ``return_std`` (scikit-learn's
+        convention): also each frame's predictive std (eV) of its total energy (``posterior.Posterior``)."""
+        energies = self.energies(frames, {d: environments(d, frames, cache) for d in self.descriptors})
+        if not return_std:
+            return energies
+        if self.posterior is None:
+            raise UnsupportedModel("no gap.xml.posterior.npz beside the model: it keeps no posterior, so no std")
+        return energies, self.posterior.std(frames, cache)[0]

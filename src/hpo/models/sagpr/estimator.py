@@ -76,6 +76,9 @@ RAW_KEEP_BYTES = 2**30
 # factor exists when environments nearly coincide. Kernel diagonals of normalised features are
 # at most 1, so this perturbs the model far below its regularisation.
 ENV_JITTER = 1e-10
+# Columns (weights) of a regression whose posterior factors are kept for predict(return_std=True): two
+# dense (n x n) whiteners at 4000 columns take 256 MB; beyond, the model predicts without a std.
+VARIANCE_MAX_COLUMNS = 4000
 
 _SQRT2, _SQRT3, _SQRT6 = np.sqrt(2.0), np.sqrt(3.0), np.sqrt(6.0)
 # Symmetric matrices B_mu with T = sum_mu a2_mu B_mu for the L=2 part, in the
@@ -270,6 +273,7 @@ class SAGPR(BaseEstimator):
             kmm0, kmm2 = kernels["kmm0"], kernels["kmm2"].reshape(5 * m, 5 * m)
             self.w0_ = solve_projected_process(_jittered(kmm0), k0, a0 - self.mean0_, np.sqrt(self.reg0))
             self.w2_ = solve_projected_process(_jittered(kmm2), k2, a2.ravel(), np.sqrt(self.reg2))
+        self.variance_ = self._posterior(kernels, n, m)
         # Training-set predictions come free with the training kernels; predict(frames) would rebuild
         # or reload them.
         self._primal = None  # folded weights, built by the first uncached predict()
@@ -292,11 +296,58 @@ class SAGPR(BaseEstimator):
         chosen = select_sparse(train.x0, self.n_env, self.env_selection, self.seed)
         return FeatureBlock(train.x0[chosen], train.x2[chosen], np.ones(len(chosen), dtype=np.int64))
 
+    def _posterior(self, kernels: dict, n: int, m: int) -> dict[str, np.ndarray]:
+        """Whiteners of the GP posterior, per lambda: var(g) = k_gg - |W_minus k_g|^2 + |W_plus k_g|^2.
+
+        Exact model: W_minus^T W_minus = (K + reg I)^-1, no W_plus (the GP's closed form). Projected process
+        (n_env): W_minus^T W_minus = K_MM^-1 and W_plus^T W_plus = (K_MM + K_MN K_NM / reg)^-1 (the deterministic
+        training conditional, as for GAP: ``hpo.models.gap.posterior.Posterior``). The variance is the latent
+        tensor's, without the noise reg, in the model's units squared. Empty when a lambda has more than
+        ``VARIANCE_MAX_COLUMNS`` weights.
+        """
+        out: dict[str, np.ndarray] = {}
+        for lam, reg, width in ((0, self.reg0, 1), (2, self.reg2, 5)):
+            k = kernels[f"k{lam}"].reshape(width * n, width * m)
+            if width * m > VARIANCE_MAX_COLUMNS:
+                return {}
+            if self.n_env is None:
+                out[f"minus{lam}"] = _whitener(k + reg * np.eye(len(k)))
+            else:
+                kmm = _jittered(kernels[f"kmm{lam}"].reshape(width * m, width * m))
+                out[f"minus{lam}"] = _whitener(kmm)
+                out[f"plus{lam}"] = _whitener(kmm + k.T @ k / reg)
+        return out
+
+    def _std(self, features: FeatureBlock, k0: np.ndarray, k2: np.ndarray) -> np.ndarray:
+        """(n, 3, 3) predictive std of each Cartesian component, from the kernels of ``features`` against the basis."""
+        n = features.n_frames
+        self_k0, self_k2 = np.zeros(n), np.zeros((n, 5, 5))
+        for i, one in enumerate(features.split()):
+            s0, s2 = structure_kernels(one, None, self.zeta)
+            self_k0[i], self_k2[i] = s0[0, 0], s2[0, :, 0, :]
+        v = self.variance_
+
+        def whitened(name: str, rows: np.ndarray) -> np.ndarray:
+            return v[name] @ rows.T if name in v else np.zeros((0, len(rows)))
+
+        r0 = k0.reshape(n, -1)
+        a, b = whitened("minus0", r0), whitened("plus0", r0)
+        var0 = self_k0 - np.einsum("ij,ij->j", a, a) + np.einsum("ij,ij->j", b, b)
+        r2 = k2.reshape(5 * n, -1)
+        a, b = whitened("minus2", r2), whitened("plus2", r2)
+        a, b = a.reshape(len(a), n, 5), b.reshape(len(b), n, 5)
+        cov2 = self_k2 - np.einsum("kim,kin->imn", a, a) + np.einsum("kim,kin->imn", b, b)
+        # T = -a0/sqrt(3) I + sum_mu a2_mu B_mu with a0 and a2 independent a priori and a posteriori
+        var = np.maximum(var0, 0.0)[:, None, None] / 3.0 * np.eye(3) + np.einsum("imn,mab,nab->iab", cov2, _B2, _B2)
+        # the calibration scale fitted on validation at promotion (hpo.calibration), when the model has one
+        return float(v.get("scale", 1.0)) * np.sqrt(np.maximum(var, 0.0))
+
     def predict(
         self,
         frames: Sequence[ase.Atoms],
         progress: Callable[[int, int], None] | None = None,
-    ) -> np.ndarray:
+        return_std: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predicted (n, 3, 3) symmetric tensors of ``frames``.
 
         Without a cache (and when the folded weights fit in PRIMAL_MAX_BYTES,
@@ -308,14 +359,20 @@ class SAGPR(BaseEstimator):
         refit with other regularisation reuses them. Both give the same
         numbers to round-off. ``progress(frames_done, total)`` is called after
         every chunk (e.g. to draw a progress bar).
+
+        ``return_std`` (scikit-learn's convention): also the (n, 3, 3) posterior std of each component
+        (``_posterior``), from kernels against the basis chunk by chunk (never the folded weights).
         """
         check_is_fitted(self, "w2_")
+        if return_std and not getattr(self, "variance_", None):
+            raise ValueError(f"this model keeps no posterior (more than {VARIANCE_MAX_COLUMNS} weights, or saved without one): no std")
         frames = list(frames)
         _check_frames(frames, self.species_)
         cache = Cache(self.cache_dir)
         timings = Counter()
         out = np.empty((len(frames), 3, 3))
-        primal = self._primal_weights() if cache.root is None else None
+        std = np.empty((len(frames), 3, 3)) if return_std else None
+        primal = self._primal_weights() if cache.root is None and not return_std else None
         chunk_atoms = PREDICT_CHUNK_ATOMS if primal is None else STREAM_CHUNK_ATOMS
         for start, stop in frame_ranges([len(atoms) for atoms in frames], chunk_atoms):
             chunk = frames[start:stop]
@@ -327,8 +384,8 @@ class SAGPR(BaseEstimator):
             else:
                 key = digest(self.fit_key_, self.zeta, self.n_env, self.env_selection, frame_digests(chunk))
                 kernels = cache.get("test_kernels", key)
+                features = self._transform(chunk, cache) if kernels is None or return_std else None
                 if kernels is None:
-                    features = self._transform(chunk, cache)
                     t1 = time.perf_counter()
                     k0, k2 = structure_kernels(features, self.basis_, self.zeta)
                     cache.put("test_kernels", key, {"k0": k0, "k2": k2})
@@ -337,6 +394,8 @@ class SAGPR(BaseEstimator):
                     k0, k2 = kernels["k0"], kernels["k2"]
                 a0 = k0 @ self.w0_ + self.mean0_
                 a2 = (k2.reshape(5 * len(chunk), -1) @ self.w2_).reshape(-1, 5)
+                if return_std:
+                    std[start : start + len(chunk)] = self._std(features, k0, k2)
             out[start : start + len(chunk)] = spherical_to_cartesian(a0, a2)
             t2 = time.perf_counter()
             timings["features_s"] += t1 - t0
@@ -345,7 +404,7 @@ class SAGPR(BaseEstimator):
                 progress(start + len(chunk), len(frames))
         self.predict_timings_ = dict(timings)
         self.cache_stats_ = getattr(self, "cache_stats_", Counter()) + cache.stats
-        return out
+        return (out, std) if return_std else out
 
     def _primal_weights(self) -> PrimalWeights | None:
         """The weights folded into feature space (built once per fit), or None if too large."""
@@ -370,6 +429,7 @@ class SAGPR(BaseEstimator):
             "basis_p2": self.basis_.x2,
             "basis_counts": self.basis_.counts,
             **_projections_to_arrays(self.projections_),
+            **{f"variance_{k}": v for k, v in getattr(self, "variance_", {}).items()},
         }
         atomic_write_npz(path / "model.npz", **arrays)
         params = {
@@ -407,6 +467,7 @@ class SAGPR(BaseEstimator):
         basis = "basis" if "basis_p0" in arrays else "train"
         model.basis_ = FeatureBlock(arrays[f"{basis}_p0"], arrays[f"{basis}_p2"], arrays[f"{basis}_counts"])
         model.projections_ = _projections_from_arrays(arrays)
+        model.variance_ = {k.removeprefix("variance_"): v for k, v in arrays.items() if k.startswith("variance_")}
         model.fit_key_ = meta["fit_key"]
         model._primal = None
         model.cache_stats_ = Counter()
@@ -539,6 +600,19 @@ def _select(raw: FeatureBlock, columns: tuple[np.ndarray, np.ndarray]) -> Featur
 
 def _jittered(k_mm: np.ndarray) -> np.ndarray:
     return k_mm + ENV_JITTER * np.eye(len(k_mm))
+
+
+def _whitener(a: np.ndarray) -> np.ndarray:
+    """W with W^T W = a^-1 (a symmetric positive definite): L^-1 of a's Cholesky factor, or, when a is
+    numerically singular (tiny reg on a near-singular kernel), diag(w^-1/2) V^T of its eigenpairs above
+    round-off."""
+    try:
+        lower = scipy.linalg.cholesky(a, lower=True)
+        return scipy.linalg.solve_triangular(lower, np.eye(len(a)), lower=True)
+    except np.linalg.LinAlgError:
+        w, v = np.linalg.eigh(a)
+        keep = w > w.max() * len(a) * np.finfo(float).eps
+        return (v[:, keep] / np.sqrt(w[keep])).T
 
 
 def _ridge_solve(k: np.ndarray, reg: float, y: np.ndarray) -> np.ndarray:

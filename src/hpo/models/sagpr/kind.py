@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpo import plots
+from hpo import calibration, plots
 from hpo.atomic import write_text
 from hpo.cache import Cache
 from hpo.data import read_tensors
@@ -60,6 +60,28 @@ class SagprKind(ModelKind):
         self.check_trial(params)
         return score_sagpr(cfg, params, data, workdir)
 
+    def calibration_pairs(self, cfg, params: dict, files: list[Path], split, data):
+        """Errors and posterior std of the 6 unique Cartesian components, in the model's units."""
+        model = SAGPR.load(next(p for p in files if p.is_dir()))
+        if not model.variance_:
+            return None
+        predicted, std = model.predict(split.frames, return_std=True)
+        key = data.keys.polarizability if getattr(data, "keys", None) is not None else None
+        return unique_components(predicted - tensors_of(split, cfg, params, key)), unique_components(std), "polarizability"
+
+    def set_std_scale(self, files: list[Path], scale: float) -> None:
+        folder = next(p for p in files if p.is_dir())
+        model = SAGPR.load(folder)
+        if model.variance_:  # the scale was fitted to the std as reported, i.e. with any earlier scale in
+            model.variance_["scale"] = np.array(float(model.variance_.get("scale", 1.0)) * float(scale))
+            model.save(folder)
+
+
+def unique_components(tensors: np.ndarray) -> np.ndarray:
+    """(n, 6): the upper-triangle components of symmetric (n, 3, 3) tensors."""
+    rows, cols = np.array(list(COMPONENTS.values())).T
+    return np.asarray(tensors)[:, rows, cols]
+
 
 def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
     """Fit an SA-GPR model of the polarizability; metrics are RMSEs per component, L=0, L=2 and overall."""
@@ -72,7 +94,7 @@ def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
         fit_time = time.perf_counter() - start
         start = time.perf_counter()
         train_pred = estimator.train_predictions_
-        val_pred = estimator.predict(data.val.frames)
+        val_pred, val_std = estimator.predict(data.val.frames, return_std=True) if estimator.variance_ else (estimator.predict(data.val.frames), None)
         eval_time = time.perf_counter() - start
     except np.linalg.LinAlgError as exc:
         raise TrialFailure("error", f"SA-GPR regression failed (reg too small?): {exc}") from exc
@@ -90,13 +112,20 @@ def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
     parity = plots.tensor_parity_plot(
         workdir / "parity_polarizability.png", {"train": (train_true, train_pred), "validation": (val_true, val_pred)}, title
     )
+    artifacts = []
+    if val_std is not None:  # calibration of the posterior std on the validation split (hpo.calibration)
+        _, calibrated = calibration.calibrate(
+            "polarizability", {"val": (unique_components(val_pred - val_true), unique_components(val_std))},
+            workdir / "calibration_polarizability.png", f"SA-GPR polarizability std, {data.val.path.name}")
+        found.update(calibrated)
+        artifacts.append(workdir / "calibration_polarizability.png")
     if model["cache_dir"]:
         Cache(model["cache_dir"]).trim(int(model["cache_max_gb"] * 1e9))
     return Scored(
         metrics=found,
         params={**flatten(model), "threads": cfg.threads},
         tags={"overfit": str(overfit).lower(), "cache": dict(estimator.cache_stats_)},
-        artifacts=[workdir / "train_errors.csv", workdir / "validation_errors.csv", parity],
+        artifacts=[workdir / "train_errors.csv", workdir / "validation_errors.csv", parity, *artifacts],
         model_files=[model_dir],
     )
 
