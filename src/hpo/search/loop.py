@@ -189,6 +189,7 @@ def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, mod
     """Everything ``run`` does inside the parent run: enqueue the default, run the workers, summarise."""
     n_workers = cfg.study.n_workers
     tracker.log_config(parent, cfg)
+    tracker.log_datasets(parent, {"training": data.train, "validation": data.val})
     tracker.log(parent, params={"study.n_trials": cfg.study.n_trials, "dataset.train_size": cfg.dataset.train_size, "study.metric": cfg.study.metric})
     if cfg.study.enqueue_default:
         defaults = default_values(model, space)

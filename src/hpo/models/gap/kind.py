@@ -83,6 +83,11 @@ class GapKind(ModelKind):
     records_loss = True
     cache_keys = ("descriptor_cache_dir", "descriptor_cache_max_gb")
 
+    def pyfunc_outputs(self):
+        from mlflow.types.schema import Array, ColSpec, Schema
+
+        return Schema([ColSpec("double", "energy"), ColSpec(Array(Array("double")), "forces")])
+
     def check_combination(self, params: dict, prefix: str) -> None:
         if params["atom_sigma"] >= params["cutoff"]:
             raise ConfigError(f"{prefix}.atom_sigma={params['atom_sigma']!r} is not allowed: smaller than the cutoff ({params['cutoff']})")
