@@ -245,13 +245,60 @@ def trial_seeded(sampler: optuna.samplers.BaseSampler, study_seed: int) -> optun
     return sampler
 
 
+def study_lock(url: str, name: str):
+    """Hold a lock that every invocation on study ``name`` in storage ``url`` takes, across processes and, for
+    server and journal storages, machines: an flock next to an SQLite database or a journal file (shared file
+    systems that honour flock), a PostgreSQL advisory lock on a server. Other servers (MySQL): no lock."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def flocked(path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def advisory():
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(url, poolclass=NullPool)
+        key = int.from_bytes(hashlib.sha256(f"hpo-study:{name}".encode()).digest()[:8], "big", signed=True)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        finally:
+            engine.dispose()
+
+    database = sqlite_file(url)
+    if database is not None:
+        return flocked(database.with_name(database.name + f".{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock"))
+    if url.startswith("journal:"):
+        return flocked(Path(url.removeprefix("journal:") + ".hpo-lock").expanduser())
+    if url.split(":", 1)[0].split("+", 1)[0] == "postgresql":
+        return advisory()
+    return contextlib.nullcontext()
+
+
 def make_sampler(cfg, space: list[SearchParam]) -> optuna.samplers.BaseSampler:
     """The configured sampler, its draws seeded per trial (``trial_seed``)."""
     study = cfg.study
     if study.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(
-            seed=study.seed, n_startup_trials=study.tpe.n_startup_trials, multivariate=study.tpe.multivariate
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=study.seed, n_startup_trials=study.tpe.n_startup_trials, multivariate=study.tpe.multivariate,
+                constant_liar=study.tpe.constant_liar,
+            )
     elif study.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=study.seed)
     else:
