@@ -25,7 +25,6 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
@@ -40,6 +39,7 @@ from hpo.search import origin
 from hpo.search.objective import Interrupted, Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
 from hpo.search.space import default_values, outside_space, search_space
+from hpo.search.optuna_private import heartbeat_enabled
 from hpo.search.storage import StudyError, fail_dead_trials, fail_unstarted_trials, open_study, storage_of, study_lock
 from hpo.tracking import Tracker, provenance_tags
 
@@ -347,7 +347,7 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
     workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
     objective = Objective(cfg, model, space, data, tracker, parent_run_id, workroot)
     progress = Progress(cfg.study, metric_unit(cfg), heartbeat=lambda: tracker.beat(parent_run_id))
-    heartbeats = is_heartbeat_enabled(storage_of(study))  # Optuna's, RDB storages only; hpo's liveness records cover every storage
+    heartbeats = heartbeat_enabled(storage_of(study))  # Optuna's, RDB storages only; hpo's liveness records cover every storage
     deadline = time.monotonic() + (cfg.study.timeout_s or float("inf"))
     while time.monotonic() < deadline and not failure_verdict(study, cfg.study):
         refused = count_refused(study)
