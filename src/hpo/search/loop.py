@@ -163,7 +163,11 @@ def study_run(tracker: Tracker, cfg, tags: dict):
         status = "FAILED"
         raise
     finally:
-        with study_lock(str(cfg.study.storage), str(cfg.study.name)):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(study_lock(str(cfg.study.storage), str(cfg.study.name)))
+            except Exception:  # a study server that went down (the error on its way out says so): leave unlocked
+                pass
             tracker.log(run_id, tags={key: json.dumps({**me, "state": status.lower()})})
             if not other_jobs_running(tracker, run_id, key, cfg.study.grace_s):
                 tracker.end_run(run_id, status)
