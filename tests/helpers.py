@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,12 @@ SHARED_WATER = Path(os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().pare
 
 # Cheap GAP settings: a fit on 10 frames takes about a second.
 TINY_GAP = ["model.n_max=2", "model.l_max=2", "model.n_sparse=20", "model.cutoff=3.0", "search=gap_small"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def require_shared_water() -> Path:

@@ -6,9 +6,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ase.io
+import json
+import os
+import signal
+import time
+import urllib.request
+
 import mlflow
 import numpy as np
 import pytest
+
+import hpo
+from hpo import serving
 
 from hpo import md as hpo_md
 from hpo.registry import promote as hpo_promote
@@ -16,7 +26,7 @@ from hpo.registry.resolve import PromoteError
 from hpo.search import loop, storage
 from hpo.config import load_config, output_overrides
 
-from helpers import TINY_GAP
+from helpers import TINY_GAP, free_port
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +71,15 @@ def test_promote_registers_champion_with_lineage(promoted):
     mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
     model = mlflow.pyfunc.load_model("models:/water-gap@champion")
     validation = f"{cfg.dataset.data_dir}/gap_validate.xyz"
-    energies = model.predict([validation])
-    assert energies.shape == (6,) and np.all(np.isfinite(energies))
+    frames = ase.io.read(validation, ":")
+    predicted = model.predict(serving.structures_input(frames))
+    assert list(predicted.columns) == ["energy", "forces"] and len(predicted) == 6
+    assert np.all(np.isfinite(predicted["energy"])) and np.shape(predicted["forces"][0]) == (12, 3)
     # the same model from Python with its calibrated posterior std (scikit-learn's return_std)
-    import ase.io
-
     import hpo
 
-    numpy_energies, std = hpo.load_model("models:/water-gap@champion", cfg.tracking.tracking_uri).predict(
-        ase.io.read(validation, ":"), return_std=True)
-    assert np.abs(numpy_energies - energies).max() < 1e-6 and std.shape == (6,) and np.all(std > 0)
+    numpy_energies, std = hpo.load_model("models:/water-gap@champion", cfg.tracking.tracking_uri).predict(frames, return_std=True)
+    assert np.abs(numpy_energies - np.asarray(predicted["energy"], dtype=float)).max() < 1e-6 and std.shape == (6,) and np.all(std > 0)
 
     again = hpo_promote.promote(cfg)  # same trial: reuses the version, no duplicate
     assert again["version"] == lineage["version"]
@@ -230,3 +239,92 @@ def test_champion_as_an_ase_calculator(promoted, tiny_data):
     np.testing.assert_allclose(np.concatenate(forces), np.concatenate(reference_forces), rtol=0, atol=1e-9)
     study = hpo.load_study(cfg.study.name, storage=cfg.study.storage)
     assert len(study.trials) == 2
+
+
+def champion_reference(cfg, lineage, frames):
+    """Energies and forces of ``frames`` from the champion's XML, through quippy in this process."""
+    from hpo.models.gap import gap_fit
+
+    model_dir = Path(mlflow.artifacts.download_artifacts(f"models:/water-gap/{lineage['version']}", tracking_uri=cfg.tracking.tracking_uri))
+    (xml,) = list(model_dir.rglob(gap_fit.MODEL_FILE))
+    return gap_fit.predict(gap_fit.load(xml), frames), model_dir
+
+
+def test_registered_gap_loads_in_a_fresh_process_and_is_served(promoted, tiny_data, tmp_path):
+    """Issue 23, item 4: the registered pyfunc carries its requirements (hpo pinned), signature and input
+    example; a fresh process loads it by URI; ``mlflow models serve`` answers a request on 127.0.0.1."""
+    cfg, lineage = promoted
+    frames = ase.io.read(tiny_data / "gap_validate.xyz", ":2")
+    (energies, forces), model_dir = champion_reference(cfg, lineage, frames)
+    requirements = (model_dir / "requirements.txt").read_text().split()
+    assert f"hpo=={hpo.__version__}" in requirements and any(r.startswith("quippy-ase==") for r in requirements)
+    info = mlflow.models.get_model_info(f"models:/water-gap/{lineage['version']}")
+    assert info.signature.inputs.input_names() == [serving.INPUT_COLUMN]
+    assert info.signature.outputs.input_names() == ["energy", "forces"]
+    example = json.loads((model_dir / "serving_input_example.json").read_text())
+    assert example["dataframe_split"]["columns"] == [serving.INPUT_COLUMN]
+
+    env = {**os.environ, "MLFLOW_TRACKING_URI": str(cfg.tracking.tracking_uri)}
+    request = {"dataframe_split": serving.structures_input(frames).to_dict(orient="split", index=False)}
+    (tmp_path / "request.json").write_text(json.dumps(request))
+    script = (
+        "import json, sys, mlflow, pandas as pd\n"
+        "model = mlflow.pyfunc.load_model('models:/water-gap@champion')\n"
+        "table = pd.DataFrame(**json.load(open(sys.argv[1]))['dataframe_split'])\n"
+        "print(json.dumps(model.predict(table).to_dict(orient='list')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "request.json")], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fresh = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(fresh["energy"], energies, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(np.concatenate(fresh["forces"]), np.concatenate(forces), rtol=0, atol=1e-9)
+
+    # the server runs `uvicorn` from PATH: the environment's scripts, as in an activated virtual environment
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    port = free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/water-gap@champion", "--env-manager", "local",
+         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("mlflow models serve did not answer /ping: " + (tmp_path / "serve.log").read_text()[-3000:])
+            time.sleep(1)
+        post = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(request).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(post, timeout=120) as response:
+            answer = json.loads(response.read())
+        print("request:", json.dumps(request)[:300], "...\nresponse:", json.dumps(answer)[:300], "...")
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+        log.close()
+    rows = answer["predictions"]
+    assert len(rows) == 2
+    np.testing.assert_allclose([row["energy"] for row in rows], energies, rtol=0, atol=1e-9)
+    np.testing.assert_allclose(np.concatenate([row["forces"] for row in rows]), np.concatenate(forces), rtol=0, atol=1e-9)
+
+
+def test_runs_record_the_datasets_they_saw(promoted):
+    """Every trial run and the promote run list their data files as MLflow dataset inputs (the UI's Dataset column)."""
+    cfg, lineage = promoted
+    client = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    version = client.get_model_version("water-gap", lineage["version"])
+    contexts = {d.dataset.name: [t.value for t in d.tags] for d in client.get_run(version.run_id).inputs.dataset_inputs}
+    assert contexts == {"gap_input_50.xyz": ["training"], "gap_validate.xyz": ["validation"], "gap_input_400-minus-gap_input_50.xyz": ["test"]}
+    trial_run = client.get_run(lineage["trial_run_id"])
+    assert {d.dataset.name for d in trial_run.inputs.dataset_inputs} == {"gap_input_50.xyz", "gap_validate.xyz"}
+    assert {d.dataset.digest for d in trial_run.inputs.dataset_inputs} == {lineage["sha256.gap_input_50.xyz"][:16], lineage["sha256.gap_validate.xyz"][:16]}

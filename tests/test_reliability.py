@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -69,8 +70,8 @@ def test_sigkill_mid_trial_then_resume(tiny_overrides, tiny_cfg, tmp_path):
 
 
 def test_submitit_jobs_share_one_study(tiny_overrides, tiny_cfg, tmp_path):
-    """Two `optimize` jobs through Hydra's submitit launcher (local flavour of the SLURM one) on one study."""
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    """Two `optimize` jobs through Hydra's submitit launcher (the local flavour of the SLURM one, the plugin from
+    the test extra) on one study: one MLflow parent run, which both jobs list and every trial nests under."""
     command = [
         sys.executable, "-m", "hpo", "optimize", "--multirun", *tiny_overrides,
         "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "study.n_trials=4", "worker=0,1",
@@ -79,8 +80,12 @@ def test_submitit_jobs_share_one_study(tiny_overrides, tiny_cfg, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = tiny_cfg("study.n_trials=4")
     study = assert_intact(cfg, 4)
-    parents, _ = runs_of(cfg)
-    assert len(parents) == 2  # one per job
+    parents, children = runs_of(cfg)
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parents[0].info.run_id}
+    jobs = [json.loads(v) for k, v in parents[0].data.tags.items() if k.startswith("job.")]
+    assert len(jobs) == 2 and {job["state"] for job in jobs} == {"finished"}
+    assert "joining the study's MLflow run" in "".join(p.read_text() for p in (tmp_path / "experiments" / "hydra").rglob("*.out"))
     assert len({tuple(sorted(t.params.items())) for t in study.trials}) == len(study.trials)  # distinct seeds
 
 

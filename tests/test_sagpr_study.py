@@ -54,11 +54,43 @@ def test_sagpr_study_promote_and_polarize(sagpr_cfg, tiny_data, tmp_path, capsys
     assert (result["outdir"] / "polarizability.png").is_file()
     assert "predicted vs training data" in capsys.readouterr().out
 
+    # the registered pyfunc: the 9 components per structure, as polarize predicts them
+    import mlflow
+
+    from hpo import serving
+
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    frames = ase.io.read(trajectory, ":")
+    table = mlflow.pyfunc.load_model("models:/water-sagpr@champion").predict(serving.structures_input(frames))
+    assert list(table.columns) == [f"alpha_{a}{b}" for a in "xyz" for b in "xyz"]
+    np.testing.assert_allclose(table.to_numpy(), tensors.reshape(6, 9), rtol=0, atol=1e-9)
+    check_polarizability_calculator(cfg, frames, tensors, tmp_path)
+
     carbon = ase.io.read(trajectory, ":2")
     carbon[1].numbers[0] = 6
     ase.io.write(tmp_path / "carbon.xyz", carbon)
     with pytest.raises(polarize.PolarizeError, match=r"carbon.xyz: frame 1 contains species C not seen in training"):
         polarize.main(sagpr_cfg(f"polarize.trajectory={tmp_path / 'carbon.xyz'}", "polarize.reference_train_size=50"))
+
+
+def check_polarizability_calculator(cfg, frames, tensors, tmp_path):
+    """``hpo.load_polarizability``: the model's tensors, and in ASE's unit through StaticRamanCalculator."""
+    from ase.calculators.emt import EMT
+    from ase.units import Bohr, Ha
+    from ase.vibrations.placzek import PlaczekStatic
+    from ase.vibrations.raman import StaticRamanCalculator
+
+    import hpo
+
+    alpha = hpo.load_polarizability("models:/water-sagpr@champion", tracking_uri=cfg.tracking.tracking_uri)
+    np.testing.assert_allclose(alpha.predict(frames), tensors, rtol=0, atol=1e-9)
+    atoms = frames[0].copy()
+    np.testing.assert_allclose(alpha(atoms), tensors[0] * Bohr**2 / Ha, rtol=1e-12)  # atomic units -> e^2 A^2 / eV
+    atoms.calc = EMT()  # cheap forces: the polarizability side is under test
+    name = str(tmp_path / "raman")
+    StaticRamanCalculator(atoms, lambda: alpha, name=name, indices=[0, 1, 2], delta=0.01).run()
+    intensities = PlaczekStatic(atoms, name=name, indices=[0, 1, 2]).get_absolute_intensities()
+    assert len(intensities) == 9 and np.all(np.isfinite(intensities)) and intensities.max() > 0
 
 
 def test_sagpr_on_own_data_polarize_and_spectrum(tiny_data, tmp_path, capsys):

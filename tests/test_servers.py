@@ -20,13 +20,7 @@ from optuna.trial import TrialState
 
 from hpo.search import loop
 from hpo.search.storage import StudyError, load_study
-from helpers import assert_intact, runs_of
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from helpers import assert_intact, free_port, runs_of
 
 
 def as_postgres(command: list[str]) -> list[str]:

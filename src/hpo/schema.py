@@ -24,6 +24,7 @@ from hpo.paths import CONF_DIR
 class Tpe:
     n_startup_trials: int
     multivariate: Optional[bool]
+    constant_liar: bool
 
 
 @dataclass

@@ -9,7 +9,8 @@ promotion, plots and data loading ask the kind instead of comparing strings:
   validation, sampled-trial checks and the estimator;
 - ``score(cfg, params, data, workdir) -> Scored``: fit on the training frames, evaluate both sets,
   write CSVs and figures, raise :class:`TrialFailure` with a reason when no metric can be had;
-- ``pyfunc_code``: the file MLflow loads the registered model with;
+- ``pyfunc_code``: the file MLflow loads the registered model with, ``pyfunc_outputs``: what it returns
+  per structure (``hpo.serving``);
 - ``trial_metrics``: metrics kept on the Optuna trial (what reports and promotion rules read).
 """
 
@@ -161,6 +162,10 @@ class ModelKind:
     records_loss: ClassVar[bool] = False
     # Model-config keys of its on-disk cache and of that cache's bound in GB (None: no cache).
     cache_keys: ClassVar[tuple[str, str] | None] = None
+
+    def pyfunc_outputs(self):
+        """The MLflow ``Schema`` of the registered pyfunc's output, one row per input structure (``hpo.serving``)."""
+        raise NotImplementedError(f"model kind {self.name!r} declares no pyfunc outputs")
 
     def check(self, params: dict, prefix: str = "model") -> None:
         """Raise ``ConfigError`` for a parameter outside the table or an impossible combination."""

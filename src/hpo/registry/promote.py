@@ -108,6 +108,7 @@ def promote(cfg) -> dict:
     run_tags = {"command": "promote", "run_type": "promote", "study": study.study_name, **provenance_tags()}
     with tracker.run(f"promote-{study.study_name}", tags=run_tags) as run_id:
         tracker.log_config(run_id, cfg)
+        tracker.log_datasets(run_id, {"training": data.train, "validation": data.val})
         if screen:
             trial, files, workdir, screened = screen_candidates(cfg, study, candidates, data, screen, tracker, run_id, promote_dir)
         else:
@@ -151,7 +152,7 @@ def promote(cfg) -> dict:
         tracker.client.set_tag(run_id, "mlflow.runName", f"promote-{study.study_name}-trial{trial.number}")
         tracker.log(run_id, tags=lineage)
 
-        test_metrics, test_tags = test_errors_of(cfg, study, trial, files, data, model_kind, promote_dir)
+        test_metrics, test_tags = test_errors_of(cfg, study, trial, files, data, model_kind, promote_dir, tracker, run_id)
         lineage.update(test_tags, **{k: f"{v:.6g}" for k, v in test_metrics.items()})
         tracker.log(run_id, metrics=test_metrics, tags=test_tags)
         if "calibration_plot" in test_tags:
@@ -164,7 +165,7 @@ def promote(cfg) -> dict:
             figure = hpo_config.output_path(cfg.experiments_dir) / "promote" / f"{study.study_name}-pareto.png"
             title = f"{model_kind.display_name} study {study.study_name}: promoted trial {trial.number} ({lineage['pick']})"
             tracker.log_artifacts(run_id, [plots.pareto_plot(figure, study, list(cfg.study.objectives), title, picked=trial)])
-        version = register(cfg, tracker, run_id, name, study, trial, files, model_kind, lineage)
+        version = register(cfg, tracker, run_id, name, study, trial, files, model_kind, lineage, data.val.frames[:2])
     print(
         f"[hpo] registered {name} version {version.version} (alias {cfg.promote.alias!r}) from study "
         f"{study.study_name!r} trial {trial.number}: {cfg.study.metric}={primary(trial):.5g}"
@@ -173,9 +174,15 @@ def promote(cfg) -> dict:
     return dict(lineage, version=version.version, name=name)
 
 
-def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files: list[Path], model_kind, lineage: dict):
+def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files: list[Path], model_kind, lineage: dict, example_frames=()):
     """Log the model's files as a pyfunc under ``run_id`` and register a version (or retag the version this
-    trial already has, e.g. promoted earlier without screening); point the alias at it."""
+    trial already has, e.g. promoted earlier without screening); point the alias at it.
+
+    The pyfunc carries what loading it elsewhere and serving it need: requirements pinned to the running
+    versions, hpo's own included (the pyfunc code imports hpo), a signature (``hpo.serving``) and an input
+    example (``example_frames`` as extended-XYZ rows)."""
+    from hpo import serving
+
     tags = {k: str(v)[:5000] for k, v in lineage.items()}
     earlier = find_version(tracker, name, study.study_name, trial.number, None)
     if earlier is not None:
@@ -200,8 +207,11 @@ def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files:
                 name="model",
                 python_model=str(model_kind.pyfunc_code),
                 artifacts={MODEL_DIR: str(bundle)},
-                # Listing requirements ourselves skips MLflow's slow import-tracing subprocess.
-                pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed" and pkg != "hpo"],
+                # Listing requirements ourselves skips MLflow's slow import-tracing subprocess. No code_paths:
+                # the pyfunc imports nothing but the pinned hpo and its dependencies.
+                pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed"],
+                signature=serving.signature(model_kind.pyfunc_outputs()),
+                input_example=serving.structures_input(list(example_frames)) if len(example_frames) else None,
             )
     # mlflow.start_run(run_id=...) ends the run it resumed as FINISHED; Tracker.run sets the final status
     # MLflow prints "Successfully registered model ..." and "Created version ..."; hpo says it in one line
@@ -402,7 +412,8 @@ def calibrate(cfg, trial, files, data, test, model_kind, outdir: Path) -> tuple[
     return found, {"std_scale": f"{scale:.6g}", "calibration_plot": str(plot)}
 
 
-def test_errors_of(cfg, study, trial, files, data, model_kind, outdir: Path | None = None) -> tuple[dict[str, float], dict[str, str]]:
+def test_errors_of(cfg, study, trial, files, data, model_kind, outdir: Path | None = None, tracker: Tracker | None = None,
+                   run_id: str | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """The promoted model's test errors (and the hand-tuned default trial's, ``default_test_*``), with tags
     describing the split, and with ``outdir`` the calibration of its std (``calibrate``). The test set is read
     here, once per promotion, and by nothing else."""
@@ -411,6 +422,8 @@ def test_errors_of(cfg, study, trial, files, data, model_kind, outdir: Path | No
 
     test = load_test_set(cfg, data)
     calibrated, calibration_tags = calibrate(cfg, trial, files, data, test, model_kind, outdir) if outdir is not None else ({}, {})
+    if test is not None and tracker is not None:
+        tracker.log_datasets(run_id, {"test": test})
     if test is None:
         source = cfg.dataset.get("source")
         why = {

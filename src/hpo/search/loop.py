@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import json
 import multiprocessing
 import os
+import platform
 import shutil
 import signal
 import threading
@@ -23,7 +25,6 @@ from pathlib import Path
 import optuna
 from omegaconf import OmegaConf
 from optuna.storages import fail_stale_trials
-from optuna.storages._heartbeat import is_heartbeat_enabled
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
@@ -38,7 +39,8 @@ from hpo.search import origin
 from hpo.search.objective import Interrupted, Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
 from hpo.search.space import default_values, outside_space, search_space
-from hpo.search.storage import StudyError, fail_dead_trials, fail_unstarted_trials, open_study, storage_of
+from hpo.search.optuna_private import heartbeat_enabled
+from hpo.search.storage import StudyError, fail_dead_trials, fail_unstarted_trials, open_study, storage_of, study_lock
 from hpo.tracking import Tracker, provenance_tags
 
 
@@ -128,10 +130,75 @@ def run(cfg) -> optuna.Study:
             "n_workers": n_workers,
             **checks,
     }
-    with sigterm_interrupts(), tracker.run(f"optimize-{cfg.study.name}", tags=tags) as parent:
-        run_study(cfg, study, tracker, parent, data, model, space)
+    with sigterm_interrupts(), study_run(tracker, cfg, tags) as (parent, joined):
+        run_study(cfg, study, tracker, parent, data, model, space, joined)
     print(disk_report(cfg), flush=True)
     return study
+
+
+@contextlib.contextmanager
+def study_run(tracker: Tracker, cfg, tags: dict):
+    """The study's MLflow parent run, shared by every invocation that works on the study at the same time (the
+    jobs of a SLURM array, commands started by hand on one storage): the first opens it, the others join it
+    (their trials nest under it); each lists itself in a ``job.<host>.<pid>`` tag, and the last to leave ends
+    the run. Yields (run id, joined). An invocation that starts after the run ended opens a new one, as a
+    resumed study does."""
+    me = {"host": platform.node(), "pid": os.getpid(), "pid_start": liveness.process_start(os.getpid())}
+    key = f"job.{me['host']}.{me['pid']}"
+    with study_lock(str(cfg.study.storage), str(cfg.study.name)):  # two jobs starting together open one run
+        run_id = running_study_run(tracker, str(cfg.study.name), cfg.study.grace_s)
+        joined = run_id is not None
+        if not joined:
+            run_id = tracker.start_run(f"optimize-{cfg.study.name}", tags)
+        tracker.log(run_id, tags={key: json.dumps({**me, "state": "running"})})
+    if joined:
+        print(f"[hpo] joining the study's MLflow run {run_id}, opened by another invocation that is still running", flush=True)
+    status = "FINISHED"
+    try:
+        yield run_id, joined
+    except (optuna.TrialPruned, KeyboardInterrupt, SystemExit):
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(study_lock(str(cfg.study.storage), str(cfg.study.name)))
+            except Exception:  # a study server that went down (the error on its way out says so): leave unlocked
+                pass
+            tracker.log(run_id, tags={key: json.dumps({**me, "state": status.lower()})})
+            if not other_jobs_running(tracker, run_id, key, cfg.study.grace_s):
+                tracker.end_run(run_id, status)
+
+
+def running_study_run(tracker: Tracker, study_name: str, grace_s: float) -> str | None:
+    """The RUNNING parent run of ``study_name`` whose process is alive (``hpo.liveness``), if any."""
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], "attributes.status = 'RUNNING' and tags.run_type = 'study'", max_results=1000
+    )
+    for run in runs:
+        found = liveness.parse(run.data.tags)
+        if run.data.tags.get("study") == study_name and found is not None and not liveness.gone(found, grace_s):
+            return run.info.run_id
+    return None
+
+
+def other_jobs_running(tracker: Tracker, run_id: str, key: str, grace_s: float) -> bool:
+    """Whether another job listed on the study run is still running: its state, and its process alive (the
+    run's heartbeat, which every job's trials refresh, stands in for each job's on other hosts)."""
+    tags = tracker.client.get_run(run_id).data.tags
+    heartbeat = float(tags.get("heartbeat", 0) or 0)
+    for name, value in tags.items():
+        if not name.startswith("job.") or name == key:
+            continue
+        job = json.loads(value)
+        if job.get("state") != "running":
+            continue
+        if not liveness.gone(liveness.Liveness(job["host"], int(job["pid"]), job.get("pid_start"), heartbeat), grace_s):
+            return True
+    return False
 
 
 def open_tracker(cfg) -> Tracker:
@@ -185,11 +252,14 @@ def close_dead_invocations(study: optuna.Study, tracker: Tracker, grace_s: float
     return closed
 
 
-def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, model: dict, space) -> None:
-    """Everything ``run`` does inside the parent run: enqueue the default, run the workers, summarise."""
+def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, model: dict, space, joined: bool = False) -> None:
+    """Everything ``run`` does inside the parent run: enqueue the default, run the workers, summarise.
+    ``joined``: the run was opened by another invocation, which logged the config (MLflow params are write-once)."""
     n_workers = cfg.study.n_workers
-    tracker.log_config(parent, cfg)
-    tracker.log(parent, params={"study.n_trials": cfg.study.n_trials, "dataset.train_size": cfg.dataset.train_size, "study.metric": cfg.study.metric})
+    if not joined:
+        tracker.log_config(parent, cfg)
+        tracker.log_datasets(parent, {"training": data.train, "validation": data.val})
+        tracker.log(parent, params={"study.n_trials": cfg.study.n_trials, "dataset.train_size": cfg.dataset.train_size, "study.metric": cfg.study.metric})
     if cfg.study.enqueue_default:
         defaults = default_values(model, space)
         study.enqueue_trial(defaults, user_attrs={"is_default": True}, skip_if_exists=True)
@@ -281,7 +351,7 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
     workroot = hpo_config.output_path(cfg.experiments_dir) / cfg.study.name
     objective = Objective(cfg, model, space, data, tracker, parent_run_id, workroot)
     progress = Progress(cfg.study, metric_unit(cfg), heartbeat=lambda: tracker.beat(parent_run_id))
-    heartbeats = is_heartbeat_enabled(storage_of(study))  # Optuna's, RDB storages only; hpo's liveness records cover every storage
+    heartbeats = heartbeat_enabled(storage_of(study))  # Optuna's, RDB storages only; hpo's liveness records cover every storage
     deadline = time.monotonic() + (cfg.study.timeout_s or float("inf"))
     while time.monotonic() < deadline and not failure_verdict(study, cfg.study):
         refused = count_refused(study)

@@ -167,6 +167,7 @@ class Objective:
         ):
             trial.set_user_attr("mlflow_run_id", run_id)
             trial.set_user_attr("workdir", str(workdir))
+            self.tracker.log_datasets(run_id, {"training": self.data.train, "validation": self.data.val})
 
             def report(size: int, rung: Scored) -> bool:
                 """Tell Optuna the rung's metric (step = training frames) and keep its metrics in MLflow's history."""

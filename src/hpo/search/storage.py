@@ -25,6 +25,7 @@ from hpo import liveness
 from hpo.atomic import creation_lock, sqlite_file
 from hpo.redact import redact, redact_text
 from hpo.search.fidelity import rung_sizes
+from hpo.search.optuna_private import sampler_rngs, storage_of, trial_id
 from hpo.search.space import SearchParam, distribution, grid
 
 CREATE_ATTEMPTS = 5
@@ -223,21 +224,13 @@ def trial_seed(study_seed: int, trial_number: int) -> int:
     return int.from_bytes(hashlib.sha256(text).digest()[:4], "little")
 
 
-def _rngs(sampler: optuna.samplers.BaseSampler) -> list:
-    # Optuna's samplers keep their numpy RandomState in ``_rng`` (TPE also in its start-up random
-    # sampler); reseeding them per trial is what Optuna's own reseed_rng does, with a chosen seed.
-    found = [sampler._rng] if hasattr(sampler, "_rng") else []
-    inner = getattr(sampler, "_random_sampler", None)
-    return found + (_rngs(inner) if inner is not None else [])
-
-
 def trial_seeded(sampler: optuna.samplers.BaseSampler, study_seed: int) -> optuna.samplers.BaseSampler:
     """``sampler`` reseeded before every trial with ``trial_seed(study_seed, trial.number)``."""
     original = sampler.before_trial
 
     def before_trial(study, trial) -> None:
         seed = trial_seed(study_seed, trial.number)
-        for rng in _rngs(sampler):
+        for rng in sampler_rngs(sampler):
             rng.rng.seed(seed)
         original(study, trial)
 
@@ -245,13 +238,60 @@ def trial_seeded(sampler: optuna.samplers.BaseSampler, study_seed: int) -> optun
     return sampler
 
 
+def study_lock(url: str, name: str):
+    """Hold a lock that every invocation on study ``name`` in storage ``url`` takes, across processes and, for
+    server and journal storages, machines: an flock next to an SQLite database or a journal file (shared file
+    systems that honour flock), a PostgreSQL advisory lock on a server. Other servers (MySQL): no lock."""
+    import contextlib
+    import fcntl
+
+    @contextlib.contextmanager
+    def flocked(path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def advisory():
+        from sqlalchemy import create_engine, text
+        from sqlalchemy.pool import NullPool
+
+        engine = create_engine(url, poolclass=NullPool)
+        key = int.from_bytes(hashlib.sha256(f"hpo-study:{name}".encode()).digest()[:8], "big", signed=True)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+                try:
+                    yield
+                finally:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+        finally:
+            engine.dispose()
+
+    database = sqlite_file(url)
+    if database is not None:
+        return flocked(database.with_name(database.name + f".{hashlib.sha256(name.encode()).hexdigest()[:12]}.lock"))
+    if url.startswith("journal:"):
+        return flocked(Path(url.removeprefix("journal:") + ".hpo-lock").expanduser())
+    if url.split(":", 1)[0].split("+", 1)[0] == "postgresql":
+        return advisory()
+    return contextlib.nullcontext()
+
+
 def make_sampler(cfg, space: list[SearchParam]) -> optuna.samplers.BaseSampler:
     """The configured sampler, its draws seeded per trial (``trial_seed``)."""
     study = cfg.study
     if study.sampler == "tpe":
-        sampler = optuna.samplers.TPESampler(
-            seed=study.seed, n_startup_trials=study.tpe.n_startup_trials, multivariate=study.tpe.multivariate
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            sampler = optuna.samplers.TPESampler(
+                seed=study.seed, n_startup_trials=study.tpe.n_startup_trials, multivariate=study.tpe.multivariate,
+                constant_liar=study.tpe.constant_liar,
+            )
     elif study.sampler == "random":
         sampler = optuna.samplers.RandomSampler(seed=study.seed)
     else:
@@ -356,9 +396,9 @@ def fail_dead_trials(study: optuna.Study, grace_s: float, signals: dict[int, str
             continue
         reason = liveness.killed_reason(found, (signals or {}).get(found.pid, "SIGKILL"))
         try:
-            storage.set_trial_user_attr(trial._trial_id, "failure", reason)
-            storage.set_trial_user_attr(trial._trial_id, "failure_message", f"process {found.pid} on {found.host} ended without ending its trial ({reason})")
-            storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id(trial), "failure", reason)
+            storage.set_trial_user_attr(trial_id(trial), "failure_message", f"process {found.pid} on {found.host} ended without ending its trial ({reason})")
+            storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
         except RuntimeError:  # another invocation failed it first (Optuna's UpdateFinishedTrialError)
             continue
         failed.append((trial, reason))
@@ -376,11 +416,9 @@ def fail_unstarted_trials(study: optuna.Study, grace_s: float) -> None:
         started = trial.datetime_start
         if LIVENESS_ATTR not in trial.user_attrs and started and (now - started).total_seconds() > grace_s:
             try:
-                storage_of(study).set_trial_state_values(trial._trial_id, TrialState.FAIL)
+                storage_of(study).set_trial_state_values(trial_id(trial), TrialState.FAIL)
             except RuntimeError:
                 continue
 
 
-def storage_of(study: optuna.Study):
-    return study._storage  # Optuna exposes no public accessor; needed for the heartbeat check
 

@@ -95,6 +95,11 @@ class GapKind(ModelKind):
     records_loss = True
     cache_keys = ("descriptor_cache_dir", "descriptor_cache_max_gb")
 
+    def pyfunc_outputs(self):
+        from mlflow.types.schema import Array, ColSpec, Schema
+
+        return Schema([ColSpec("double", "energy"), ColSpec(Array(Array("double")), "forces")])
+
     def check_combination(self, params: dict, prefix: str) -> None:
         extras = params.get("descriptors") or []
         if not isinstance(extras, (list, tuple)) or not all(hasattr(extra, "items") for extra in extras):

@@ -42,6 +42,10 @@ def write_errors(path: Path, true: np.ndarray, pred: np.ndarray) -> None:
     write_text(path, header + "\n" + "".join(",".join(f"{v:.8f}" for v in row) + "\n" for row in rows))
 
 
+# The registered model's output columns: the tensor row by row (xx, xy, xz, yx, ...), as the data files store it.
+PYFUNC_COLUMNS = tuple(f"alpha_{a}{b}" for a in "xyz" for b in "xyz")
+
+
 class SagprKind(ModelKind):
     name = "sagpr"
     display_name = "SA-GPR"
@@ -50,6 +54,11 @@ class SagprKind(ModelKind):
     trial_metrics = ("train_rmse", "val_rmse", "rmse_ratio", "fit_time_s", "eval_time_s")
     cache_keys = ("cache_dir", "cache_max_gb")
     pyfunc_code = Path(__file__).with_name("pyfunc.py")
+
+    def pyfunc_outputs(self):
+        from mlflow.types.schema import ColSpec, Schema
+
+        return Schema([ColSpec("double", name) for name in PYFUNC_COLUMNS])
 
     def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
         """RMSE per component, of the 6 unique ones, of L0 and of L2."""
