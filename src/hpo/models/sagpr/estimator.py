@@ -45,7 +45,7 @@ from hpo.models.rules import sklearn_constraints
 from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
 from hpo.models.sagpr.features import FeatureBlock, Projection, column_gram, fit_projection, frame_ranges, normalise
 from hpo.models.sagpr.lambda_soap import FEATURE_CHUNK_ATOMS, lambda_soap
-from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, structure_kernels
+from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, choose_route, structure_kernels
 from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
 __all__ = [
@@ -157,13 +157,20 @@ class SAGPR(BaseEstimator):
         Absolute ridge regularisation of the L=0 and L=2 regressions (the GP noise variance).
     seed : int
         Picks the first FPS column (and environment); fixes the sparsification for given data.
-    n_env : int or None
+    n_env : int, None or "auto"
         None: the exact model (one weight per training frame). An integer M: a projected-process
         (Nystroem) model on M training environments chosen by ``env_selection``; the same
         regularisation, cost linear in the training atoms for any zeta, and with M = every
-        training environment the exact model's predictions (a test checks this).
+        training environment the exact model's predictions (a test checks this). "auto": M =
+        ``env_auto_count`` when that is estimated cheaper than the exact model
+        (:func:`hpo.models.sagpr.scale.choose_route`), else exact; ``n_env_`` says which.
     env_selection : {"fps", "cur", "random"}
         How the M environments are chosen, on their normalised lambda = 0 features.
+    env_auto_count : int
+        The M of ``n_env="auto"``.
+    kernel_memory_gb : float
+        What the per-structure sums of factorised kernels may take at once: they are built in
+        blocks of frames of this size, so it bounds memory without ever forcing the atom-pair route.
     cache_dir : str, path or None
         Directory for the on-disk cache of features and kernels (layout in
         :class:`hpo.cache.Cache`). Content-addressed, so safe to share
@@ -173,7 +180,9 @@ class SAGPR(BaseEstimator):
     Fitted attributes: ``species_`` (sorted atomic numbers), ``mean0_``,
     ``basis_`` (the features the weights belong to: every training frame, or the n_env chosen
     environments as one-atom frames), ``w0_``, ``w2_``, ``timings_`` (seconds per stage of the last fit),
-    ``predict_timings_``, ``cache_stats_`` (hit/miss counts).
+    ``predict_timings_``, ``cache_stats_`` (hit/miss counts), ``n_env_`` (the environments of the
+    fit, None for the exact model), ``kernel_route_`` ("pairs", "factorised" or "sparsified") and
+    ``route_costs_`` (the flop estimates it was chosen by).
     """
 
     # The config's table (hpo.models.sagpr.parameters) is the one source of allowed values.
@@ -193,8 +202,10 @@ class SAGPR(BaseEstimator):
         reg0: float = 1e-8,
         reg2: float = 1e-5,
         seed: int = 0,
-        n_env: int | None = None,
+        n_env: int | str | None = "auto",
         env_selection: str = "fps",
+        env_auto_count: int = 2000,
+        kernel_memory_gb: float = 1.0,
         cache_dir: str | os.PathLike | None = None,
     ):
         self.rc = rc
@@ -208,6 +219,8 @@ class SAGPR(BaseEstimator):
         self.seed = seed
         self.n_env = n_env
         self.env_selection = env_selection
+        self.env_auto_count = env_auto_count
+        self.kernel_memory_gb = kernel_memory_gb
         self.cache_dir = cache_dir
 
     # -- fit / predict --------------------------------------------------------
@@ -227,7 +240,7 @@ class SAGPR(BaseEstimator):
             raise ValueError("cannot fit on zero frames")
         _check_frames(frames)
 
-        if self.n_env is not None and min(self.reg0, self.reg2) <= 0:
+        if self.n_env not in (None, "auto") and min(self.reg0, self.reg2) <= 0:
             raise ValueError(
                 f"n_env={self.n_env} needs reg0 > 0 and reg2 > 0 (got {self.reg0}, {self.reg2}): "
                 "the projected process is regularised by them"
@@ -244,16 +257,20 @@ class SAGPR(BaseEstimator):
             cache.put("fit", self.fit_key_, state)
         self.projections_ = _projections_from_arrays(state)
         train = FeatureBlock(state["p0"], state["p2"], state["counts"])
-        self.basis_ = train if self.n_env is None else self._environments(train)
+        self.n_env_, self.kernel_route_, self.route_costs_ = choose_route(
+            train, self.zeta, self.n_env, self.env_auto_count, self._kernel_bytes(), min(self.reg0, self.reg2) > 0
+        )
+        self.basis_ = train if self.n_env_ is None else self._environments(train)
         t1 = time.perf_counter()
 
-        kernels_key = digest(self.fit_key_, self.zeta, self.n_env, self.env_selection)
+        kernels_key = digest(self.fit_key_, self.zeta, self.n_env_, self.env_selection)
         kernels = cache.get("train_kernels", kernels_key)
         if kernels is None:
-            k0, k2 = structure_kernels(train, None if self.n_env is None else self.basis_, self.zeta)
+            sparse = self.n_env_ is not None
+            k0, k2 = structure_kernels(train, self.basis_ if sparse else None, self.zeta, max_bytes=self._kernel_bytes())
             kernels = {"k0": k0, "k2": k2}
-            if self.n_env is not None:
-                kernels["kmm0"], kernels["kmm2"] = structure_kernels(self.basis_, None, self.zeta)
+            if sparse:
+                kernels["kmm0"], kernels["kmm2"] = structure_kernels(self.basis_, None, self.zeta, max_bytes=self._kernel_bytes())
             cache.put("train_kernels", kernels_key, kernels)
         t2 = time.perf_counter()
 
@@ -263,7 +280,7 @@ class SAGPR(BaseEstimator):
         self.mean0_ = float(a0.mean())
         n, m = len(frames), self.basis_.n_frames
         k0, k2 = kernels["k0"], kernels["k2"].reshape(5 * n, 5 * m)
-        if self.n_env is None:
+        if self.n_env_ is None:
             self.w0_ = _ridge_solve(k0, self.reg0, a0 - self.mean0_)
             self.w2_ = _ridge_solve(k2, self.reg2, a2.ravel())
         else:
@@ -289,7 +306,7 @@ class SAGPR(BaseEstimator):
         As one-atom frames, K(train, basis) is exactly the K_NM of the projected process and every
         kernel and prediction route (pairs, factorised, folded weights) applies unchanged.
         """
-        chosen = select_sparse(train.x0, self.n_env, self.env_selection, self.seed)
+        chosen = select_sparse(train.x0, self.n_env_, self.env_selection, self.seed)
         return FeatureBlock(train.x0[chosen], train.x2[chosen], np.ones(len(chosen), dtype=np.int64))
 
     def predict(
@@ -325,12 +342,12 @@ class SAGPR(BaseEstimator):
                 t1 = time.perf_counter()
                 a0, a2 = primal.predict(features)
             else:
-                key = digest(self.fit_key_, self.zeta, self.n_env, self.env_selection, frame_digests(chunk))
+                key = digest(self.fit_key_, self.zeta, self.n_env_, self.env_selection, frame_digests(chunk))
                 kernels = cache.get("test_kernels", key)
                 if kernels is None:
                     features = self._transform(chunk, cache)
                     t1 = time.perf_counter()
-                    k0, k2 = structure_kernels(features, self.basis_, self.zeta)
+                    k0, k2 = structure_kernels(features, self.basis_, self.zeta, max_bytes=self._kernel_bytes())
                     cache.put("test_kernels", key, {"k0": k0, "k2": k2})
                 else:
                     t1 = time.perf_counter()
@@ -380,6 +397,8 @@ class SAGPR(BaseEstimator):
             "params": params,
             "species": [int(s) for s in self.species_],
             "n_basis": int(self.basis_.n_frames),
+            "n_env_effective": self.n_env_,
+            "kernel_route": self.kernel_route_,
             "fit_key": self.fit_key_,
             "versions": _versions(),
         }
@@ -408,11 +427,17 @@ class SAGPR(BaseEstimator):
         model.basis_ = FeatureBlock(arrays[f"{basis}_p0"], arrays[f"{basis}_p2"], arrays[f"{basis}_counts"])
         model.projections_ = _projections_from_arrays(arrays)
         model.fit_key_ = meta["fit_key"]
+        # models saved before n_env="auto" fitted exactly the n_env they were given
+        model.n_env_ = meta.get("n_env_effective", meta["params"].get("n_env"))
+        model.kernel_route_ = meta.get("kernel_route")
         model._primal = None
         model.cache_stats_ = Counter()
         return model
 
     # -- internals ------------------------------------------------------------
+    def _kernel_bytes(self) -> float:
+        return self.kernel_memory_gb * 1e9
+
     def _raw_key(self) -> str:
         """Everything raw features depend on besides the frame itself."""
         return digest(
