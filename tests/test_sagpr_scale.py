@@ -269,3 +269,20 @@ def test_streamed_fit_equals_one_pass(small_split, monkeypatch):
     streamed = SAGPR(**params).fit(train, tensors)
     np.testing.assert_array_equal(streamed.projections_[1].columns, whole.projections_[1].columns)
     assert relative_error(streamed.predict(validate), whole.predict(validate)) < 1e-9
+
+
+def test_projection_sample_spreads_whole_frames_within_the_bound(small_split):
+    from hpo.models.sagpr.estimator import projection_sample
+
+    assert projection_sample([12] * 200, 10000) is None and projection_sample([12] * 200, None) is None
+    sample = projection_sample([96] * 800, 10000)
+    assert 96 * len(sample) <= 10000 and len(sample) >= 100 and sample[0] == 0 and sample[-1] >= 700
+    (train, tensors), (validate, _) = small_split
+    # columns chosen on every third frame: a different projection, the same kind of model
+    whole = SAGPR(**dict(SMALL, nc=30)).fit(train, tensors)
+    sampled = SAGPR(**dict(SMALL, nc=30), projection_atoms=120).fit(train, tensors)
+    assert sampled.fit_key_ != whole.fit_key_
+    assert not np.array_equal(sampled.projections_[1].matrix, whole.projections_[1].matrix)
+    truth = read_tensors(validate)
+    errors = [component_rmse(truth, m.predict(validate))["unique6"] for m in (whole, sampled)]
+    assert errors[1] < 1.1 * errors[0]

@@ -168,6 +168,9 @@ class SAGPR(BaseEstimator):
         How the M environments are chosen, on their normalised lambda = 0 features.
     env_auto_count : int
         The M of ``n_env="auto"``.
+    projection_atoms : int or None
+        The nc columns and their A matrix are chosen on at most this many training atoms (whole
+        frames spread through the set, :func:`projection_sample`); None: on every atom.
     kernel_memory_gb : float
         What the per-structure sums of factorised kernels may take at once: they are built in
         blocks of frames of this size, so it bounds memory without ever forcing the atom-pair route.
@@ -206,6 +209,7 @@ class SAGPR(BaseEstimator):
         env_selection: str = "fps",
         env_auto_count: int = 2000,
         kernel_memory_gb: float = 1.0,
+        projection_atoms: int | None = 10000,
         cache_dir: str | os.PathLike | None = None,
     ):
         self.rc = rc
@@ -221,6 +225,7 @@ class SAGPR(BaseEstimator):
         self.env_selection = env_selection
         self.env_auto_count = env_auto_count
         self.kernel_memory_gb = kernel_memory_gb
+        self.projection_atoms = projection_atoms
         self.cache_dir = cache_dir
 
     # -- fit / predict --------------------------------------------------------
@@ -250,7 +255,9 @@ class SAGPR(BaseEstimator):
         self.cache_stats_ = cache.stats
         t0 = time.perf_counter()
         self.species_ = np.unique(np.concatenate([a.numbers for a in frames]))
-        self.fit_key_ = digest("fit", self._raw_key(), self.nc, self.seed, frame_digests(frames))
+        sampled = projection_sample([len(atoms) for atoms in frames], self.projection_atoms) is not None
+        # keyed by projection_atoms only where it changes the fit: caches of smaller sets stay valid
+        self.fit_key_ = digest("fit", self._raw_key(), self.nc, self.seed, *([self.projection_atoms] if sampled else []), frame_digests(frames))
         state = cache.get("fit", self.fit_key_)
         if state is None:
             state = self._fit_features(frames, cache)
@@ -472,15 +479,19 @@ class SAGPR(BaseEstimator):
 
         Two passes over chunks of frames, so no (atoms x all columns) array of the whole training
         set is ever needed: the first sums the column Gram matrices the FPS columns and A matrices
-        are chosen from, the second computes only the kept columns, projects and normalises them.
+        are chosen from (over at most ``projection_atoms`` atoms: :func:`projection_sample`), the
+        second computes only the kept columns of every frame, projects and normalises them.
         Raw chunks of the first pass are reused by the second while they fit in RAW_KEEP_BYTES.
         """
         chunks = [frames[start:stop] for start, stop in frame_ranges([len(atoms) for atoms in frames], FEATURE_CHUNK_ATOMS)]
         projections, kept = None, None
         if self.nc is not None:
+            sample = projection_sample([len(atoms) for atoms in frames], self.projection_atoms)
+            sampled = frames if sample is None else [frames[i] for i in sample]
             gram0 = gram2 = 0.0
-            kept, held = [], 0
-            for chunk in chunks:
+            # raw chunks are reusable by the second pass only when the first saw every frame
+            kept, held = ([], 0) if sample is None else (None, 0)
+            for chunk in [sampled[a:b] for a, b in frame_ranges([len(atoms) for atoms in sampled], FEATURE_CHUNK_ATOMS)]:
                 raw = self._raw_features(chunk, cache)
                 gram0 = gram0 + column_gram(raw.x0)
                 gram2 = gram2 + column_gram(raw.x2)  # lambda = 2 rows are (atom, mu): FPS and A see all 5
@@ -556,6 +567,24 @@ def _check_frames(frames: list[ase.Atoms], species: np.ndarray | None = None) ->
                 f"frame {index} contains species {names} not seen in training "
                 f"(the model knows {trained})"
             )
+
+
+def projection_sample(sizes: list[int], max_atoms: int | None) -> np.ndarray | None:
+    """Frames whose column Gram matrices choose the nc columns and the A matrix: None (every frame) when
+    the training set has at most ``max_atoms`` atoms, else every k-th frame, k the smallest step that
+    keeps the sample within ``max_atoms`` (at least one frame).
+
+    All atoms x all lambda = 2 columns (4096 at n_max 8, l_max 6) is the costliest part of a bulk fit
+    (80000 atoms: a 3e12-flop Gram matrix, and every raw feature computed twice); a sample of frames
+    spread through the set fixes the same column space for a fraction of it.
+    """
+    total = sum(sizes)
+    if max_atoms is None or total <= max_atoms:
+        return None
+    step = -(-total // max_atoms)
+    while step < len(sizes) and sum(sizes[::step]) > max_atoms:
+        step += 1
+    return np.arange(0, len(sizes), step)
 
 
 def _select(raw: FeatureBlock, columns: tuple[np.ndarray, np.ndarray]) -> FeatureBlock:

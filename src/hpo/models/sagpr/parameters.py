@@ -19,6 +19,7 @@ PARAMETERS = {
     "n_env": "optional_count_or_auto",
     "env_auto_count": "count",
     "kernel_memory_gb": "positive",
+    "projection_atoms": "optional_count",
     "env_selection": SPARSE_METHODS,
     "symmetry_tol": "positive",
     "cache_max_gb": "positive",
@@ -26,5 +27,5 @@ PARAMETERS = {
 
 # The constructor arguments of the estimator, a subset of the config.
 ESTIMATOR_KEYS = ("rc", "sigma", "n_max", "l_max", "zeta", "nc", "reg0", "reg2", "seed", "n_env", "env_selection",
-    "env_auto_count", "kernel_memory_gb",
+    "env_auto_count", "kernel_memory_gb", "projection_atoms",
 )
