@@ -12,7 +12,7 @@ from hpo.analysis import report
 from hpo.progress import format_value
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
-from hpo.config import load_config, model_params, output_overrides
+from hpo.config import ConfigError, load_config, model_params, output_overrides
 from hpo.data import load_datasets, read_tensors
 from hpo.metrics import COMPONENTS
 from hpo.search.objective import score
@@ -46,6 +46,9 @@ def test_sagpr_study_promote_and_polarize(sagpr_cfg, tiny_data, tmp_path, capsys
     # trials 1 and 2 share the cache with trial 0 whenever their descriptor matches
     assert any((tmp_path / "experiments" / "sagpr_cache").rglob("*.npz"))
 
+    # resuming it without cross-validation would mix split values with CV means
+    with pytest.raises(ConfigError, match=r"scored its trials with study.cv_folds=2, this run asks for 1"):
+        loop.run(sagpr_cfg("study.n_trials=4"))
     lineage = hpo_promote.promote(cfg)
     assert lineage["name"] == "water-sagpr"
     assert all(c.data.tags["kernel_route"] in ("pairs", "factorised") and c.data.params["n_env_effective"] == "None" for c in children)
