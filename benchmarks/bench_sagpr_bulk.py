@@ -121,7 +121,7 @@ def main() -> None:
     for (name, n_frames, repeat), pred in [(k, v) for k, v in predictions.items() if len(k) == 3]:
         for reference in ("exact", "default"):
             key = (reference, n_frames, repeat)
-            if name != reference and key in predictions:
+            if name not in (reference, "exact") and key in predictions:
                 rmse, ref = predictions[(name, n_frames, repeat, "rmse")], predictions[key + ("rmse",)]
                 diff = np.abs(pred - predictions[key]).max() / np.abs(predictions[key]).max()
                 print(f"  {name} vs {reference} ({n_frames} x {repeat}): validation RMSE {rmse / ref - 1:+.2%}, "
