@@ -12,7 +12,7 @@ from hpo.models.sagpr.estimator import SAGPR, component_rmse
 from hpo.models.sagpr import lambda_soap as lambda_soap_module
 from hpo.models.sagpr.features import FeatureBlock, column_gram, fit_projection, normalise
 from hpo.models.sagpr.lambda_soap import lambda_soap
-from hpo.models.sagpr.scale import PrimalWeights, kernel_costs, structure_kernels, symmetric_power
+from hpo.models.sagpr.scale import PrimalWeights, kernel_costs, structure_kernels, structure_sums, symmetric_power
 
 DATA_DIR = SHARED_WATER
 
@@ -65,9 +65,11 @@ def test_symmetric_power_reproduces_powers_of_dot_products():
 def test_factorised_kernels_equal_pair_loop(water, zeta, nc):
     block = features(water, nc)
     left, right = split(block, 5)
-    for a, b in [(block, None), (left, right)]:
+    # a budget of about 2 frames' sums: blocks of one structure against one, several rebuilt
+    one_frame = sum(x.nbytes for x in structure_sums(block, zeta, 0, 1))
+    for (a, b), max_bytes in [((block, None), 2**30), ((left, right), 2**30), ((block, None), 2.5 * one_frame), ((left, right), 5 * one_frame)]:
         k0_pair, k2_pair = structure_kernels(a, b, zeta, method="pairs")
-        k0_fact, k2_fact = structure_kernels(a, b, zeta, method="factorised")
+        k0_fact, k2_fact = structure_kernels(a, b, zeta, method="factorised", max_bytes=max_bytes)
         print(f"zeta={zeta} nc={nc} sym={b is None}: K0 rel {relative_error(k0_fact, k0_pair):.1e}, "
               f"K2 rel {relative_error(k2_fact, k2_pair):.1e}")
         assert relative_error(k0_fact, k0_pair) < 1e-10
@@ -98,6 +100,43 @@ def test_auto_method_picks_factorised_for_large_cells():
     assert relative_error(k_auto[1], k_pair[1]) < 1e-10
     with pytest.raises(ValueError, match="method"):
         structure_kernels(big, None, 2, method="fast")
+
+
+def bulk_cells(n_frames: int) -> list:
+    """96-atom cells: workshop frames repeated 2x2x2, displaced so no two environments coincide."""
+    require_shared_water()
+    rng = np.random.default_rng(3)
+    cells = [atoms.repeat((2, 2, 2)) for atoms in ase.io.read(DATA_DIR / "gap_input_50.xyz", f":{n_frames}")]
+    for atoms in cells:
+        atoms.positions += 0.05 * rng.normal(size=atoms.positions.shape)
+    return cells
+
+
+def test_auto_route_avoids_atom_pairs_where_they_are_slowest():
+    """Large cells, few structures: the pair loop is the slowest route. With the sums of all frames far
+    over the kernel budget (the old fixed limit sent such fits to the pair loop) the fit takes the
+    blocked factorised route, with the pair loop's kernels; at zeta = 4, where the sums are too wide,
+    it sparsifies on env_auto_count environments."""
+    cells = bulk_cells(6)
+    tensors = np.array(read_tensors(ase.io.read(DATA_DIR / "gap_input_50.xyz", ":6")))
+    params = dict(SMALL, n_max=2, l_max=2)
+    probe = SAGPR(**params, zeta=2).fit(cells[:1], tensors[:1])
+    sums_bytes = sum(x.nbytes for x in structure_sums(probe.basis_, 2))
+    budget = 3 * sums_bytes  # three of the six frames' sums: blocks of one frame
+    model = SAGPR(**params, zeta=2, kernel_memory_gb=budget / 1e9).fit(cells, tensors)
+    assert model.kernel_route_ == "factorised" and model.n_env_ is None
+    costs = kernel_costs(model.basis_, None, 2, budget)
+    assert costs["factorised_flops"] < costs["pair_flops"] and costs["factorised_bytes"] <= budget < 6 * sums_bytes
+    k0, k2 = structure_kernels(model.basis_, None, 2, max_bytes=budget)
+    k0_pair, k2_pair = structure_kernels(model.basis_, None, 2, method="pairs")
+    assert relative_error(k0, k0_pair) < 1e-10 and relative_error(k2, k2_pair) < 1e-10
+
+    sparse = SAGPR(**params, zeta=4, env_auto_count=50).fit(cells, tensors)
+    assert sparse.kernel_route_ == "sparsified" and sparse.n_env_ == 50 and sparse.basis_.n_frames == 50
+    assert sparse.route_costs_["sparsified_flops"] < sparse.route_costs_["exact_flops"]
+    # the workshop's 12-atom cells stay exact (fewer environments than env_auto_count would be pointless)
+    small = SAGPR(**params, zeta=2).fit(ase.io.read(DATA_DIR / "gap_input_50.xyz", ":6"), tensors)
+    assert small.n_env_ is None and small.kernel_route_ in ("pairs", "factorised")
 
 
 @pytest.mark.parametrize("zeta, nc", [(1, 30), (2, None), (3, 12)])
@@ -230,3 +269,20 @@ def test_streamed_fit_equals_one_pass(small_split, monkeypatch):
     streamed = SAGPR(**params).fit(train, tensors)
     np.testing.assert_array_equal(streamed.projections_[1].columns, whole.projections_[1].columns)
     assert relative_error(streamed.predict(validate), whole.predict(validate)) < 1e-9
+
+
+def test_projection_sample_spreads_whole_frames_within_the_bound(small_split):
+    from hpo.models.sagpr.estimator import projection_sample
+
+    assert projection_sample([12] * 200, 10000) is None and projection_sample([12] * 200, None) is None
+    sample = projection_sample([96] * 800, 10000)
+    assert 96 * len(sample) <= 10000 and len(sample) >= 100 and sample[0] == 0 and sample[-1] >= 700
+    (train, tensors), (validate, _) = small_split
+    # columns chosen on every third frame: a different projection, the same kind of model
+    whole = SAGPR(**dict(SMALL, nc=30)).fit(train, tensors)
+    sampled = SAGPR(**dict(SMALL, nc=30), projection_atoms=120).fit(train, tensors)
+    assert sampled.fit_key_ != whole.fit_key_
+    assert not np.array_equal(sampled.projections_[1].matrix, whole.projections_[1].matrix)
+    truth = read_tensors(validate)
+    errors = [component_rmse(truth, m.predict(validate))["unique6"] for m in (whole, sampled)]
+    assert errors[1] < 1.1 * errors[0]

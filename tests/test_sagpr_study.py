@@ -8,9 +8,14 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from hpo import polarize
+from hpo.analysis import report
+from hpo.progress import format_value
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
-from hpo.config import load_config, output_overrides
+from hpo.config import ConfigError, load_config, model_params, output_overrides
+from hpo.data import load_datasets, read_tensors
+from hpo.metrics import COMPONENTS
+from hpo.search.objective import score
 
 from helpers import runs_of
 
@@ -25,7 +30,7 @@ def sagpr_cfg(tiny_data, tmp_path):
 
 
 def test_sagpr_study_promote_and_polarize(sagpr_cfg, tiny_data, tmp_path, capsys):
-    cfg = sagpr_cfg("study.n_trials=3")
+    cfg = sagpr_cfg("study.n_trials=3", "study.cv_folds=2")
     study = loop.run(cfg)
     assert cfg.study.name == "water-sagpr-50" and cfg.study.metric == "val_rmse"
     assert len(study.trials) == 3
@@ -34,14 +39,28 @@ def test_sagpr_study_promote_and_polarize(sagpr_cfg, tiny_data, tmp_path, capsys
     for child in children:
         metrics = child.data.metrics
         assert PER_COMPONENT | {"val_rmse", "val_rmse_L0", "val_rmse_L2", "train_rmse", "rmse_gap", "rmse_ratio"} <= set(metrics)
-        assert metrics["rmse_gap"] == pytest.approx(metrics["val_rmse"] - metrics["train_rmse"])
+        # the overfitting signal belongs to the fit on the training split (val_rmse is the 2 folds' mean)
+        assert metrics["rmse_gap"] == pytest.approx(metrics["split_val_rmse"] - metrics["train_rmse"])
         artifacts = {a.path for a in MlflowClient(cfg.tracking.tracking_uri).list_artifacts(child.info.run_id)}
         assert "parity_polarizability.png" in artifacts
     # trials 1 and 2 share the cache with trial 0 whenever their descriptor matches
     assert any((tmp_path / "experiments" / "sagpr_cache").rglob("*.npz"))
 
+    # resuming it without cross-validation would mix split values with CV means
+    with pytest.raises(ConfigError, match=r"scored its trials with study.cv_folds=2, this run asks for 1"):
+        loop.run(sagpr_cfg("study.n_trials=4"))
     lineage = hpo_promote.promote(cfg)
     assert lineage["name"] == "water-sagpr"
+    assert all(c.data.tags["kernel_route"] in ("pairs", "factorised") and c.data.params["n_env_effective"] == "None" for c in children)
+    # the report puts the promoted trial and the default side by side: split, 2-fold CV, test
+    page = report.write_report(cfg).html.read_text()
+    table = page.split(f"<h2>{report.SECTIONS['generalisation']}")[1].split("</table>")[0]
+    promoted, default = lineage["trial"], study.trials[0]
+    assert f"<td>{promoted}</td>" in table and "(2 folds)" in table and "not promoted yet" not in table
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    run = client.search_runs([parents[0].info.experiment_id], "tags.run_type = 'promote'")[0]
+    assert format_value(run.data.metrics["test_rmse"]) in table and format_value(run.data.metrics["default_test_rmse"]) in table
+    assert format_value(default.user_attrs["split_val_rmse"]) in table
     trajectory = tiny_data / "gap_validate.xyz"
     result = polarize.main(sagpr_cfg(f"polarize.trajectory={trajectory}", "polarize.reference_train_size=50"))
     tensors = result["tensors"]
@@ -91,6 +110,27 @@ def check_polarizability_calculator(cfg, frames, tensors, tmp_path):
     StaticRamanCalculator(atoms, lambda: alpha, name=name, indices=[0, 1, 2], delta=0.01).run()
     intensities = PlaczekStatic(atoms, name=name, indices=[0, 1, 2]).get_absolute_intensities()
     assert len(intensities) == 9 and np.all(np.isfinite(intensities)) and intensities.max() > 0
+
+
+def test_sagpr_cross_validation_validates_every_frame_once(sagpr_cfg, tmp_path):
+    """study.cv_folds: the same generic path as GAP; every training + validation frame is validated by
+    exactly one fold, and the trial's val_rmse is the folds' mean."""
+    cfg = sagpr_cfg("study.cv_folds=4")
+    data = load_datasets(cfg)
+    scored = score(cfg, model_params(cfg), data, tmp_path / "cv")
+    folds = sorted((tmp_path / "cv" / "cv").glob("fold_*"))
+    assert len(folds) == 4
+    rows = [np.loadtxt(fold / "validation_errors.csv", delimiter=",", skiprows=1, ndmin=2) for fold in folds]
+    validated = np.concatenate([r[:, :6] for r in rows])
+    index = tuple(np.array(list(COMPONENTS.values())).T)
+    pool = np.concatenate([read_tensors(s.frames, "Polarizability", s.path.name, 0.1)[:, index[0], index[1]] for s in (data.train, data.val)])
+    assert len(validated) == len(pool) == len(data.train) + len(data.val)
+    # the same frames, each once: sort both by their components
+    np.testing.assert_allclose(validated[np.lexsort(validated.T)], pool[np.lexsort(pool.T)], atol=1e-7)
+    fold_rmse = [np.sqrt(np.mean((r[:, 6:] - r[:, :6]) ** 2)) for r in rows]
+    assert scored.metrics["val_rmse"] == pytest.approx(np.mean(fold_rmse), rel=1e-6)
+    assert scored.metrics["cv_std_val_rmse"] == pytest.approx(np.std(fold_rmse), rel=1e-6)
+    assert scored.metrics["cv_folds"] == 4 and scored.metrics["split_val_rmse"] != scored.metrics["val_rmse"]
 
 
 def test_sagpr_on_own_data_polarize_and_spectrum(tiny_data, tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_study_records_what_the_ui_and_readers_need(tiny_cfg, tiny_overrides, tm
     out = capsys.readouterr().out
 
     # the study's own record
-    assert study.user_attrs == {"model_kind": "gap", "dataset": "water", "train_size": 100}
+    assert study.user_attrs == {"model_kind": "gap", "dataset": "water", "train_size": 100, "cv_folds": 1}
     # effective n_sparse next to the requested one, units on the trial lines, disk use at the end
     default = next(t for t in study.trials if t.user_attrs.get("is_default"))
     assert default.params["n_sparse"] == 200 and default.user_attrs["effective_params"] == {"n_sparse": 112}

@@ -50,6 +50,7 @@ SECTIONS = {
     "slice": "Slice plot",
     "train_val": "Training vs validation error",
     "best": "Best trial",
+    "generalisation": "Validation, cross-validation and test",
     "pareto": "Accuracy vs cost (Pareto front)",
     "table": "Top trials",
 }
@@ -98,12 +99,14 @@ def write_report(cfg: DictConfig, overrides: list[str] | None = None) -> ReportR
     data_text = data_line(training, data.val)
     title = figure_title(kind(cfg.model.kind).display_name, f"study {name}, {len(finished)} finished trials", training, data.val)
     figdir = hpo_config.output_path(cfg.report.dir) / name
+    tracker = Tracker(cfg.tracking)
     sections = [
         Section(SECTIONS["history"], [history_figure(study, metric, figdir / "history.png", title)]),
         importance_section(cfg, study, finished, figdir / "importance.png", title),
         Section(SECTIONS["slice"], [slice_figure(cfg, study, finished, metric, figdir / "slice.png", title)]),
         train_val_section(cfg, study, finished, metric, figdir / "train_vs_validation.png", title),
         best_trial_section(cfg, best_trial(study)),
+        generalisation_section(cfg, study, metric, tracker),
         Section(SECTIONS["table"], [], table_html=top_trials_table(cfg, study, metric)),
     ]
     if len(study.directions) > 1:
@@ -112,7 +115,6 @@ def write_report(cfg: DictConfig, overrides: list[str] | None = None) -> ReportR
     page = hpo_config.output_path(cfg.report.dir) / f"{name}.html"
     write_text(page, render_page(cfg, study, finished, metric, data_description=data_text, sections=sections))
     figures = [path for section in sections for path in section.figures]
-    tracker = Tracker(cfg.tracking)
     tags = {**provenance_tags(), **data.hashes, "command": "report", "run_type": "report", "study": name, "storage": redact(cfg.study.storage)}
     with tracker.run(f"report-{name}", tags=tags) as run_id:
         tracker.log_artifacts(run_id, [*figures, page])
@@ -271,6 +273,40 @@ def best_trial_section(cfg: DictConfig, best: FrozenTrial) -> Section:
             found += sorted(Path(workdir).glob(str(pattern)))
     note = "" if found else f"No figure matching {list(cfg.report.best_trial_figures)} in the trial's working directory {workdir}."
     return Section(heading, found, note=note)
+
+
+def generalisation_section(cfg: DictConfig, study: optuna.Study, metric: MetricSpec, tracker: Tracker) -> Section:
+    """The promoted trial (else the best) and the hand-tuned default side by side: the validation split's
+    value, the mean over ``study.cv_folds`` folds of training + validation (when the study cross-validated)
+    and the test error recorded by the study's latest promotion (the test split is read by promote only)."""
+    heading = SECTIONS["generalisation"]
+    runs = tracker.client.search_runs(
+        [tracker.experiment_id], f"tags.run_type = 'promote' and tags.study = '{study.study_name}'",
+        order_by=["attributes.start_time DESC"], max_results=1,
+    )
+    promoted = runs[0] if runs and runs[0].data.tags.get("trial", "").isdigit() else None
+    test_key = "test_" + metric.name
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))}
+    rows = []
+    if promoted is not None and int(promoted.data.tags["trial"]) in by_number:
+        rows.append(("promoted", by_number[int(promoted.data.tags["trial"])], promoted.data.metrics.get(test_key)))
+    else:
+        rows.append(("best", best_trial(study), None))
+    default = default_trial(study)
+    if default is not None:
+        rows.append(("hand-tuned default", default, promoted.data.metrics.get("default_" + test_key) if promoted else None))
+    unit = f" ({metric.unit})" if metric.unit else ""
+    header = ["model", "trial", f"validation split{unit}", f"cross-validation mean ± std{unit}", f"test{unit}"]
+    body = []
+    for label, trial, test in rows:
+        folds = trial.user_attrs.get("cv_folds")
+        split = trial.user_attrs.get(f"split_{metric.val_key}", primary(trial)) if folds else primary(trial)
+        cv = f"{format_value(primary(trial))} ± {format_value(trial.user_attrs.get(f'cv_std_{metric.val_key}'))} ({int(folds)} folds)" if folds else "not run (study.cv_folds=1)"
+        cells = [label, trial.number, format_value(split), cv, format_value(test) if test is not None else "not promoted yet"]
+        body.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
+    head = "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+    note = "" if promoted else "No promotion of this study yet: test errors are recorded by promote."
+    return Section(heading, [], note=note, table_html=f"<table>\n<thead>{head}</thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ DESCRIPTIONS = {
     "fraction": "a number in (0, 1]",
     "count_or_auto": "an integer >= 1 or auto (from the data)",
     "positive_or_auto": "a positive number or auto (from the data)",
+    "optional_count_or_auto": "null, an integer >= 1 or auto",
 }
 
 
@@ -74,6 +75,7 @@ def sklearn_constraints(table: dict[str, Rule]) -> dict[str, list]:
             "fraction": [Interval(Real, 0, 1, closed="right")],
             "count_or_auto": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"})],
             "positive_or_auto": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
+            "optional_count_or_auto": [Interval(Integral, 1, None, closed="left"), StrOptions({"auto"}), None],
         }[rule]
 
     return {name: one(rule) for name, rule in table.items()}

@@ -87,8 +87,9 @@ def cross_validated(cfg, model_kind, model: dict, data: Datasets, workdir: Path,
     for index, fold in enumerate(folds):
         fold_dir = workdir / "cv" / f"fold_{index}"
         rest = np.sort(np.setdiff1d(order, fold))
-        split = Datasets(
-            train=subset_frames(pool, rest, fold_dir / "train.xyz"), val=subset_frames(pool, np.sort(fold), fold_dir / "val.xyz")
+        # replace, not a new Datasets: the folds keep the data's own property keys and e0
+        split = dataclasses.replace(
+            data, train=subset_frames(pool, rest, fold_dir / "train.xyz"), val=subset_frames(pool, np.sort(fold), fold_dir / "val.xyz")
         )
         per_fold.append(model_kind.score(cfg, model, split, fold_dir).metrics)
     found = dict(scored.metrics)
@@ -212,7 +213,9 @@ class Objective:
                     raise exc from raised
                 raise
             objectives = [metric_value(scored.metrics, name) for name in self.cfg.study.objectives]
-            for key in (*self.cfg.study.objectives, *self.trial_metrics):
+            metric = self.cfg.study.metric
+            # with study.cv_folds the split's own value and the spread over folds, for reports beside the CV mean
+            for key in (*self.cfg.study.objectives, *self.trial_metrics, f"split_{metric}", f"cv_std_{metric}", "cv_folds"):
                 if key in scored.metrics:
                     trial.set_user_attr(key, scored.metrics[key])
             trial.set_user_attr("overfit", scored.tags.get("overfit") == "true")

@@ -23,6 +23,18 @@ RECORDED = {"model_kind": "model", "dataset": "dataset", "train_size": "dataset.
 def record(study: optuna.Study, cfg) -> None:
     """Store what the study is run on (once; a resumed study keeps its first record)."""
     values = {"model_kind": str(cfg.model.kind), "dataset": str(cfg.dataset.name), "train_size": _size(cfg.dataset.train_size)}
+    folds = int(cfg.study.cv_folds)
+    # a study's values must compare like with like: a split's validation error and a CV mean do not
+    earlier = study.user_attrs.get("cv_folds")
+    if earlier is None:
+        finished = [t for t in study.get_trials(deepcopy=False) if t.value is not None or t.values]
+        earlier = int(finished[0].user_attrs.get("cv_folds", 1)) if finished else folds
+    if int(earlier) != folds:
+        raise ConfigError(
+            f"study {study.study_name!r} scored its trials with study.cv_folds={earlier}, this run asks for {folds}: "
+            "their values would not compare. Give this run another study.name (or the same cv_folds)."
+        )
+    values["cv_folds"] = folds
     for key, value in values.items():
         if key not in study.user_attrs:
             study.set_user_attr(key, value)

@@ -45,7 +45,7 @@ from hpo.models.rules import sklearn_constraints
 from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
 from hpo.models.sagpr.features import FeatureBlock, Projection, column_gram, fit_projection, frame_ranges, normalise
 from hpo.models.sagpr.lambda_soap import FEATURE_CHUNK_ATOMS, lambda_soap
-from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, structure_kernels
+from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, choose_route, structure_kernels
 from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
 __all__ = [
@@ -160,13 +160,23 @@ class SAGPR(BaseEstimator):
         Absolute ridge regularisation of the L=0 and L=2 regressions (the GP noise variance).
     seed : int
         Picks the first FPS column (and environment); fixes the sparsification for given data.
-    n_env : int or None
+    n_env : int, None or "auto"
         None: the exact model (one weight per training frame). An integer M: a projected-process
         (Nystroem) model on M training environments chosen by ``env_selection``; the same
         regularisation, cost linear in the training atoms for any zeta, and with M = every
-        training environment the exact model's predictions (a test checks this).
+        training environment the exact model's predictions (a test checks this). "auto": M =
+        ``env_auto_count`` when that is estimated cheaper than the exact model
+        (:func:`hpo.models.sagpr.scale.choose_route`), else exact; ``n_env_`` says which.
     env_selection : {"fps", "cur", "random"}
         How the M environments are chosen, on their normalised lambda = 0 features.
+    env_auto_count : int
+        The M of ``n_env="auto"``.
+    projection_atoms : int or None
+        The nc columns and their A matrix are chosen on at most this many training atoms (whole
+        frames spread through the set, :func:`projection_sample`); None: on every atom.
+    kernel_memory_gb : float
+        What the per-structure sums of factorised kernels may take at once: they are built in
+        blocks of frames of this size, so it bounds memory without ever forcing the atom-pair route.
     cache_dir : str, path or None
         Directory for the on-disk cache of features and kernels (layout in
         :class:`hpo.cache.Cache`). Content-addressed, so safe to share
@@ -176,7 +186,9 @@ class SAGPR(BaseEstimator):
     Fitted attributes: ``species_`` (sorted atomic numbers), ``mean0_``,
     ``basis_`` (the features the weights belong to: every training frame, or the n_env chosen
     environments as one-atom frames), ``w0_``, ``w2_``, ``timings_`` (seconds per stage of the last fit),
-    ``predict_timings_``, ``cache_stats_`` (hit/miss counts).
+    ``predict_timings_``, ``cache_stats_`` (hit/miss counts), ``n_env_`` (the environments of the
+    fit, None for the exact model), ``kernel_route_`` ("pairs", "factorised" or "sparsified") and
+    ``route_costs_`` (the flop estimates it was chosen by).
     """
 
     # The config's table (hpo.models.sagpr.parameters) is the one source of allowed values.
@@ -196,8 +208,11 @@ class SAGPR(BaseEstimator):
         reg0: float = 1e-8,
         reg2: float = 1e-5,
         seed: int = 0,
-        n_env: int | None = None,
+        n_env: int | str | None = "auto",
         env_selection: str = "fps",
+        env_auto_count: int = 2000,
+        kernel_memory_gb: float = 1.0,
+        projection_atoms: int | None = 10000,
         cache_dir: str | os.PathLike | None = None,
     ):
         self.rc = rc
@@ -211,6 +226,9 @@ class SAGPR(BaseEstimator):
         self.seed = seed
         self.n_env = n_env
         self.env_selection = env_selection
+        self.env_auto_count = env_auto_count
+        self.kernel_memory_gb = kernel_memory_gb
+        self.projection_atoms = projection_atoms
         self.cache_dir = cache_dir
 
     # -- fit / predict --------------------------------------------------------
@@ -230,7 +248,7 @@ class SAGPR(BaseEstimator):
             raise ValueError("cannot fit on zero frames")
         _check_frames(frames)
 
-        if self.n_env is not None and min(self.reg0, self.reg2) <= 0:
+        if self.n_env not in (None, "auto") and min(self.reg0, self.reg2) <= 0:
             raise ValueError(
                 f"n_env={self.n_env} needs reg0 > 0 and reg2 > 0 (got {self.reg0}, {self.reg2}): "
                 "the projected process is regularised by them"
@@ -240,23 +258,29 @@ class SAGPR(BaseEstimator):
         self.cache_stats_ = cache.stats
         t0 = time.perf_counter()
         self.species_ = np.unique(np.concatenate([a.numbers for a in frames]))
-        self.fit_key_ = digest("fit", self._raw_key(), self.nc, self.seed, frame_digests(frames))
+        sampled = projection_sample([len(atoms) for atoms in frames], self.projection_atoms) is not None
+        # keyed by projection_atoms only where it changes the fit: caches of smaller sets stay valid
+        self.fit_key_ = digest("fit", self._raw_key(), self.nc, self.seed, *([self.projection_atoms] if sampled else []), frame_digests(frames))
         state = cache.get("fit", self.fit_key_)
         if state is None:
             state = self._fit_features(frames, cache)
             cache.put("fit", self.fit_key_, state)
         self.projections_ = _projections_from_arrays(state)
         train = FeatureBlock(state["p0"], state["p2"], state["counts"])
-        self.basis_ = train if self.n_env is None else self._environments(train)
+        self.n_env_, self.kernel_route_, self.route_costs_ = choose_route(
+            train, self.zeta, self.n_env, self.env_auto_count, self._kernel_bytes(), min(self.reg0, self.reg2) > 0
+        )
+        self.basis_ = train if self.n_env_ is None else self._environments(train)
         t1 = time.perf_counter()
 
-        kernels_key = digest(self.fit_key_, self.zeta, self.n_env, self.env_selection)
+        kernels_key = digest(self.fit_key_, self.zeta, self.n_env_, self.env_selection)
         kernels = cache.get("train_kernels", kernels_key)
         if kernels is None:
-            k0, k2 = structure_kernels(train, None if self.n_env is None else self.basis_, self.zeta)
+            sparse = self.n_env_ is not None
+            k0, k2 = structure_kernels(train, self.basis_ if sparse else None, self.zeta, max_bytes=self._kernel_bytes())
             kernels = {"k0": k0, "k2": k2}
-            if self.n_env is not None:
-                kernels["kmm0"], kernels["kmm2"] = structure_kernels(self.basis_, None, self.zeta)
+            if sparse:
+                kernels["kmm0"], kernels["kmm2"] = structure_kernels(self.basis_, None, self.zeta, max_bytes=self._kernel_bytes())
             cache.put("train_kernels", kernels_key, kernels)
         t2 = time.perf_counter()
 
@@ -266,7 +290,7 @@ class SAGPR(BaseEstimator):
         self.mean0_ = float(a0.mean())
         n, m = len(frames), self.basis_.n_frames
         k0, k2 = kernels["k0"], kernels["k2"].reshape(5 * n, 5 * m)
-        if self.n_env is None:
+        if self.n_env_ is None:
             self.w0_ = _ridge_solve(k0, self.reg0, a0 - self.mean0_)
             self.w2_ = _ridge_solve(k2, self.reg2, a2.ravel())
         else:
@@ -293,7 +317,7 @@ class SAGPR(BaseEstimator):
         As one-atom frames, K(train, basis) is exactly the K_NM of the projected process and every
         kernel and prediction route (pairs, factorised, folded weights) applies unchanged.
         """
-        chosen = select_sparse(train.x0, self.n_env, self.env_selection, self.seed)
+        chosen = select_sparse(train.x0, self.n_env_, self.env_selection, self.seed)
         return FeatureBlock(train.x0[chosen], train.x2[chosen], np.ones(len(chosen), dtype=np.int64))
 
     def _posterior(self, kernels: dict, n: int, m: int) -> dict[str, np.ndarray]:
@@ -310,7 +334,7 @@ class SAGPR(BaseEstimator):
             k = kernels[f"k{lam}"].reshape(width * n, width * m)
             if width * m > VARIANCE_MAX_COLUMNS:
                 return {}
-            if self.n_env is None:
+            if self.n_env_ is None:
                 out[f"minus{lam}"] = _whitener(k + reg * np.eye(len(k)))
             else:
                 kmm = _jittered(kernels[f"kmm{lam}"].reshape(width * m, width * m))
@@ -382,12 +406,12 @@ class SAGPR(BaseEstimator):
                 t1 = time.perf_counter()
                 a0, a2 = primal.predict(features)
             else:
-                key = digest(self.fit_key_, self.zeta, self.n_env, self.env_selection, frame_digests(chunk))
+                key = digest(self.fit_key_, self.zeta, self.n_env_, self.env_selection, frame_digests(chunk))
                 kernels = cache.get("test_kernels", key)
                 features = self._transform(chunk, cache) if kernels is None or return_std else None
                 if kernels is None:
                     t1 = time.perf_counter()
-                    k0, k2 = structure_kernels(features, self.basis_, self.zeta)
+                    k0, k2 = structure_kernels(features, self.basis_, self.zeta, max_bytes=self._kernel_bytes())
                     cache.put("test_kernels", key, {"k0": k0, "k2": k2})
                 else:
                     t1 = time.perf_counter()
@@ -440,6 +464,8 @@ class SAGPR(BaseEstimator):
             "params": params,
             "species": [int(s) for s in self.species_],
             "n_basis": int(self.basis_.n_frames),
+            "n_env_effective": self.n_env_,
+            "kernel_route": self.kernel_route_,
             "fit_key": self.fit_key_,
             "versions": _versions(),
         }
@@ -469,11 +495,17 @@ class SAGPR(BaseEstimator):
         model.projections_ = _projections_from_arrays(arrays)
         model.variance_ = {k.removeprefix("variance_"): v for k, v in arrays.items() if k.startswith("variance_")}
         model.fit_key_ = meta["fit_key"]
+        # models saved before n_env="auto" fitted exactly the n_env they were given
+        model.n_env_ = meta.get("n_env_effective", meta["params"].get("n_env"))
+        model.kernel_route_ = meta.get("kernel_route")
         model._primal = None
         model.cache_stats_ = Counter()
         return model
 
     # -- internals ------------------------------------------------------------
+    def _kernel_bytes(self) -> float:
+        return self.kernel_memory_gb * 1e9
+
     def _raw_key(self) -> str:
         """Everything raw features depend on besides the frame itself."""
         return digest(
@@ -508,15 +540,19 @@ class SAGPR(BaseEstimator):
 
         Two passes over chunks of frames, so no (atoms x all columns) array of the whole training
         set is ever needed: the first sums the column Gram matrices the FPS columns and A matrices
-        are chosen from, the second computes only the kept columns, projects and normalises them.
+        are chosen from (over at most ``projection_atoms`` atoms: :func:`projection_sample`), the
+        second computes only the kept columns of every frame, projects and normalises them.
         Raw chunks of the first pass are reused by the second while they fit in RAW_KEEP_BYTES.
         """
         chunks = [frames[start:stop] for start, stop in frame_ranges([len(atoms) for atoms in frames], FEATURE_CHUNK_ATOMS)]
         projections, kept = None, None
         if self.nc is not None:
+            sample = projection_sample([len(atoms) for atoms in frames], self.projection_atoms)
+            sampled = frames if sample is None else [frames[i] for i in sample]
             gram0 = gram2 = 0.0
-            kept, held = [], 0
-            for chunk in chunks:
+            # raw chunks are reusable by the second pass only when the first saw every frame
+            kept, held = ([], 0) if sample is None else (None, 0)
+            for chunk in [sampled[a:b] for a, b in frame_ranges([len(atoms) for atoms in sampled], FEATURE_CHUNK_ATOMS)]:
                 raw = self._raw_features(chunk, cache)
                 gram0 = gram0 + column_gram(raw.x0)
                 gram2 = gram2 + column_gram(raw.x2)  # lambda = 2 rows are (atom, mu): FPS and A see all 5
@@ -592,6 +628,24 @@ def _check_frames(frames: list[ase.Atoms], species: np.ndarray | None = None) ->
                 f"frame {index} contains species {names} not seen in training "
                 f"(the model knows {trained})"
             )
+
+
+def projection_sample(sizes: list[int], max_atoms: int | None) -> np.ndarray | None:
+    """Frames whose column Gram matrices choose the nc columns and the A matrix: None (every frame) when
+    the training set has at most ``max_atoms`` atoms, else every k-th frame, k the smallest step that
+    keeps the sample within ``max_atoms`` (at least one frame).
+
+    All atoms x all lambda = 2 columns (4096 at n_max 8, l_max 6) is the costliest part of a bulk fit
+    (80000 atoms: a 3e12-flop Gram matrix, and every raw feature computed twice); a sample of frames
+    spread through the set fixes the same column space for a fraction of it.
+    """
+    total = sum(sizes)
+    if max_atoms is None or total <= max_atoms:
+        return None
+    step = -(-total // max_atoms)
+    while step < len(sizes) and sum(sizes[::step]) > max_atoms:
+        step += 1
+    return np.arange(0, len(sizes), step)
 
 
 def _select(raw: FeatureBlock, columns: tuple[np.ndarray, np.ndarray]) -> FeatureBlock:

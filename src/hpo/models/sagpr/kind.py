@@ -132,8 +132,8 @@ def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
         Cache(model["cache_dir"]).trim(int(model["cache_max_gb"] * 1e9))
     return Scored(
         metrics=found,
-        params={**flatten(model), "threads": cfg.threads},
-        tags={"overfit": str(overfit).lower(), "cache": dict(estimator.cache_stats_)},
+        params={**flatten(model), "threads": cfg.threads, "n_env_effective": estimator.n_env_},
+        tags={"overfit": str(overfit).lower(), "cache": dict(estimator.cache_stats_), "kernel_route": estimator.kernel_route_},
         artifacts=[workdir / "train_errors.csv", workdir / "validation_errors.csv", parity, *artifacts],
         model_files=[model_dir],
     )

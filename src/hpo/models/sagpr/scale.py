@@ -47,6 +47,8 @@ __all__ = [
     "PrimalWeights",
     "factorised_kernels",
     "kernel_costs",
+    "kernel_route",
+    "route_costs",
     "structure_sums",
     "symmetric_power",
     "symmetric_power_dim",
@@ -54,9 +56,9 @@ __all__ = [
 
 # Bytes a temporary (atoms x D) array may take while building sums or predicting.
 CHUNK_BYTES = 2**26
-# Bytes the per-structure sums of one kernel call (both sides) may take; above
-# this structure_kernels(method="auto") keeps the atom-pair loop.
-FACTORISED_MAX_BYTES = 2**30
+# Bytes the kernel sums held at once may take when the caller gives no budget (a model passes its
+# kernel_memory_gb).
+KERNEL_BYTES = 2**30
 # Bytes the folded weights m0 and m2 may take; above this prediction goes
 # through kernels against the training set instead.
 PRIMAL_MAX_BYTES = 2**28
@@ -109,12 +111,6 @@ def symmetric_power(x: np.ndarray, k: int) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # per-structure sums and kernels
 # --------------------------------------------------------------------------- #
-def _dims(block: FeatureBlock, zeta: int) -> tuple[int, int, int]:
-    """(D0, F2, D2'): columns of phi, lambda = 2 features, columns of p^(x(zeta-1))."""
-    f0, f2 = block.x0.shape[1], block.x2.shape[-1]
-    return symmetric_power_dim(f0, zeta), f2, symmetric_power_dim(f0, zeta - 1)
-
-
 def _atom_batches(block: FeatureBlock, width: int, start: int = 0, stop: int | None = None):
     """Frame ranges [f0, f1) of at most CHUNK_BYTES // (8 width) atoms (at least one frame)."""
     stop = block.n_frames if stop is None else stop
@@ -173,73 +169,103 @@ def structure_sums(
     return phi, psi
 
 
-def kernel_costs(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> dict[str, float]:
-    """Flop estimates of the pair loop and of the factorised kernels, and the latter's memory.
+def _width(f0: int, f2: int, zeta: int) -> int:
+    """Numbers in one frame's sums: phi (D0) and psi (5 F2 D2')."""
+    return symmetric_power_dim(f0, zeta) + 5 * f2 * symmetric_power_dim(f0, zeta - 1)
 
-    pair:       A_l A_b (F0 + 25 F2)                 (halved for right=None)
-    factorised: (A_l + A_r)(F0^zeta + 5 F2 F0^(zeta-1)) to build the sums, n_l n_r (D0 + 25 F2 D2') to
-                multiply them (halved for right=None)
-    bytes:      the sums of ``right`` plus one chunk of ``left``'s (what factorised_kernels holds)
+
+def block_frames(width: int, max_bytes: float) -> int:
+    """Frames per block of :func:`factorised_kernels`: two blocks of sums (left and right) take at most
+    ``max_bytes``; 0 when not even one frame of each fits."""
+    return int(max_bytes // (2 * 8 * width))
+
+
+def route_costs(
+    atoms_l: int, n_l: int, atoms_r: int, n_r: int, f0: int, f2: int, zeta: int, symmetric: bool, max_bytes: float
+) -> dict[str, float]:
+    """Flop estimates of the pair loop and of the blocked factorised kernels, and the latter's memory.
+
+    pair:       A_l A_r (F0 + 25 F2)                              (halved when symmetric)
+    factorised: building the sums, (A_l + A_r)(F0^zeta + 5 F2 F0^(zeta-1)), times the rebuilds the blocks
+                need (a block of the left side is built again for every block of the right one; symmetric:
+                only for the blocks above it), plus n_l n_r (D0 + 25 F2 D2') to multiply them (halved when
+                symmetric); infinite when one frame's sums on each side exceed ``max_bytes``
+    bytes:      the sums held at once (two blocks)
     """
+    d0, d2 = symmetric_power_dim(f0, zeta), symmetric_power_dim(f0, zeta - 1)
+    width = _width(f0, f2, zeta)
+    half = 0.5 if symmetric else 1.0
+    pair = half * atoms_l * atoms_r * (f0 + 25 * f2)
+    per_atom = f0**zeta + 5 * f2 * f0 ** (zeta - 1)
+    step = block_frames(width, max_bytes)
+    if step == 0:
+        return {"pair_flops": pair, "factorised_flops": math.inf, "factorised_bytes": 16.0 * width}
+    blocks_r = math.ceil(n_r / step)
+    if symmetric:
+        build = atoms_l * (blocks_r + 1) / 2
+    else:
+        build = atoms_r + atoms_l * blocks_r
+    product = half * n_l * n_r * (d0 + 25 * f2 * d2)
+    held = (min(n_r, step) + (0 if symmetric and n_r <= step else min(n_l, step))) * width
+    return {"pair_flops": pair, "factorised_flops": build * per_atom + product, "factorised_bytes": 8.0 * held}
+
+
+def kernel_costs(left: FeatureBlock, right: FeatureBlock | None, zeta: int, max_bytes: float = KERNEL_BYTES) -> dict[str, float]:
+    """:func:`route_costs` of ``structure_kernels(left, right, zeta)``."""
     symmetric = right is None
     right = left if symmetric else right
     f0, f2 = left.x0.shape[1], left.x2.shape[-1]
-    d0, _, d2 = _dims(left, zeta)
-    atoms_l, atoms_r = len(left.x0), len(right.x0)
-    n_l, n_r = left.n_frames, right.n_frames
-    half = 0.5 if symmetric else 1.0
-    pair = half * atoms_l * atoms_r * (f0 + 25 * f2)
-    build = (atoms_l + (0 if symmetric else atoms_r)) * (f0**zeta + 5 * f2 * f0 ** (zeta - 1))
-    product = half * n_l * n_r * (d0 + 25 * f2 * d2)
-    width = d0 + 5 * f2 * d2
-    held = n_r * width + (0 if symmetric else min(n_l, _chunk_frames(width)) * width)
-    return {"pair_flops": pair, "factorised_flops": build + product, "factorised_bytes": 8.0 * held}
+    return route_costs(len(left.x0), left.n_frames, len(right.x0), right.n_frames, f0, f2, zeta, symmetric, max_bytes)
 
 
-def prefer_factorised(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> bool:
-    """Whether structure_kernels(method="auto") should use :func:`factorised_kernels`."""
-    costs = kernel_costs(left, right, zeta)
-    return (
-        costs["factorised_bytes"] <= FACTORISED_MAX_BYTES
-        and costs["factorised_flops"] < costs["pair_flops"]
-    )
-
-
-def _chunk_frames(width: int) -> int:
-    """Frames of ``left`` whose sums are held at once in factorised_kernels."""
-    return max(1, CHUNK_BYTES // (8 * width))
+def kernel_route(left: FeatureBlock, right: FeatureBlock | None, zeta: int, max_bytes: float) -> str:
+    """What ``structure_kernels(method="auto")`` runs: "factorised" when its flop estimate is lower, else "pairs"."""
+    costs = kernel_costs(left, right, zeta, max_bytes)
+    return "factorised" if costs["factorised_flops"] < costs["pair_flops"] else "pairs"
 
 
 def factorised_kernels(
-    left: FeatureBlock, right: FeatureBlock | None, zeta: int
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int, max_bytes: float = KERNEL_BYTES
 ) -> tuple[np.ndarray, np.ndarray]:
     """K0 (n_l, n_r) and K2 (n_l, 5, n_r, 5) as products of per-structure sums.
 
-    Same definition as the atom-pair loop of ``structure_kernels`` (equal to
-    round-off). For right=None the result is exactly symmetric. ``right``'s
-    sums are held; ``left``'s are built and used a chunk of frames at a time.
+    Same definition as the atom-pair loop of ``structure_kernels`` (equal to round-off). Blocks of
+    structures against blocks of structures, each block's sums sized by :func:`block_frames` so the
+    two held at once take at most ``max_bytes``: a training set of any size can take this route, at
+    the price of building a block's sums again for every block it meets (counted by
+    :func:`route_costs`). For right=None only blocks on and above the diagonal are computed and
+    mirrored, so the result is exactly symmetric.
     """
-    if right is None:
-        phi, psi = structure_sums(left, zeta)
-        n = left.n_frames
-        flat = psi.reshape(5 * n, -1)
-        k0, k2 = phi @ phi.T, flat @ flat.T
-        del psi, flat
-        # mirror the upper triangle: exact symmetry whatever BLAS did
+    symmetric = right is None
+    other = left if symmetric else right
+    f0, f2 = left.x0.shape[1], left.x2.shape[-1]
+    step = max(1, block_frames(_width(f0, f2, zeta), max_bytes))
+    n_l, n_r = left.n_frames, other.n_frames
+    k0 = np.zeros((n_l, n_r))
+    k2 = np.zeros((n_l, 5, n_r, 5))
+    for r0 in range(0, n_r, step):
+        r1 = min(n_r, r0 + step)
+        phi_r, psi_r = structure_sums(other, zeta, r0, r1)
+        flat_r = psi_r.reshape(5 * (r1 - r0), -1)
+        del psi_r
+        for l0 in range(0, r0 + 1 if symmetric else n_l, step):
+            l1 = min(n_l, l0 + step)
+            if symmetric and l0 == r0:
+                phi, flat = phi_r, flat_r
+            else:
+                phi, psi = structure_sums(left, zeta, l0, l1)
+                flat = psi.reshape(5 * (l1 - l0), -1)
+                del psi
+            k0[l0:l1, r0:r1] = phi @ phi_r.T
+            k2[l0:l1, :, r0:r1, :] = (flat @ flat_r.T).reshape(l1 - l0, 5, r1 - r0, 5)
+            del phi, flat
+    if symmetric:
+        # the blocks on and above the diagonal, mirrored: exact symmetry whatever BLAS did
+        n = n_l
+        flat = k2.reshape(5 * n, 5 * n)
         k0 = np.triu(k0) + np.triu(k0, 1).T
-        k2 = np.triu(k2) + np.triu(k2, 1).T
-        return k0, k2.reshape(n, 5, n, 5)
-    phi_r, psi_r = structure_sums(right, zeta)
-    n_l, n_r = left.n_frames, right.n_frames
-    flat_r = psi_r.reshape(5 * n_r, -1)
-    k0 = np.empty((n_l, n_r))
-    k2 = np.empty((n_l, 5, n_r, 5))
-    step = _chunk_frames(phi_r.shape[1] + flat_r.shape[1] * 5)
-    for start in range(0, n_l, step):
-        stop = min(n_l, start + step)
-        phi, psi = structure_sums(left, zeta, start, stop)
-        k0[start:stop] = phi @ phi_r.T
-        k2[start:stop] = (psi.reshape(5 * (stop - start), -1) @ flat_r.T).reshape(-1, 5, n_r, 5)
+        flat = np.triu(flat) + np.triu(flat, 1).T
+        k2 = flat.reshape(n, 5, n, 5)
     return k0, k2
 
 
@@ -328,17 +354,54 @@ class PrimalWeights:
 
 
 def structure_kernels(
-    left: FeatureBlock, right: FeatureBlock | None, zeta: int, method: str = "auto"
+    left: FeatureBlock, right: FeatureBlock | None, zeta: int, method: str = "auto", max_bytes: float = KERNEL_BYTES
 ) -> tuple[np.ndarray, np.ndarray]:
     """Structure kernels K0 (n_left, n_right) and K2 (n_left, 5, n_right, 5) between the frames of ``left``
     and ``right`` (None: left vs left), as defined by :func:`hpo.models.sagpr.features.pair_kernels`.
 
     ``method``: "pairs" (the atom-pair loop, cost ~ atoms^2), "factorised" (:func:`factorised_kernels`:
-    per-structure sums, cost linear in atoms, memory ~ frames x F^zeta) or "auto" (factorised when its
-    sums fit in memory and its flop estimate is lower; the same kernels to round-off).
+    per-structure sums in blocks of frames whose sums take at most ``max_bytes``, cost linear in atoms)
+    or "auto" (:func:`kernel_route`: the lower flop estimate; the same kernels to round-off).
     """
     if method not in ("auto", "pairs", "factorised"):
         raise ValueError(f"method must be 'auto', 'pairs' or 'factorised', got {method!r}")
-    if method == "factorised" or (method == "auto" and prefer_factorised(left, right, zeta)):
-        return factorised_kernels(left, right, zeta)
+    if method == "auto":
+        method = kernel_route(left, right, zeta, max_bytes)
+    if method == "factorised":
+        return factorised_kernels(left, right, zeta, max_bytes)
     return pair_kernels(left, right, zeta)
+
+
+def choose_route(
+    train: FeatureBlock, zeta: int, n_env, env_auto_count: int, max_bytes: float, regularised: bool
+) -> tuple[int | None, str, dict[str, float]]:
+    """(environments of the fit or None for the exact model, kernel route, the estimates compared).
+
+    ``n_env``: None (exact), an integer (sparsified on that many environments) or "auto": sparsified on
+    ``env_auto_count`` environments when the training set has more environments than that, both
+    regularisations are positive (the projected process needs them) and its estimate (kernels against
+    the environments, among themselves, and the M x M solve) is lower than the exact model's (the
+    cheaper kernel route and the dense solve of 5 n_frames L=2 rows); otherwise exact. The route is
+    "pairs" or "factorised" (the exact model's kernels by :func:`kernel_route`) or "sparsified".
+    """
+    exact = kernel_costs(train, None, zeta, max_bytes)
+    exact_route = "factorised" if exact["factorised_flops"] < exact["pair_flops"] else "pairs"
+    n, atoms = train.n_frames, len(train.x0)
+    costs = {"exact_flops": min(exact["pair_flops"], exact["factorised_flops"]) + (5 * n) ** 3 / 3}
+    if n_env is None:
+        return None, exact_route, costs
+    if n_env != "auto":
+        return int(n_env), "sparsified", costs
+    m = int(env_auto_count)
+    if atoms <= m or not regularised:
+        return None, exact_route, costs
+    f0, f2 = train.x0.shape[1], train.x2.shape[-1]
+    nm = route_costs(atoms, n, m, m, f0, f2, zeta, False, max_bytes)
+    mm = route_costs(m, m, m, m, f0, f2, zeta, True, max_bytes)
+    rows, columns = 5 * n, 5 * m
+    # solve_projected_process: Cholesky of K_MM, L^-1 K_MN, and the smaller of the two normal systems
+    solve = columns**3 / 3 + rows * columns**2 + min(rows, columns) ** 3 / 3
+    costs["sparsified_flops"] = min(nm["pair_flops"], nm["factorised_flops"]) + min(mm["pair_flops"], mm["factorised_flops"]) + solve
+    if costs["sparsified_flops"] < costs["exact_flops"]:
+        return m, "sparsified", costs
+    return None, exact_route, costs
