@@ -128,7 +128,9 @@ def test_md_blow_up_guard_keeps_frames(promoted_cfg):
 def test_promote_bad_inputs(tiny_cfg, tiny_overrides, tmp_path):
     with pytest.raises(storage.StudyError, match="no study named 'nothing-here'"):
         hpo_promote.promote(tiny_cfg("study.name=nothing-here", "study.n_trials=1"))
-    cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.solver=gap_fit", "model.fit_timeout_s=0.001")
+    # gap_fit aborts on sparse_method=uniform for descriptors of more than 30 dimensions (n_max >= 2, l_max 2: 31)
+    cfg = tiny_cfg("study.n_trials=1", "study.name=all-fail", "model.solver=gap_fit", "model.sparse_method=uniform",
+                   "~search.space", "+search.space={n_max:{type:int,low:2,high:3}}")
     with pytest.raises(storage.StudyError, match=r"4 of 4 trials failed \(study.max_failure_rate=0.5\)"):
         loop.run(cfg)
     with pytest.raises(PromoteError, match="has no finished trial"):

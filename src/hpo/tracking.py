@@ -124,17 +124,18 @@ class ServerWaitNotice(logging.Filter):
 
 
 def _server_wait_notice(uri: str) -> ServerWaitNotice | None:
-    """The process's notice for a tracking server at ``uri`` (installed once on urllib3's logger), None for a local store."""
+    """The process's notice (one filter on urllib3's logger, whose retry warnings do not name the server), told
+    the tracking server ``uri`` in use; None for a local store."""
     if not uri.startswith(("http://", "https://")):
         return None
     from hpo.redact import redact_text
 
     pool = logging.getLogger("urllib3.connectionpool")
-    for existing in pool.filters:
-        if isinstance(existing, ServerWaitNotice) and existing.url == redact_text(uri, uri):
-            return existing
-    notice = ServerWaitNotice(redact_text(uri, uri))
-    pool.addFilter(notice)
+    notice = next((f for f in pool.filters if isinstance(f, ServerWaitNotice)), None)
+    if notice is None:
+        notice = ServerWaitNotice(uri)
+        pool.addFilter(notice)
+    notice.url = redact_text(uri, uri)
     return notice
 
 
