@@ -30,7 +30,7 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f}; {len(frames)} frames of {len(frames[0])} atoms")
     print(f"{'cutoff (A)':>10} {'gradients':>9} {'estimate (s)':>12} {'measured (s)':>12} {'measured/estimate':>17}")
     for cutoff, gradients in ((3.0, False), (4.0, False), (8.0, False), (12.0, False), (4.0, True), (6.0, True)):
-        params = {**SOAP, "cutoff": cutoff, "force_metrics": gradients}
+        params = {**SOAP, "cutoff": cutoff, "fit_forces": gradients}
         estimate = gap_kind.descriptor_pass_seconds(params, frames)
         start = time.perf_counter()
         for descriptor in gap_fit.expected_descriptors(params, frames):

@@ -163,14 +163,14 @@ def gap_fit_estimate_gb(n_frames: int, n_sparse: int, train_path: Path) -> float
     from hpo.models.gap import gap_fit
 
     frames = read(train_path, n_frames)
-    params = dict(SOAP, n_sparse=n_sparse, force_metrics=True)
+    params = dict(SOAP, n_sparse=n_sparse, fit_forces=True)
     return (gap_fit.descriptor_memory_bytes(params, frames) + gap_fit.covariance_memory_bytes(n_sparse, frames)) / 1e9
 
 
 def hpo_estimate_gb(n_frames: int, n_sparse: int, train_path: Path) -> float:
     from hpo.models.gap.kind import numpy_memory_bytes
 
-    return numpy_memory_bytes(dict(SOAP, n_sparse=n_sparse, force_metrics=True), read(train_path, n_frames)) / 1e9
+    return numpy_memory_bytes(dict(SOAP, n_sparse=n_sparse, fit_forces=True), read(train_path, n_frames)) / 1e9
 
 
 # --------------------------------------------------------------------------- trials through `hpo fit`

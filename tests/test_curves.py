@@ -34,8 +34,8 @@ def parent_and_children(cfg, parent_run_id):
 
 
 def test_learning_curve_over_two_sizes(tiny_cfg, shared_mlflow):
-    # force_metrics: the force panel, through quippy's calculator (trials default to energies only)
-    cfg = tiny_cfg(*shared_mlflow, "learning_curve.sizes=[50,100]", "learning_curve.name=lc", "model.force_metrics=true")
+    # fit_forces: the force panel, through quippy's calculator (trials default to energies only)
+    cfg = tiny_cfg(*shared_mlflow, "learning_curve.sizes=[50,100]", "learning_curve.name=lc", "model.fit_forces=true")
     result = learning_curve.run_learning_curve(cfg)
 
     rows = read_csv(result.csv)

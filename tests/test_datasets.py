@@ -62,7 +62,7 @@ def make_cfg(tmp_path: Path, *overrides: str):
 def test_loss_formula_and_scales():
     assert metrics.loss(0.2, 0.3, 1.0, 1.0, 0.1, 0.3) == pytest.approx(math.sqrt((4 + 1) / 2))
     assert metrics.loss(0.2, 0.3, 1.0, 3.0, 0.1, 0.3) == pytest.approx(math.sqrt((4 + 3) / 4))
-    # no force error (force_metrics=false) or no force weight: the energy term alone
+    # no force error (fit_forces=false) or no force weight: the energy term alone
     assert metrics.loss(0.2, None, 1.0, 1.0, 0.1, None) == pytest.approx(2.0)
     assert metrics.loss(0.2, 0.3, 1.0, 0.0, 0.1, 0.3) == pytest.approx(2.0)
     assert metrics.loss(0.2, 0.3, 0.0, 1.0, 0.1, 0.3) == pytest.approx(1.0)
@@ -106,10 +106,10 @@ def test_bad_dataset_config_names_key_and_allowed(overrides, key, tmp_path):
 
 def test_dataset_defaults(tmp_path):
     water = make_cfg(tmp_path)
-    assert water.study.name == "water-gap-50" and water.model.metric == "val_energy_rmse" and water.model.force_metrics is False
+    assert water.study.name == "water-gap-50" and water.model.metric == "val_energy_rmse" and water.model.fit_forces is False
     own = make_cfg(tmp_path, "dataset=files", "dataset.train=t.xyz", "dataset.val=v.xyz")
     validate(own)
-    assert own.study.name == "files-gap-all" and own.study.metric == "val_loss" and own.model.force_metrics is True
+    assert own.study.name == "files-gap-all" and own.study.metric == "val_loss" and own.model.fit_forces is True
 
 
 # --------------------------------------------------------------------------- loading
@@ -228,7 +228,7 @@ def test_hartree_bohr_file_gives_the_same_metrics(emt, tmp_path):
 def test_e0_average_is_passed_to_gap_fit_and_matched_by_the_numpy_solver(emt, tmp_path):
     from hpo.models.gap.sparse_gap import SparseGap
 
-    base = [*files_overrides(emt, test=False), "dataset.e0=average", "model.force_metrics=false"]
+    base = [*files_overrides(emt, test=False), "dataset.e0=average", "model.fit_forces=false"]
     found = _fit(make_cfg(tmp_path, *base, "model.solver=gap_fit"), tmp_path / "gap_fit")
     command = (tmp_path / "gap_fit" / "gap_fit.cmd").read_text()
     assert "e0_method=average" in command and "e0={" not in command
@@ -280,10 +280,10 @@ def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_fo
     # optimize runs the same checks after reading the data and stops before any fit with the check's message
     with pytest.raises(DataError, match="data check failed: forces_consistent") as refused:
         loop.run(cfg)
-    assert "To fit energies only: model.force_metrics=false" in str(refused.value)
+    assert "To fit energies only: model.fit_forces=false" in str(refused.value)
     assert not (tmp_path / "shuffled" / "experiments" / cfg.study.name).exists()
     # forces that do not enter the fit cannot spoil it: the same check only warns, and the study runs
-    energy_only = make_cfg(tmp_path / "energy_only", *mlruns, *files_overrides(emt, "shuffled_forces_"), "model.force_metrics=false", "study.n_trials=1")
+    energy_only = make_cfg(tmp_path / "energy_only", *mlruns, *files_overrides(emt, "shuffled_forces_"), "model.fit_forces=false", "study.n_trials=1")
     assert own_data.preflight(energy_only)["check.forces_consistent"] == "warn"
 
 

@@ -162,11 +162,11 @@ CONFIG_FAULTS = [
     ("n-trials-0", ["study.n_trials=0"], ConfigError, "study.n_trials=0 is not allowed: an integer >= 1"),
     ("storage-dir-missing", ["study.storage=sqlite:////nonexistent/dir/optuna.db"], ConfigError,
      "study.storage='sqlite:////nonexistent/dir/optuna.db' is not allowed: a database in an existing directory"),
-    ("cutoff-too-large-for-memory", ["model.solver=gap_fit", "model.force_metrics=true", "model.cutoff=100.0"], ConfigError,
+    ("cutoff-too-large-for-memory", ["model.solver=gap_fit", "model.fit_forces=true", "model.cutoff=100.0"], ConfigError,
      "model.cutoff=100.0 is not allowed for this data: cutoff=100.0 Å: about 3.92e+05 neighbours per atom"),
     ("descriptor-pass-over-time", ["model.cutoff=60.0"], ConfigError,  # energies only: no memory bound, 5e4 neighbours
      "model.cutoff=60.0 is not allowed for this data: cutoff=60.0 Å: the descriptors of the 10 training frames would take about"),
-    ("search-space-over-memory", ["model.solver=gap_fit", "model.force_metrics=true", "search.space.cutoff.low=30.0", "search.space.cutoff.high=40.0", "model.memory_budget_gb=1"], ConfigError,
+    ("search-space-over-memory", ["model.solver=gap_fit", "model.fit_forces=true", "search.space.cutoff.low=30.0", "search.space.cutoff.high=40.0", "model.memory_budget_gb=1"], ConfigError,
      "search.space.cutoff.low=30.0 is not allowed for this data: even the cheapest point of the search space is over budget: "
      "cutoff=30.0 Å: about 1.06e+04 neighbours per atom"),
 ]
@@ -244,7 +244,7 @@ def test_cutoff_bound_is_sane_for_the_real_data(tiny_data):
     from hpo.models.gap import gap_fit
 
     frames = ase.io.read(tiny_data / "gap_input_50.xyz", ":")
-    defaults = {"n_max": 4, "l_max": 6, "force_metrics": True}  # gap_fit fitting forces: gradients kept
+    defaults = {"n_max": 4, "l_max": 6, "fit_forces": True}  # gap_fit fitting forces: gradients kept
     assert gap_fit.descriptor_memory_bytes({**defaults, "cutoff": 100.0}, frames) > 58318997256
     assert 15 < gap_fit.largest_cutoff({**defaults, "cutoff": 5.0}, frames, 16e9) < 40
     frames_400 = frames * 40  # the density and atoms of 400 water frames
@@ -256,9 +256,9 @@ def test_numpy_solver_without_forces_has_no_gradient_bound(tiny_data):
     from hpo.models.gap import gap_fit
 
     frames = ase.io.read(tiny_data / "gap_input_50.xyz", ":")
-    numpy_energy = {"n_max": 4, "l_max": 6, "cutoff": 100.0, "solver": "numpy", "force_metrics": False}
+    numpy_energy = {"n_max": 4, "l_max": 6, "cutoff": 100.0, "solver": "numpy", "fit_forces": False}
     assert gap_fit.descriptor_memory_bytes(numpy_energy, frames) < 1e7
-    assert gap_fit.descriptor_memory_bytes({**numpy_energy, "force_metrics": True}, frames) > 1e10
+    assert gap_fit.descriptor_memory_bytes({**numpy_energy, "fit_forces": True}, frames) > 1e10
 
 
 def test_descriptor_estimate_matches_gap_fit(tiny_data, tmp_path):
@@ -267,7 +267,7 @@ def test_descriptor_estimate_matches_gap_fit(tiny_data, tmp_path):
 
     from hpo.models.gap import gap_fit
 
-    cfg = load_config([f"dataset.data_dir={tiny_data}", "model.solver=gap_fit", "model.force_metrics=true", "model.n_max=2", "model.l_max=2", "model.n_sparse=20", "model.cutoff=3.0"])
+    cfg = load_config([f"dataset.data_dir={tiny_data}", "model.solver=gap_fit", "model.fit_forces=true", "model.n_max=2", "model.l_max=2", "model.n_sparse=20", "model.cutoff=3.0"])
     params = model_params(cfg)
     fitted = gap_fit.GAP(params, dict(cfg.dataset.e0), cfg.dataset.property_keys).fit(tiny_data / "gap_input_50.xyz", tmp_path)
     printed = (tmp_path / "gap_fit.out").read_text()
@@ -288,10 +288,11 @@ def hpo_command(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Compl
     "command, extra, message",
     [
         ("fit", ["model=sagpr", "model.l_max=0"], "hpo: model.l_max=0 is not allowed: an integer >= 1"),
-        ("optimize", ["model.solver=gap_fit", "model.force_metrics=true", "model.cutoff=100.0"], "hpo: model.cutoff=100.0 is not allowed for this data"),
+        ("optimize", ["model.solver=gap_fit", "model.fit_forces=true", "model.cutoff=100.0"], "hpo: model.cutoff=100.0 is not allowed for this data"),
         ("optimize", ["study.storage=sqlite:////nonexistent/dir/optuna.db"], "is not allowed: a database in an existing directory"),
+        ("fit", ["model.force_metrics=true"], "hpo: model.force_metrics is now model.fit_forces"),
     ],
-    ids=["fit-sagpr-l_max-0", "optimize-cutoff-100", "optimize-storage-dir-missing"],
+    ids=["fit-sagpr-l_max-0", "optimize-cutoff-100", "optimize-storage-dir-missing", "fit-renamed-key"],
 )
 def test_cli_exits_2_before_any_fit(tiny_overrides, tiny_data, tmp_path, command, extra, message):
     base = [f"dataset.data_dir={tiny_data}", *output_overrides(tmp_path)] if "model=sagpr" in extra else tiny_overrides
@@ -392,7 +393,7 @@ def test_mlflow_run_urls_silenced(monkeypatch):
 
 
 # The model's cutoff (3 Å) and the space's low end fit in 1.3 MB; almost every sampled cutoff does not.
-OVER_BUDGET_SPACE = ["model.solver=gap_fit", "model.force_metrics=true", "study.enqueue_default=false", "~search.space", "+search.space={cutoff:{type:float,low:3.0,high:30.0}}",
+OVER_BUDGET_SPACE = ["model.solver=gap_fit", "model.fit_forces=true", "study.enqueue_default=false", "~search.space", "+search.space={cutoff:{type:float,low:3.0,high:30.0}}",
                      "model.memory_budget_gb=0.0013"]
 
 

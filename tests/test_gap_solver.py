@@ -261,7 +261,7 @@ def test_own_data_defaults_come_from_the_data(emt):
     forces = [a.get_forces() for a in frames]
     data = SimpleNamespace(train=SimpleNamespace(frames=frames, forces=forces))
     params = dict(tiny_params(n_sparse="auto", default_sigma=dict(energy=0.01, force="auto", virial=0.0, hessian=0.0)),
-                  solver="numpy", force_metrics=True, memory_budget_gb=16)
+                  solver="numpy", fit_forces=True, memory_budget_gb=16)
     found = KIND.data_defaults(params, data)
     assert found["n_sparse"][0] == 144 and "1440 Cu environments" in found["n_sparse"][1]
     spread = np.std(np.concatenate(forces))

@@ -83,7 +83,7 @@ def all_runs_ended(cfg) -> list:
 
 
 def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, tiny_cfg, tmp_path):
-    extra = ["study.n_trials=3", "model.solver=gap_fit", "model.force_metrics=true"]  # a real gap_fit process to take down
+    extra = ["study.n_trials=3", "model.solver=gap_fit", "model.fit_forces=true"]  # a real gap_fit process to take down
     cfg = tiny_cfg(*extra)
     process = start([*tiny_overrides, *extra], tmp_path, "optimize")
     trial = wait_for(lambda: running_trial_with_gap_fit(cfg), "a trial with its gap_fit running")
@@ -112,7 +112,7 @@ def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tm
     """Issue 25, item 1: `kill -9` after the first finished trial, then the same command at once. The default
     heartbeat (30 s) and grace (90 s) have not expired: the dead process's records are closed by its liveness
     record (this host, pid gone), not by heartbeat age."""
-    extra = ["study.n_trials=4", "study.enqueue_default=false", "model.solver=gap_fit", "model.force_metrics=true"]
+    extra = ["study.n_trials=4", "study.enqueue_default=false", "model.solver=gap_fit", "model.fit_forces=true"]
     cfg = tiny_cfg(*extra)
     assert cfg.study.grace_s >= 60  # the rerun below comes well within it
     process = start([*tiny_overrides, *extra], tmp_path, "killed")
@@ -242,7 +242,7 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
 
 # A descriptor pass that takes seconds, almost all of it inside quippy's Fortran (`descriptor.calc`):
 # 16 frames of about 0.3 s each, energies only, so the cache writes between frames are small.
-SLOW_DESCRIPTORS = ["model.solver=numpy", "model.n_max=16", "model.l_max=12", "model.cutoff=12.0", "model.force_metrics=false"]
+SLOW_DESCRIPTORS = ["model.solver=numpy", "model.n_max=16", "model.l_max=12", "model.cutoff=12.0", "model.fit_forces=false"]
 
 
 @pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])

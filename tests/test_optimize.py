@@ -129,7 +129,7 @@ def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
     # every sampled trial is over budget (the model itself and the space's low end are not, or the config
     # would be refused up front): the study stops after study.max_refused_trials refusals, with the reason
     cfg = tiny_cfg(
-        "study.n_trials=1", "study.max_refused_trials=3", "model.memory_budget_gb=0.0013", "study.enqueue_default=false", "model.solver=gap_fit", "model.force_metrics=true",
+        "study.n_trials=1", "study.max_refused_trials=3", "model.memory_budget_gb=0.0013", "study.enqueue_default=false", "model.solver=gap_fit", "model.fit_forces=true",
         "~search.space", "+search.space={cutoff:{type:float,low:3.0,high:30.0}}",
     )
     with pytest.raises(storage.StudyError, match="3 trials were refused before any fit.*memory_budget_gb=0.0013"):

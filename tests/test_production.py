@@ -35,7 +35,7 @@ def promoted_root(tiny_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("promoted")
     # gap_fit fitting forces too: its fits of these slices include a stable trial for the screen (see test_trust)
     # (the uncertainty rule is recorded, not judged: 10-frame models extrapolate in a quarter of their MD frames)
-    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit", "model.force_metrics=true",
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit", "model.fit_forces=true",
                  "md.stability.max_extrapolating_fraction=null"]
     cfg = load_config([*overrides, "study.n_trials=2"])
     loop.run(cfg)
@@ -152,7 +152,7 @@ def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys)
         "pipeline.gap_train_size=50",
         "pipeline.sagpr_trials=2",
         "pipeline.sagpr_train_size=50",
-        "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small','model.solver=gap_fit','model.force_metrics=true']",
+        "pipeline.gap_overrides=['model.n_max=2','model.l_max=2','model.n_sparse=20','model.cutoff=3.0','search=gap_small','model.solver=gap_fit','model.fit_forces=true']",
         "pipeline.sagpr_overrides=['search=sagpr_small','model.n_max=2','model.l_max=2','model.nc=null','model.rc=3.0']",
         "md.steps=10",
         "md.stability.max_extrapolating_fraction=null",

@@ -70,13 +70,13 @@ def test_descriptor_cache_is_reused_and_exact(fitted, tmp_path):
 
 
 def test_both_solvers_fit_the_same_targets(tiny_cfg, tmp_path):
-    """model.force_metrics decides whether forces enter the fit, for both solvers: with every environment a
+    """model.fit_forces decides whether forces enter the fit, for both solvers: with every environment a
     sparse point (n_sparse above the count, so the selection method cannot differ) the two fit the same model
     with and without forces (before, gap_fit fitted the force column whatever the setting)."""
     for forces in ("false", "true"):
         runs = {}
         for solver in ("numpy", "gap_fit"):
-            cfg = tiny_cfg(f"model.solver={solver}", f"model.force_metrics={forces}", "model.n_sparse=10000", "model.cost_frames=2")
+            cfg = tiny_cfg(f"model.solver={solver}", f"model.fit_forces={forces}", "model.n_sparse=10000", "model.cost_frames=2")
             runs[solver] = score(cfg, model_params(cfg), load_datasets(cfg), tmp_path / f"{solver}-{forces}")
         for key in ("train_energy_rmse", "val_energy_rmse"):
             assert runs["numpy"].metrics[key] == pytest.approx(runs["gap_fit"].metrics[key], abs=1e-6)

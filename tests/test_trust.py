@@ -37,7 +37,7 @@ def tiny_study(tiny_data, tmp_path_factory):
     # stable) was found with them; energy-only fits of 10 frames give two unstable trials here.
     # 10-frame models put a quarter of their MD frames beyond their own validation std (the uncertainty rule,
     # tested in test_variance.py, is recorded here and not judged): these tests are about the other rules
-    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "study.n_trials=2", "model.solver=gap_fit", "model.force_metrics=true",
+    overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "study.n_trials=2", "model.solver=gap_fit", "model.fit_forces=true",
                  "md.stability.max_extrapolating_fraction=null"]
     loop.run(load_config(overrides))
     return lambda *extra: load_config([*overrides, *extra])

@@ -23,7 +23,7 @@ from hpo.redact import redact, redact_text
 from hpo.search.selection import cheapest_within, failure_verdict
 from hpo.search.storage import trial_seed
 
-# gap.yaml reads its own-data defaults (force_metrics, metric) from the dataset group: resolved here without one
+# gap.yaml reads its own-data defaults (fit_forces, metric) from the dataset group: resolved here without one
 GAP_PARAMS = OmegaConf.to_container(
     OmegaConf.create({"experiments_dir": "experiments", "dataset": {}, "model": OmegaConf.load(CONF_DIR / "model" / "gap.yaml")}), resolve=True
 )["model"]
@@ -175,8 +175,8 @@ def test_search_leaves_out_parameters_that_cannot_change_the_fit(capsys):
 
     names = [p.name for p in search_space(load_config([]))]
     assert "default_sigma.force" not in names and "default_sigma.energy" in names
-    assert "default_sigma.force left out (model.force_metrics=false" in capsys.readouterr().out
-    assert "default_sigma.force" in [p.name for p in search_space(load_config(["model.force_metrics=true"]), quiet=True)]
+    assert "default_sigma.force left out (model.fit_forces=false" in capsys.readouterr().out
+    assert "default_sigma.force" in [p.name for p in search_space(load_config(["model.fit_forces=true"]), quiet=True)]
 
 
 def test_frame_ranges_hold_whole_frames_within_the_budget():

@@ -179,6 +179,10 @@ def interrupted_message(name: str) -> str:
     )
 
 
+# Config keys that were renamed, so an old command line is told the new name instead of Hydra's "not in struct".
+RENAMED = {"model.force_metrics": "model.fit_forces", "dataset.force_metrics": "dataset.fit_forces"}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -195,6 +199,11 @@ def main(argv: list[str] | None = None) -> None:
         hint = f"; did you mean {near[0]}?" if near else "."
         print(f"hpo: unknown command {command!r}{hint} Commands: {', '.join(COMMANDS)}\n\n{USAGE}", file=sys.stderr)
         raise SystemExit(2)
+    for override in argv:
+        key = override.lstrip("+~").split("=", 1)[0]
+        if key in RENAMED:
+            print(f"hpo: {key} is now {RENAMED[key]} ({override!r} -> {override.replace(key, RENAMED[key], 1)!r})", file=sys.stderr)
+            raise SystemExit(2)
     sys.argv = [f"hpo {command.replace(' ', '-')}", *argv]
     # MLflow's per-file download bars would flood the log of every command that loads a model
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

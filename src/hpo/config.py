@@ -280,8 +280,8 @@ def _validate_loss(cfg: DictConfig, model: dict) -> None:
             value = loss.get(name)
             if not _is_number(value) or value < 0:
                 _fail(f"study.loss.{name}", value, "a number >= 0")
-        if not loss.energy_weight > 0 and not (loss.force_weight > 0 and model.get("force_metrics")):
-            _fail("study.loss", OmegaConf.to_container(loss), "energy_weight > 0, or force_weight > 0 with model.force_metrics=true")
+        if not loss.energy_weight > 0 and not (loss.force_weight > 0 and model.get("fit_forces")):
+            _fail("study.loss", OmegaConf.to_container(loss), "energy_weight > 0, or force_weight > 0 with model.fit_forces=true")
         for name in ("energy_scale", "force_scale"):
             value = loss.get(name)
             if value is not None and (not _is_number(value) or value <= 0):

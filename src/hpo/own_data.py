@@ -78,14 +78,14 @@ def verdict_tags(checks: list[dc.Check]) -> dict[str, str]:
 def _forces_unused(check: dc.Check) -> dc.Check:
     if check.verdict != "fail" or check.name not in dc.FORCE_CHECKS:
         return check
-    return replace(check, verdict="warn", message=check.message + " (forces do not enter this fit: model.force_metrics=false)")
+    return replace(check, verdict="warn", message=check.message + " (forces do not enter this fit: model.fit_forces=false)")
 
 
 def failure_message(checks: list[dc.Check]) -> str:
     failed = [check for check in checks if check.verdict == "fail"]
     remedy = ""
     if any(check.name in dc.FORCE_CHECKS for check in failed):
-        remedy = " To fit energies only: model.force_metrics=false; to read another force column: dataset.keys.forces=KEY."
+        remedy = " To fit energies only: model.fit_forces=false; to read another force column: dataset.keys.forces=KEY."
     return "data check failed: " + "; ".join(f"{check.name}: {check.message}" for check in failed) + (
         f" (python -m hpo data check shows every check).{remedy}"
     )

@@ -103,8 +103,8 @@ def neighbours_per_atom(cutoff: float, frames: list[ase.Atoms]) -> float:
 
 
 def needs_gradients(params: dict) -> bool:
-    """Whether a fit has force targets, and so descriptor gradients (both solvers: ``model.force_metrics``)."""
-    return bool(params.get("force_metrics"))
+    """Whether a fit has force targets, and so descriptor gradients (both solvers: ``model.fit_forces``)."""
+    return bool(params.get("fit_forces"))
 
 
 def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:
@@ -117,7 +117,7 @@ def descriptor_memory_bytes(params: dict, frames: list[ase.Atoms]) -> int:
     overestimates slightly (by about 1.3x on the water cells at 3 A). While it computes them, gap_fit
     holds one frame's gradients twice: measured peak memory (maxrss) of gap_fit on 1, 2 and 4 water
     frames at a 30 A cutoff was 207, 310 and 518 MB for 94, 188 and 377 MB of listed arrays.
-    Without gradients (hpo's numpy solver without force metrics) only the vectors are kept: a large
+    Without gradients (hpo's numpy solver, fit_forces=false) only the vectors are kept: a large
     cutoff then costs time, not memory.
     """
     species = len({int(z) for atoms in frames for z in atoms.numbers})

@@ -50,7 +50,7 @@ PARAMETERS = {
     "sparse_method": ("cur_points", "random", "uniform", "none"),
     "fit_timeout_s": "positive",
     "memory_budget_gb": "positive",
-    "force_metrics": "bool",
+    "fit_forces": "bool",
     "force_fraction": "fraction",
     "solver": ("numpy", "gap_fit"),
     "sparse_selection": SPARSE_METHODS,
@@ -172,11 +172,11 @@ class GapKind(ModelKind):
             largest = int(_largest(lambda n: numpy_memory_bytes({**params, "n_sparse": int(n)}, frames) <= budget, 1, int(params["n_sparse"]), integer=True))
             raise _over_budget("n_sparse", MemoryBudgetExceeded(
                 f"hpo's solver would need about {estimate / 1e9:.3g} GB (n_sparse={'+'.join(map(str, sparse_counts(params, frames)))} per species, "
-                f"{'energies and forces' if params['force_metrics'] else 'energies'}, {len(frames)} frames), over "
+                f"{'energies and forces' if params['fit_forces'] else 'energies'}, {len(frames)} frames), over "
                 f"model.memory_budget_gb={params['memory_budget_gb']}; at most n_sparse={largest} fits",
                 estimate,
             ))
-        with_forces = bool(params["force_metrics"])
+        with_forces = bool(params["fit_forces"])
         descriptors = gap_fit.descriptor_memory_bytes(params, frames)
         if with_forces and descriptors > budget:
             raise _over_budget("cutoff", MemoryBudgetExceeded(
@@ -207,23 +207,23 @@ class GapKind(ModelKind):
         largest = _largest(lambda c: at(c) <= bound, 0.0, float(params["cutoff"]))
         raise _over_budget("cutoff", TimeBudgetExceeded(
             f"cutoff={params['cutoff']!r} Å: the descriptors of the {len(frames)} training frames"
-            f"{' with their gradients' if params['force_metrics'] else ''} would take about {estimate:.3g} s "
+            f"{' with their gradients' if params['fit_forces'] else ''} would take about {estimate:.3g} s "
             f"(timed on one frame, scaled by atoms and neighbours), over model.fit_timeout_s={params['fit_timeout_s']}; "
             f"at most cutoff={largest:.3g} Å fits", estimate,
         ))
 
     def fit_targets(self, params: dict) -> tuple[str, ...]:
-        return self.targets if params.get("force_metrics") else ("energy",)
+        return self.targets if params.get("fit_forces") else ("energy",)
 
     def inactive_parameters(self, params: dict) -> dict[str, str]:
-        if params.get("force_metrics"):
+        if params.get("fit_forces"):
             return {}
         # energies only (the workshop default: its force column does not follow the geometry)
-        return {"default_sigma.force": "model.force_metrics=false: no force targets enter the fit"}
+        return {"default_sigma.force": "model.fit_forces=false: no force targets enter the fit"}
 
     def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
         """Fit (hpo's numpy solve or gap_fit, ``model.solver``), evaluate train and validation energies (and
-        forces with ``model.force_metrics``), write CSVs and a parity plot."""
+        forces with ``model.fit_forces``), write CSVs and a parity plot."""
         params = copy.deepcopy(self.resolve_auto(params, data))
         requested = params["n_sparse"]
         params = capped_n_sparse(params, data.train.frames)
@@ -239,7 +239,7 @@ class GapKind(ModelKind):
         found["memory_estimate_gb"] = estimate / 1e9
         sets = {"train": data.train, "val": data.val}
         for name, frames in sets.items():
-            forces = fitted.forces.get(name) if params["force_metrics"] else None
+            forces = fitted.forces.get(name) if params["fit_forces"] else None
             found.update(metrics.energy_force_metrics(name, frames.energies, fitted.energies[name], frames.n_atoms, frames.forces, forces))
             write_text(
                 workdir / f"{'validation' if name == 'val' else 'train'}_errors.csv",
@@ -248,7 +248,7 @@ class GapKind(ModelKind):
             )
         if params["cost_frames"]:
             found["md_ms_per_atom"] = md_cost_ms_per_atom(fitted.model_file, data.val.frames[: params["cost_frames"]])
-        found.update(trial_loss(cfg, found, data.val, params["force_metrics"]))
+        found.update(trial_loss(cfg, found, data.val, params["fit_forces"]))
         nan = [k for k, v in found.items() if not math.isfinite(v)]
         if nan:
             raise TrialFailure("nan_metric", f"non-finite metrics {nan} (the fit diverged)")
@@ -286,10 +286,10 @@ class GapKind(ModelKind):
         )
 
     def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
-        """Energies per cell and per atom (and forces with ``model.force_metrics`` when the data have them), and
+        """Energies per cell and per atom (and forces with ``model.fit_forces`` when the data have them), and
         ``test_loss`` with the scales of the study's val_loss."""
         xml = next(p for p in files if p.suffix == ".xml")
-        with_forces = bool(params.get("force_metrics")) and bool(test.forces)
+        with_forces = bool(params.get("fit_forces")) and bool(test.forces)
         predicted_forces = None
         try:
             if with_forces:
@@ -299,7 +299,7 @@ class GapKind(ModelKind):
             energies, forces = gap_fit.predict(gap_fit.load(xml), test.frames)
             predicted_forces = forces if with_forces else None
         found = metrics.energy_force_metrics("test", test.energies, energies, test.n_atoms, test.forces if with_forces else None, predicted_forces)
-        loss = trial_loss(cfg, found, val, bool(params.get("force_metrics")), ("test",))
+        loss = trial_loss(cfg, found, val, bool(params.get("fit_forces")), ("test",))
         return {**found, **({"test_loss": loss["test_loss"]} if "test_loss" in loss else {})}
 
     def attach_posterior(self, cfg, params: dict, data, files: list[Path]) -> list[Path]:
@@ -314,7 +314,7 @@ class GapKind(ModelKind):
             model = sparse_gap.SparseGap.read(xml)
         except sparse_gap.UnsupportedModel:
             return files
-        with_forces = bool(params["force_metrics"]) and bool(data.train.forces)
+        with_forces = bool(params["fit_forces"]) and bool(data.train.forces)
         cache = Cache(params["descriptor_cache_dir"])
         if with_forces and not _gradients_fit_in_cache(params, data.train.frames):
             cache = Cache(None)
@@ -373,8 +373,8 @@ class GapKind(ModelKind):
         indices = tuple(gap_fit.read_sparse_index_file(trial_files[0].parent / name) for name in gap_fit.sparse_file_names(n_descriptors))
         refit = gap_fit.GAP(
             params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed,
-            sparse=gap_fit.SparsePoints(data.train.frames, indices), energy_only=not params["force_metrics"],
-            force_atoms=force_atoms(params, data.train.frames, cfg.study.seed) if params["force_metrics"] else None,
+            sparse=gap_fit.SparsePoints(data.train.frames, indices), energy_only=not params["fit_forces"],
+            force_atoms=force_atoms(params, data.train.frames, cfg.study.seed) if params["fit_forces"] else None,
         ).fit(data.train.path, workdir)
         difference = _energy_difference(trial_files[0], refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
         _refuse_mismatch(difference, params, workdir)
@@ -391,7 +391,7 @@ class GapKind(ModelKind):
         if not fits(size):
             raise TrialFailure("refit_mismatch", f"gap_fit cannot fit even one training frame within model.memory_budget_gb={params['memory_budget_gb']}: nothing checks hpo's model")
         subset = subset_frames(data.train, np.sort(order[:size]), workdir / "check_subset.xyz")
-        forces = subset.forces if params["force_metrics"] and subset.forces else None
+        forces = subset.forces if params["fit_forces"] and subset.forces else None
         kept = force_atoms(params, subset.frames, cfg.study.seed) if forces is not None else None
         model, sparse = solver.fit_frames(params, subset.frames, subset.energies, data.solver_e0(cfg.dataset), forces=forces,
                                           sparse_method=params["sparse_selection"], seed=cfg.study.seed, threads=cfg.threads, force_atoms=kept)
@@ -414,7 +414,7 @@ def descriptor_pass_seconds(params: dict, frames) -> float:
     largest frame is timed once per process at min(cutoff, ``PROBE_CUTOFF``), per centre and neighbour, and
     that rate is multiplied by the centres and their neighbours at the real cutoff (density of the frames)."""
     probe = max(frames, key=len)
-    gradients = bool(params["force_metrics"])
+    gradients = bool(params["fit_forces"])
     centres = sum(len(a) for a in frames)
     total = 0.0
     for setting in gap_fit.descriptor_settings(params):
@@ -467,7 +467,7 @@ def sparse_counts(params: dict, frames) -> list[int]:
 def gap_fit_memory_bytes(params: dict, frames) -> int:
     """gap_fit's own estimate for a fit of ``frames``: descriptors (with gradients when forces are fitted) and covariances."""
     return gap_fit.descriptor_memory_bytes(params, frames) + gap_fit.covariance_memory_bytes(
-        sparse_counts(params, frames), frames, bool(params["force_metrics"]))
+        sparse_counts(params, frames), frames, bool(params["fit_forces"]))
 
 
 def _energy_difference(model_file: Path, other_file: Path, frames, cache: Cache) -> float:
@@ -503,7 +503,7 @@ def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fi
     the core gap_fit leaves free; energies then come from numpy, forces (and other kernels) from quippy."""
     sets = {"train": data.train, "val": data.val}
     found_envs: dict[tuple[str, str], Environments] = {}
-    with_quippy = params["force_metrics"] or params["covariance_type"] != "dot_product"
+    with_quippy = params["fit_forces"] or params["covariance_type"] != "dot_product"
 
     def compute_descriptors(gap_fit_failed: Callable[[], bool]) -> None:
         if with_quippy:
@@ -516,8 +516,8 @@ def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fi
                 found_envs[name, descriptor_key(descriptor)] = found
 
     start = time.perf_counter()
-    # forces enter gap_fit's fit exactly when they enter the numpy solver's: model.force_metrics
-    energy_only = not params["force_metrics"]
+    # forces enter gap_fit's fit exactly when they enter the numpy solver's: model.fit_forces
+    energy_only = not params["fit_forces"]
     fitted = gap_fit.GAP(params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed, energy_only=energy_only,
                          force_atoms=None if energy_only else force_atoms(params, data.train.frames, cfg.study.seed)).fit(
         data.train.path, workdir, while_fitting=compute_descriptors
@@ -550,7 +550,7 @@ def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitt
     (kept in index files for the gap_fit refit at promotion), the training set's factors from the cache when
     a trial with the same descriptor, zeta and at least as many sparse points made them, then the solve
     and the validation predictions, block by block."""
-    with_forces = bool(params["force_metrics"]) and bool(data.train.forces)
+    with_forces = bool(params["fit_forces"]) and bool(data.train.forces)
     frames = data.train.frames
     descriptors = gap_fit.expected_descriptors(params, frames)
     start = time.perf_counter()
@@ -613,7 +613,7 @@ def _gradients_fit_in_cache(params: dict, frames) -> bool:
     quarter of the cache; beyond, recomputing beats evicting everything else (192-atom water: ~240 MB a frame)."""
     if not params["descriptor_cache_dir"]:
         return False
-    gradients = gap_fit.descriptor_memory_bytes({**params, "force_metrics": True}, frames)
+    gradients = gap_fit.descriptor_memory_bytes({**params, "fit_forces": True}, frames)
     return gradients <= params["descriptor_cache_max_gb"] * 1e9 / 4
 
 
@@ -656,13 +656,13 @@ def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_
     return dataclasses.replace(factors, key=key), False
 
 
-def trial_loss(cfg, found: dict[str, float], val, force_metrics: bool, prefixes: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
+def trial_loss(cfg, found: dict[str, float], val, fit_forces: bool, prefixes: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
     """``train_loss`` and ``val_loss`` (``hpo.metrics.loss``; any ``prefixes``, e.g. ``test``) with the weights
     and scales of ``study.loss``; a null scale is the validation set's spread (``hpo.metrics.loss_scales``)."""
     weights = cfg.study.get("loss") or {"energy_weight": 1.0, "force_weight": 1.0, "energy_scale": None, "force_scale": None}
     try:
         scales = metrics.loss_scales(
-            val.energies, val.n_atoms, val.forces if force_metrics else None, weights["energy_scale"], weights["force_scale"]
+            val.energies, val.n_atoms, val.forces if fit_forces else None, weights["energy_scale"], weights["force_scale"]
         )
         return metrics.loss_metrics(found, weights, scales, prefixes)
     except ValueError as exc:
@@ -676,7 +676,7 @@ def numpy_memory_bytes(params: dict, frames) -> int:
     return solver.memory_bytes(
         species * sum(sparse_counts(params, frames)), frames,
         [gap_fit.soap_dimensions(int(s["n_max"]), int(s["l_max"]), species) for s in settings],
-        [gap_fit.neighbours_per_atom(float(s["cutoff"]), frames) + 1.0 for s in settings], bool(params["force_metrics"]),
+        [gap_fit.neighbours_per_atom(float(s["cutoff"]), frames) + 1.0 for s in settings], bool(params["fit_forces"]),
     )
 
 
