@@ -21,6 +21,11 @@ ENERGY_TOL = 1e-6  # eV
 FORCE_TOL = 1e-5  # eV/A
 
 
+# EMT Cu/Al cells (emt fixture) with forces: the settings of every fit-equality test on them
+EMT_SOAP = dict(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
+                default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0))
+
+
 def tiny_params(**extra) -> dict:
     params = dict(
         descriptor="soap", l_max=2, n_max=2, atom_sigma=0.3, cutoff=3.0, cutoff_transition_width=0.5,
@@ -214,8 +219,7 @@ def test_smaller_sparse_set_from_the_factors_of_a_larger_one(emt, tmp_path):
     """Factors built for 10 sparse points per species solve the fit of 6 exactly as factors built for 6,
     and the training force RMSE read off R equals the one of predicted training forces."""
     _, train, _ = emt
-    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
-                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0))
+    params = tiny_params(**EMT_SOAP)
     e0 = {"Cu": -0.1, "Al": -0.2}
     forces = [a.get_forces() for a in train]
     descriptors = gap.expected_descriptors(params, train)
@@ -281,8 +285,7 @@ def test_two_descriptors_fit_equals_gap_fit_on_emt(emt, tmp_path):
     """A long and a short SOAP (model.descriptors), each with its own n_sparse, delta and zeta: hpo's solver
     and gap_fit (gap={soap ... : soap ...} on the same sparse points) fit the same energies and forces."""
     root, train, val = emt
-    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
-                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0), descriptors=[SHORT_SOAP])
+    params = tiny_params(**EMT_SOAP, descriptors=[SHORT_SOAP])
     e0 = {"Cu": -0.1, "Al": -0.2}
     descriptors = gap.expected_descriptors(params, train)
     assert len(descriptors) == 4 and "cutoff=2.5" in descriptors[2] and "zeta=3" in descriptors[3]  # 2 settings x 2 species
@@ -307,8 +310,7 @@ def test_other_counts_per_descriptor_from_the_factors_of_a_larger_set(emt):
     """Factors built for 10 points of every descriptor solve a fit of 10 long-SOAP and 4 short-SOAP points (columns
     that are not a prefix: R re-triangularised) as factors built for exactly those points do."""
     _, train, _ = emt
-    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
-                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0), descriptors=[{**SHORT_SOAP, "n_sparse": 10}])
+    params = tiny_params(**EMT_SOAP, descriptors=[{**SHORT_SOAP, "n_sparse": 10}])
     e0 = {"Cu": -0.1, "Al": -0.2}
     forces = [a.get_forces() for a in train]
     descriptors = gap.expected_descriptors(params, train)
@@ -331,8 +333,7 @@ def test_force_subsample_reaches_gap_fit_as_its_force_mask(emt, tmp_path):
     """Half of each frame's atoms with forces in the fit: hpo's solver and gap_fit (told by its force mask)
     fit the same model, and it differs from the fit with every force."""
     root, train, val = emt
-    params = tiny_params(atom_sigma=0.5, cutoff=3.5, cutoff_transition_width=1.0, n_sparse=10, zeta=2,
-                         default_sigma=dict(energy=0.002, force=0.05, virial=0.0, hessian=0.0))
+    params = tiny_params(**EMT_SOAP)
     e0 = {"Cu": -0.1, "Al": -0.2}
     forces = [a.get_forces() for a in train]
     kept = gs.force_selection(train, 0.5, seed=3)

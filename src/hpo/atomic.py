@@ -68,11 +68,19 @@ def creation_lock(url: str):
     if database is None:
         yield
         return
+    with file_lock(database.with_suffix(".lock")):
+        yield
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive flock on ``path`` (made if missing) for the block: processes on one machine, or on shared
+    file systems that honour flock, take turns."""
     import fcntl
 
-    lock_path = database.with_suffix(".lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

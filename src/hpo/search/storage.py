@@ -243,17 +243,8 @@ def study_lock(url: str, name: str):
     server and journal storages, machines: an flock next to an SQLite database or a journal file (shared file
     systems that honour flock), a PostgreSQL advisory lock on a server. Other servers (MySQL): no lock."""
     import contextlib
-    import fcntl
 
-    @contextlib.contextmanager
-    def flocked(path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    from hpo.atomic import file_lock as flocked
 
     @contextlib.contextmanager
     def advisory():
