@@ -388,3 +388,23 @@ def test_memory_estimate_holds_the_measured_peak_of_a_fit_with_forces(tmp_path):
     peak, estimate = float(printed["peak_rss_gb"]), float(printed["memory_estimate_gb"])
     print(f"108-atom Cu, 5 frames with forces, 500 sparse points: estimate {estimate:.2f} GB, measured peak {peak:.2f} GB")
     assert 0.5 <= peak / estimate <= 2.0
+
+
+def test_kernel_rows_over_the_time_bound_are_refused_naming_n_sparse():
+    """The streamed solver's kernel rows are estimated before a fit (this machine's matrix-product rate): with
+    fit_timeout_s between the descriptors' estimate and descriptors + kernel rows, preflight refuses the fit and
+    names the largest n_sparse that fits; with room for both, it passes."""
+    from ase.build import bulk
+
+    from hpo.models.base import TimeBudgetExceeded
+    from hpo.models.gap import kind as gap_kind
+
+    frames = [bulk("Cu", "fcc", a=3.61, cubic=True).repeat((3, 3, 3))] * 400
+    params = {**tiny_params(n_max=6, l_max=4, cutoff=4.5, atom_sigma=0.5, n_sparse=1000), "fit_forces": True, "descriptors": [],
+              "solver": "numpy", "memory_budget_gb": 1000, "fit_timeout_s": 1.0}
+    descriptors, kernels = gap_kind.descriptor_pass_seconds(params, frames), gap_kind.kernel_rows_seconds(params, frames)
+    with pytest.raises(TimeBudgetExceeded) as refused:
+        gap_kind.KIND.preflight({**params, "fit_timeout_s": descriptors + kernels / 2}, frames)
+    assert refused.value.parameter == "n_sparse" and "at most n_sparse=" in str(refused.value)
+    assert 0 < int(str(refused.value).rsplit("at most n_sparse=", 1)[1].split()[0]) < 1000
+    gap_kind.KIND.preflight({**params, "fit_timeout_s": 2 * (descriptors + kernels)}, frames)

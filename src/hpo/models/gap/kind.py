@@ -153,6 +153,7 @@ class GapKind(ModelKind):
         value of it that fits."""
         self._check_memory(params, frames)
         self._check_descriptor_time(params, frames)
+        self._check_kernel_time(params, frames)
 
     def _check_memory(self, params: dict, frames: list) -> None:
         budget = params["memory_budget_gb"] * 1e9
@@ -210,6 +211,24 @@ class GapKind(ModelKind):
             f"{' with their gradients' if params['fit_forces'] else ''} would take about {estimate:.3g} s "
             f"(timed on one frame, scaled by atoms and neighbours), over model.fit_timeout_s={params['fit_timeout_s']}; "
             f"at most cutoff={largest:.3g} Å fits", estimate,
+        ))
+
+    def _check_kernel_time(self, params: dict, frames: list) -> None:
+        """hpo's solver: its kernel rows (with forces the bulk of a fit: pairs x 3 x d x M multiply-adds) must fit
+        in what ``model.fit_timeout_s`` leaves after the descriptors; over it: ``TimeBudgetExceeded`` naming the
+        largest n_sparse that fits. (gap_fit's own solve is bounded while it runs: killed at the timeout.)"""
+        if params["solver"] != "numpy":
+            return
+        bound = float(params["fit_timeout_s"]) - descriptor_pass_seconds(params, frames)
+        estimate = kernel_rows_seconds(params, frames)
+        if estimate <= bound:
+            return
+        largest = int(_largest(lambda n: kernel_rows_seconds({**params, "n_sparse": int(n)}, frames) <= bound, 1, int(params["n_sparse"]), integer=True))
+        raise _over_budget("n_sparse", TimeBudgetExceeded(
+            f"n_sparse={params['n_sparse']!r}: the kernel rows of the {len(frames)} training frames"
+            f"{' with their forces' if params['fit_forces'] else ''} would take about {estimate:.3g} s (this machine's "
+            f"matrix-product rate), over what model.fit_timeout_s={params['fit_timeout_s']} leaves after the descriptors; "
+            f"at most n_sparse={largest} fits", estimate,
         ))
 
     def fit_targets(self, params: dict) -> tuple[str, ...]:
@@ -428,6 +447,42 @@ def descriptor_pass_seconds(params: dict, frames) -> float:
             _PROBES[key] = _frame_seconds(strings, probe, gradients) / (len(probe) * (gap_fit.neighbours_per_atom(timed_cutoff, [probe]) + 1.0))
         total += _PROBES[key] * centres * (gap_fit.neighbours_per_atom(cutoff, frames) + 1.0)
     return total
+
+
+_GEMM_SECONDS: list[float] = []  # seconds per multiply-add of numpy's matrix product here, measured once per process
+
+
+def gemm_seconds_per_multiply_add() -> float:
+    """This machine's matrix-product speed, as the kernel rows use it (a chunk of gradient pairs against the
+    sparse points): best of 3 products of (6144 x 253) by (253 x 512), in its current thread setting."""
+    if not _GEMM_SECONDS:
+        rng = np.random.default_rng(0)
+        a, b = rng.random((6144, 253)), rng.random((253, 512))
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - start)
+        _GEMM_SECONDS.append(best / (a.shape[0] * a.shape[1] * b.shape[1]))
+    return _GEMM_SECONDS[0]
+
+
+def kernel_rows_seconds(params: dict, frames) -> float:
+    """Seconds of hpo's kernel rows for ``frames`` (``kernels.energy_rows``/``force_rows``): per descriptor setting,
+    environments (with forces: gradient pairs x 3) x dimensions x its sparse points, plus the TSQR of the force
+    rows, at the measured product rate: a lower bound (the rows' scatter and the pair bookkeeping are left out;
+    50 frames of 256-atom Cu, n_max 8, 2000 points: 55-67 s estimated, as the product rate varied with the load,
+    for the 82 s of kernel_time_s that bench_gap_scale.py measured)."""
+    species = len({int(z) for atoms in frames for z in atoms.numbers})
+    centres = sum(len(a) for a in frames)
+    total = 0.0
+    for setting, count in zip(gap_fit.descriptor_settings(params), sparse_counts(params, frames)):
+        dimensions = gap_fit.soap_dimensions(int(setting["n_max"]), int(setting["l_max"]), species)
+        rows = centres * (3 * (gap_fit.neighbours_per_atom(float(setting["cutoff"]), frames) + 1.0) if params["fit_forces"] else 1.0)
+        total += rows * dimensions * count * species
+    if params["fit_forces"]:  # the force rows folded into R: a QR of (M + 2M) x M rows per 2M rows, ~1.5 M^2 per row
+        total += 3 * centres * 1.5 * (species * sum(sparse_counts(params, frames))) ** 2
+    return total * gemm_seconds_per_multiply_add()
 
 
 def _frame_seconds(descriptors: list[str], atoms, gradients: bool, repeats: int = 3) -> float:
