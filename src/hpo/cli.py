@@ -180,7 +180,8 @@ def interrupted_message(name: str) -> str:
 
 
 # Config keys that were renamed, so an old command line is told the new name instead of Hydra's "not in struct".
-RENAMED = {"model.force_metrics": "model.fit_forces", "dataset.force_metrics": "dataset.fit_forces"}
+RENAMED = {"model.force_metrics": "model.fit_forces", "dataset.force_metrics": "dataset.fit_forces",
+           "model.refit_tolerance_eV": "model.refit_tolerance_eV_per_atom"}
 
 
 def main(argv: list[str] | None = None) -> None:
