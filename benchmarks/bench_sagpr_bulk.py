@@ -37,7 +37,7 @@ from pathlib import Path
 import ase.io
 import numpy as np
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "water"
+DEFAULT_DATA = Path("../shared/data/water")  # as hpo's dataset config: relative to the working directory
 VARIANTS = {"default": {}, "exact": {"n_env": None, "projection_atoms": None}, "env2000": {"n_env": 2000}}
 
 

@@ -36,7 +36,7 @@ from hpo.models.gap import solver as gs
 from hpo.models.gap.descriptors import environments
 from hpo.models.sparse_gp import select_sparse
 
-CONF = Path(__file__).resolve().parents[1] / "src" / "hpo" / "conf"
+from hpo.paths import CONF_DIR as CONF  # the installed package's conf/, wherever it is
 E0 = {"H": -12.13639159, "O": -2026.441234142}
 
 
@@ -56,7 +56,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--sagpr", action="store_true")
     args = parser.parse_args()
-    data = Path(os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "water"))
+    from hpo.config import load_config
+    from hpo.data import find_data_dir
+
+    data = find_data_dir(load_config([]).dataset, ["gap_input_200.xyz"])  # HPO_DATA_DIR, else ../shared/data/water
     train = ase.io.read(data / "gap_input_200.xyz", ":")
     val = ase.io.read(data / "gap_validate.xyz", ":")
     seen = set(frame_digests(train))

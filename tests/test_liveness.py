@@ -332,8 +332,9 @@ def test_gap_fit_killed_by_a_signal_is_named(tmp_path):
 
     from hpo.models.gap.gap_fit import GAP, GapFitError
 
-    source = Path(os.environ.get("HPO_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data" / "water")))
-    ase.io.write(tmp_path / "train.xyz", ase.io.read(source / "gap_input_50.xyz", ":10"), format="extxyz")
+    from helpers import require_shared_water
+
+    ase.io.write(tmp_path / "train.xyz", ase.io.read(require_shared_water() / "gap_input_50.xyz", ":10"), format="extxyz")
     params = dict(descriptor="soap", l_max=6, n_max=8, atom_sigma=0.5, cutoff=5.0, cutoff_transition_width=1.0, central_weight=1.0,
                   n_sparse=100, delta=1.0, covariance_type="dot_product", zeta=2, sparse_method="cur_points",
                   default_sigma=dict(energy=0.01, force=0.5, virial=0.0, hessian=0.0), sparse_jitter=1e-8, fit_timeout_s=300)
