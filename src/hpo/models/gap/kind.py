@@ -472,7 +472,7 @@ def kernel_rows_seconds(params: dict, frames) -> float:
     """Seconds of hpo's kernel rows for ``frames`` (``kernels.energy_rows``/``force_rows``): per descriptor setting,
     environments (with forces: gradient pairs x 3) x dimensions x its sparse points, plus the TSQR of the force
     rows, at the measured product rate: a lower bound (the rows' scatter and the pair bookkeeping are left out;
-    50 frames of 256-atom Cu, n_max 8, 2000 points: 55-67 s estimated, as the product rate varied with the load,
+    50 frames of 256-atom Cu, n_max 8, 2000 points: 66.8 s estimated in one run under load (the rate varies with it),
     for the 82 s of kernel_time_s that bench_gap_scale.py measured)."""
     species = len({int(z) for atoms in frames for z in atoms.numbers})
     centres = sum(len(a) for a in frames)
