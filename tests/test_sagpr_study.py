@@ -120,6 +120,8 @@ def test_sagpr_cross_validation_validates_every_frame_once(sagpr_cfg, tmp_path):
     scored = score(cfg, model_params(cfg), data, tmp_path / "cv")
     folds = sorted((tmp_path / "cv" / "cv").glob("fold_*"))
     assert len(folds) == 4
+    # a fold keeps its numbers, not its model or frame copies (they would multiply a study's disk use by k+1)
+    assert not any((fold / "model").exists() or (fold / "train.xyz").exists() for fold in folds)
     rows = [np.loadtxt(fold / "validation_errors.csv", delimiter=",", skiprows=1, ndmin=2) for fold in folds]
     validated = np.concatenate([r[:, :6] for r in rows])
     index = tuple(np.array(list(COMPONENTS.values())).T)

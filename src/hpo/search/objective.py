@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shutil
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -91,7 +92,12 @@ def cross_validated(cfg, model_kind, model: dict, data: Datasets, workdir: Path,
         split = dataclasses.replace(
             data, train=subset_frames(pool, rest, fold_dir / "train.xyz"), val=subset_frames(pool, np.sort(fold), fold_dir / "val.xyz")
         )
-        per_fold.append(model_kind.score(cfg, model, split, fold_dir).metrics)
+        fold_scored = model_kind.score(cfg, model, split, fold_dir)
+        per_fold.append(fold_scored.metrics)
+        # only the fold's numbers are kept (its CSVs and plots stay): a fold's model and frame copies
+        # (39 MB per fold for the workshop's SA-GPR) would make a 20-trial study's folder 4.6 GB
+        for path in [*fold_scored.model_files, fold_dir / "train.xyz", fold_dir / "val.xyz"]:
+            shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
     found = dict(scored.metrics)
     for key in [k_ for k_ in found if k_.startswith("val_")]:
         values = [m[key] for m in per_fold if key in m]
