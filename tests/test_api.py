@@ -29,9 +29,9 @@ def test_readme_api_example_runs(tiny_data, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     example = readme_python_example()
-    # one change: a 10-frame GAP extrapolates along its screening MD (a quarter of the frames beyond its own
-    # validation std), which the stability gate rightly refuses; the README's models see 50-400 frames
-    gate = '"promote.screen.k=1"'
+    # one change: a 14-frame GAP extrapolates along its screening MD (a quarter of the frames beyond its own
+    # validation std), which the stability gate rightly refuses; the README's GAP sees 200 frames
+    gate = 'hpo.promote(["dataset.train_size=200"'
     assert example.count(gate) == 1
     (work / "example.py").write_text(example.replace(gate, gate + ', "md.stability.max_extrapolating_fraction=null"'))
     env = {**os.environ, "HPO_DATA_DIR": str(data)}
@@ -40,9 +40,9 @@ def test_readme_api_example_runs(tiny_data, tmp_path):
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     out = done.stdout
     print(out[-3000:])
-    assert re.search(r"^water-gap-50 \d+ [0-9.e-]+ eV per cell \{", out, re.M)
+    assert re.search(r"^water-gap-200 \d+ [0-9.e-]+ eV per cell \{", out, re.M)
     assert re.search(r"Mode +Frequency +Intensity", out)  # PlaczekStatic's table of the molecule's modes
     client = MlflowClient(f"sqlite:///{work}/mlruns/mlflow.db")
     gap, sagpr = (client.get_model_version_by_alias(name, "champion") for name in ("water-gap", "water-sagpr"))
-    assert gap.tags["study"] == "water-gap-50" and sagpr.tags["study"] == "water-sagpr-200"
+    assert gap.tags["study"] == "water-gap-200" and sagpr.tags["study"] == "water-sagpr-200"
     assert out.strip().splitlines()[-1] == "4"  # load_study: the GAP study's 4 trials
