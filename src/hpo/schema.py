@@ -2,7 +2,9 @@
 
 Every value lives in ``conf/`` (no field here has a default: a key missing from the YAML is an error, so
 no default hides in Python). ``check(cfg)`` merges each group into its schema, so a misspelt or unknown
-key (``+study.n_trial=5``), a missing one or a value of the wrong type is refused with the key's name;
+key (``+study.n_trial=5``), a missing one, a value of the wrong type or one outside a fixed vocabulary
+(``Choice`` enums: sampler, direction, pruner, pick, screen ensemble, spectrum window and correction) is
+refused with the key's name;
 ``hpo.config.validate`` adds the cross-field rules. The model group's keys are those its kind ships in
 ``conf/model/<kind>.yaml`` (its values are checked by the kind's constraint table).
 """
@@ -10,7 +12,9 @@ key (``+study.n_trial=5``), a missing one or a value of the wrong type is refuse
 from __future__ import annotations
 
 import difflib
+import typing
 from dataclasses import dataclass, fields, is_dataclass
+from enum import Enum
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +22,48 @@ from omegaconf.errors import OmegaConfBaseException
 
 from hpo.models.base import ConfigError
 from hpo.paths import CONF_DIR
+
+
+class Choice(str, Enum):
+    """A value from a fixed vocabulary: the schema names the allowed values, ``check`` refuses any other."""
+
+
+class Sampler(Choice):
+    tpe = "tpe"
+    random = "random"
+    grid = "grid"
+
+
+class Direction(Choice):
+    minimize = "minimize"
+    maximize = "maximize"
+
+
+class Pruner(Choice):
+    none = "none"
+    successive_halving = "successive_halving"
+    hyperband = "hyperband"
+
+
+class Pick(Choice):
+    best = "best"
+    cheapest_within = "cheapest_within"
+
+
+class Ensemble(Choice):
+    nve = "nve"
+    nvt = "nvt"
+
+
+class Window(Choice):
+    hann = "hann"
+    blackman = "blackman"
+    triangle = "triangle"
+    none = "none"
+
+
+class Correction(Choice):
+    harmonic = "harmonic"
 
 
 @dataclass
@@ -38,19 +84,19 @@ class Loss:
 @dataclass
 class Study:
     name: str
-    sampler: str
+    sampler: Sampler
     tpe: Tpe
     seed: int
     n_trials: int
     timeout_s: Optional[float]
     storage: str
     metric: str
-    direction: str
+    direction: Direction
     loss: Loss
     objectives: list[str]
     enqueue_default: bool
     fidelity_rungs: list[float]
-    pruner: str
+    pruner: Pruner
     reduction_factor: int
     grid_points: int
     max_failure_rate: float
@@ -75,14 +121,14 @@ class Screen:
     k: int
     steps: int
     start_frames: list[int]
-    ensemble: str
+    ensemble: Ensemble
     friction_per_fs: Optional[float]
 
 
 @dataclass
 class Promote:
     trial: Optional[int]
-    pick: str
+    pick: Pick
     within: float
     cost: str
     alias: str
@@ -93,10 +139,10 @@ class Promote:
 @dataclass
 class Spectrum:
     trajectory: str
-    window: str
+    window: Window
     max_wavenumber_cm: float
     correlation_fs: Optional[float]
-    correction: Optional[str]
+    correction: Optional[Correction]
     temperature_K: float
     min_frames: int
 
@@ -151,6 +197,23 @@ def _unknown(section: DictConfig, schema: type, prefix: str) -> list[str]:
     return found
 
 
+def _choices(section: DictConfig, schema: type, prefix: str) -> None:
+    """Refuse a value outside a ``Choice`` field's vocabulary, naming the key and the allowed values."""
+    hints = typing.get_type_hints(schema)
+    for f in fields(schema):
+        value = section.get(f.name)
+        field_type = hints[f.name]
+        optional = typing.get_origin(field_type) is typing.Union and type(None) in typing.get_args(field_type)
+        if optional:
+            field_type = next(t for t in typing.get_args(field_type) if t is not type(None))
+        if is_dataclass(field_type) and isinstance(value, DictConfig):
+            _choices(value, field_type, f"{prefix}.{f.name}")
+        elif isinstance(field_type, type) and issubclass(field_type, Choice) and not (optional and value is None):
+            allowed = tuple(member.value for member in field_type)
+            if value not in allowed:
+                raise ConfigError(f"{prefix}.{f.name}={value!r} is not allowed: one of {allowed}")
+
+
 def nearest(key: str, known: list[str]) -> str:
     """`` (did you mean X?)`` for the closest known key, or nothing."""
     close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -166,6 +229,7 @@ def check(cfg: DictConfig) -> None:
         unknown = _unknown(section, schema, group)
         if unknown:
             raise ConfigError(f"{unknown[0]} is not a key of the {group} config{nearest(unknown[0], _known_keys(schema, group))}")
+        _choices(section, schema, group)
         try:
             # resolved first: interpolations point outside the group (study.name uses model.kind)
             values = OmegaConf.to_container(section, resolve=True, throw_on_missing=False)
