@@ -89,7 +89,7 @@ def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, ti
     trial = wait_for(lambda: running_trial_with_gap_fit(cfg), "a trial with its gap_fit running")
     sent = time.perf_counter()
     process.send_signal(signal.SIGTERM)
-    returncode = process.wait(timeout=120)
+    returncode = process.wait(timeout=600)  # a hang guard: how soon it exits is printed, not asserted
     exit_s = time.perf_counter() - sent
     stderr = (tmp_path / "optimize.err").read_text()
     assert returncode != 0, stderr[-2000:]
@@ -109,7 +109,7 @@ def test_sigterm_mid_trial_fails_the_trial_and_ends_every_run(tiny_overrides, ti
 
 
 def test_sigkill_then_resume_closes_the_dead_parent(tiny_overrides, tiny_cfg, tmp_path, capsys):
-    """Issue 25, item 1: `kill -9` after the first finished trial, then the same command at once. The default
+    """`kill -9` after the first finished trial, then the same command at once. The default
     heartbeat (30 s) and grace (90 s) have not expired: the dead process's records are closed by its liveness
     record (this host, pid gone), not by heartbeat age."""
     extra = ["study.n_trials=4", "study.enqueue_default=false", "model.solver=gap_fit", "model.fit_forces=true"]
@@ -171,7 +171,7 @@ def test_three_invocations_at_once_share_one_study(tiny_overrides, tiny_cfg, tmp
     assert len(distinct) == 6
     assert not study.get_trials(states=(TrialState.RUNNING,))
     parents, children = runs_of(cfg)
-    # invocations running at once share the study's parent run (issue 23): each listed, the last ended it
+    # invocations running at once share the study's parent run: each listed, the last ended it
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert sorted(json.loads(v)["state"] for k, v in parents[0].data.tags.items() if k.startswith("job.")) == ["finished"] * 3
     assert all_runs_ended(cfg) == []
@@ -187,7 +187,7 @@ SLOW_DESCRIPTORS = ["model.solver=numpy", "model.n_max=16", "model.l_max=12", "m
 
 @pytest.mark.parametrize("sent, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_inside_quippy_ends_in_one_paragraph(tiny_overrides, tiny_cfg, tmp_path, sent, code):
-    """Issue 25, item 3: SIGTERM (a scheduler's time limit) or Ctrl-C while quippy computes descriptors: the
+    """SIGTERM (a scheduler's time limit) or Ctrl-C while quippy computes descriptors: the
     one-paragraph message and exit code 128 + signal, never a traceback (SIGTERM surfaced inside quippy's
     Python wrapper, Ctrl-C as f90wrap's RuntimeError "Interrupt occured"); the trial FAIL interrupted, the
     study stops, no run RUNNING."""
@@ -216,7 +216,7 @@ def test_signal_inside_quippy_ends_in_one_paragraph(tiny_overrides, tiny_cfg, tm
 
 
 def test_journal_storage_killed_trial_does_not_stay_running(tiny_overrides, tiny_cfg, tmp_path, capsys):
-    """Issue 25, item 6: Optuna's journal storage has no heartbeats; hpo's liveness record is the rule there
+    """Optuna's journal storage has no heartbeats; hpo's liveness record is the rule there
     too. `kill -9` mid-trial, then the same command at once: the trial is FAIL with the reason, the study
     completes, nothing RUNNING in Optuna or MLflow."""
     extra = ["study.n_trials=3", "study.enqueue_default=false", "model.solver=gap_fit", f"study.storage=journal:{tmp_path}/journal.log"]
@@ -355,7 +355,7 @@ def children_of(pid: int) -> list[int]:
 
 
 def test_worker_killed_mid_trial_fails_its_trial_and_the_study_goes_on(tiny_overrides, tiny_cfg, tmp_path):
-    """Issue 25, item 3: the OOM killer's SIGKILL to one worker process (and its gap_fit) in the middle of a
+    """The OOM killer's SIGKILL to one worker process (and its gap_fit) in the middle of a
     trial. The invocation reads the worker's exit status, fails the trial with the reason and the worker's
     peak memory, ends its run KILLED, never runs those parameters again, and finishes the study with the
     other worker."""

@@ -122,7 +122,7 @@ def test_two_workers_on_postgres_and_mlflow_server(tiny_cfg, postgres_url, mlflo
 
 
 def test_postgres_restart_mid_study(tiny_overrides, tiny_cfg, postgres, tmp_path):
-    """Issue 25, item 4: the study's PostgreSQL server goes down after the first finished trial (pg_ctl stop
+    """The study's PostgreSQL server goes down after the first finished trial (pg_ctl stop
     -m fast: connections cut) and comes back once the study has said it is waiting. The study reconnects,
     finishes every trial, and leaves nothing RUNNING."""
     extra = ["study.n_trials=4", "study.heartbeat_s=1", "study.enqueue_default=false", "model.solver=gap_fit", f"study.storage={postgres.url}"]
@@ -178,7 +178,7 @@ def test_postgres_that_stays_down_stops_the_study_with_a_message(postgres, capsy
 
 
 def test_mlflow_server_away_for_a_while_is_one_line_not_retry_spam(tmp_path, capfd, monkeypatch):
-    """Issue 25, item 4: the tracking server stops while a trial logs its metrics; hpo says once that it waits
+    """The tracking server stops while a trial logs its metrics; hpo says once that it waits
     (and for how long at most), urllib3's per-retry warnings stay out of the console, and the metrics arrive
     once the server is back."""
     import threading

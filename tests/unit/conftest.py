@@ -18,7 +18,7 @@ def tiny_study(tiny_data, tmp_path_factory):
     # forces in the fit (the workshop force column, sigma 0.5): the case (best trial unstable, default
     # stable) was found with them; energy-only fits of 10 frames give two unstable trials here.
     # 10-frame models put a quarter of their MD frames beyond their own validation std (the uncertainty rule,
-    # tested in test_variance.py, is recorded here and not judged): these tests are about the other rules
+    # tested in models/gap/test_posterior.py, is recorded here and not judged): these tests are about the other rules
     overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "study.n_trials=2", "model.solver=gap_fit", "model.fit_forces=true",
                  "md.stability.max_extrapolating_fraction=null"]
     loop.run(load_config(overrides))
@@ -29,7 +29,7 @@ def tiny_study(tiny_data, tmp_path_factory):
 def promoted_root(tiny_data, tmp_path_factory):
     """One promoted study shared by the tests that read it (promotion is the slow part)."""
     root = tmp_path_factory.mktemp("promoted")
-    # gap_fit fitting forces too: its fits of these slices include a stable trial for the screen (see test_trust)
+    # gap_fit fitting forces too: its fits of these slices include a stable trial for the screen (see tiny_study)
     # (the uncertainty rule is recorded, not judged: 10-frame models extrapolate in a quarter of their MD frames)
     overrides = [f"dataset.data_dir={tiny_data}", *output_overrides(root), *TINY_GAP, "model.solver=gap_fit", "model.fit_forces=true",
                  "md.stability.max_extrapolating_fraction=null"]

@@ -13,9 +13,8 @@ import pytest
 from hpo import datacheck as dc
 
 from emt_data import to_hartree_bohr, write_emt_dataset
-from helpers import SHARED_WATER
+from helpers import require_shared_water
 
-WATER = SHARED_WATER
 EMT_KEYS = dc.Keys(energy="REF_energy", forces="REF_forces")
 SPLITS = ("train", "val", "test")
 
@@ -36,10 +35,7 @@ def emt(emt_files) -> dict[str, list]:
 
 @pytest.fixture(scope="module")
 def water() -> list:
-    path = WATER / "gap_input_50.xyz"
-    if not path.is_file():
-        pytest.skip(f"water data not found in {WATER} (set HPO_DATA_DIR)")
-    return ase.io.read(path, ":")
+    return ase.io.read(require_shared_water() / "gap_input_50.xyz", ":")  # fails, never skips, without the data
 
 
 def test_keys_detected_on_emt_files(emt):

@@ -32,7 +32,7 @@ def champion_reference(cfg, lineage, frames):
 
 
 def test_registered_gap_loads_in_a_fresh_process_and_is_served(promoted, tiny_data, tmp_path):
-    """Issue 23, item 4: the registered pyfunc carries its requirements (hpo pinned), signature and input
+    """The registered pyfunc carries its requirements (hpo pinned), signature and input
     example; a fresh process loads it by URI; ``mlflow models serve`` answers a request on 127.0.0.1."""
     cfg, lineage = promoted
     frames = ase.io.read(tiny_data / "gap_validate.xyz", ":2")

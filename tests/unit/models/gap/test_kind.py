@@ -35,10 +35,11 @@ def test_kernel_rows_over_the_time_bound_are_refused_naming_n_sparse():
     gap_kind.KIND.preflight({**params, "fit_timeout_s": 2 * (descriptors + kernels)}, frames)
 
 
-def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
+def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path, monkeypatch):
     """gap_fit aborts (sparse_method=uniform refuses descriptors of more than 30 dimensions) while this
-    process computes the evaluation descriptors beside it: the trial fails with gap_fit's last lines
-    (how soon is printed, not asserted: timings belong to benchmarks)."""
+    process computes the evaluation descriptors beside it: the descriptor pass stops at the crash instead of
+    running to its end, and the trial fails with gap_fit's last lines (how soon is printed, not asserted:
+    timings belong to benchmarks)."""
     from hpo.config import model_params
     from hpo.data import load_datasets
     from hpo.models import kind
@@ -49,8 +50,20 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
         "model.solver=gap_fit", "model.sparse_method=uniform", "model.n_max=8", "model.l_max=6", "model.cutoff=5.0", "model.n_sparse=100",
         "model.descriptor_cache_dir=null",
     )
+    from hpo.models.gap import kind as gap_kind
+
     data = load_datasets(cfg)
     workdir = tmp_path / "crash"
+    passes = []  # per descriptor and set: did the pass beside gap_fit run to its end (False: stopped)
+
+    def recorded(*args, **kwargs):
+        found = environments(*args, **kwargs)
+        if kwargs.get("should_stop") is not None:
+            passes.append(found is not None)
+        return found
+
+    environments = gap_kind.environments
+    monkeypatch.setattr(gap_kind, "environments", recorded)
     started = time.perf_counter()
     with pytest.raises(GapFitError) as raised:
         kind("gap").score(cfg, model_params(cfg), data, workdir)
@@ -61,6 +74,7 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path):
     assert raised.value.reason == "gap_fit_error"
     assert "Descriptor is too large" in str(raised.value) or "SYSTEM ABORT" in str(raised.value)
     assert "last lines of gap_fit output" in str(raised.value)
+    assert passes and passes[-1] is False, passes  # the crash stopped the pass: it did not wait for every frame
     print(f"gap_fit crash: trial failed {noticed_s:.2f} s after gap_fit's last output, {total_s:.1f} s in all")
 
 
