@@ -8,6 +8,7 @@ in seconds.
 from __future__ import annotations
 
 from pathlib import Path
+import shutil
 
 import ase.io
 import pytest
@@ -15,7 +16,8 @@ import pytest
 from hpo.config import load_config, output_overrides
 from hpo.data import shared_frames
 
-from helpers import TINY_GAP, require_shared_water
+from helpers import TINY_GAP, require_shared_water, TINY_SAGPR
+from emt_data import write_emt_dataset
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
@@ -45,3 +47,29 @@ def tiny_cfg(tiny_overrides):
         return load_config([*tiny_overrides, *extra])
 
     return make
+
+
+@pytest.fixture
+def sagpr_cfg(tiny_data, tmp_path):
+    base = [f"dataset.data_dir={tiny_data}", *output_overrides(tmp_path), *TINY_SAGPR]
+    return lambda *extra: load_config([*base, *extra])
+
+
+@pytest.fixture
+def data_copy(tiny_data, tmp_path) -> Path:
+    """A private copy of the tiny data set, free to be damaged."""
+    target = tmp_path / "data"
+    shutil.copytree(tiny_data, target)
+    return target
+
+
+@pytest.fixture(scope="module")
+def emt(tmp_path_factory) -> dict[str, Path]:
+    return write_emt_dataset(tmp_path_factory.mktemp("emt"))
+
+
+@pytest.fixture(scope="module")
+def mlruns(tmp_path_factory) -> list[str]:
+    """One MLflow store for the data-check tests: creating a store costs ~10 s."""
+    root = tmp_path_factory.mktemp("mlruns")
+    return [f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_location={root}/artifacts"]

@@ -93,7 +93,7 @@ class Check:
 
 @dataclass(frozen=True)
 class ForceConsistency:
-    """Thresholds of :func:`forces_consistent`, measured on the test data (see tests/test_datacheck.py).
+    """Thresholds of :func:`forces_consistent`, measured on the test data (see tests/unit/test_datacheck.py).
 
     Bond test (per split): correlation of bond stretch with the relative force
     along the bond. EMT splits (seeds 0-4) give -0.77 to -0.86; the same forces

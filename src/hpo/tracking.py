@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hpo import liveness
 from hpo.atomic import creation_lock, sqlite_file
+from hpo.models.base import failure_reason
 from hpo.paths import SOURCE_CHECKOUT
 
 PACKAGES = ("hpo", "optuna", "mlflow", "hydra-core", "ase", "quippy-ase", "numpy", "scikit-learn", "featomic")
@@ -307,12 +308,12 @@ class Tracker:
                 continue
             own = liveness.parse(tags)
             if (own is not None and liveness.gone(own, grace_s)) or (own is None and tags.get("mlflow.parentRunId") in dead_parents):
-                reason = reasons.get(run_id) or liveness.killed_reason(own)
+                reason = failure_reason(reasons.get(run_id) or liveness.killed_reason(own))
                 self.log(run_id, tags={"state": "FAIL", "failure": reason})
                 self.end_run(run_id, "KILLED")
                 closed.append(run_id)
         for run_id in dead_parents:  # after their trials: a reader never sees a closed study with running trials
-            self.log(run_id, tags={"failure": "killed", "closed_by": f"{platform.node()}:{os.getpid()}"})
+            self.log(run_id, tags={"failure": failure_reason("killed"), "closed_by": f"{platform.node()}:{os.getpid()}"})
             self.end_run(run_id, "KILLED")
             closed.append(run_id)
         return closed

@@ -27,7 +27,7 @@ from hpo import config as hpo_config
 from hpo.atomic import write_text
 from hpo.config import ConfigError
 from hpo.data import Datasets
-from hpo.models.base import with_values
+from hpo.models.base import failure_reason, with_values
 from hpo.search.objective import classify, score
 from hpo.search.origin import config_for_study
 from hpo.search.selection import best_trial
@@ -169,7 +169,7 @@ def run_points(cfg: DictConfig, tracker: Tracker, parent_run_id: str, points: li
                 try:
                     scored = score(cfg, point.model, point.data, workdir)
                 except Exception as exc:
-                    reason = classify(exc)
+                    reason = failure_reason(classify(exc))
                     write_text(workdir / "failure.txt", "".join(traceback.format_exception(exc)))
                     tracker.log(run_id, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:]})
                     tracker.log_artifacts(run_id, [workdir / "failure.txt"])

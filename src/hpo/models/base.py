@@ -26,11 +26,21 @@ import optuna
 
 from hpo.models.rules import Rule, allowed, describe
 
-# Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna).
+# Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna), or a study
+# (``failure_rate``, on its parent run). A recorded reason is one of these words, alone or followed by ": "
+# and a detail (``killed: SIGKILL, likely out of memory (peak 2.50 GB)``, hpo.liveness.killed_reason).
 FAILURE_REASONS = (
     "gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "interrupted", "error",
-    "refit_mismatch", "pruned", "killed", "disk_full", "time_budget",
+    "refit_mismatch", "pruned", "killed", "disk_full", "time_budget", "failure_rate",
 )
+
+
+def failure_reason(reason: str) -> str:
+    """``reason``, to be recorded as a ``failure`` tag or user attr, checked against ``FAILURE_REASONS`` (the
+    word before any ": detail"): the reasons are a vocabulary users filter runs by."""
+    if reason.split(": ", 1)[0] not in FAILURE_REASONS:
+        raise ValueError(f"unknown failure reason {reason!r}; add it to FAILURE_REASONS")
+    return reason
 
 
 class ConfigError(ValueError):
@@ -41,10 +51,8 @@ class TrialFailure(RuntimeError):
     """A fit that cannot produce a metric, with a reason from ``FAILURE_REASONS``."""
 
     def __init__(self, reason: str, message: str):
-        if reason not in FAILURE_REASONS:  # the reasons are a vocabulary users filter runs by
-            raise ValueError(f"unknown failure reason {reason!r}; add it to FAILURE_REASONS")
         super().__init__(message)
-        self.reason = reason
+        self.reason = failure_reason(reason)
 
 
 class OverBudget(optuna.TrialPruned):

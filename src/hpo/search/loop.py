@@ -34,6 +34,7 @@ from hpo.disk import disk_report, full_disk_text, no_space_left
 from hpo.data import load_datasets
 from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
+from hpo.models.base import failure_reason
 from hpo.progress import format_value, quiet
 from hpo.redact import redact, redact_text, silence_run_urls
 from hpo.search import origin
@@ -293,7 +294,7 @@ def run_study(cfg, study: optuna.Study, tracker: Tracker, parent: str, data, mod
         if count(study, TrialState.COMPLETE):
             summarise(study, tracker, parent, cfg)
     if failure_verdict(study, cfg.study):
-        tracker.log(parent, tags={"failure": "failure_rate"})
+        tracker.log(parent, tags={"failure": failure_reason("failure_rate")})
         raise StudyError(failure_verdict(study, cfg.study))
 
 
@@ -439,7 +440,7 @@ def close_orphan_runs(study: optuna.Study, tracker: Tracker) -> None:
             continue
         run = tracker.client.get_run(run_id)
         if run.info.status == "RUNNING":
-            tracker.log(run_id, tags={"state": "FAIL", "failure": trial.user_attrs.get("failure", "killed")})
+            tracker.log(run_id, tags={"state": "FAIL", "failure": failure_reason(trial.user_attrs.get("failure", "killed"))})
             tracker.end_run(run_id, "KILLED")
 
 

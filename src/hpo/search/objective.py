@@ -23,7 +23,7 @@ from hpo.atomic import write_text
 from hpo.data import Datasets, joined_frames, subset_frames
 from hpo.disk import full_disk_text, no_space_left
 from hpo.models import kind
-from hpo.models.base import MemoryBudgetExceeded, OverBudget, Scored, TrialFailure, with_values
+from hpo.models.base import MemoryBudgetExceeded, OverBudget, Scored, TrialFailure, failure_reason, with_values
 from hpo.search.fidelity import rung_sizes
 from hpo.search.space import SearchParam, suggest
 from hpo.search.storage import write_liveness
@@ -191,7 +191,7 @@ class Objective:
                 self.tracker.log_artifacts(run_id, exc.scored.artifacts)
                 raise
             except OverBudget as exc:
-                trial.set_user_attr("failure", exc.reason)
+                trial.set_user_attr("failure", failure_reason(exc.reason))
                 trial.set_user_attr("failure_message", str(exc))
                 if isinstance(exc, MemoryBudgetExceeded):
                     trial.set_user_attr("memory_estimate_bytes", exc.estimate_bytes)
@@ -204,7 +204,7 @@ class Objective:
                 raise
             except BaseException as raised:
                 exc = as_interrupt(raised)
-                reason = classify(exc)
+                reason = failure_reason(classify(exc))
                 if reason == "disk_full":
                     self.disk_full = f"trial {trial.number}: {full_disk_text(exc, self.workroot)}"
                     exc = TrialFailure("disk_full", f"{self.disk_full}: {exc}")

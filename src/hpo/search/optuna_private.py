@@ -1,6 +1,6 @@
 """Every use hpo makes of Optuna's internals, in one module (issue 23, item 5).
 
-Optuna has no public API for these. ``tests/test_optuna_private.py`` checks each against the installed Optuna
+Optuna has no public API for these. ``tests/unit/search/test_optuna_private.py`` checks each against the installed Optuna
 and fails naming the internal that changed; pyproject.toml bounds optuna to the tested minor release.
 
 - ``sampler_rngs``: the random states a sampler draws from (``_rng``; TPE's start-up ``_random_sampler``).

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from hpo import liveness
 from hpo.atomic import creation_lock, sqlite_file
+from hpo.models.base import failure_reason
 from hpo.redact import redact, redact_text
 from hpo.search.fidelity import rung_sizes
 from hpo.search.optuna_private import sampler_rngs, storage_of, trial_id
@@ -385,7 +386,7 @@ def fail_dead_trials(study: optuna.Study, grace_s: float, signals: dict[int, str
         found = liveness.parse(trial.user_attrs.get(LIVENESS_ATTR) or {})
         if found is None or not liveness.gone(found, grace_s):
             continue
-        reason = liveness.killed_reason(found, (signals or {}).get(found.pid, "SIGKILL"))
+        reason = failure_reason(liveness.killed_reason(found, (signals or {}).get(found.pid, "SIGKILL")))
         try:
             storage.set_trial_user_attr(trial_id(trial), "failure", reason)
             storage.set_trial_user_attr(trial_id(trial), "failure_message", f"process {found.pid} on {found.host} ended without ending its trial ({reason})")

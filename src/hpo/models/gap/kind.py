@@ -4,7 +4,7 @@
 
 - ``numpy`` (default): hpo chooses the sparse points (``sparse_gp.select_sparse``) and solves gap_fit's
   sparse GP itself, streamed frame by frame (``solver``), within 1e-6 eV and 1e-5 eV/A of gap_fit
-  (asserted by tests/test_gap_solver.py): a trial that changes only sigmas, delta, jitter or n_sparse
+  (asserted by tests/unit/models/gap/test_solver.py): a trial that changes only sigmas, delta, jitter or n_sparse
   reuses the training set's factors and costs a solve.
   Promotion refits the chosen model with gap_fit on the same sparse points (``production_model``).
 - ``gap_fit``: gap_fit fits each trial (``gap_fit.GAP``) while this process computes the evaluation

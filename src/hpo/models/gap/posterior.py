@@ -39,7 +39,7 @@ class Posterior:
     forms are |L^-1 k_g|^2 (K_MM = L L^T, jitter included) and |R^-T k_g|^2; with fewer targets (energies only)
     Woodbury's identity folds both into |B L^-1 k_g|^2 with an (N x M) B. This is the variance of
     the latent energy, without the noise sigma: it says how far the data constrain the model there, in eV^2.
-    With every training environment a sparse point it is the full GP's variance (tests/test_variance.py).
+    With every training environment a sparse point it is the full GP's variance (tests/unit/models/gap/test_posterior.py).
     Sparse points of different descriptors (centre species, settings) are independent GPs, as in gap_fit, each
     with its own delta and zeta; an atom's local energy sums its descriptors' (a short and a long SOAP).
     """

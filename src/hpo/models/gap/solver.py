@@ -1,7 +1,7 @@
 """A sparse-GP solver in numpy that gives the same GAP as ``gap_fit``, on sparse points hpo chooses,
 in memory that does not grow with the number of frames.
 
-Two halves, each checked against gap_fit itself (``tests/test_gap_solver.py``):
+Two halves, each checked against gap_fit itself (``tests/unit/models/gap/test_solver.py``):
 
 * **Sparse points chosen by hpo.** ``hpo.models.sparse_gp.select_sparse`` picks environments by
   farthest-point sampling (or CUR, or at random) on quippy's descriptors;

@@ -12,7 +12,7 @@ fit applies the sparse GP with one matrix product per species:
 
 (dot-product covariance; q_i the descriptor of environment i, c_i its
 covariance cutoff, x_s the sparse points, alpha_s their weights).
-``tests/test_speed.py`` checks it against quippy's calculator to 1e-6 eV.
+``tests/unit/models/gap/test_sparse_gap.py`` checks it against quippy's calculator to 1e-6 eV.
 """
 
 from __future__ import annotations
