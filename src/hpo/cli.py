@@ -17,7 +17,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from hpo.config import ConfigError
+from hpo.errors import ConfigError
 from hpo.paths import CONF_DIR
 from hpo.redact import silence_run_urls
 

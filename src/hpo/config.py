@@ -15,8 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from hpo.errors import ConfigError
 from hpo.models import kind
-from hpo.models.base import ConfigError, has_dotted
+from hpo.models.base import has_dotted
 from hpo.models.rules import allowed, describe, is_number as _is_number
 from hpo.paths import CONF_DIR, absolute, resolve_path
 

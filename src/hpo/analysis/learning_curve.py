@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 from hpo.analysis.points import (
     MetricSpec, Point, config_and_model, _finite, column, metric_specs, parent_tags, reported_metrics, run_dir, run_points, write_csv,
 )
-from hpo.config import ConfigError, fill_auto
+from hpo.config import fill_auto
 from hpo.data import Datasets, is_own_data, load_datasets, subset_frames
+from hpo.errors import ConfigError
 from hpo.models import kind
 from hpo.plots import figure_title, plt, save_figure
 from hpo.tracking import Tracker, flatten

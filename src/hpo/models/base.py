@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import optuna
 
+from hpo.errors import ConfigError  # noqa: F401  (kinds raise it; hpo.errors is where it lives)
 from hpo.models.rules import Rule, allowed, describe
 
 # Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna).
@@ -31,10 +32,6 @@ FAILURE_REASONS = (
     "gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "interrupted", "error",
     "refit_mismatch", "pruned", "killed", "disk_full", "time_budget",
 )
-
-
-class ConfigError(ValueError):
-    """The composed config (or a sampled trial) holds a value that is not allowed."""
 
 
 class TrialFailure(RuntimeError):
