@@ -17,9 +17,9 @@ from optuna.trial import TrialState
 
 from emt_data import write_emt_dataset
 from helpers import runs_of
-from hpo import metrics, own_data
+from hpo import metrics
 from hpo.config import ConfigError, load_config, model_params, output_overrides, validate
-from hpo.data import DataError, load_datasets, load_test_set, shared_frames
+from hpo.data import DataError, check_command, load_datasets, load_test_set, shared_frames
 from hpo.search import loop
 from hpo.search.objective import score
 
@@ -247,7 +247,7 @@ def test_e0_average_is_passed_to_gap_fit_and_matched_by_the_numpy_solver(emt, tm
 
 def _check_exit(cfg) -> int:
     try:
-        own_data.check_command(cfg)
+        check_command.check_command(cfg)
     except SystemExit as exc:
         return exc.code
     return 0
@@ -284,7 +284,7 @@ def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_fo
     assert not (tmp_path / "shuffled" / "experiments" / cfg.study.name).exists()
     # forces that do not enter the fit cannot spoil it: the same check only warns, and the study runs
     energy_only = make_cfg(tmp_path / "energy_only", *mlruns, *files_overrides(emt, "shuffled_forces_"), "model.fit_forces=false", "study.n_trials=1")
-    assert own_data.preflight(energy_only)["check.forces_consistent"] == "warn"
+    assert check_command.preflight(energy_only)["check.forces_consistent"] == "warn"
 
 
 def test_data_check_on_given_files(emt, tmp_path, mlruns):

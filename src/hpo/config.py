@@ -32,7 +32,6 @@ PRUNERS = ("none", "successive_halving", "hyperband")
 DIRECTIONS = ("minimize", "maximize")
 PARAM_TYPES = ("float", "int", "categorical")
 DATASET_SOURCES = ("files", "pool")
-E0_MODES = ("isolated_atoms", "average")
 
 # Mappings whose keys are the user's to choose: a key added with `+` is accepted only under one of these
 # (anywhere else an added key is a typo that would be silently ignored, e.g. +study.n_trial=5).
@@ -215,7 +214,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_own_dataset(dataset, targets) -> None:
     """dataset=files / dataset=pool: paths, split fractions, keys, units and e0."""
-    from hpo.datacheck import ENERGY_UNITS, KEY_CANDIDATES, LENGTH_UNITS
+    from hpo.data.read import E0_MODES, ENERGY_UNITS, KEY_CANDIDATES, LENGTH_UNITS
 
     def path(key: str, value, optional: bool = False) -> None:
         if value is None and optional:
