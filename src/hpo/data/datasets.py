@@ -231,7 +231,7 @@ def _write(split: Split, path: Path, keys: Keys, need) -> FrameSet:
     energies, forces = _require(split, keys, need)
     with atomic_write(path) as tmp:  # replaced whole: a worker's gap_fit reading the old copy is unaffected
         ase.io.write(tmp, split.frames, format="extxyz")
-    found = FrameSet(path=path, frames=split.frames, sha256=sha256sum(path), energies=energies, forces=forces)
+    found = FrameSet(path=path, frames=split.frames, sha256=sha256sum(path), energies=energies, forces=forces, keys=keys)
     check_finite(found)
     return found
 

@@ -246,6 +246,9 @@ class FrameSet:
     sha256: str
     energies: np.ndarray | None = None  # (n,) eV per cell
     forces: list[np.ndarray] = field(default_factory=list)  # per frame (n_atoms, 3)
+    # where the frames store each quantity: a model reads its targets (e.g. the polarizability) from the
+    # frames it is given, whichever preset they came from
+    keys: Keys = field(default_factory=Keys)
 
     def __len__(self) -> int:
         return len(self.frames)
@@ -284,6 +287,7 @@ def read_frames(path: Path, keys, need: tuple[str, ...] = ("energy", "force"), e
         sha256=sha256sum(path),
         energies=np.array(energies) if energies else None,
         forces=forces,
+        keys=keys,
     )
     check_finite(found)
     return found

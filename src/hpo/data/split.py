@@ -130,6 +130,7 @@ def subset_frames(pool: FrameSet, indices: np.ndarray, path: Path) -> FrameSet:
         sha256=sha256sum(path),
         energies=pool.energies[indices] if pool.energies is not None else None,
         forces=[pool.forces[i] for i in indices] if pool.forces else [],
+        keys=pool.keys,
     )
 
 
@@ -145,4 +146,5 @@ def joined_frames(sets: list[FrameSet], path: Path) -> FrameSet:
         sha256=sha256sum(path),
         energies=np.concatenate(energies) if all(e is not None for e in energies) else None,
         forces=[f for s in sets for f in s.forces] if all(s.forces for s in sets) else [],
+        keys=sets[0].keys,
     )

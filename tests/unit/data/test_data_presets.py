@@ -79,3 +79,23 @@ def test_one_reader_finds_forces_wherever_ase_put_them(tmp_path):
     ase.io.write(path, [atoms], format="extxyz")
     found = read_frames(path, Keys(energy="energy", forces="force"))
     assert found.energies.tolist() == [-1.0] and found.forces[0].shape == (2, 3)
+
+
+def test_own_test_split_carries_its_polarizability_key(tiny_data, tmp_path):
+    """A model reads its targets under the key of the frames it is given: an own data set's test split
+    (``dataset.keys`` detected, no ``dataset.property_keys``) gives SA-GPR its tensors."""
+    from hpo.config import model_params
+    from hpo.data import load_test_set
+    from hpo.models.sagpr.kind import tensors_of
+
+    frames = ase.io.read(tiny_data / "gap_input_100.xyz", ":")
+    for atoms in frames:
+        atoms.info["alpha"] = atoms.info.pop("Polarizability")
+    for name, part in (("train", frames[:8]), ("val", frames[8:11]), ("test", frames[11:])):
+        ase.io.write(tmp_path / f"{name}.xyz", part, format="extxyz")
+    cfg = load_config([*output_overrides(tmp_path), "model=sagpr", "dataset=files", *(f"dataset.{n}={tmp_path / n}.xyz" for n in ("train", "val", "test"))])
+    data = load_datasets(cfg)
+    test = load_test_set(cfg, data)
+    assert data.keys.polarizability == test.keys.polarizability == data.train.keys.polarizability == "alpha"
+    expected = np.array([np.reshape(atoms.info["alpha"], (3, 3)) for atoms in frames[11:]])
+    np.testing.assert_allclose(tensors_of(test, cfg, model_params(cfg)), expected)

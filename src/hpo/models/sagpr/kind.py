@@ -25,7 +25,7 @@ from hpo.tracking import flatten
 
 def tensors_of(frames, cfg, model: dict, key: str | None = None) -> np.ndarray:
     return read_tensors(
-        frames.frames, key=key or cfg.dataset.property_keys.polarizability, source=frames.path.name, symmetry_tol=model["symmetry_tol"]
+        frames.frames, key=key or frames.keys.polarizability, source=frames.path.name, symmetry_tol=model["symmetry_tol"]
     )
 
 
