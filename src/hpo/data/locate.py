@@ -106,6 +106,10 @@ class Layout:
         """The keys the config names (``None``: detected when the files are read)."""
         raise NotImplementedError
 
+    def no_test_reason(self) -> str:
+        """Why the data set has no test split, in the words of its config (said by ``promote``)."""
+        raise NotImplementedError
+
 
 class Workshop(Layout):
     """Named files found by the sha256 locator: the training file of ``dataset.train_size``, the
@@ -125,6 +129,9 @@ class Workshop(Layout):
     def given_keys(self) -> Keys:
         return Keys.of(self.dataset.property_keys)
 
+    def no_test_reason(self) -> str:
+        return f"dataset.test_file={self.dataset.get('test_file')!r} has no frame outside the training set"
+
 
 class OwnFiles(Layout):
     """``dataset=files`` (train/val[/test], each file a split) or ``dataset=pool`` (files hpo splits)."""
@@ -136,6 +143,11 @@ class OwnFiles(Layout):
 
     def given_keys(self) -> Keys:
         return Keys(**explicit_keys(self.dataset))
+
+    def no_test_reason(self) -> str:
+        if self.dataset.source == "files":
+            return "dataset.test is not given"
+        return f"dataset.split.test={self.dataset.get('split', {}).get('test')!r} keeps no frame for it"
 
 
 def layout_of(dataset_cfg) -> Layout:

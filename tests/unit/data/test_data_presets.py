@@ -99,3 +99,12 @@ def test_own_test_split_carries_its_polarizability_key(tiny_data, tmp_path):
     assert data.keys.polarizability == test.keys.polarizability == data.train.keys.polarizability == "alpha"
     expected = np.array([np.reshape(atoms.info["alpha"], (3, 3)) for atoms in frames[11:]])
     np.testing.assert_allclose(tensors_of(test, cfg, model_params(cfg)), expected)
+
+
+def test_each_preset_says_why_it_has_no_test_split(tmp_path):
+    make = lambda *extra: load_config([*output_overrides(tmp_path), *extra])  # noqa: E731
+    assert layout_of(make().dataset).no_test_reason() == "dataset.test_file='gap_input_400.xyz' has no frame outside the training set"
+    files = make("dataset=files", "dataset.train=a.xyz", "dataset.val=b.xyz")
+    assert layout_of(files.dataset).no_test_reason() == "dataset.test is not given"
+    pool = make("dataset=pool", "dataset.files=[a.xyz]", "dataset.split.test=0.0")
+    assert layout_of(pool.dataset).no_test_reason() == "dataset.split.test=0.0 keeps no frame for it"
