@@ -1,7 +1,7 @@
 """A small, exactly consistent "bring your own data" set made with ASE's EMT calculator.
 
 EMT forces are the exact negative gradient of the EMT energy, so these frames are
-the positive control of the data checks (``hpo.datacheck``): bonds that are
+the positive control of the data checks (``hpo.data.checks``): bonds that are
 stretched are pulled back and consecutive MD frames conserve energy with the
 work of the forces. Two corrupted copies are the negative controls:
 

@@ -17,7 +17,7 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from hpo.config import ConfigError
+from hpo.errors import ConfigError, DataError
 from hpo.paths import CONF_DIR
 from hpo.redact import silence_run_urls
 
@@ -98,7 +98,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("hpo.analysis.report", "report"),
     "spectrum": ("hpo.spectrum", "main"),
     "dashboard": ("hpo.dashboard", "dashboard"),
-    "data check": ("hpo.own_data", "check_command"),
+    "data check": ("hpo.data.check_command", "check_command"),
 }
 # Two-word commands: the first word and the words it may be followed by.
 SUBCOMMANDS = {"data": ("check",)}
@@ -123,7 +123,6 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
         from hpo.progress import quiet
 
         quiet(bool(cfg.get("verbose", False)))
-        from hpo.data import DataError
         from hpo.md import MDBlowUp, MDUnstable
         from hpo.models.base import TrialFailure
         from hpo.polarize import PolarizeError

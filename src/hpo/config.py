@@ -15,8 +15,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from hpo.errors import ConfigError
 from hpo.models import kind
-from hpo.models.base import ConfigError, has_dotted
+from hpo.models.base import has_dotted
 from hpo.models.rules import allowed, describe, is_number as _is_number
 from hpo.paths import CONF_DIR, absolute, resolve_path
 
@@ -28,7 +29,6 @@ OmegaConf.register_new_resolver("hpo.abspath", lambda path: absolute(str(path)),
 
 PARAM_TYPES = ("float", "int", "categorical")
 DATASET_SOURCES = ("files", "pool")
-E0_MODES = ("isolated_atoms", "average")
 
 # Mappings whose keys are the user's to choose: a key added with `+` is accepted only under one of these
 # (anywhere else an added key is a typo that would be silently ignored, e.g. +study.n_trial=5).
@@ -205,7 +205,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _validate_own_dataset(dataset, targets) -> None:
     """dataset=files / dataset=pool: paths, split fractions, keys, units and e0."""
-    from hpo.datacheck import ENERGY_UNITS, KEY_CANDIDATES, LENGTH_UNITS
+    from hpo.data.read import E0_MODES, ENERGY_UNITS, KEY_CANDIDATES, LENGTH_UNITS
 
     def path(key: str, value, optional: bool = False) -> None:
         if value is None and optional:

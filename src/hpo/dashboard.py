@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from hpo.config import ConfigError
+from hpo.errors import ConfigError
 from hpo.redact import redact, redact_text
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -331,18 +331,6 @@ def cost_comparison(
     }
 
 
-def training_file_of(cfg, lineage: dict) -> str:
-    """The training file of the model: from the version's lineage (its ``train_file`` or ``sha256.<file>``
-    tag naming one of ``dataset.train_files``), else the one of ``dataset.train_size``."""
-    from hpo.data import train_file
-
-    if lineage.get("train_file"):
-        return str(lineage["train_file"])
-    known = {str(name) for name in cfg.dataset.train_files.values()}
-    named = [key.removeprefix("sha256.") for key in lineage if key.startswith("sha256.") and key.removeprefix("sha256.") in known]
-    return named[0] if len(named) == 1 else train_file(cfg.dataset)
-
-
 def main(cfg) -> dict:
     """``python -m hpo md``: MD with ``md.model_uri``, recorded in MLflow next to the model's lineage.
 
@@ -350,7 +338,7 @@ def main(cfg) -> dict:
     """
     from hpo import config as hpo_config
     from hpo import plots
-    from hpo.data import find_data_dir, is_own_data, load_datasets, read_frames, sha256sum
+    from hpo.data import model_data
     from hpo.models import md_kind
     from hpo.models.gap.gap_fit import MODEL_FILE, load
     from hpo.registry.resolve import resolve_model, version_tags
@@ -364,19 +352,8 @@ def main(cfg) -> dict:
     # a local XML of any name, or the gap.xml inside a promoted model
     model_file = given if given.is_file() else resolve_model(str(md_cfg.model_uri), tracker.tracking_uri, outdir / "model") / MODEL_FILE
     lineage = version_tags(str(md_cfg.model_uri), tracker.tracking_uri)
-    if is_own_data(cfg.dataset):  # dataset=files|pool: the splits the model was selected on
-        data = load_datasets(cfg)
-        validation, frames, train_name, training = data.val.path, data.val.frames, data.train.path.name, data.train.frames
-    else:  # the workshop layout: the training file of the model's own lineage (its train_size may differ)
-        validation = find_data_dir(cfg.dataset, [cfg.dataset.validation_file]) / cfg.dataset.validation_file
-        frames = read_frames(validation, cfg.dataset.property_keys, need=()).frames
-        train_name = training_file_of(cfg, lineage)
-        train_path = find_data_dir(cfg.dataset, [train_name]) / train_name
-        recorded = lineage.get(f"sha256.{train_name}")
-        if recorded and recorded != sha256sum(train_path):
-            print(f"[hpo] warning: {train_path} differs from the file the model was trained on (sha256 in its lineage): "
-                  "stability ranges come from the local file", flush=True)
-        training = read_frames(train_path, cfg.dataset.property_keys, need=()).frames
+    data = model_data(cfg, lineage=lineage)  # the frames the model was selected on and trained on
+    validation, frames, train_name, training = data.val.path, data.val.frames, data.train.path.name, data.train.frames
     if not 0 <= md_cfg.start_frame < len(frames):
         raise ConfigError(f"md.start_frame={md_cfg.start_frame} is not allowed: 0..{len(frames) - 1} ({validation.name})")
     ranges = stability.training_ranges(training)

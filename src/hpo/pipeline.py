@@ -23,7 +23,7 @@ from hpo import spectrum as hpo_spectrum
 from hpo.atomic import write_text
 from hpo.cache import digest
 from hpo.config import load_config, output_path
-from hpo.data import is_own_data, own_files, read_source
+from hpo.data import has_polarizability, layout_of
 from hpo.disk import disk_report
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
@@ -64,10 +64,7 @@ def cached_stage(marker: Path, compute) -> dict:
 def with_polarizability(cfg) -> bool:
     """Whether the data carry polarizabilities for the SA-GPR stages: always for the workshop set; for own
     data, a detected (or ``dataset.keys.polarizability``) key."""
-    if not is_own_data(cfg.dataset):
-        return True
-    source = read_source(own_files(cfg.dataset, include_test=False), cfg.dataset, quiet=True)
-    return source.keys.polarizability is not None
+    return has_polarizability(cfg.dataset)
 
 
 def run(overrides: list[str]) -> dict:
@@ -78,7 +75,7 @@ def run(overrides: list[str]) -> dict:
     """
     base = load_config(overrides)
     budget = base.pipeline
-    own = is_own_data(base.dataset)
+    own = not layout_of(base.dataset).fixed_train_files  # own data keep their training set's size
     gap_overrides = [
         *overrides, "model=gap", f"study.n_trials={budget.gap_trials}",
         *([] if own else [f"dataset.train_size={budget.gap_train_size}"]), *budget.gap_overrides,

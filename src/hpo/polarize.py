@@ -19,7 +19,7 @@ import numpy as np
 from hpo import plots
 from hpo.atomic import atomic_write
 from hpo.config import output_path
-from hpo.data import DataError, find_data_dir, is_own_data, load_own, read_frames, read_tensors
+from hpo.data import DataError, model_data, read_tensors
 from hpo.metrics import COMPONENTS
 from hpo.progress import Bar
 from hpo.registry.resolve import resolve_model
@@ -67,21 +67,14 @@ def reference_set(cfg) -> tuple[str, list[ase.Atoms], str]:
     the training split, with its detected (or ``dataset.keys.polarizability``) key; predictions are written
     under the same key, which ``hpo spectrum`` reads.
     """
-    if is_own_data(cfg.dataset):
-        data = load_own(cfg, need=("polarizability",))
-        return data.train.path.name, data.train.frames, data.keys.polarizability
-    train_name = cfg.dataset.train_files[cfg.polarize.reference_train_size]
-    frames = read_frames(find_data_dir(cfg.dataset, [train_name]) / train_name, cfg.dataset.property_keys, need=()).frames
-    return train_name, frames, cfg.dataset.property_keys.polarizability
+    data = model_data(cfg, train_size=cfg.polarize.reference_train_size, need=("polarizability",))
+    return data.train.path.name, data.train.frames, data.keys.polarizability
 
 
 def validation_set(cfg) -> tuple[str, list[ase.Atoms]]:
     """The validation frames the model was selected on: their file name and frames."""
-    if is_own_data(cfg.dataset):
-        data = load_own(cfg, need=("polarizability",))
-        return data.val.path.name, data.val.frames
-    name = cfg.dataset.validation_file
-    return name, read_frames(find_data_dir(cfg.dataset, [name]) / name, cfg.dataset.property_keys, need=()).frames
+    data = model_data(cfg, train_size=cfg.polarize.reference_train_size, need=("polarizability",))
+    return data.val.path.name, data.val.frames
 
 
 def main(cfg) -> dict:

@@ -20,7 +20,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hpo.models.base import ConfigError
+from hpo.errors import ConfigError
 from hpo.paths import CONF_DIR
 
 

@@ -308,9 +308,9 @@ def spectrum_plot(
 def polarizability_key(cfg, atoms) -> str:
     """Where `hpo polarize` wrote the tensors: the dataset's polarizability key (``dataset.property_keys``
     for the workshop layout, ``dataset.keys`` for own data), else the one detected in ``atoms``."""
-    from hpo.datacheck import detect_keys
+    from hpo.data import detect_keys, layout_of
 
-    key = cfg.dataset.property_keys.polarizability if "property_keys" in cfg.dataset else cfg.dataset["keys"].polarizability
+    key = layout_of(cfg.dataset).given_keys().polarizability
     if key is None:
         key = detect_keys([atoms])[0].polarizability
     if key is None:

@@ -18,6 +18,8 @@ from helpers import make_cfg
         ("model.atom_sigma=6.0", "model.atom_sigma=6.0 is not allowed: smaller than the cutoff"),
         ("model.covariance_type=cosine", "model.covariance_type='cosine' is not allowed: one of"),
         ("study.sampler=annealing", "study.sampler='annealing' is not allowed: one of ('tpe', 'random', 'grid')"),
+        ("promote.screen.ensemble=npt", "promote.screen.ensemble='npt' is not allowed: one of ('nve', 'nvt')"),
+        ("spectrum.correction=quantum", "spectrum.correction='quantum' is not allowed: one of ('harmonic',)"),
         ("model.kind=nequip", "model.kind='nequip' is not allowed"),
         ("dataset.train_size=75", "dataset.train_size=75 is not allowed: one of [50, 100, 200, 400]"),
         ("search.space.cutoff.low=seven", "search.space.cutoff.low='seven' is not allowed: a number"),

@@ -18,8 +18,9 @@ from omegaconf import DictConfig
 from hpo.analysis.points import (
     MetricSpec, Point, config_and_model, _finite, column, metric_specs, parent_tags, reported_metrics, run_dir, run_points, write_csv,
 )
-from hpo.config import ConfigError, fill_auto
-from hpo.data import Datasets, is_own_data, load_datasets, subset_frames
+from hpo.config import fill_auto
+from hpo.data import Datasets, layout_of, load_datasets, subset_frames
+from hpo.errors import ConfigError
 from hpo.models import kind
 from hpo.plots import figure_title, plt, save_figure
 from hpo.tracking import Tracker, flatten
@@ -71,7 +72,7 @@ def learning_curve_points(cfg: DictConfig, model: dict, outdir: Path) -> tuple[l
     sizes = sorted(int(s) for s in section.sizes)
     if not isinstance(section.repeats, int) or section.repeats < 1:
         raise ConfigError(f"learning_curve.repeats={section.repeats!r} is not allowed: an integer >= 1")
-    if is_own_data(cfg.dataset):
+    if not layout_of(cfg.dataset).fixed_train_files:
         return own_data_points(cfg, model, outdir, sizes)
     known = sorted(int(k) for k in cfg.dataset.train_files)
     unknown = [s for s in sizes if s not in known]

@@ -25,8 +25,8 @@ from omegaconf import DictConfig
 
 from hpo import config as hpo_config
 from hpo.atomic import write_text
-from hpo.config import ConfigError
 from hpo.data import Datasets
+from hpo.errors import ConfigError
 from hpo.models.base import failure_reason, with_values
 from hpo.search.objective import classify, score
 from hpo.search.origin import config_for_study

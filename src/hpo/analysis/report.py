@@ -32,7 +32,7 @@ from hpo import config as hpo_config
 from hpo import plots
 from hpo.analysis.points import MetricSpec, metric_specs, param_axis_label
 from hpo.atomic import write_text
-from hpo.config import ConfigError
+from hpo.errors import ConfigError
 from hpo.data import load_datasets
 from hpo.models import kind
 from hpo.progress import format_value

@@ -20,7 +20,7 @@ from hpo.analysis.points import (
     MetricSpec, Point, config_and_model, _finite, column, metric_specs, param_axis_label, parent_tags, reported_metrics, run_dir,
     run_points, write_csv,
 )
-from hpo.config import ConfigError
+from hpo.errors import ConfigError
 from hpo.data import Datasets, load_datasets
 from hpo.models import kind
 from hpo.models.base import has_dotted, with_values

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import importlib
 
-from hpo.models.base import ConfigError, ModelKind
+from hpo.errors import ConfigError
+from hpo.models.base import ModelKind
 
 # name -> module holding its ModelKind subclass as ``KIND``
 KINDS = {"gap": "hpo.models.gap.kind", "sagpr": "hpo.models.sagpr.kind"}

@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 
 import optuna
 
+from hpo.errors import ConfigError  # noqa: F401  (kinds raise it; hpo.errors is where it lives)
 from hpo.models.rules import Rule, allowed, describe
 
 # Why a trial ended without a metric (tag ``failure`` in MLflow, user attr in Optuna), or a study
@@ -41,10 +42,6 @@ def failure_reason(reason: str) -> str:
     if reason.split(": ", 1)[0] not in FAILURE_REASONS:
         raise ValueError(f"unknown failure reason {reason!r}; add it to FAILURE_REASONS")
     return reason
-
-
-class ConfigError(ValueError):
-    """The composed config (or a sampled trial) holds a value that is not allowed."""
 
 
 class TrialFailure(RuntimeError):

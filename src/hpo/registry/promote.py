@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from hpo import config as hpo_config
 from hpo import plots
-from hpo.data import load_datasets, load_test_set
+from hpo.data import layout_of, load_datasets, load_test_set
 from hpo.models import kind
 from hpo.models.base import TrialFailure, with_values
 from hpo.redact import redact
@@ -425,11 +425,7 @@ def test_errors_of(cfg, study, trial, files, data, model_kind, outdir: Path | No
     if test is not None and tracker is not None:
         tracker.log_datasets(run_id, {"test": test})
     if test is None:
-        source = cfg.dataset.get("source")
-        why = {
-            "files": "dataset.test is not given",
-            "pool": f"dataset.split.test={cfg.dataset.get('split', {}).get('test')!r} keeps no frame for it",
-        }.get(source, f"dataset.test_file={cfg.dataset.get('test_file')!r} has no frame outside the training set")
+        why = layout_of(cfg.dataset).no_test_reason()
         print(f"[hpo] no test split ({why}): the registered model has no test error", flush=True)
         return calibrated, {"test_split": "none", **calibration_tags}
     model = with_values(hpo_config.model_params(cfg), trial.params)

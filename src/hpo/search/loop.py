@@ -29,9 +29,10 @@ from optuna.storages import fail_stale_trials
 from optuna.trial import TrialState
 
 from hpo import config as hpo_config
-from hpo import liveness, own_data, plots
+from hpo import liveness, plots
 from hpo.disk import disk_report, full_disk_text, no_space_left
 from hpo.data import load_datasets
+from hpo.data.check_command import preflight
 from hpo.mlflow_ui import save_trials_view
 from hpo.models import kind
 from hpo.models.base import failure_reason
@@ -107,7 +108,7 @@ def run(cfg) -> optuna.Study:
     data = load_datasets(cfg)  # refuses unreadable, non-finite, leaking or uncovered data, naming file and frame
     model = hpo_config.model_params(cfg)  # after the data: parameters set to auto come from them
     hpo_config.check_data(cfg, data)
-    checks = own_data.preflight(cfg)  # the data health checks (duplicates, outliers, forces), before any fit
+    checks = preflight(cfg)  # the data health checks (duplicates, outliers, forces), before any fit
     # both stores reachable before either is written to: a refused run leaves no empty study or experiment
     probe_database(str(cfg.study.storage), "study.storage")
     probe_database(str(cfg.tracking.tracking_uri), "tracking.tracking_uri")

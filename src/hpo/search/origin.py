@@ -14,7 +14,7 @@ from typing import Iterable
 import optuna
 from omegaconf import DictConfig
 
-from hpo.models.base import ConfigError
+from hpo.errors import ConfigError
 
 # study user attribute -> the override that reproduces it
 RECORDED = {"model_kind": "model", "dataset": "dataset", "train_size": "dataset.train_size"}

@@ -25,7 +25,7 @@ from hpo.tracking import flatten
 
 def tensors_of(frames, cfg, model: dict, key: str | None = None) -> np.ndarray:
     return read_tensors(
-        frames.frames, key=key or cfg.dataset.property_keys.polarizability, source=frames.path.name, symmetry_tol=model["symmetry_tol"]
+        frames.frames, key=key or frames.keys.polarizability, source=frames.path.name, symmetry_tol=model["symmetry_tol"]
     )
 
 
@@ -75,7 +75,7 @@ class SagprKind(ModelKind):
         if not model.variance_:
             return None
         predicted, std = model.predict(split.frames, return_std=True)
-        key = data.keys.polarizability if getattr(data, "keys", None) is not None else None
+        key = data.keys.polarizability
         return unique_components(predicted - tensors_of(split, cfg, params, key)), unique_components(std), "polarizability"
 
     def set_std_scale(self, files: list[Path], scale: float) -> None:
@@ -94,7 +94,7 @@ def unique_components(tensors: np.ndarray) -> np.ndarray:
 
 def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
     """Fit an SA-GPR model of the polarizability; metrics are RMSEs per component, L=0, L=2 and overall."""
-    tensor_key = data.keys.polarizability if getattr(data, "keys", None) is not None else None
+    tensor_key = data.keys.polarizability
     train_true, val_true = tensors_of(data.train, cfg, model, tensor_key), tensors_of(data.val, cfg, model, tensor_key)
     estimator = SAGPR(**{key: model[key] for key in ESTIMATOR_KEYS}, cache_dir=model["cache_dir"])
     try:

@@ -1,9 +1,10 @@
-"""The data checks of a composed config: ``python -m hpo data check`` and ``optimize``'s pre-fit checks.
+"""The data checks of a composed config: the command ``hpo data check`` and ``optimize``'s pre-fit checks.
 
-Wires the pure checks of ``hpo.datacheck`` to the config, the files, MLflow and the CLI. The checks see
-the frames converted to eV and Angstrom as read, isolated atoms included: the splits of
-``dataset=files``, the files of ``dataset=pool``, the workshop files of ``dataset=water``, or the files
-of ``data.files=[...]``. Loading own data for fitting is ``hpo.data.load_own``.
+Both run the pure checks of ``hpo.data.checks`` on the frames a config names and print
+``hpo.data.report``'s table; the command also draws the distributions and records one MLflow run. The
+checks see the frames converted to eV and Angstrom as read, isolated atoms included: the splits of
+``dataset=files``, the files of ``dataset=pool``, the workshop files of ``dataset=water``, or the files of
+``data.files=[...]``. Loading data for fitting is ``hpo.data.datasets``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from hpo import datacheck as dc
 from hpo.atomic import atomic_write
-from hpo.data import (
-    DataError, Source, find_data_dir, is_own_data, own_files, read_file, read_source, sha256sum, shared_frames, train_file,
-)
+from hpo.config import model_params, output_path
+from hpo.data import checks as dc
+from hpo.data.locate import Workshop, layout_of
+from hpo.data.read import Source, detect_keys, read_file, read_source, sha256sum
+from hpo.data.report import distributions_plot, render_table, statistics
+from hpo.data.split import outside
+from hpo.errors import DataError
+from hpo.models import kind
+from hpo.tracking import Tracker, provenance_tags
 
 
 # --------------------------------------------------------------------------- checks
@@ -27,32 +33,27 @@ from hpo.data import (
 def check_source(cfg, include_test: bool = True) -> Source:
     """The frames the checks see: ``data.files`` when given, else every split of the dataset config.
 
-    Workshop water set: its training file and validation file (and, with ``include_test``, the frames of
+    Workshop layout: its training file and validation file (and, with ``include_test``, the frames of
     its test file that are not in the training file), keys from ``dataset.property_keys``.
     """
     files = (cfg.get("data") or {}).get("files")
     dataset = cfg.dataset
-    own = is_own_data(dataset)
-    settings = dataset if own else {"keys": None, "units": None}
+    layout = layout_of(dataset)
+    workshop = isinstance(layout, Workshop)
+    settings = {"keys": None, "units": None} if workshop else dataset
     if files:
         return read_source({Path(str(p)).name: p for p in files}, settings)
-    if own:
-        return read_source(own_files(dataset, include_test), dataset)
-    # the workshop set: keys as configured, eV and Angstrom
-    names = [train_file(dataset), dataset.validation_file]
-    directory = find_data_dir(dataset, names)
-    frames = {name: read_file(directory / name) for name in names}
-    paths = {name: directory / name for name in names}
-    test = dataset.get("test_file")
-    if include_test and test and test not in frames:
-        pool = read_file(find_data_dir(dataset, [test]) / test)
-        if dataset.get("test_excludes_train"):
-            seen = {j for _, j in shared_frames(frames[names[0]], pool)}
-            pool = [atoms for j, atoms in enumerate(pool) if j not in seen]
-        frames[test], paths[test] = pool, find_data_dir(dataset, [test]) / test
+    if not workshop:
+        return read_source(layout.files(include_test), dataset)
+    # the workshop layout: keys as configured, eV and Angstrom, the test file without the training frames
+    paths = layout.files(include_test)
+    frames = {name: read_file(path) for name, path in paths.items()}
+    train, _, *test = frames
+    if test and dataset.get("test_excludes_train"):
+        frames[test[0]] = [frames[test[0]][j] for j in outside(frames[train], frames[test[0]])]
     property_keys = dataset.property_keys
     explicit = {"energy": property_keys.get("energy"), "forces": property_keys.get("force")}
-    keys, report = dc.detect_keys([a for f in frames.values() for a in f], explicit)
+    keys, report = detect_keys([a for f in frames.values() for a in f], explicit)
     print(f"[hpo] data keys: {report}", flush=True)
     return Source(frames=frames, paths=paths, keys=keys, report=report)
 
@@ -67,8 +68,8 @@ def run_checks(cfg, include_test: bool = True, fit_targets: tuple[str, ...] | No
     checks = dc.run_checks(source.frames, source.keys)
     if fit_targets is not None and "force" not in fit_targets:
         checks = [_forces_unused(check) for check in checks]
-    stats = {label: dc.statistics(frames, source.keys) for label, frames in source.frames.items()}
-    return source, checks, dc.render_table(checks, stats)
+    stats = {label: statistics(frames, source.keys) for label, frames in source.frames.items()}
+    return source, checks, render_table(checks, stats)
 
 
 def verdict_tags(checks: list[dc.Check]) -> dict[str, str]:
@@ -94,9 +95,6 @@ def failure_message(checks: list[dc.Check]) -> str:
 def preflight(cfg) -> dict[str, str]:
     """What ``optimize`` runs before any fit: the checks of the training and validation data, printed;
     DataError on a fail. Returns the verdicts as tags (``check.<name>``) for the study's parent run."""
-    from hpo.config import model_params
-    from hpo.models import kind
-
     _, checks, table = run_checks(cfg, include_test=False, fit_targets=kind(cfg.model.kind).fit_targets(model_params(cfg)))
     print(table, flush=True)
     if dc.exit_code(checks):
@@ -111,9 +109,6 @@ def _tag_safe(name: str) -> str:
 
 def check_command(cfg) -> None:
     """``python -m hpo data check``: table, PNG of the distributions, one MLflow run; exit 1 on a fail."""
-    from hpo.config import output_path
-    from hpo.tracking import Tracker, provenance_tags
-
     source, checks, table = run_checks(cfg, include_test=True)
     print(table, flush=True)
     name = cfg.dataset.get("name", "data")
@@ -121,7 +116,7 @@ def check_command(cfg) -> None:
     directory = output_path(cfg.experiments_dir) / "data_check"
     everything = [atoms for frames in source.frames.values() for atoms in frames]
     title = f"{name}: " + ", ".join(f"{label} ({len(frames)})" for label, frames in source.frames.items())
-    plot = dc.distributions_plot(directory / f"{name}-{stamp}.png", everything, source.keys, title)
+    plot = distributions_plot(directory / f"{name}-{stamp}.png", everything, source.keys, title)
     report = directory / f"{name}-{stamp}.txt"
     with atomic_write(report) as tmp:
         Path(tmp).write_text(table + "\n")

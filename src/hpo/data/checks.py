@@ -1,14 +1,10 @@
-"""Checks of a user's own training data before any fit: keys, units, isolated atoms, sanity, physics.
+"""Checks of atomistic data before any fit: keys, sanity, isolated atoms, duplicates, outliers, physics.
 
-Everything here is a pure function of lists of ``ase.Atoms`` (plus labels naming
-where the frames came from); reading files, the CLI, MLflow and Hydra are wired
-elsewhere. A data set is passed as ``splits``: a dict from a label (a split name
-or a file name, used verbatim in messages) to its frames, in file order.
-
-Where values live: energies and tensors in ``atoms.info[key]``, forces in
-``atoms.arrays[key]``; ASE's extxyz reader moves the standard names
-(``energy``, ``free_energy``, ``forces``...) onto a SinglePointCalculator, so
-``atoms.calc.results[key]`` is looked at too. Units throughout: eV, Angstrom.
+Everything here is a pure function of lists of ``ase.Atoms`` (plus labels naming where the frames came
+from); reading files is ``hpo.data.read``, the command and ``optimize``'s pre-fit checks are
+``hpo.data.check_command``, the table and plot ``hpo.data.report``. A data set is passed as ``splits``: a
+dict from a label (a split name or a file name, used verbatim in messages) to its frames, in file order.
+Units throughout: eV, Angstrom.
 
 Each check returns a :class:`Check` with verdict ``pass``, ``warn`` or ``fail``;
 :func:`exit_code` turns a list of them into a process exit code.
@@ -17,68 +13,25 @@ Each check returns a :class:`Check` with verdict ``pass``, ``warn`` or ``fail``;
 from __future__ import annotations
 
 import math
-from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Iterable, Literal, Mapping, Sequence
 
 import ase
 import numpy as np
-from ase import units
 from ase.data import atomic_numbers, chemical_symbols, covalent_radii
 from ase.neighborlist import neighbor_list
 
-from hpo.atomic import atomic_write
-from hpo.progress import format_value
+from hpo.data.read import Keys, bulk, energy_of, forces_of, is_isolated_atom, isolated_atom_e0, lookup, stored_in, tensor_of
+from hpo.errors import DataCheckError
 
 Verdict = Literal["pass", "warn", "fail"]
 # In order of severity: the worst verdict of a list is the one with the highest index.
 VERDICTS: tuple[Verdict, ...] = ("pass", "warn", "fail")
 
-# Names under which common tools store each quantity, tried in this order
-# (first: the name this project writes; then ASE, libAtoms/gap_fit and workshop conventions).
-KEY_CANDIDATES: dict[str, tuple[str, ...]] = {
-    "energy": ("energy", "REF_energy", "TotEnergy", "free_energy", "Energy"),
-    "forces": ("forces", "force", "REF_forces", "REF_force"),
-    "polarizability": ("Polarizability", "polarizability", "alpha", "REF_polarizability"),
-}
-
-# Size of one unit in eV / in Angstrom. Forces are converted with energy/length.
-ENERGY_UNITS: dict[str, float] = {
-    "eV": 1.0,
-    "meV": 1e-3,
-    "Hartree": units.Hartree,
-    "Rydberg": units.Rydberg,
-    "kcal/mol": units.kcal / units.mol,
-    "kJ/mol": units.kJ / units.mol,
-}
-LENGTH_UNITS: dict[str, float] = {
-    "Angstrom": 1.0,
-    "Bohr": units.Bohr,
-    "nm": 10.0,
-}
-
-# libAtoms convention for the reference energy of a free atom.
-ISOLATED_CONFIG_TYPE = "isolated_atom"
-# Two isolated-atom energies of one species further apart than this (eV) are a conflict, not rounding.
-E0_TOLERANCE = 1e-6
 # Geometries equal after rounding positions and cell to this many decimals (Angstrom) are duplicates.
 DUPLICATE_DECIMALS = 5
 # At most this many offending entries are listed in a message (all of them go to details).
 MESSAGE_ITEMS = 5
-
-
-class DataCheckError(ValueError):
-    """The data cannot be checked or converted as asked (unknown unit, conflicting isolated atoms...)."""
-
-
-@dataclass(frozen=True)
-class Keys:
-    """Where each quantity is stored; ``None``: the data set does not have it."""
-
-    energy: str | None = None
-    forces: str | None = None
-    polarizability: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,192 +75,6 @@ class ForceConsistency:
     work_fail: float = 0.5
 
 
-# --------------------------------------------------------------------------- reading values
-
-
-def _lookup(atoms: ase.Atoms, key: str | None):
-    """The value stored under ``key`` in info, arrays or the calculator's results; None when absent."""
-    if key is None:
-        return None
-    if key in atoms.info:
-        return atoms.info[key]
-    if key in atoms.arrays:
-        return atoms.arrays[key]
-    results = getattr(atoms.calc, "results", None) or {}
-    return results.get(key)
-
-
-def _where(atoms: ase.Atoms, key: str) -> str | None:
-    if key in atoms.info:
-        return "info"
-    if key in atoms.arrays:
-        return "arrays"
-    if key in (getattr(atoms.calc, "results", None) or {}):
-        return "calc.results"
-    return None
-
-
-def energy_of(atoms: ase.Atoms, key: str | None) -> float:
-    """The frame's energy as a float; NaN when the key is missing or the value is not a number."""
-    value = _lookup(atoms, key)
-    try:
-        return float(np.asarray(value, dtype=float).reshape(()))
-    except (TypeError, ValueError):
-        return math.nan
-
-
-def _float_array(atoms: ase.Atoms, key: str | None) -> np.ndarray | None:
-    """The value stored under ``key`` as a float array; None when missing or not numbers."""
-    value = _lookup(atoms, key)
-    if value is None:
-        return None
-    try:
-        return np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        return None
-
-
-def forces_of(atoms: ase.Atoms, key: str | None) -> np.ndarray | None:
-    """The frame's forces as an (n, 3) float array; None when missing or of another shape."""
-    forces = _float_array(atoms, key)
-    return forces if forces is not None and forces.shape == (len(atoms), 3) else None
-
-
-def tensor_of(atoms: ase.Atoms, key: str | None) -> np.ndarray | None:
-    """A 3x3 tensor stored as 9 numbers (row by row) or as a 3x3 array; None when missing or malformed."""
-    tensor = _float_array(atoms, key)
-    return tensor.reshape(3, 3) if tensor is not None and tensor.size == 9 else None
-
-
-def is_isolated_atom(atoms: ase.Atoms) -> bool:
-    """libAtoms convention: ``config_type=isolated_atom``, or a single atom without periodicity."""
-    if atoms.info.get("config_type") == ISOLATED_CONFIG_TYPE:
-        return True
-    return len(atoms) == 1 and not atoms.pbc.any()
-
-
-# --------------------------------------------------------------------------- keys and units
-
-
-def detect_keys(frames: Sequence[ase.Atoms], explicit: Mapping[str, str | None] | None = None) -> tuple[Keys, str]:
-    """Find where energy, forces and polarizability are stored; return the keys and a one-line report.
-
-    For each quantity an explicit entry that is not None wins (it is not verified
-    here: :func:`keys_present` does that). Otherwise the candidate of
-    ``KEY_CANDIDATES`` found in the most frames is taken (ties: the earlier
-    candidate); none found gives None. Unknown quantities in ``explicit`` raise
-    DataCheckError.
-    """
-    explicit = dict(explicit or {})
-    unknown = sorted(set(explicit) - set(KEY_CANDIDATES))
-    if unknown:
-        raise DataCheckError(f"unknown quantity {unknown} in explicit keys; allowed: {', '.join(KEY_CANDIDATES)}")
-    chosen: dict[str, str | None] = {}
-    parts = []
-    for quantity, candidates in KEY_CANDIDATES.items():
-        if explicit.get(quantity) is not None:
-            key = explicit[quantity]
-            found = sum(_where(atoms, key) is not None for atoms in frames)
-            chosen[quantity] = key
-            parts.append(f"{quantity}: {key!r} (given; in {found}/{len(frames)} frames)")
-            continue
-        counts = {key: sum(_where(atoms, key) is not None for atoms in frames) for key in candidates}
-        best = max(candidates, key=lambda key: counts[key])  # max keeps the first of equal counts
-        if counts[best] == 0:
-            chosen[quantity] = None
-            parts.append(f"{quantity}: none (tried {', '.join(candidates)})")
-            continue
-        chosen[quantity] = best
-        places = Counter(_where(atoms, best) for atoms in frames)
-        place = ", ".join(sorted(str(p) for p in places if p))
-        parts.append(f"{quantity}: {best!r} ({place}, {counts[best]}/{len(frames)} frames)")
-    return Keys(**chosen), "; ".join(parts)
-
-
-def _unit_factor(table: Mapping[str, float], unit: str, what: str) -> float:
-    # Case-insensitive: "hartree" and "HARTREE" mean Hartree; anything else is an error, never a guess.
-    by_name = {name.lower(): factor for name, factor in table.items()}
-    if unit.lower() not in by_name:
-        raise DataCheckError(f"unknown {what} unit {unit!r}; allowed: {', '.join(table)}")
-    return by_name[unit.lower()]
-
-
-def convert_units(
-    frames: Sequence[ase.Atoms],
-    keys: Keys,
-    energy_unit: str = "eV",
-    length_unit: str = "Angstrom",
-    label: str = "frames",
-) -> list[ase.Atoms]:
-    """New frames in eV and Angstrom: positions, cell, energy (``keys.energy``) and forces (``keys.forces``).
-
-    Allowed units are the names in ``ENERGY_UNITS`` and ``LENGTH_UNITS`` (any case).
-    Energy and forces are stored in the new frames' ``info``/``arrays`` under the
-    same keys, wherever they were found, and no calculator is attached (one read
-    from the file would still hold the unconverted values). The polarizability
-    and every other key are copied unchanged: their units are model conventions
-    (the workshop data use atomic units), not this data set's energy and length.
-    A frame lacking the energy or forces keeps lacking it (``keys_present`` reports it).
-    """
-    energy_factor = _unit_factor(ENERGY_UNITS, energy_unit, "energy")
-    length_factor = _unit_factor(LENGTH_UNITS, length_unit, "length")
-    out = []
-    for index, atoms in enumerate(frames):
-        new = ase.Atoms(
-            atoms.numbers, positions=atoms.positions * length_factor, cell=atoms.cell.array * length_factor, pbc=atoms.pbc
-        )
-        new.info.update(atoms.info)
-        for name, array in atoms.arrays.items():
-            if name not in ("numbers", "positions"):
-                new.arrays[name] = array.copy()
-        if keys.energy is not None and _where(atoms, keys.energy) is not None:
-            energy = energy_of(atoms, keys.energy)
-            new.info[keys.energy] = energy * energy_factor
-        if keys.forces is not None and _where(atoms, keys.forces) is not None:
-            forces = forces_of(atoms, keys.forces)
-            if forces is None:
-                raise DataCheckError(
-                    f"{label}: frame {index}: forces {keys.forces!r} are not an ({len(atoms)}, 3) array of numbers"
-                )
-            new.arrays[keys.forces] = forces * (energy_factor / length_factor)
-        out.append(new)
-    return out
-
-
-def split_isolated_atoms(
-    frames: Sequence[ase.Atoms], keys: Keys, label: str = "frames"
-) -> tuple[dict[str, float], list[ase.Atoms]]:
-    """Separate isolated-atom frames (see :func:`is_isolated_atom`): return e0 per species and the other frames.
-
-    Raises DataCheckError naming file, frames and values when an isolated-atom
-    frame has more than one atom or no finite energy, or when two of one species
-    differ by more than ``E0_TOLERANCE`` eV.
-    """
-    e0: dict[str, float] = {}
-    source: dict[str, int] = {}
-    others = []
-    for index, atoms in enumerate(frames):
-        if not is_isolated_atom(atoms):
-            others.append(atoms)
-            continue
-        if len(atoms) != 1:
-            raise DataCheckError(
-                f"{label}: frame {index}: config_type={ISOLATED_CONFIG_TYPE} but {len(atoms)} atoms (expected 1)"
-            )
-        symbol = atoms.get_chemical_symbols()[0]
-        energy = energy_of(atoms, keys.energy)
-        if not math.isfinite(energy):
-            raise DataCheckError(f"{label}: frame {index}: isolated {symbol} atom has no finite energy {keys.energy!r}")
-        if symbol in e0 and abs(e0[symbol] - energy) > E0_TOLERANCE:
-            raise DataCheckError(
-                f"{label}: isolated {symbol} atoms disagree: frame {source[symbol]} {keys.energy}={e0[symbol]!r}, "
-                f"frame {index} {keys.energy}={energy!r}"
-            )
-        e0[symbol] = energy
-        source.setdefault(symbol, index)
-    return e0, others
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -318,14 +85,6 @@ def _worst(verdicts: Iterable[Verdict]) -> Verdict:
 def _listing(items: Sequence, limit: int = MESSAGE_ITEMS) -> str:
     shown = "; ".join(str(item) for item in items[:limit])
     return shown + (f"; ... {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _bulk(splits: Mapping[str, Sequence[ase.Atoms]]) -> Iterable[tuple[str, int, ase.Atoms]]:
-    """(label, index in its split, frame) of every frame that is not an isolated atom."""
-    for label, frames in splits.items():
-        for index, atoms in enumerate(frames):
-            if not is_isolated_atom(atoms):
-                yield label, index, atoms
 
 
 def keys_present(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys) -> Check:
@@ -345,15 +104,15 @@ def keys_present(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys) -> Check
             for quantity, key in wanted.items():
                 if key is None:
                     continue
-                where = _where(atoms, key)
+                where = stored_in(atoms, key)
                 if where is None:
                     problem = "missing"
-                elif quantity == "energy" and np.asarray(_lookup(atoms, key)).size != 1:
-                    problem = f"not one number (shape {np.shape(_lookup(atoms, key))})"
+                elif quantity == "energy" and np.asarray(lookup(atoms, key)).size != 1:
+                    problem = f"not one number (shape {np.shape(lookup(atoms, key))})"
                 elif quantity == "forces" and forces_of(atoms, key) is None:
-                    problem = f"shape {np.shape(_lookup(atoms, key))}, expected ({len(atoms)}, 3)"
+                    problem = f"shape {np.shape(lookup(atoms, key))}, expected ({len(atoms)}, 3)"
                 elif quantity == "polarizability" and tensor_of(atoms, key) is None:
-                    problem = f"shape {np.shape(_lookup(atoms, key))}, expected 9 numbers or 3x3"
+                    problem = f"shape {np.shape(lookup(atoms, key))}, expected 9 numbers or 3x3"
                 else:
                     continue
                 problems.append({"split": label, "frame": index, "key": key, "problem": problem})
@@ -379,7 +138,7 @@ def finite(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys) -> Check:
     for label, frames in splits.items():
         for index, atoms in enumerate(frames):
             values = {"positions": atoms.positions, "cell": atoms.cell.array}
-            if keys.energy is not None and _where(atoms, keys.energy) is not None:
+            if keys.energy is not None and stored_in(atoms, keys.energy) is not None:
                 values[keys.energy] = energy_of(atoms, keys.energy)
             for key, reader in ((keys.forces, forces_of), (keys.polarizability, tensor_of)):
                 value = reader(atoms, key)
@@ -420,7 +179,7 @@ def duplicates(splits: Mapping[str, Sequence[ase.Atoms]]) -> Check:
     same e0 frame in several files is customary.
     """
     seen: dict[bytes, list[tuple[str, int]]] = {}
-    for label, index, atoms in _bulk(splits):
+    for label, index, atoms in bulk(splits):
         seen.setdefault(_fingerprint(atoms), []).append((label, index))
     within, across = [], []
     for places in seen.values():
@@ -463,7 +222,7 @@ def energy_outliers(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys, k: fl
 
     Isolated atoms and frames without a finite energy are left out.
     """
-    rows = [(label, index, atoms, energy_of(atoms, keys.energy)) for label, index, atoms in _bulk(splits)]
+    rows = [(label, index, atoms, energy_of(atoms, keys.energy)) for label, index, atoms in bulk(splits)]
     rows = [row for row in rows if math.isfinite(row[3])]
     if len(rows) < 3:
         return Check("energy_outliers", "pass", f"{len(rows)} frames with energies: too few to judge")
@@ -486,7 +245,7 @@ def energy_outliers(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys, k: fl
 
 def force_outliers(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys, k: float = 6.0) -> Check:
     """Frames whose largest |F| exceeds mean + k std of all atoms' |F| -> warn (a broken SCF, a clash)."""
-    rows = [(label, index, forces_of(atoms, keys.forces)) for label, index, atoms in _bulk(splits)]
+    rows = [(label, index, forces_of(atoms, keys.forces)) for label, index, atoms in bulk(splits)]
     rows = [
         (label, index, np.linalg.norm(f, axis=1)) for label, index, f in rows if f is not None and np.isfinite(f).all()
     ]
@@ -619,8 +378,8 @@ def forces_consistent(
     # Per split: a force column broken in one file must not hide behind the good ones.
     bonds: dict[str, dict] = {}
     for label, frames in splits.items():
-        bulk = [atoms for atoms in frames if not is_isolated_atom(atoms)]
-        correlation, n_bonds, per_type = bond_force_correlation(bulk, keys.forces, thresholds.bond_factor)
+        bulk_frames = [atoms for atoms in frames if not is_isolated_atom(atoms)]
+        correlation, n_bonds, per_type = bond_force_correlation(bulk_frames, keys.forces, thresholds.bond_factor)
         bonds[label] = {"correlation": correlation, "bonds": n_bonds, "per_pair_type": per_type}
     details: dict = {"bond_test": bonds}
     judged = {
@@ -693,21 +452,17 @@ def forces_consistent(
 
 def isolated_atoms(splits: Mapping[str, Sequence[ase.Atoms]], keys: Keys) -> Check:
     """e0 per species from isolated-atom frames (all splits): conflicting ones fail, none is a note."""
-    e0: dict[str, float] = {}
-    for label, frames in splits.items():
-        try:
-            found, _ = split_isolated_atoms(frames, keys, label)
-        except DataCheckError as error:
-            return Check("isolated_atoms", "fail", str(error))
-        for symbol, energy in found.items():
-            if symbol in e0 and abs(e0[symbol] - energy) > E0_TOLERANCE:
-                return Check(
-                    "isolated_atoms",
-                    "fail",
-                    f"isolated {symbol} atoms disagree between splits: {e0[symbol]!r}, then {energy!r} in {label}",
-                )
-            e0[symbol] = energy
-    species = sorted({s for _, _, atoms in _bulk(splits) for s in atoms.get_chemical_symbols()}, key=atomic_numbers.get)
+    try:
+        e0, conflict = isolated_atom_e0(splits, keys)
+    except DataCheckError as error:
+        return Check("isolated_atoms", "fail", str(error))
+    if conflict is not None:
+        return Check(
+            "isolated_atoms",
+            "fail",
+            f"isolated {conflict.symbol} atoms disagree between splits: {conflict.first!r}, then {conflict.second!r} in {conflict.label}",
+        )
+    species = sorted({s for _, _, atoms in bulk(splits) for s in atoms.get_chemical_symbols()}, key=atomic_numbers.get)
     missing = [s for s in species if s not in e0]
     message = ", ".join(f"{s} {e:.6g} eV" for s, e in e0.items()) or "none"
     if missing:
@@ -745,133 +500,3 @@ def run_checks(
 def exit_code(checks: Iterable[Check]) -> int:
     """1 if any check failed, else 0 (warnings do not stop a run)."""
     return int(any(check.verdict == "fail" for check in checks))
-
-
-# --------------------------------------------------------------------------- statistics and reports
-
-
-def statistics(frames: Sequence[ase.Atoms], keys: Keys) -> dict:
-    """Summary numbers of a set (isolated atoms counted but left out of energies and forces).
-
-    Keys: frames, isolated_atoms, atoms_min, atoms_max, species (symbol -> atom count),
-    cell_length_min/max (Angstrom, periodic frames), volume_per_atom_min/max (Angstrom^3),
-    energy_per_atom_mean/std/min/max (eV/atom), force_rms and force_max (eV/Angstrom),
-    polarizability_frames. Missing quantities are None.
-    """
-    bulk = [atoms for atoms in frames if not is_isolated_atom(atoms)]
-    species = Counter(s for atoms in frames for s in atoms.get_chemical_symbols())
-    periodic = [atoms for atoms in bulk if atoms.pbc.all() and atoms.cell.volume > 0]
-    lengths = np.array([atoms.cell.lengths() for atoms in periodic]) if periodic else None
-    volumes = np.array([atoms.cell.volume / len(atoms) for atoms in periodic]) if periodic else None
-    per_atom = np.array([energy_of(atoms, keys.energy) / len(atoms) for atoms in bulk]) if bulk else np.array([])
-    per_atom = per_atom[np.isfinite(per_atom)]
-    forces = [forces_of(atoms, keys.forces) for atoms in bulk]
-    forces = [f for f in forces if f is not None and np.isfinite(f).all()]
-    norms = np.linalg.norm(np.concatenate(forces), axis=1) if forces else None
-
-    def stat(values, reduce):
-        return None if values is None or len(values) == 0 else float(reduce(values))
-
-    return {
-        "frames": len(frames),
-        "isolated_atoms": len(frames) - len(bulk),
-        "atoms_min": min((len(a) for a in frames), default=None),
-        "atoms_max": max((len(a) for a in frames), default=None),
-        "species": dict(sorted(species.items(), key=lambda item: atomic_numbers[item[0]])),
-        "cell_length_min": stat(lengths, np.min),
-        "cell_length_max": stat(lengths, np.max),
-        "volume_per_atom_min": stat(volumes, np.min),
-        "volume_per_atom_max": stat(volumes, np.max),
-        "energy_per_atom_mean": stat(per_atom, np.mean),
-        "energy_per_atom_std": stat(per_atom, np.std),
-        "energy_per_atom_min": stat(per_atom, np.min),
-        "energy_per_atom_max": stat(per_atom, np.max),
-        "force_rms": stat(norms, lambda n: np.sqrt(np.mean(n**2) / 3)),
-        "force_max": stat(norms, np.max),
-        "polarizability_frames": sum(tensor_of(atoms, keys.polarizability) is not None for atoms in frames),
-    }
-
-
-# Rows of the statistics table: (label, statistics keys, unit). Data, so a new row is one line.
-STAT_ROWS: tuple[tuple[str, tuple[str, ...], str], ...] = (
-    ("frames (isolated atoms)", ("frames", "isolated_atoms"), ""),
-    ("atoms per frame min/max", ("atoms_min", "atoms_max"), ""),
-    ("cell length min/max", ("cell_length_min", "cell_length_max"), "A"),
-    ("volume per atom min/max", ("volume_per_atom_min", "volume_per_atom_max"), "A^3"),
-    ("energy per atom mean/std", ("energy_per_atom_mean", "energy_per_atom_std"), "eV/atom"),
-    ("energy per atom min/max", ("energy_per_atom_min", "energy_per_atom_max"), "eV/atom"),
-    ("force rms (component)/max |F|", ("force_rms", "force_max"), "eV/A"),
-    ("frames with polarizability", ("polarizability_frames",), ""),
-)
-VERDICT_MARKS: dict[str, str] = {"pass": "PASS", "warn": "WARN", "fail": "FAIL"}
-
-
-def render_table(checks: Sequence[Check], stats: Mapping[str, Mapping] | Mapping | None = None) -> str:
-    """Plain-text report for a terminal: one line per check, then statistics.
-
-    ``stats`` is one :func:`statistics` dict or a dict of them keyed by split label
-    (one column per split).
-    """
-    width = max((len(c.name) for c in checks), default=5)
-    lines = [f"{'check':<{width}}  verdict  message"]
-    lines += [f"{c.name:<{width}}  {VERDICT_MARKS[c.verdict]:<7}  {c.message}" for c in checks]
-    if stats:
-        columns = stats if all(isinstance(v, Mapping) and "frames" in v for v in stats.values()) else {"all": stats}
-        label_width = max(len(row[0]) for row in STAT_ROWS) + 8
-        lines += ["", f"{'statistics':<{label_width}}" + "".join(f"{name:>24}" for name in columns)]
-        species = {name: ", ".join(f"{s} {n}" for s, n in col["species"].items()) for name, col in columns.items()}
-        lines.append(f"{'species (atoms)':<{label_width}}" + "".join(f"{species[name]:>24}" for name in columns))
-        for label, names, unit in STAT_ROWS:
-            head = f"{label} ({unit})" if unit else label
-            cells = ["/".join(format_value(col.get(key), 6) for key in names) for col in columns.values()]
-            lines.append(f"{head:<{label_width}}" + "".join(f"{cell:>24}" for cell in cells))
-    failed = sum(c.verdict == "fail" for c in checks)
-    warned = sum(c.verdict == "warn" for c in checks)
-    lines += ["", f"{len(checks)} checks: {failed} failed, {warned} warnings"]
-    return "\n".join(lines)
-
-
-def distributions_plot(path: str | Path, frames: Sequence[ase.Atoms], keys: Keys, title: str) -> Path:
-    """PNG with two histograms: energy per atom (eV/atom) and per-atom |F| (eV/Angstrom).
-
-    Isolated atoms are left out; a missing quantity leaves its panel with a note.
-    Uses the Agg canvas directly, so no pyplot state or display is touched.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    bulk = [atoms for atoms in frames if not is_isolated_atom(atoms)]
-    per_atom = np.array([energy_of(atoms, keys.energy) / len(atoms) for atoms in bulk])
-    per_atom = per_atom[np.isfinite(per_atom)]
-    forces = [forces_of(atoms, keys.forces) for atoms in bulk]
-    forces = [f for f in forces if f is not None and np.isfinite(f).all()]
-    norms = np.linalg.norm(np.concatenate(forces), axis=1) if forces else np.array([])
-
-    figure = Figure(figsize=(9, 3.6))
-    FigureCanvasAgg(figure)
-    # Energies per atom are large with a small spread (-688.81 +- 0.01 eV for water):
-    # plotted relative to their mean, which the label states, so the ticks stay readable.
-    mean = float(np.mean(per_atom)) if len(per_atom) else 0.0
-    force_legend = f"mean {np.mean(norms):.3g} eV/Å" if len(norms) else ""
-    panels = (
-        (per_atom - mean, f"energy per atom ({keys.energy}) - mean (eV/atom)", "frames", f"mean {mean:.6g} eV/atom"),
-        (norms, f"|F| per atom ({keys.forces}) (eV/Å)", "atoms", force_legend),
-    )
-    for position, (values, xlabel, ylabel, legend) in enumerate(panels, start=1):
-        axes = figure.add_subplot(1, 2, position)
-        if len(values):
-            axes.hist(values, bins=min(40, max(5, len(values) // 3)), color="tab:blue", alpha=0.8)
-            axes.axvline(np.mean(values), color="k", ls="--", lw=1, label=legend)
-            axes.legend(fontsize=8)
-        else:
-            axes.text(0.5, 0.5, "no values", ha="center", va="center", transform=axes.transAxes)
-        axes.set_xlabel(xlabel)
-        axes.set_ylabel(ylabel)
-        axes.xaxis.set_major_locator(MaxNLocator(6))
-    figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
-    path = Path(path)
-    with atomic_write(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=110)
-    return path

@@ -1,4 +1,4 @@
-"""Tests of hpo.datacheck on files as a user would bring them: the EMT set (exact gradients), its
+"""hpo.data.checks on files as a user would bring them: the EMT set (exact gradients), its
 corrupted copies, and the workshop water data (whose force column does not follow the geometry)."""
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import ase.io
 import numpy as np
 import pytest
 
-from hpo import datacheck as dc
-
 from emt_data import to_hartree_bohr, write_emt_dataset
 from helpers import require_shared_water
+from hpo.data import checks as dc
+from hpo.data import read, report
+from hpo.errors import DataCheckError
 
-EMT_KEYS = dc.Keys(energy="REF_energy", forces="REF_forces")
+EMT_KEYS = read.Keys(energy="REF_energy", forces="REF_forces")
 SPLITS = ("train", "val", "test")
 
 
@@ -39,19 +40,19 @@ def water() -> list:
 
 
 def test_keys_detected_on_emt_files(emt):
-    keys, report = dc.detect_keys(emt["train"])
+    keys, report = read.detect_keys(emt["train"])
     assert keys == EMT_KEYS
     assert "'REF_energy' (info" in report and "'REF_forces' (arrays" in report and "polarizability: none" in report
 
 
 def test_keys_detected_on_water_including_the_calculator_energy(water):
-    keys, report = dc.detect_keys(water)
-    assert keys == dc.Keys(energy="energy", forces="force", polarizability="Polarizability")
+    keys, report = read.detect_keys(water)
+    assert keys == read.Keys(energy="energy", forces="force", polarizability="Polarizability")
     assert "'energy' (calc.results" in report
 
 
 def test_explicit_keys_win(water):
-    keys, report = dc.detect_keys(water, {"forces": "forces"})
+    keys, report = read.detect_keys(water, {"forces": "forces"})
     assert keys.forces == "forces" and keys.energy == "energy"
     assert "in 0/50 frames" in report
     assert dc.keys_present({"water": water}, keys).verdict == "fail"
@@ -59,7 +60,7 @@ def test_explicit_keys_win(water):
 
 def test_emt_set_passes_every_check(emt):
     checks = dc.run_checks(emt, EMT_KEYS)
-    assert [c.verdict for c in checks] == ["pass"] * len(checks), dc.render_table(checks)
+    assert [c.verdict for c in checks] == ["pass"] * len(checks), report.render_table(checks)
     consistent = next(c for c in checks if c.name == "forces_consistent")
     assert all(b["correlation"] < -0.7 for b in consistent.details["bond_test"].values())
     assert consistent.details["md_pairs"] >= 20 and consistent.details["work_relative_error"] < 0.01
@@ -93,7 +94,7 @@ def test_forces_of_wrong_sign_or_units_fail_the_energy_work_test(emt, factor, bo
 
 
 def test_water_force_column_is_flagged(water):
-    keys, _ = dc.detect_keys(water)
+    keys, _ = read.detect_keys(water)
     check = dc.forces_consistent({"gap_input_50.xyz": water}, keys)
     # Snapshots, not consecutive MD frames: only the bond test can speak, and it warns.
     assert check.verdict == "warn", check.message
@@ -105,7 +106,7 @@ def test_water_force_column_is_flagged(water):
 def test_hartree_bohr_copy_converts_back_to_the_ev_twin(emt, emt_files):
     atomic = read_splits(emt_files, "hartree_bohr_")
     for split in SPLITS:
-        converted = dc.convert_units(atomic[split], EMT_KEYS, energy_unit="Hartree", length_unit="bohr")
+        converted = read.convert_units(atomic[split], EMT_KEYS, energy_unit="Hartree", length_unit="bohr")
         for twin, frame in zip(emt[split], converted):
             assert np.allclose(frame.positions, twin.positions, rtol=0, atol=1e-8)
             assert np.allclose(frame.cell.array, twin.cell.array, rtol=0, atol=1e-8)
@@ -117,14 +118,14 @@ def test_hartree_bohr_copy_converts_back_to_the_ev_twin(emt, emt_files):
 
 def test_unit_conversion_round_trip_in_memory(emt):
     frames = emt["train"]
-    back = dc.convert_units(to_hartree_bohr(frames), EMT_KEYS, "Hartree", "Bohr")
+    back = read.convert_units(to_hartree_bohr(frames), EMT_KEYS, "Hartree", "Bohr")
     for twin, frame in zip(frames, back):
         assert frame.calc is None
         assert np.abs(frame.positions - twin.positions).max() < 1e-8
         assert np.abs(frame.arrays["REF_forces"] - twin.arrays["REF_forces"]).max() < 1e-8
         assert abs(frame.info["REF_energy"] - twin.info["REF_energy"]) < 1e-8
-    with pytest.raises(dc.DataCheckError, match="unknown energy unit 'Hartreee'; allowed: eV"):
-        dc.convert_units(frames, EMT_KEYS, "Hartreee")
+    with pytest.raises(DataCheckError, match="unknown energy unit 'Hartreee'; allowed: eV"):
+        read.convert_units(frames, EMT_KEYS, "Hartreee")
 
 
 def test_nan_energy_fails_naming_the_frame(emt):
@@ -160,14 +161,14 @@ def test_duplicate_frame_across_splits_fails_naming_indices(emt):
 
 
 def test_isolated_atoms_give_e0(emt):
-    e0, others = dc.split_isolated_atoms(emt["train"], EMT_KEYS, "emt_train.xyz")
+    e0, others = read.split_isolated_atoms(emt["train"], EMT_KEYS, "emt_train.xyz")
     assert set(e0) == {"Al", "Cu"} and len(others) == len(emt["train"]) - 2
     assert e0 == {f.get_chemical_symbols()[0]: f.info["REF_energy"] for f in emt["train"][:2]}
 
     clash = emt["train"][1].copy()
     clash.info["REF_energy"] += 0.1
-    with pytest.raises(dc.DataCheckError, match=r"emt_train.xyz: isolated (Al|Cu) atoms disagree: frame 1 .* frame 2"):
-        dc.split_isolated_atoms(emt["train"][:2] + [clash], EMT_KEYS, "emt_train.xyz")
+    with pytest.raises(DataCheckError, match=r"emt_train.xyz: isolated (Al|Cu) atoms disagree: frame 1 .* frame 2"):
+        read.split_isolated_atoms(emt["train"][:2] + [clash], EMT_KEYS, "emt_train.xyz")
 
 
 def test_outliers_are_warned(emt):
@@ -181,11 +182,11 @@ def test_outliers_are_warned(emt):
 
 
 def test_statistics_table_and_plot(emt, tmp_path):
-    stats = {split: dc.statistics(frames, EMT_KEYS) for split, frames in emt.items()}
+    stats = {split: report.statistics(frames, EMT_KEYS) for split, frames in emt.items()}
     train = stats["train"]
     assert (train["frames"], train["isolated_atoms"], train["atoms_min"], train["atoms_max"]) == (38, 2, 1, 16)
     assert set(train["species"]) == {"Al", "Cu"} and train["force_max"] > train["force_rms"] > 0
-    table = dc.render_table(dc.run_checks(emt, EMT_KEYS), stats)
+    table = report.render_table(dc.run_checks(emt, EMT_KEYS), stats)
     assert "forces_consistent  PASS" in table and "0 failed, 0 warnings" in table and "eV/atom" in table
-    path = dc.distributions_plot(tmp_path / "emt.png", emt["train"], EMT_KEYS, "EMT train")
+    path = report.distributions_plot(tmp_path / "emt.png", emt["train"], EMT_KEYS, "EMT train")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
