@@ -1,5 +1,6 @@
-"""Print hpo's internal import graph (every import statement, at module level or inside functions) and
-its cycles; exit 1 if there is one. Usage: python tools/import_graph.py"""
+"""Print hpo's internal import graph (every import statement, at module level or inside functions), its
+cycles, and the imports of hpo modules made inside functions (which hide who depends on whom); exit 1 if
+there is a cycle. Usage: python tools/import_graph.py"""
 
 from __future__ import annotations
 
@@ -41,6 +42,23 @@ def graph() -> dict[str, set[str]]:
     return edges
 
 
+def imports_inside_functions() -> dict[str, int]:
+    """Per module, the import statements of hpo modules inside a function or method body (each counted once)."""
+    found: dict[str, int] = {}
+    for name, path in modules().items():
+        tree, seen = ast.parse(path.read_text()), set()
+        for function in ast.walk(tree):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                hpo_import = (isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "hpo")) or (
+                    isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "hpo" for alias in node.names))
+                if hpo_import and id(node) not in seen:
+                    seen.add(id(node))
+                    found[name] = found.get(name, 0) + 1
+    return found
+
+
 def cycles(edges: dict[str, set[str]]) -> list[tuple[str, str]]:
     def reaches(start: str, goal: str) -> bool:
         seen, todo = set(), [start]
@@ -64,6 +82,9 @@ def main() -> int:
     print(f"\n{len(edges)} modules, {sum(map(len, edges.values()))} import edges, {len(found)} cycles")
     for a, b in found:
         print(f"  cycle: {a} <-> {b}")
+    inside = imports_inside_functions()
+    print(f"{sum(inside.values())} imports of hpo modules inside functions: "
+          + ", ".join(f"{name} {count}" for name, count in sorted(inside.items())))
     return 1 if found else 0
 
 

@@ -14,7 +14,8 @@ and, with the models' own uncertainty (scikit-learn's ``return_std``; the poster
 and run what ``hpo optimize`` / ``hpo promote`` run, in this process. ``load_polarizability`` gives the SA-GPR
 champion and a polarizability calculator for ``ase.vibrations.raman.StaticRamanCalculator``.
 
-URIs are MLflow's (``models:/name@alias``, ``models:/name/version``, ``runs:/...``) or a local ``gap.xml``;
+URIs are MLflow's (``models:/name@alias``, ``models:/name/version``, ``runs:/...``) or a local model (a ``gap.xml``,
+an SA-GPR model folder: whatever a kind recognises, ``ModelKind.holds``);
 the tracking store defaults to the one hpo writes under the current root (``root`` / ``HPO_ROOT``).
 """
 
@@ -90,40 +91,38 @@ def promote(overrides: list[str] | None = None) -> dict:
     return registry_promote.promote(cfg)
 
 
-def load_calculator(uri: str, tracking_uri: str | None = None):
-    """A GAP from the registry (or a local ``gap.xml``) as an ASE calculator: quippy's ``Potential``, which
-    gives energies (eV), forces (eV/A) and, for periodic cells, stress."""
-    from hpo.models.gap import gap_fit
+def _stored_model(uri: str, tracking_uri: str | None):
+    """The path of the model at ``uri`` (a local file or folder as given, else downloaded) and its kind."""
+    from hpo.models import kind_holding
     from hpo.registry.resolve import PromoteError, resolve_model
 
+    local = Path(uri).expanduser()
     tracking_uri = tracking_uri or str(_config().tracking.tracking_uri)
-    folder = resolve_model(uri, tracking_uri, Path(tempfile.mkdtemp(prefix="hpo-model-")))
-    model_file = folder / gap_fit.MODEL_FILE if folder.is_dir() else folder
-    if not model_file.is_file():
-        local = Path(uri).expanduser()
-        model_file = local if local.is_file() else model_file
-    if not model_file.is_file():
-        raise PromoteError(f"model {uri!r} holds no {gap_fit.MODEL_FILE}: not a GAP (an SA-GPR model predicts polarizabilities)")
-    return gap_fit.load(model_file)
+    path = local if local.exists() else resolve_model(uri, tracking_uri, Path(tempfile.mkdtemp(prefix="hpo-model-")))
+    model_kind = kind_holding(path)
+    if model_kind is None:
+        raise PromoteError(f"model {uri!r} is no model hpo knows ({path})")
+    return path, model_kind
+
+
+def load_calculator(uri: str, tracking_uri: str | None = None):
+    """A model of a kind that drives MD from the registry (or a local ``gap.xml``) as an ASE calculator: for a
+    GAP quippy's ``Potential``, which gives energies (eV), forces (eV/A) and, for periodic cells, stress."""
+    from hpo.registry.resolve import PromoteError
+
+    path, model_kind = _stored_model(uri, tracking_uri)
+    if not model_kind.drives_md:
+        raise PromoteError(f"model {uri!r} is a {model_kind.display_name} model, which gives no energies and forces")
+    return model_kind.calculator(model_kind.files_in(path))
 
 
 def load_model(uri: str, tracking_uri: str | None = None):
-    """A registered model (or a local ``gap.xml`` / SA-GPR model folder) as its estimator: a GAP as
-    ``SparseGap`` (energies in eV; with ``return_std`` the std of each frame's energy, when the model carries its
-    posterior: every promoted GAP does), an SA-GPR model as ``SAGPR`` (tensors and their std per component)."""
-    from hpo.models.gap import gap_fit
-    from hpo.models.gap.sparse_gap import SparseGap
-    from hpo.models.sagpr.estimator import SAGPR
-    from hpo.registry.resolve import resolve_model
-
-    local = Path(uri).expanduser()
-    if local.is_file():
-        return SparseGap.read(local)
-    tracking_uri = tracking_uri or str(_config().tracking.tracking_uri)
-    folder = local if local.is_dir() else resolve_model(uri, tracking_uri, Path(tempfile.mkdtemp(prefix="hpo-model-")))
-    if (folder / gap_fit.MODEL_FILE).is_file():
-        return SparseGap.read(folder / gap_fit.MODEL_FILE)
-    return SAGPR.load(folder)
+    """A registered model (or a local ``gap.xml`` / SA-GPR model folder) as its kind's predictor
+    (``ModelKind.load``): a GAP as ``SparseGap`` (energies in eV; with ``return_std`` the std of each frame's
+    energy, when the model carries its posterior: every promoted GAP does), an SA-GPR model as ``SAGPR`` (tensors
+    and their std per component)."""
+    path, model_kind = _stored_model(uri, tracking_uri)
+    return model_kind.load(model_kind.files_in(path))
 
 
 def load_study(name: str, storage: str | None = None):
@@ -175,13 +174,10 @@ class Polarizability:
 def load_polarizability(uri: str, tracking_uri: str | None = None, unit: str = "bohr3") -> Polarizability:
     """The SA-GPR model at ``uri`` (registry URI or a local model folder) as a :class:`Polarizability`;
     ``unit``: the unit of the polarizabilities it was trained on (``bohr3``, atomic units, for the workshop data)."""
-    from hpo.models.sagpr.estimator import SAGPR
-    from hpo.registry.resolve import PromoteError, resolve_model
+    from hpo.registry.resolve import PromoteError
 
-    tracking_uri = tracking_uri or str(_config().tracking.tracking_uri)
-    folder = resolve_model(uri, tracking_uri, Path(tempfile.mkdtemp(prefix="hpo-model-")))
-    try:
-        model = SAGPR.load(folder)
-    except (OSError, ValueError, KeyError) as exc:
-        raise PromoteError(f"model {uri!r} is not an SA-GPR model ({exc}); a GAP loads with hpo.load_calculator") from None
-    return Polarizability(model, unit)
+    path, model_kind = _stored_model(uri, tracking_uri)
+    if "polarizability" not in model_kind.targets:
+        raise PromoteError(f"model {uri!r} is a {model_kind.display_name} model, not one of the polarizability; "
+                           "a model that drives MD loads with hpo.load_calculator")
+    return Polarizability(model_kind.load(model_kind.files_in(path)), unit)

@@ -39,8 +39,8 @@ OPEN_MAPPINGS = (
     "dataset.sha256",
     "figures.metrics",
     "figures.param_units",
+    "figures.flexible_towards",
     "sweep.flexible_towards",
-    "promote.registered_model",
     "report.metrics",
     "sweep.metrics",
     "learning_curve.metrics",
@@ -271,7 +271,7 @@ def _validate_loss(cfg: DictConfig, model: dict) -> None:
             value = loss.get(name)
             if not _is_number(value) or value < 0:
                 _fail(f"study.loss.{name}", value, "a number >= 0")
-        if not loss.energy_weight > 0 and not (loss.force_weight > 0 and model.get("fit_forces")):
+        if not loss.energy_weight > 0 and not (loss.force_weight > 0 and "force" in kind(model["kind"]).fit_targets(model)):
             _fail("study.loss", OmegaConf.to_container(loss), "energy_weight > 0, or force_weight > 0 with model.fit_forces=true")
         for name in ("energy_scale", "force_scale"):
             value = loss.get(name)

@@ -1,4 +1,4 @@
-"""Molecular dynamics with a promoted GAP: NVE (velocity Verlet) or NVT (Langevin), with ASE.
+"""Molecular dynamics with a promoted model of a kind that drives MD (``ModelKind.calculator``): NVE (velocity Verlet) or NVT (Langevin), with ASE.
 
 Outputs go to one run directory: the ASE log (``nve.log`` / ``nvt.log``), the
 trajectory as extended XYZ, ``energies.csv`` and a PNG of energies and
@@ -31,10 +31,15 @@ from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import thermalize_momenta
 from ase.md.verlet import VelocityVerlet
 
-from hpo import stability
-from hpo.atomic import write_text
+from hpo import config as hpo_config
+from hpo import plots, stability
+from hpo.atomic import atomic_write, write_text
 from hpo.config import ConfigError
+from hpo.data import model_data
+from hpo.models import md_kind
 from hpo.progress import Bar
+from hpo.registry.resolve import for_kind, resolve_model, version_tags
+from hpo.tracking import Tracker, provenance_tags
 
 
 class MDBlowUp(RuntimeError):
@@ -233,8 +238,6 @@ def uncertainty_along(model_kind, files: list[Path], frames, threshold: tuple[fl
 
 def write_uncertainty(trajectory: Path, frames, along: Along) -> None:
     """The trajectory again, each frame with its std (``info``) and, per atom, its local std (``arrays``)."""
-    from hpo.atomic import atomic_write
-
     found = along.uncertainty
     for i, atoms in enumerate(frames):
         for name, values in found.per_frame.items():
@@ -336,22 +339,16 @@ def main(cfg) -> dict:
 
     Returns the metrics, the output paths and the stability verdict (``verdict``, ``md_stable``).
     """
-    from hpo import config as hpo_config
-    from hpo import plots
-    from hpo.data import model_data
-    from hpo.models import md_kind
-    from hpo.models.gap.gap_fit import MODEL_FILE, load
-    from hpo.registry.resolve import resolve_model, version_tags
-    from hpo.tracking import Tracker, provenance_tags
-
     md_cfg = cfg.md
     criteria_of(md_cfg)  # a wrong md.stability stops before any work
     tracker = Tracker(cfg.tracking)
     outdir = hpo_config.output_path(cfg.experiments_dir) / "md" / f"{md_cfg.ensemble}-{time.strftime('%Y%m%d-%H%M%S')}"
-    given = Path(str(md_cfg.model_uri)).expanduser()
-    # a local XML of any name, or the gap.xml inside a promoted model
-    model_file = given if given.is_file() else resolve_model(str(md_cfg.model_uri), tracker.tracking_uri, outdir / "model") / MODEL_FILE
-    lineage = version_tags(str(md_cfg.model_uri), tracker.tracking_uri)
+    model_kind = md_kind(cfg.model.kind)
+    uri = for_kind(md_cfg.model_uri, model_kind.name)
+    lineage = version_tags(uri, tracker.tracking_uri)
+    model_kind = md_kind(lineage.get("param.kind") or model_kind.name)  # a registered model says what it is
+    given = Path(uri).expanduser()
+    files = model_kind.files_in(given if given.exists() else resolve_model(uri, tracker.tracking_uri, outdir / "model"))
     data = model_data(cfg, lineage=lineage)  # the frames the model was selected on and trained on
     validation, frames, train_name, training = data.val.path, data.val.frames, data.train.path.name, data.train.frames
     if not 0 <= md_cfg.start_frame < len(frames):
@@ -359,15 +356,15 @@ def main(cfg) -> dict:
     ranges = stability.training_ranges(training)
 
     tags = {
-        "command": "md", "run_type": "md", "model_uri": md_cfg.model_uri, "stability_reference": train_name,
+        "command": "md", "run_type": "md", "model_uri": uri, "stability_reference": train_name,
         **{f"model.{k}": v for k, v in lineage.items() if not k.startswith("version.")}, **provenance_tags(),
     }
     with tracker.run(f"md-{md_cfg.ensemble}", tags=tags) as run_id:
         tracker.log_config(run_id, cfg)
-        metrics, trace, blow_up = run(frames[md_cfg.start_frame], load(model_file), md_cfg, outdir)
-        title = f"{md_cfg.ensemble.upper()} MD, GAP {md_cfg.model_uri}, start {validation.name}[{md_cfg.start_frame}]"
-        threshold = uncertainty_threshold(md_kind(), [model_file], frames, validation.name, md_cfg)
-        along = uncertainty_along(md_kind(), [model_file], trace.frames, threshold)
+        metrics, trace, blow_up = run(frames[md_cfg.start_frame], model_kind.calculator(files), md_cfg, outdir)
+        title = f"{md_cfg.ensemble.upper()} MD, {model_kind.display_name} {uri}, start {validation.name}[{md_cfg.start_frame}]"
+        threshold = uncertainty_threshold(model_kind, files, frames, validation.name, md_cfg)
+        along = uncertainty_along(model_kind, files, trace.frames, threshold)
         judged = judge_trace(trace, ranges, md_cfg, outdir, f"{title}\nnearest-neighbour distances vs {train_name} ({len(training)} frames)",
                              training=training, train_name=train_name, along=along)
         metrics.update(judged.metrics)

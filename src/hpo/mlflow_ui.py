@@ -107,14 +107,15 @@ EXPERIMENT_NOTE = (
 )
 
 
-def save_trials_view(tracker, cfg, param_names: Sequence[str]) -> str:
+def save_trials_view(tracker, cfg, param_names: Sequence[str], capped: Sequence[str] = ()) -> str:
     """The experiment's saved view "hpo: trials": trial runs only, the study's metric (validation,
-    training, their ratio), fit time and the searched parameters as columns, best first. Returns the
-    link that opens it on ``mlflow ui``'s default address."""
+    training, their ratio), fit time and the searched parameters as columns (with ``<name>_requested`` beside
+    each searched one of ``capped``, the model kind's ``capped_params``), best first. Returns the link that
+    opens it on ``mlflow ui``'s default address."""
     metric = str(cfg.study.metric)
     stem = metric.removeprefix("val_")
     metrics = [metric, f"train_{stem}", f"{stem}_ratio", "fit_time_s", *[m for m in cfg.study.objectives if m != metric]]
-    params = list(dict.fromkeys([*param_names, *(["n_sparse_requested"] if "n_sparse" in param_names else [])]))
+    params = list(dict.fromkeys([*param_names, *(f"{name}_requested" for name in capped if name in param_names)]))
     ascending = str(cfg.study.direction) == "minimize"
     save_runs_view(
         tracker.client, tracker.experiment_id, TRIALS_VIEW, "hpo: trials", list(dict.fromkeys(metrics)),

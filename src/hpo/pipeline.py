@@ -1,5 +1,8 @@
 """``python -m hpo pipeline``: GAP study -> SA-GPR study -> promote both -> MD -> polarizability.
 
+The two model kinds come from the registry (``hpo.models``): the first that drives MD (GAP) and the first
+that learns the polarizability (SA-GPR); the budgets are ``pipeline.gap_*`` and ``pipeline.sagpr_*``.
+
 Each stage is one of the other commands, composed from the same overrides
 plus the budgets in ``conf/pipeline/``. A stage whose result already exists
 for the same config and data is reused: a study that already holds its
@@ -25,6 +28,7 @@ from hpo.cache import digest
 from hpo.config import load_config, output_path
 from hpo.data import has_polarizability, layout_of
 from hpo.disk import disk_report
+from hpo.models import kind_for_target, md_kind
 from hpo.registry import promote as hpo_promote
 from hpo.search import loop
 from hpo.search.selection import count
@@ -76,19 +80,20 @@ def run(overrides: list[str]) -> dict:
     base = load_config(overrides)
     budget = base.pipeline
     own = not layout_of(base.dataset).fixed_train_files  # own data keep their training set's size
+    potential, tensor = md_kind(), kind_for_target("polarizability")
     gap_overrides = [
-        *overrides, "model=gap", f"study.n_trials={budget.gap_trials}",
+        *overrides, f"model={potential.name}", f"study.n_trials={budget.gap_trials}",
         *([] if own else [f"dataset.train_size={budget.gap_train_size}"]), *budget.gap_overrides,
     ]
     sagpr_overrides = [
-        *overrides, "model=sagpr", f"study.n_trials={budget.sagpr_trials}",
+        *overrides, f"model={tensor.name}", f"study.n_trials={budget.sagpr_trials}",
         *([] if own else [f"dataset.train_size={budget.sagpr_train_size}"]), *budget.sagpr_overrides,
     ]
     gap_cfg = load_config(gap_overrides)
     sagpr_cfg = load_config(sagpr_overrides) if with_polarizability(base) else None
     if sagpr_cfg is None:
         print("[hpo] pipeline: no polarizability in the data (set dataset.keys.polarizability if it is there): "
-              "GAP study, promotion and MD only", flush=True)
+              f"{potential.display_name} study, promotion and MD only", flush=True)
 
     optimize_unless_done(gap_cfg)
     if sagpr_cfg is not None:
@@ -107,7 +112,7 @@ def run(overrides: list[str]) -> dict:
     trajectory = md_result["trajectory"]
     if not md_result.get("md_stable", False):
         raise hpo_md.MDUnstable(
-            f"the MD with GAP version {gap_version['version']} is not stable (md_stable=false): "
+            f"the MD with {potential.display_name} version {gap_version['version']} is not stable (md_stable=false): "
             f"{md_result.get('stability_reason') or 'no stability verdict recorded'}; first unstable step "
             f"{md_result.get('first_unstable_step')}. Its trajectory {trajectory} left the training distribution, so no "
             "polarizabilities are predicted from it. Promote a stable model (promote.screen) or change the MD settings."
@@ -125,7 +130,7 @@ def run(overrides: list[str]) -> dict:
         "spectrum": spectrum_result,
     }
     print(disk_report(*[c for c in (gap_cfg, sagpr_cfg) if c is not None]), flush=True)
-    models = f"GAP version {gap_version['version']}" + (f", SA-GPR version {sagpr_version['version']}" if sagpr_version else "")
+    models = f"{potential.display_name} version {gap_version['version']}" + (f", {tensor.display_name} version {sagpr_version['version']}" if sagpr_version else "")
     print(f"[hpo] pipeline done: {models}", flush=True)
     return summary
 

@@ -1,4 +1,4 @@
-"""Polarizability of every frame of an MD trajectory, from a promoted SA-GPR model.
+"""Polarizability of every frame of an MD trajectory, from a promoted model of the kind that learns it (SA-GPR).
 
 Writes ``trajectory_cartesian.out`` (one line of 9 numbers per frame, the
 layout of the hand workflow), the trajectory again as extended XYZ with a
@@ -21,8 +21,9 @@ from hpo.atomic import atomic_write
 from hpo.config import output_path
 from hpo.data import DataError, model_data, read_tensors
 from hpo.metrics import COMPONENTS
+from hpo.models import kind_for_target
 from hpo.progress import Bar
-from hpo.registry.resolve import resolve_model
+from hpo.registry.resolve import for_kind, resolve_model
 from hpo.tracking import Tracker, provenance_tags
 
 
@@ -78,16 +79,17 @@ def validation_set(cfg) -> tuple[str, list[ase.Atoms]]:
 
 
 def main(cfg) -> dict:
-    """``python -m hpo polarize``: predict ``polarize.trajectory`` with ``polarize.model_uri``."""
-    from hpo.models.sagpr.estimator import SAGPR
-
+    """``python -m hpo polarize``: predict ``polarize.trajectory`` with ``polarize.model_uri``. The model is the
+    kind's predictor (``ModelKind.load``): ``predict(frames, progress=, return_std=)`` gives (n, 3, 3) tensors."""
     settings = cfg.polarize
     trajectory = Path(settings.trajectory).expanduser()
     if not trajectory.is_file():
         raise DataError(f"polarize.trajectory={settings.trajectory!r} does not exist; run `hpo md` first or give a file")
     tracker = Tracker(cfg.tracking)
     outdir = output_path(cfg.experiments_dir) / "polarize" / time.strftime("%Y%m%d-%H%M%S")
-    model = SAGPR.load(resolve_model(str(settings.model_uri), tracker.tracking_uri, outdir / "model"))
+    model_kind = kind_for_target("polarizability")
+    uri = for_kind(settings.model_uri, model_kind.name)
+    model = model_kind.load(model_kind.files_in(resolve_model(uri, tracker.tracking_uri, outdir / "model")))
     frames = ase.io.read(trajectory, ":")
     start = time.perf_counter()
     with_std = bool(getattr(model, "variance_", None))  # models saved before hpo kept their posterior have none
@@ -133,13 +135,13 @@ def main(cfg) -> dict:
         ase.io.write(tmp, frames, format="extxyz")
     time_fs = np.array([a.info.get("time_fs", index) for index, a in enumerate(frames)], dtype=float)
     figure = plots.tensor_components_plot(
-        outdir / "polarizability.png", time_fs, predicted, f"SA-GPR {settings.model_uri} on {trajectory.name} ({len(frames)} frames)"
+        outdir / "polarizability.png", time_fs, predicted, f"{model_kind.display_name} {uri} on {trajectory.name} ({len(frames)} frames)"
     )
 
     table, metrics = comparison_table(predicted, reference)
     metrics.update(frames_per_s=frames_per_s, n_frames=len(frames), n_outside=len(far), fraction_outside=len(far) / len(frames), max_asymmetry=float(np.abs(predicted - predicted.transpose(0, 2, 1)).max()))
     metrics.update(uncertainty)
-    run_id = tracker.start_run("polarize", tags={"command": "polarize", "run_type": "polarize", "model_uri": settings.model_uri, "trajectory": str(trajectory), **provenance_tags()})
+    run_id = tracker.start_run("polarize", tags={"command": "polarize", "run_type": "polarize", "model_uri": uri, "trajectory": str(trajectory), **provenance_tags()})
     tracker.log(run_id, metrics=metrics)
     if std is not None:
         tracker.log_history(run_id, {"polarizability_std_max": std.max(axis=(1, 2))}, range(len(frames)))

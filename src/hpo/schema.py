@@ -132,7 +132,7 @@ class Promote:
     within: float
     cost: str
     alias: str
-    registered_model: dict[str, str]
+    registered_model: str
     screen: Screen
 
 

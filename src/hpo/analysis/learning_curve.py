@@ -150,7 +150,7 @@ def run_learning_curve(cfg: DictConfig) -> CurveResult:
         tracker.log(parent, params={**flatten(model), "learning_curve.sizes": list(section.sizes), "learning_curve.repeats": section.repeats,
                                     "learning_curve.from_study": section.from_study, "model_source": source})
         rows = run_points(cfg, tracker, parent, points, outdir)
-        specs = reported_metrics(metric_specs(section, model["kind"]), rows, outdir)
+        specs = reported_metrics(metric_specs(section), rows, outdir)
         extrapolate_to = int(section.extrapolate_factor * np.nanmax(column(rows, "n_train")))
         fits = validation_power_laws(rows, specs, extrapolate_to)
         log_learning_curve(tracker, parent, rows, specs, fits, extrapolate_to)

@@ -58,11 +58,11 @@ class MetricSpec:
         return f"{self.label} ({self.unit})"
 
 
-def metric_specs(section: DictConfig, kind: str) -> list[MetricSpec]:
-    """The ``metrics`` list of a config section (learning_curve, sweep, report) for one model kind."""
-    if kind not in section.metrics:
-        raise ConfigError(f"metrics has no entry for model kind {kind!r}; add one (name, label, unit)")
-    return [MetricSpec(str(m.name), str(m.label), str(m.unit)) for m in section.metrics[kind]]
+def metric_specs(section: DictConfig) -> list[MetricSpec]:
+    """The ``metrics`` list of a config section (learning_curve, sweep, report): the model's, conf/figures/<model>.yaml."""
+    if not section.get("metrics"):
+        raise ConfigError("metrics is empty for this model; add entries (name, label, unit) to conf/figures/<model>.yaml")
+    return [MetricSpec(str(m.name), str(m.label), str(m.unit)) for m in section.metrics]
 
 
 def reported_metrics(specs: list[MetricSpec], rows: list[dict], outdir: Path) -> list[MetricSpec]:
@@ -84,15 +84,15 @@ def reported_metrics(specs: list[MetricSpec], rows: list[dict], outdir: Path) ->
     return present
 
 
-def param_unit(section: DictConfig, kind: str, param: str) -> str:
+def param_unit(section: DictConfig, param: str) -> str:
     """The unit of a model parameter from ``param_units`` ('' for a pure number)."""
-    units = section.param_units.get(kind) or {}
+    units = section.get("param_units") or {}
     return str(units.get(param, ""))
 
 
-def param_axis_label(section: DictConfig, kind: str, param: str) -> str:
+def param_axis_label(section: DictConfig, param: str) -> str:
     """An axis label with the parameter's unit, or "(pure number)" so every axis says what it counts."""
-    unit = param_unit(section, kind, param)
+    unit = param_unit(section, param)
     return f"{param} ({unit})" if unit else f"{param} (pure number)"
 
 

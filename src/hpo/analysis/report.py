@@ -124,12 +124,12 @@ def write_report(cfg: DictConfig, overrides: list[str] | None = None) -> ReportR
 
 def study_metric(cfg: DictConfig) -> MetricSpec:
     """The ``report.metrics`` entry of the study's objective: its unit and its training counterpart."""
-    specs = metric_specs(cfg.report, cfg.model.kind)
+    specs = metric_specs(cfg.report)
     for spec in specs:
         if spec.val_key == cfg.study.metric:
             return spec
     raise ConfigError(
-        f"study.metric={cfg.study.metric!r} has no entry in report.metrics.{cfg.model.kind} "
+        f"study.metric={cfg.study.metric!r} has no entry in report.metrics (conf/figures/{cfg.model.kind}.yaml) "
         f"(entries: {[s.val_key for s in specs]}); add one with its label and unit"
     )
 
@@ -219,7 +219,7 @@ def slice_figure(cfg: DictConfig, study: optuna.Study, finished: list[FrozenTria
             ax.set_xscale("log")
         if log_values:
             ax.set_yscale("log")
-        ax.set_xlabel(param_axis_label(cfg.report, cfg.model.kind, name))
+        ax.set_xlabel(param_axis_label(cfg.report, name))
         ax.set_ylabel(f"validation {metric.axis_label}")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(names):]:

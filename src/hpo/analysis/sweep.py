@@ -110,8 +110,8 @@ def run_sweep(cfg: DictConfig) -> SweepResult:
         tracker.log(parent, params={**flatten(model), **{f"sweep.{name}": values for name, values in axes.items()},
                                     "sweep.from_study": section.from_study, "model_source": source})
         rows = run_points(cfg, tracker, parent, points, outdir)
-        specs = reported_metrics(metric_specs(section, model["kind"]), rows, outdir)
-        minimum, overfitting = summarise_sweep(cfg, model["kind"], axes, rows, specs)
+        specs = reported_metrics(metric_specs(section), rows, outdir)
+        minimum, overfitting = summarise_sweep(cfg, axes, rows, specs)
         for key, found in minimum.items():
             tracker.log(parent, metrics={f"min.{key}": found[key]}, params={f"min_at.{key}": placed(found, axes)})
         for key, steps in overfitting.items():
@@ -122,20 +122,20 @@ def run_sweep(cfg: DictConfig) -> SweepResult:
         swept = f"{' x '.join(axes)} swept; other parameters: {source}"
         title = figure_title(kind(model["kind"]).display_name, swept, f"{data.train.path.name} ({len(data.train)} frames)", data.val)
         if len(axes) == 1:
-            figure = plot_sweep(outdir / "sweep.png", cfg, model["kind"], axes, rows, specs, minimum, overfitting, title)
+            figure = plot_sweep(outdir / "sweep.png", cfg, axes, rows, specs, minimum, overfitting, title)
         else:
-            figure = plot_sweep_grid(outdir / "sweep.png", cfg, model["kind"], axes, rows, specs, minimum, title)
+            figure = plot_sweep_grid(outdir / "sweep.png", cfg, axes, rows, specs, minimum, title)
         tracker.log_artifacts(parent, [csv_path, figure])
     print(f"[hpo] sweep: {csv_path} and {figure} (MLflow run {parent})", flush=True)
     return SweepResult(outdir, csv_path, figure, rows, list(axes), minimum, overfitting, parent)
 
 
 def summarise_sweep(
-    cfg: DictConfig, kind: str, axes: dict[str, list], rows: list[dict], specs: list[MetricSpec]
+    cfg: DictConfig, axes: dict[str, list], rows: list[dict], specs: list[MetricSpec]
 ) -> tuple[dict[str, dict], dict[str, list]]:
     """The validation minimum of each metric, and for a 1-D sweep its overfitting region; both printed."""
     minimum, overfitting = {}, {}
-    towards = cfg.sweep.flexible_towards.get(kind, {}).get(next(iter(axes))) if len(axes) == 1 else None
+    towards = (cfg.sweep.get("flexible_towards") or {}).get(next(iter(axes))) if len(axes) == 1 else None
     for spec in specs:
         val = column(rows, spec.val_key)
         best = rows[int(np.nanargmin(val))]
@@ -174,7 +174,6 @@ def sweep_param(cfg: DictConfig) -> None:
 def plot_sweep(
     path: Path,
     cfg: DictConfig,
-    kind: str,
     axes: dict[str, list],
     rows: list[dict],
     specs: list[MetricSpec],
@@ -205,7 +204,7 @@ def plot_sweep(
             ax.set_xticks(list(position.values()), [str(v) for v in values])
         elif all(isinstance(v, int) for v in values):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # n_max=2.5 does not exist
-        ax.set_xlabel(param_axis_label(cfg.sweep, kind, param))
+        ax.set_xlabel(param_axis_label(cfg.sweep, param))
         ax.set_ylabel(spec.axis_label)
         ax.set_title(spec.label, fontsize=9)
         ax.legend(fontsize=7)
@@ -215,7 +214,6 @@ def plot_sweep(
 def plot_sweep_grid(
     path: Path,
     cfg: DictConfig,
-    kind: str,
     axes: dict[str, list],
     rows: list[dict],
     specs: list[MetricSpec],
@@ -237,8 +235,8 @@ def plot_sweep_grid(
             fig.colorbar(image, ax=ax, label=spec.axis_label)
             ax.set_xticks(range(len(v1)), [f"{v:.3g}" if _finite(v) else str(v) for v in v1])
             ax.set_yticks(range(len(v2)), [f"{v:.3g}" if _finite(v) else str(v) for v in v2])
-            ax.set_xlabel(param_axis_label(cfg.sweep, kind, p1))
-            ax.set_ylabel(param_axis_label(cfg.sweep, kind, p2))
+            ax.set_xlabel(param_axis_label(cfg.sweep, p1))
+            ax.set_ylabel(param_axis_label(cfg.sweep, p2))
             ax.set_title(f"{label} {spec.label}", fontsize=9)
             best = minimum[spec.val_key]
             ax.plot([v1.index(best[p1])], [v2.index(best[p2])], "r*", ms=14,

@@ -1,14 +1,21 @@
 """The contract every model kind implements, and what one fit hands back.
 
 A model kind (GAP, SA-GPR, the next one) is a folder under ``hpo/models/`` whose ``kind.py``
-defines one :class:`ModelKind` subclass; ``hpo.models.KINDS`` registers it. The trial loop,
-promotion, plots and data loading ask the kind instead of comparing strings:
+defines one :class:`ModelKind` subclass; ``hpo.models.KINDS`` registers it. The search, promotion,
+MD, polarizability and reports ask the kind instead of comparing strings; a kind receives its own
+parameters and a :class:`FitContext`, never the global config:
 
-- ``targets``: what the data must carry (read by ``hpo.data``);
+- capabilities as data: ``targets`` (what the data must carry, read by ``hpo.data``), ``drives_md``,
+  ``records_loss``, ``cache_keys``, ``capped_params``;
 - ``parameters``: the constraint table (``hpo.models.rules``), the single source for config
-  validation, sampled-trial checks and the estimator;
-- ``score(cfg, params, data, workdir) -> Scored``: fit on the training frames, evaluate both sets,
-  write CSVs and figures, raise :class:`TrialFailure` with a reason when no metric can be had;
+  validation, sampled-trial checks and the estimator; ``effective_params``: the values a fit really
+  uses (``auto`` resolved, caps applied);
+- ``fit(train, params, workdir, context) -> Fitted`` and ``evaluate(fitted, frames) -> Predictions``;
+  ``reference(split, params, context)``: the data's own values in the same form. Errors, CSVs,
+  overfitting tags, parity plot and cache trimming are the search layer's (``hpo.search.scoring``);
+- a stored model: ``files_in(path)`` (its files in a folder or a path), ``predict(files, frames, params)``,
+  ``load(files)`` (the predictor object), ``calculator(files)`` (an ASE calculator, kinds that drive MD),
+  ``bundle(files, folder)`` (what registration copies), ``production_model`` (what promotion registers);
 - ``pyfunc_code``: the file MLflow loads the registered model with, ``pyfunc_outputs``: what it returns
   per structure (``hpo.serving``);
 - ``trial_metrics``: metrics kept on the Optuna trial (what reports and promotion rules read).
@@ -17,6 +24,7 @@ promotion, plots and data loading ask the kind instead of comparing strings:
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +111,66 @@ class Uncertainty:
     per_atom_name: str = ""
 
 
+@dataclass(frozen=True)
+class FitContext:
+    """What a fit needs besides its own parameters: the run's thread budget and seed, and what the data say
+    about themselves (``keys``: where each quantity is stored, ``hpo.data.DataKeys``; ``e0``: isolated-atom
+    energies in eV, None when the fitting program is to take the mean energy per atom of the training frames;
+    ``e0_values``: the energies subtracted either way, per species; ``loss``: the weights and scales of
+    ``study.loss``, for kinds that record a loss)."""
+
+    threads: int
+    seed: int
+    keys: Any
+    e0: dict[str, float] | None
+    e0_values: dict[str, float]
+    loss: dict | None = None
+
+
+class Predictions:
+    """A model's values on some frames, in one quantity, comparable with the data's own values in the same form
+    (``ModelKind.reference``). Subclasses say how two of them give error metrics, a CSV and a parity plot."""
+
+    quantity: ClassVar[str]
+    # (metric stem, tag): ``train_<stem>`` / ``val_<stem>`` give ``<stem>_gap``, ``<stem>_ratio`` and the tag
+    overfit_stems: ClassVar[tuple[tuple[str, str], ...]] = ()
+
+    def errors(self, prefix: str, truth: "Predictions") -> dict[str, float]:
+        raise NotImplementedError
+
+    def table(self, truth: "Predictions") -> str:
+        """The CSV of true and predicted values, one row per frame."""
+        raise NotImplementedError
+
+    @classmethod
+    def parity_plot(cls, path: Path, series: dict[str, tuple["Predictions", "Predictions"]], title: str) -> Path:
+        """Predicted against true for each named series (truth, predicted), the training one first."""
+        raise NotImplementedError
+
+    def calibration_pairs(self, truth: "Predictions"):
+        """(errors, std) as flat arrays in the same unit, or None when these predictions carry no std."""
+        return None
+
+
+@dataclass
+class Fitted:
+    """One fit: the model files, the parameters as fitted, values the fit chose itself (``chosen``, recorded
+    beside the parameters), figures of the fit (timings, estimates), tags, files worth keeping, and
+    ``train_predictions`` when the fit yields them for free. ``state``: the kind's own in-memory objects (a
+    solver's factors, an estimator) that ``evaluate`` reuses; ``cache``: the ``hpo.cache.Cache`` the fit used,
+    whose hit counts the trial reports."""
+
+    model_files: list[Path]
+    params: dict
+    chosen: dict[str, object] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, object] = field(default_factory=dict)
+    artifacts: list[Path] = field(default_factory=list)
+    train_predictions: Predictions | None = None
+    state: Any = None
+    cache: Any = None
+
+
 @dataclass
 class Scored:
     """What one fit produced: metrics, flags and the files worth keeping."""
@@ -167,6 +235,9 @@ class ModelKind:
     records_loss: ClassVar[bool] = False
     # Model-config keys of its on-disk cache and of that cache's bound in GB (None: no cache).
     cache_keys: ClassVar[tuple[str, str] | None] = None
+    # Parameters a fit may lower below the value asked for (``effective_params``); the value asked for is
+    # recorded as ``<name>_requested`` beside the one fitted.
+    capped_params: ClassVar[tuple[str, ...]] = ()
 
     def pyfunc_outputs(self):
         """The MLflow ``Schema`` of the registered pyfunc's output, one row per input structure (``hpo.serving``)."""
@@ -213,15 +284,74 @@ class ModelKind:
     def preflight(self, params: dict, frames: list) -> None:
         """Refuse a fit that cannot finish (e.g. over the memory budget) before it starts; none by default."""
 
-    def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
+    def effective_params(self, params: dict, data) -> dict:
+        """The parameters a fit on ``data`` (``Datasets``) really uses: ``auto`` resolved and any cap of the kind
+        applied (the record says what was fitted); checked like a sampled trial."""
+        params = copy.deepcopy(self.resolve_auto(params, data))
+        self.check_trial(params)
+        return params
+
+    def fit(self, train, params: dict, workdir: Path, context: FitContext, upcoming=()) -> Fitted:
+        """Fit on the ``train`` frames (``hpo.data.FrameSet``) with ``params`` as ``effective_params`` gave them,
+        writing into ``workdir``; raise :class:`TrialFailure` when no model can be had. ``upcoming``: frame sets
+        ``evaluate`` will be asked for next, which a fit may prepare while it runs."""
         raise NotImplementedError
 
-    def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
-        """``test_*`` errors of a registered model (its ``files``) on the test frames; ``val`` gives the scales
-        of any loss. Called once per promotion."""
+    def evaluate(self, fitted: Fitted, frames) -> Predictions:
+        """Predictions of a fresh fit on ``frames`` (a list of ``ase.Atoms``)."""
         raise NotImplementedError
 
-    def attach_posterior(self, cfg, params: dict, data, files: list[Path]) -> list[Path]:
+    def reference(self, split, params: dict, context: FitContext) -> Predictions:
+        """The data's own values of the frames of ``split`` (a ``FrameSet``), in the form ``evaluate`` gives."""
+        raise NotImplementedError
+
+    def loss_metrics(self, found: dict[str, float], val: Predictions, params: dict, weights: dict | None,
+                     prefixes: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
+        """``<prefix>_loss`` of the errors in ``found`` (kinds with ``records_loss``), scaled by the validation
+        values ``val``; none by default."""
+        return {}
+
+    def cost_metrics(self, fitted: Fitted, frames) -> dict[str, float]:
+        """Figures of the model's cost measured on ``frames`` (e.g. an MD step), none by default."""
+        return {}
+
+    def failure_artifacts(self, workdir: Path) -> list[Path]:
+        """Files of a failed fit worth keeping (the fitting program's output), none by default."""
+        return []
+
+    def lineage_tags(self, workdir: Path) -> dict[str, str]:
+        """Tags a registered version carries about how its model was made (e.g. a command line), none by default."""
+        return {}
+
+    def files_in(self, path: Path) -> list[Path]:
+        """The model files of a stored model: ``path`` is a registered model's folder or a local model."""
+        raise NotImplementedError
+
+    def holds(self, path: Path) -> bool:
+        """Whether ``path`` (a folder or a file) is a stored model of this kind."""
+        return False
+
+    def predict(self, files: list[Path], frames, params: dict, with_std: bool = False) -> Predictions:
+        """Predictions of the stored model ``files`` on ``frames``; ``with_std``: with its predictive std when it keeps one."""
+        raise NotImplementedError
+
+    def load(self, files: list[Path]):
+        """The stored model as its predictor object (what ``hpo.load_model`` hands out)."""
+        raise NotImplementedError
+
+    def calculator(self, files: list[Path]):
+        """An ASE calculator (energies, forces) of the stored model: kinds that drive MD."""
+        raise NotImplementedError(f"model kind {self.name!r} does not drive MD")
+
+    def bundle(self, files: list[Path], folder: Path) -> None:
+        """Copy what the registered model consists of into ``folder`` (a folder model: its content; a file: itself)."""
+        for path in files:
+            if path.is_dir():
+                shutil.copytree(path, folder, dirs_exist_ok=True)
+            else:
+                shutil.copy(path, folder / path.name)
+
+    def attach_posterior(self, params: dict, data, files: list[Path], context: FitContext) -> list[Path]:
         """Make the model in ``files`` carry what its predictive std needs (a file beside it that registration
         copies), from the training data of ``data``; the files (unchanged by default: nothing to add)."""
         return files
@@ -230,17 +360,12 @@ class ModelKind:
         """The predictive std of the model in ``files`` on ``frames`` (None: it keeps no posterior)."""
         return None
 
-    def calibration_pairs(self, cfg, params: dict, files: list[Path], split, data):
-        """(errors, predictive std) of the model in ``files`` on a split's frames, flat arrays in the same units,
-        and the quantity's name (e.g. "energy"); None when the model keeps no posterior. ``data``: the study's
-        ``Datasets`` (its detected keys)."""
-        return None
-
     def set_std_scale(self, files: list[Path], scale: float) -> None:
         """Multiply the model's stored calibration scale by ``scale`` (``hpo.calibration.fit_scale`` of the std it
         reports now), so every std it reports afterwards includes it (nothing by default)."""
 
-    def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
+    def production_model(self, params: dict, data, trial_files: list[Path], workdir: Path,
+                         context: FitContext) -> tuple[list[Path], dict[str, float]]:
         """The files to register for a trial's model, and figures about making them (none by default: the
         trial's own files)."""
         return trial_files, {}

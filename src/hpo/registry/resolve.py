@@ -16,6 +16,12 @@ from hpo.redact import redact
 MODEL_DIR = "model_files"  # name of the pyfunc artifact that holds the model's own files
 
 
+def for_kind(template: str, kind_name: str) -> str:
+    """A registered model's name or URI from its config template: ``{kind}`` is the model kind's name
+    (``promote.registered_model``: ``water-{kind}`` -> ``water-gap``); a URI without it is returned as given."""
+    return str(template).replace("{kind}", kind_name)
+
+
 class PromoteError(RuntimeError):
     """Nothing to promote, or a model URI that does not resolve."""
 

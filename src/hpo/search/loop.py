@@ -116,7 +116,7 @@ def run(cfg) -> optuna.Study:
     origin.record(study, cfg)  # model kind and data: report, promote and curves read them back
     tracker = open_tracker(cfg)
     close_dead_invocations(study, tracker, cfg.study.grace_s)
-    view = save_trials_view(tracker, cfg, [p.name for p in space])
+    view = save_trials_view(tracker, cfg, [p.name for p in space], kind(cfg.model.kind).capped_params)
     print(f"[hpo] trials in MLflow: mlflow ui --backend-store-uri {redact(tracker.tracking_uri)} ; open {view}", flush=True)
     n_workers = cfg.study.n_workers
     tags = {
@@ -415,7 +415,7 @@ def count_refused(study: optuna.Study) -> int:
 
 def metric_unit(cfg) -> str:
     """The unit of the study's metric, from the figures config (e.g. "eV per cell")."""
-    for spec in cfg.figures.metrics.get(cfg.model.kind, []):
+    for spec in cfg.figures.metrics:
         if f"val_{spec.name}" == cfg.study.metric:
             return str(spec.unit)
     return ""
@@ -461,7 +461,8 @@ def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) ->
         lines.append(f"  {name:<24}{fitted(best, name):>20}{fitted(default, name):>20}")
     lines.append(f"  {'validation metric':<24}{format_value(primary(best)):>20}{format_value(primary(default) if default else None):>20}")
     if any("effective_params" in t.user_attrs for t in (best, default) if t is not None):
-        lines.append("  (x <- y: fitted with x, y sampled; gap_fit caps n_sparse at the environments per species)")
+        capped = ", ".join(kind(cfg.model.kind).capped_params)
+        lines.append(f"  (x <- y: fitted with x, y sampled; {kind(cfg.model.kind).display_name} caps {capped})")
     if default is not None and primary(default):
         gain = (primary(default) - primary(best)) / primary(default)
         summary.update(default_value=primary(default), gain=gain)
@@ -482,7 +483,7 @@ def summarise(study: optuna.Study, tracker: Tracker, parent_run_id: str, cfg) ->
 
 
 def fitted(trial, name: str) -> str:
-    """A trial's parameter as fitted, with the sampled value when the fit used another (n_sparse capped)."""
+    """A trial's parameter as fitted, with the sampled value when the fit used another (``ModelKind.capped_params``)."""
     if trial is None or name not in trial.params:
         return "-"
     effective = trial.user_attrs.get("effective_params", {})

@@ -25,6 +25,7 @@ from hpo.disk import full_disk_text, no_space_left
 from hpo.models import kind
 from hpo.models.base import MemoryBudgetExceeded, OverBudget, Scored, TrialFailure, failure_reason, with_values
 from hpo.search.fidelity import rung_sizes
+from hpo.search.scoring import fit_and_score
 from hpo.search.space import SearchParam, suggest
 from hpo.search.storage import write_liveness
 from hpo.tracking import NOTE_TAG, Tracker
@@ -61,15 +62,15 @@ def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | 
     for size in sizes[:-1]:
         rung_dir = workdir / f"rung_{size:04d}"
         subset = subset_frames(data.train, np.sort(order[:size]), rung_dir / "train_subset.xyz")
-        partial = model_kind.score(cfg, model, dataclasses.replace(data, train=subset), rung_dir)
+        partial = fit_and_score(cfg, model_kind, model, dataclasses.replace(data, train=subset), rung_dir)
         if report is not None and report(size, partial):
             raise RungPruned(size, partial)
-    scored = model_kind.score(cfg, model, data, workdir)
+    scored = fit_and_score(cfg, model_kind, model, data, workdir)
     if cfg.study.cv_folds > 1:
         scored = cross_validated(cfg, model_kind, model, data, workdir, scored)
     if report is not None and len(sizes) > 1:
         report(sizes[-1], scored)
-    # this process's peak over the whole trial (gap_fit, a child process, is not in it)
+    # this process's peak over the whole trial (a fitting program run as a child process is not in it)
     return dataclasses.replace(scored, metrics={**scored.metrics, "peak_rss_gb": peak_memory.peak_bytes() / 1e9})
 
 
@@ -92,7 +93,7 @@ def cross_validated(cfg, model_kind, model: dict, data: Datasets, workdir: Path,
         split = dataclasses.replace(
             data, train=subset_frames(pool, rest, fold_dir / "train.xyz"), val=subset_frames(pool, np.sort(fold), fold_dir / "val.xyz")
         )
-        fold_scored = model_kind.score(cfg, model, split, fold_dir)
+        fold_scored = fit_and_score(cfg, model_kind, model, split, fold_dir)
         per_fold.append(fold_scored.metrics)
         # only the fold's numbers are kept (its CSVs and plots stay): a fold's model and frame copies
         # (39 MB per fold for the workshop's SA-GPR) would make a 20-trial study's folder 4.6 GB
@@ -159,7 +160,7 @@ class Objective:
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         self.workroot = workroot
-        self.trial_metrics = kind(model["kind"]).trial_metrics
+        self.model_kind = kind(model["kind"])
         # Set when a trial failed for a full disk: every next trial would too, so the loop stops with this.
         self.disk_full: str | None = None
 
@@ -214,23 +215,23 @@ class Objective:
                     write_text(workdir / "failure.txt", "".join(traceback.format_exception(raised)))
                 note = f"Trial {trial.number} of study {trial.study.study_name} failed ({reason}): {str(exc)[-1000:]}"
                 self.tracker.log(run_id, params=values, tags={"state": "FAIL", "failure": reason, "failure_message": str(exc)[-5000:], NOTE_TAG: note})
-                self.tracker.log_artifacts(run_id, [workdir / "gap_fit.err", workdir / "gap_fit.out", workdir / "failure.txt"])
+                self.tracker.log_artifacts(run_id, [*self.model_kind.failure_artifacts(workdir), workdir / "failure.txt"])
                 if exc is not raised and reason != "disk_full":
                     raise exc from raised
                 raise
             objectives = [metric_value(scored.metrics, name) for name in self.cfg.study.objectives]
             metric = self.cfg.study.metric
             # with study.cv_folds the split's own value and the spread over folds, for reports beside the CV mean
-            for key in (*self.cfg.study.objectives, *self.trial_metrics, f"split_{metric}", f"cv_std_{metric}", "cv_folds"):
+            for key in (*self.cfg.study.objectives, *self.model_kind.trial_metrics, f"split_{metric}", f"cv_std_{metric}", "cv_folds"):
                 if key in scored.metrics:
                     trial.set_user_attr(key, scored.metrics[key])
             trial.set_user_attr("overfit", scored.tags.get("overfit") == "true")
-            # values the fit used where they differ from the sampled ones (gap_fit caps n_sparse)
+            # values the fit used where they differ from the sampled ones (ModelKind.capped_params)
             effective = {k: scored.params[k] for k in values if k in scored.params and scored.params[k] != values[k]}
             if effective:
                 trial.set_user_attr("effective_params", effective)
             trial.set_user_attr("model_files", [str(p) for p in scored.model_files])
-            note = trial_note(self.cfg, trial.number, trial.study.study_name, scored, values)
+            note = trial_note(self.cfg, self.model_kind, trial.number, trial.study.study_name, scored, values)
             self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE", NOTE_TAG: note})
             self.tracker.log_artifacts(run_id, scored.artifacts)
         return objectives[0] if len(objectives) == 1 else tuple(objectives)
@@ -242,11 +243,11 @@ class Objective:
         self.tracker.beat(run_id, self.parent_run_id)
 
 
-def trial_note(cfg, number: int, study_name: str, scored: Scored, values: dict) -> str:
+def trial_note(cfg, model_kind, number: int, study_name: str, scored: Scored, values: dict) -> str:
     """The run's description in the MLflow UI: the trial's key metrics with units, then its parameters."""
     found = scored.metrics
     lines = [f"Trial {number} of study {study_name} ({len(values)} sampled parameters)."]
-    for spec in cfg.figures.metrics.get(cfg.model.kind, []):
+    for spec in cfg.figures.metrics:
         val, train = found.get(f"val_{spec.name}"), found.get(f"train_{spec.name}")
         if val is None:
             continue
@@ -261,9 +262,10 @@ def trial_note(cfg, number: int, study_name: str, scored: Scored, values: dict) 
     for key, label, unit in (("fit_time_s", "fit time", "s"), ("md_ms_per_atom", "MD cost", "ms per atom per step")):
         if key in found:
             lines.append(f"- {label}: {found[key]:.3g} {unit}")
-    effective, requested = scored.params.get("n_sparse"), scored.params.get("n_sparse_requested")
-    if requested is not None and effective != requested:
-        lines.append(f"- n_sparse: {effective} as fitted ({requested} requested; capped at the environments per species)")
+    for name in model_kind.capped_params:
+        effective, requested = scored.params.get(name), scored.params.get(f"{name}_requested")
+        if requested is not None and effective != requested:
+            lines.append(f"- {name}: {effective} as fitted ({requested} requested; capped by {model_kind.display_name})")
     if values:
         lines.append("- parameters: " + ", ".join(f"{k}={_short(v)}" for k, v in values.items()))
     return "\n".join(lines)

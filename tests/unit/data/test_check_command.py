@@ -1,12 +1,11 @@
-"""Tests of hpo.own_data: the data-check command in process and optimize's pre-fit checks, on the EMT set."""
+"""Tests of hpo.data.check_command: the data-check command in process and optimize's pre-fit checks, on the EMT set."""
 
 from __future__ import annotations
 
 import ase.io
 import pytest
 
-from hpo import own_data
-from hpo.data import DataError
+from hpo.data import DataError, check_command
 from hpo.search import loop
 
 from helpers import files_overrides, last_check_run, make_cfg
@@ -14,7 +13,7 @@ from helpers import files_overrides, last_check_run, make_cfg
 
 def _check_exit(cfg) -> int:
     try:
-        own_data.check_command(cfg)
+        check_command.check_command(cfg)
     except SystemExit as exc:
         return exc.code
     return 0
@@ -51,7 +50,7 @@ def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_fo
     assert not (tmp_path / "shuffled" / "experiments" / cfg.study.name).exists()
     # forces that do not enter the fit cannot spoil it: the same check only warns, and the study runs
     energy_only = make_cfg(tmp_path / "energy_only", *mlruns, *files_overrides(emt, "shuffled_forces_"), "model.fit_forces=false", "study.n_trials=1")
-    assert own_data.preflight(energy_only)["check.forces_consistent"] == "warn"
+    assert check_command.preflight(energy_only)["check.forces_consistent"] == "warn"
 
 
 def test_data_check_on_given_files(emt, tmp_path, mlruns):

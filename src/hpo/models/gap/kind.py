@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,15 +24,15 @@ from typing import Callable
 
 import numpy as np
 
-from hpo import calibration, metrics, plots, progress
-from hpo.atomic import write_text
+from hpo import progress
 from hpo.cache import Cache, digest, digest_array, frame_digests
-from hpo.models.base import ConfigError, MemoryBudgetExceeded, ModelKind, Scored, TimeBudgetExceeded, TrialFailure, Uncertainty
+from hpo.data import subset_frames
+from hpo.models.base import ConfigError, FitContext, Fitted, MemoryBudgetExceeded, ModelKind, TimeBudgetExceeded, TrialFailure, Uncertainty
+from hpo.models.predictions import EnergyPredictions, energy_loss
 from hpo.models.rules import allowed, describe
 from hpo.models.gap import gap_fit, solver, sparse_gap
 from hpo.models.gap.descriptors import Environments, calculate_frame, descriptor_key, descriptor_value, environments, quippy_version
 from hpo.models.sparse_gp import SPARSE_METHODS, select_sparse
-from hpo.tracking import flatten
 
 # Allowed values of the model config (conf/model/gap.yaml), one table for config, trials and fit.
 # gap_fit exits 0 on some impossible values (delta < 0, zeta = 0), so every trial is checked too.
@@ -94,6 +94,7 @@ class GapKind(ModelKind):
     drives_md = True
     records_loss = True
     cache_keys = ("descriptor_cache_dir", "descriptor_cache_max_gb")
+    capped_params = ("n_sparse",)
 
     def pyfunc_outputs(self):
         from mlflow.types.schema import Array, ColSpec, Schema
@@ -240,94 +241,89 @@ class GapKind(ModelKind):
         # energies only (the workshop default: its force column does not follow the geometry)
         return {"default_sigma.force": "model.fit_forces=false: no force targets enter the fit"}
 
-    def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
-        """Fit (hpo's numpy solve or gap_fit, ``model.solver``), evaluate train and validation energies (and
-        forces with ``model.fit_forces``), write CSVs and a parity plot."""
-        params = copy.deepcopy(self.resolve_auto(params, data))
-        requested = params["n_sparse"]
-        params = capped_n_sparse(params, data.train.frames)
+    def effective_params(self, params: dict, data) -> dict:
+        """``auto`` resolved and every n_sparse capped at the environments per species, as gap_fit does (so the
+        record says what was fitted, and subsets of these frames keep the same descriptor strings)."""
+        params = capped_n_sparse(self.resolve_auto(params, data), data.train.frames)
         self.check_trial(params)
-        self.preflight(params, data.train.frames)
-        workdir.mkdir(parents=True, exist_ok=True)
+        return params
+
+    def fit(self, train, params: dict, workdir: Path, context: FitContext, upcoming=()) -> Fitted:
+        """hpo's numpy solve or gap_fit (``model.solver``); the estimate the memory budget was held to is
+        recorded: this process's (numpy) or gap_fit's own (its child process)."""
         cache = Cache(params["descriptor_cache_dir"])
         fit = fit_with_numpy if params["solver"] == "numpy" else fit_with_gap_fit
-        fitted = fit(cfg, params, data, workdir, cache)
-        found = dict(fitted.metrics)
-        # the estimate the budget was held to: this process's (numpy) or gap_fit's own (its child process)
-        estimate = numpy_memory_bytes(params, data.train.frames) if params["solver"] == "numpy" else gap_fit_memory_bytes(params, data.train.frames)
-        found["memory_estimate_gb"] = estimate / 1e9
-        sets = {"train": data.train, "val": data.val}
-        for name, frames in sets.items():
-            forces = fitted.forces.get(name) if params["fit_forces"] else None
-            found.update(metrics.energy_force_metrics(name, frames.energies, fitted.energies[name], frames.n_atoms, frames.forces, forces))
-            write_text(
-                workdir / f"{'validation' if name == 'val' else 'train'}_errors.csv",
-                "true_energy_eV,predicted_energy_eV\n"
-                + "".join(f"{t:.10f},{p:.10f}\n" for t, p in zip(frames.energies, fitted.energies[name])),
-            )
-        if params["cost_frames"]:
-            found["md_ms_per_atom"] = md_cost_ms_per_atom(fitted.model_file, data.val.frames[: params["cost_frames"]])
-        found.update(trial_loss(cfg, found, data.val, params["fit_forces"]))
-        nan = [k for k, v in found.items() if not math.isfinite(v)]
-        if nan:
-            raise TrialFailure("nan_metric", f"non-finite metrics {nan} (the fit diverged)")
-        tags = dict(fitted.tags, solver=params["solver"])
-        for quantity in ("energy", "force"):
-            if f"val_{quantity}_rmse" in found:
-                gap_, ratio, flag = metrics.overfitting(found[f"train_{quantity}_rmse"], found[f"val_{quantity}_rmse"], cfg.overfit_ratio)
-                found[f"{quantity}_rmse_gap"], found[f"{quantity}_rmse_ratio"] = gap_, ratio
-                tags["overfit" if quantity == "energy" else "overfit_force"] = str(flag).lower()
+        fitted = fit(train, params, workdir, context, cache, upcoming)
+        estimate = numpy_memory_bytes(params, train.frames) if params["solver"] == "numpy" else gap_fit_memory_bytes(params, train.frames)
+        fitted.metrics["memory_estimate_gb"] = estimate / 1e9
+        fitted.tags["solver"] = params["solver"]
+        return fitted
 
-        title = f"GAP, {data.train.path.name} ({len(data.train)}) / {data.val.path.name} ({len(data.val)})"
-        parity = plots.energy_parity_plot(
-            workdir / "parity_energy.png",
-            {
-                "train": (data.train.energies, fitted.energies["train"], data.train.n_atoms),
-                "validation": (data.val.energies, fitted.energies["val"], data.val.n_atoms),
-            },
-            title,
-        )
-        artifacts = []
-        if "val" in fitted.std:  # calibration of the posterior std on the validation split (hpo.calibration)
-            _, calibrated = calibration.calibrate("energy", {"val": (fitted.energies["val"] - data.val.energies, fitted.std["val"])},
-                                                  workdir / "calibration_energy.png", f"GAP energy std, {data.val.path.name}")
-            found.update(calibrated)
-            artifacts.append(workdir / "calibration_energy.png")
-        if params["descriptor_cache_dir"]:
-            cache.trim(int(params["descriptor_cache_max_gb"] * 1e9))
-        found.update({f"cache_{k}": float(v) for k, v in cache.stats.items()})
-        return Scored(
-            metrics=found,
-            params={**flatten(params), "n_sparse_requested": requested, "threads": cfg.threads},
-            tags=tags,
-            artifacts=[*fitted.artifacts, workdir / "train_errors.csv", workdir / "validation_errors.csv", parity, *artifacts],
-            model_files=[fitted.model_file],
-        )
+    def evaluate(self, fitted: Fitted, frames) -> EnergyPredictions:
+        return fitted.state.predict(frames)
 
-    def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
-        """Energies per cell and per atom (and forces with ``model.fit_forces`` when the data have them), and
-        ``test_loss`` with the scales of the study's val_loss."""
-        xml = next(p for p in files if p.suffix == ".xml")
-        with_forces = bool(params.get("fit_forces")) and bool(test.forces)
-        predicted_forces = None
+    def reference(self, split, params: dict, context: FitContext) -> EnergyPredictions:
+        return EnergyPredictions.of(split)
+
+    def loss_metrics(self, found, val, params, weights, prefixes=("train", "val")) -> dict[str, float]:
+        return energy_loss(weights, found, val, bool(params["fit_forces"]), prefixes)
+
+    def cost_metrics(self, fitted: Fitted, frames) -> dict[str, float]:
+        count = fitted.params["cost_frames"]
+        return {"md_ms_per_atom": md_cost_ms_per_atom(fitted.model_files[0], frames[:count])} if count else {}
+
+    def failure_artifacts(self, workdir: Path) -> list[Path]:
+        return [workdir / "gap_fit.err", workdir / "gap_fit.out"]
+
+    def lineage_tags(self, workdir: Path) -> dict[str, str]:
+        command_file = workdir / "gap_fit.cmd"
+        return {"gap_fit_command": command_file.read_text().strip()} if command_file.is_file() else {}
+
+    def files_in(self, path: Path) -> list[Path]:
+        """A local XML of any name, or the gap.xml inside a promoted model's folder."""
+        return [path] if path.is_file() else [path / gap_fit.MODEL_FILE]
+
+    def holds(self, path: Path) -> bool:
+        return path.suffix == ".xml" if path.is_file() else (path / gap_fit.MODEL_FILE).is_file()
+
+    def predict(self, files: list[Path], frames, params: dict, with_std: bool = False) -> EnergyPredictions:
+        """Energies by hpo's numpy evaluation of the XML where it can, with the posterior std for ``with_std``
+        (energies only); forces (``model.fit_forces``) and other kernels by quippy's calculator."""
+        xml = _xml(files)
+        n_atoms = np.array([len(a) for a in frames])
         try:
-            if with_forces:
+            if params.get("fit_forces") and not with_std:
                 raise sparse_gap.UnsupportedModel("forces need quippy's calculator")
-            energies = sparse_gap.SparseGap.read(xml).predict(test.frames)
+            model = sparse_gap.SparseGap.read(xml)
+            if with_std and model.posterior is not None:
+                energies, std = model.predict(frames, Cache(params["descriptor_cache_dir"]), return_std=True)
+                return EnergyPredictions(energies, n_atoms, None, std)
+            return EnergyPredictions(model.predict(frames), n_atoms)
         except sparse_gap.UnsupportedModel:
-            energies, forces = gap_fit.predict(gap_fit.load(xml), test.frames)
-            predicted_forces = forces if with_forces else None
-        found = metrics.energy_force_metrics("test", test.energies, energies, test.n_atoms, test.forces if with_forces else None, predicted_forces)
-        loss = trial_loss(cfg, found, val, bool(params.get("fit_forces")), ("test",))
-        return {**found, **({"test_loss": loss["test_loss"]} if "test_loss" in loss else {})}
+            energies, forces = gap_fit.predict(gap_fit.load(xml), frames)
+            return EnergyPredictions(energies, n_atoms, forces if params.get("fit_forces") and not with_std else None)
 
-    def attach_posterior(self, cfg, params: dict, data, files: list[Path]) -> list[Path]:
+    def load(self, files: list[Path]) -> sparse_gap.SparseGap:
+        return sparse_gap.SparseGap.read(_xml(files))
+
+    def calculator(self, files: list[Path]):
+        """quippy's ``Potential`` (parsing the XML costs seconds: load once per model)."""
+        return gap_fit.load(_xml(files))
+
+    def bundle(self, files: list[Path], folder: Path) -> None:
+        """The XML and its companions written next to it (sparseX files, the posterior), not the gzipped copy."""
+        for path in files:
+            for companion in sorted(path.parent.glob(path.name + "*")):
+                if companion.is_file() and companion.suffix != ".gz":
+                    shutil.copy(companion, folder / companion.name)
+
+    def attach_posterior(self, params: dict, data, files: list[Path], context: FitContext) -> list[Path]:
         """The sparse GP's posterior (``posterior.Posterior``) written beside the XML as ``gap.xml.posterior.npz``,
         recomputed from the model's own sparse points and the training frames' descriptors (and force rows when
         forces were fitted): the same for a model of gap_fit's or of hpo's solver, since both solve the same
         problem. (quippy's ``local_gap_variance`` of a gap_fit model fitted with ``export_covariance=T`` is not
         this variance: README, "Uncertainty".) Models quippy alone evaluates keep none."""
-        xml = next(p for p in files if p.suffix == ".xml")
+        xml = _xml(files)
         params = self.resolve_auto(copy.deepcopy(params), data)
         try:
             model = sparse_gap.SparseGap.read(xml)
@@ -339,7 +335,7 @@ class GapKind(ModelKind):
             cache = Cache(None)
         posterior = solver.posterior_of_model(
             model, data.train.frames, solver.Hyper.from_params(params, {}), data.train.forces if with_forces else None, cache,
-            force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None,
+            force_atoms(params, data.train.frames, context.seed) if with_forces else None,
         )
         posterior.save(sparse_gap.posterior_file(xml))
         return files
@@ -347,7 +343,7 @@ class GapKind(ModelKind):
     def predictive_std(self, files: list[Path], frames) -> Uncertainty | None:
         """Per frame: the std of the total energy per atom (eV/atom, what thresholds use: comparable across cell
         sizes), of the total energy (eV) and the largest of its atoms' local energies (eV); per atom the latter."""
-        xml = next(p for p in files if p.suffix == ".xml")
+        xml = _xml(files)
         if not sparse_gap.posterior_file(xml).is_file():
             return None
         posterior = solver.Posterior.load(sparse_gap.posterior_file(xml))
@@ -359,22 +355,13 @@ class GapKind(ModelKind):
             primary="energy_std_eV_per_atom", per_atom=atom_std, per_atom_name="local_energy_std_eV",
         )
 
-    def calibration_pairs(self, cfg, params: dict, files: list[Path], split, data):
-        """Energy errors (eV per frame) and the posterior std of the frames' energies (eV)."""
-        xml = next(p for p in files if p.suffix == ".xml")
-        model = sparse_gap.SparseGap.read(xml)
-        if model.posterior is None:
-            return None
-        energies, std = model.predict(split.frames, Cache(params["descriptor_cache_dir"]), return_std=True)
-        return energies - split.energies, std, "energy"
-
     def set_std_scale(self, files: list[Path], scale: float) -> None:
-        path = sparse_gap.posterior_file(next(p for p in files if p.suffix == ".xml"))
+        path = sparse_gap.posterior_file(_xml(files))
         if path.is_file():  # the scale was fitted to the std as reported, i.e. with any earlier scale in
             posterior = solver.Posterior.load(path)
             dataclasses.replace(posterior, std_scale=posterior.std_scale * float(scale)).save(path)
 
-    def production_model(self, cfg, params: dict, data, trial_files: list[Path], workdir: Path) -> tuple[list[Path], dict[str, float]]:
+    def production_model(self, params: dict, data, trial_files: list[Path], workdir: Path, context: FitContext) -> tuple[list[Path], dict[str, float]]:
         """The model to register. A trial solved with numpy is refitted by gap_fit on the same sparse points, and
         both must predict the same validation energies (``model.refit_tolerance_eV_per_atom``). When gap_fit's refit
         would pass ``model.memory_budget_gb`` (its descriptor gradients grow with the frames), hpo's own model
@@ -387,38 +374,36 @@ class GapKind(ModelKind):
         estimate = gap_fit_memory_bytes(params, data.train.frames)
         if estimate > budget:
             return [trial_files[0]], {"production_gap_fit_refit": 0.0, "refit_estimate_gb": estimate / 1e9,
-                                      **self._check_on_subset(cfg, params, data, workdir, budget)}
+                                      **self._check_on_subset(params, data, workdir, budget, context)}
         n_descriptors = len(gap_fit.expected_descriptors(params, data.train.frames))
         indices = tuple(gap_fit.read_sparse_index_file(trial_files[0].parent / name) for name in gap_fit.sparse_file_names(n_descriptors))
         refit = gap_fit.GAP(
-            params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed,
+            params, context.e0, context.keys, context.threads, context.seed,
             sparse=gap_fit.SparsePoints(data.train.frames, indices), energy_only=not params["fit_forces"],
-            force_atoms=force_atoms(params, data.train.frames, cfg.study.seed) if params["fit_forces"] else None,
+            force_atoms=force_atoms(params, data.train.frames, context.seed) if params["fit_forces"] else None,
         ).fit(data.train.path, workdir)
         difference, per_atom = _energy_difference(trial_files[0], refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
         _refuse_mismatch(difference, per_atom, params, workdir)
         return [refit.model_file_], {"production_gap_fit_refit": 1.0, "refit_max_energy_difference_eV": difference,
                                      "refit_max_energy_difference_eV_per_atom": per_atom, "refit_fit_time_s": refit.fit_time_s_}
 
-    def _check_on_subset(self, cfg, params: dict, data, workdir: Path, budget: float) -> dict[str, float]:
+    def _check_on_subset(self, params: dict, data, workdir: Path, budget: float, context: FitContext) -> dict[str, float]:
         """hpo's solve against gap_fit's on the largest seeded subset of the training frames whose gap_fit fit
         fits ``budget``, on the same sparse points: the check that stands in for the refit."""
-        from hpo.data import subset_frames
-
-        order = np.random.default_rng(cfg.study.seed).permutation(len(data.train))
+        order = np.random.default_rng(context.seed).permutation(len(data.train))
         fits = lambda k: gap_fit_memory_bytes(params, [data.train.frames[i] for i in order[: int(k)]]) <= budget
         size = int(_largest(fits, 1, len(order), integer=True))
         if not fits(size):
             raise TrialFailure("refit_mismatch", f"gap_fit cannot fit even one training frame within model.memory_budget_gb={params['memory_budget_gb']}: nothing checks hpo's model")
         subset = subset_frames(data.train, np.sort(order[:size]), workdir / "check_subset.xyz")
         forces = subset.forces if params["fit_forces"] and subset.forces else None
-        kept = force_atoms(params, subset.frames, cfg.study.seed) if forces is not None else None
-        model, sparse = solver.fit_frames(params, subset.frames, subset.energies, data.solver_e0(cfg.dataset), forces=forces,
-                                          sparse_method=params["sparse_selection"], seed=cfg.study.seed, threads=cfg.threads, force_atoms=kept)
+        kept = force_atoms(params, subset.frames, context.seed) if forces is not None else None
+        model, sparse = solver.fit_frames(params, subset.frames, subset.energies, context.e0_values, forces=forces,
+                                          sparse_method=params["sparse_selection"], seed=context.seed, threads=context.threads, force_atoms=kept)
         own_file = solver.write_xml(model, workdir / "check_hpo.xml")
         descriptors = gap_fit.expected_descriptors(params, subset.frames)
         refit = gap_fit.GAP(
-            params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed,
+            params, context.e0, context.keys, context.threads, context.seed,
             sparse=gap_fit.SparsePoints(subset.frames, tuple(sparse[d] for d in descriptors)), energy_only=forces is None, force_atoms=kept,
         ).fit(subset.path, workdir / "check_gap_fit")
         difference, per_atom = _energy_difference(own_file, refit.model_file_, data.val.frames, Cache(params["descriptor_cache_dir"]))
@@ -544,105 +529,128 @@ def _refuse_mismatch(difference: float, per_atom: float, params: dict, workdir: 
         )
 
 
+def _xml(files: list[Path]) -> Path:
+    return next(p for p in files if p.suffix == ".xml")
+
+
 @dataclass
-class Fitted:
-    """One fit, whichever solver made it: the model file and its predictions on both sets."""
+class NumpyFit:
+    """What evaluating a fit of hpo's solver reuses: the training factors, the solution and its settings."""
 
+    params: dict
+    factors: solver.Factors
+    solution: solver.Solution
+    hyper: solver.Hyper
+    with_forces: bool
+    cache: Cache
+
+    def predict(self, frames) -> EnergyPredictions:
+        energies, forces = validation_predictions(self.params, frames, self.factors, self.solution, self.hyper, self.with_forces, self.cache)
+        std = self.solution.posterior.std(frames, self.cache)[0]
+        return EnergyPredictions(energies, np.array([len(a) for a in frames]), forces if self.with_forces else None, std)
+
+
+@dataclass
+class GapFitFit:
+    """What evaluating a fit of gap_fit reuses: its model file, loaded once, and the descriptors of the frame
+    sets computed while gap_fit ran (by ``id`` of their frame list)."""
+
+    params: dict
     model_file: Path
-    energies: dict[str, np.ndarray]
-    forces: dict[str, list[np.ndarray]]
-    metrics: dict[str, float]
-    tags: dict[str, str]
-    artifacts: list[Path]
-    std: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # posterior std of the energies (eV), where known
+    with_quippy: bool
+    cache: Cache
+    found_envs: dict = dataclasses.field(default_factory=dict)
+    loaded: list = dataclasses.field(default_factory=list)
+
+    def predict(self, frames) -> EnergyPredictions:
+        n_atoms = np.array([len(a) for a in frames])
+        if self.with_quippy:  # quippy's calculator: descriptor gradients give forces
+            if not self.loaded:
+                self.loaded.append(gap_fit.load(self.model_file))
+            energies, forces = gap_fit.predict(self.loaded[0], frames)
+            return EnergyPredictions(energies, n_atoms, forces if self.params["fit_forces"] else None)
+        if not self.loaded:
+            self.loaded.append(sparse_gap.SparseGap.read(self.model_file))
+        model = self.loaded[0]
+        envs = {d: self.found_envs.get((id(frames), descriptor_key(d))) or environments(d, frames, self.cache) for d in model.descriptors}
+        return EnergyPredictions(model.energies(frames, envs), n_atoms)
 
 
-def fit_with_gap_fit(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitted:
-    """gap_fit fits (choosing its own sparse points) while this process computes the evaluation descriptors on
-    the core gap_fit leaves free; energies then come from numpy, forces (and other kernels) from quippy."""
-    sets = {"train": data.train, "val": data.val}
-    found_envs: dict[tuple[str, str], Environments] = {}
+def fit_with_gap_fit(train, params: dict, workdir: Path, context: FitContext, cache: Cache, upcoming=()) -> Fitted:
+    """gap_fit fits (choosing its own sparse points) while this process computes the descriptors of the training
+    frames and of the ``upcoming`` sets on the core gap_fit leaves free; energies then come from numpy, forces
+    (and other kernels) from quippy."""
     with_quippy = params["fit_forces"] or params["covariance_type"] != "dot_product"
+    state = GapFitFit(params, workdir / gap_fit.MODEL_FILE, with_quippy, cache)
+    sets = [train.frames, *(split.frames for split in upcoming)]
 
     def compute_descriptors(gap_fit_failed: Callable[[], bool]) -> None:
         if with_quippy:
             return
-        for descriptor in gap_fit.expected_descriptors(params, data.train.frames):
-            for name, frames in sets.items():
-                found = environments(descriptor, frames.frames, cache, should_stop=gap_fit_failed)
+        for descriptor in gap_fit.expected_descriptors(params, train.frames):
+            for frames in sets:
+                found = environments(descriptor, frames, cache, should_stop=gap_fit_failed)
                 if found is None:
                     return
-                found_envs[name, descriptor_key(descriptor)] = found
+                state.found_envs[id(frames), descriptor_key(descriptor)] = found
 
     start = time.perf_counter()
     # forces enter gap_fit's fit exactly when they enter the numpy solver's: model.fit_forces
     energy_only = not params["fit_forces"]
-    fitted = gap_fit.GAP(params, data.fit_e0(cfg.dataset), data.fit_keys(cfg.dataset), cfg.threads, cfg.study.seed, energy_only=energy_only,
-                         force_atoms=None if energy_only else force_atoms(params, data.train.frames, cfg.study.seed)).fit(
-        data.train.path, workdir, while_fitting=compute_descriptors
+    fitted = gap_fit.GAP(params, context.e0, context.keys, context.threads, context.seed, energy_only=energy_only,
+                         force_atoms=None if energy_only else force_atoms(params, train.frames, context.seed)).fit(
+        train.path, workdir, while_fitting=compute_descriptors
     )
     fit_wall = time.perf_counter() - start
-    start = time.perf_counter()
-    energies, forces = {}, {}
-    if with_quippy:
-        potential = gap_fit.load(fitted.model_file_)  # quippy's calculator: descriptor gradients give forces
-        for name, frames in sets.items():
-            energies[name], forces[name] = gap_fit.predict(potential, frames.frames)
-    else:
-        model = sparse_gap.SparseGap.read(fitted.model_file_)
-        for name, frames in sets.items():
-            envs = {d: found_envs.get((name, descriptor_key(d))) or environments(d, frames.frames, cache) for d in model.descriptors}
-            energies[name] = model.energies(frames.frames, envs)
+    state.model_file = fitted.model_file_
     return Fitted(
-        model_file=fitted.model_file_,
-        energies=energies,
-        forces=forces,
+        model_files=[fitted.model_file_],
+        params=params,
         # descriptor_wait_s: how long the trial waited for descriptors after gap_fit had finished.
-        metrics={"fit_time_s": fitted.fit_time_s_, "descriptor_wait_s": fit_wall - fitted.fit_time_s_, "eval_time_s": time.perf_counter() - start},
+        metrics={"fit_time_s": fitted.fit_time_s_, "descriptor_wait_s": fit_wall - fitted.fit_time_s_},
         tags={"gap_fit_command": fitted.command_line},
         artifacts=[workdir / "gap_fit.cmd", workdir / "gap_fit.out", workdir / "gap_fit.err"],
+        state=state,
+        cache=cache,
     )
 
 
-def fit_with_numpy(cfg, params: dict, data, workdir: Path, cache: Cache) -> Fitted:
+def fit_with_numpy(train, params: dict, workdir: Path, context: FitContext, cache: Cache, upcoming=()) -> Fitted:
     """hpo's own sparse GP, streamed frame by frame (``solver``): sparse points by ``model.sparse_selection``
     (kept in index files for the gap_fit refit at promotion), the training set's factors from the cache when
-    a trial with the same descriptor, zeta and at least as many sparse points made them, then the solve
-    and the validation predictions, block by block."""
-    with_forces = bool(params["fit_forces"]) and bool(data.train.forces)
-    frames = data.train.frames
+    a trial with the same descriptor, zeta and at least as many sparse points made them, then the solve;
+    the training energies come out of the solve (and the training force RMSE out of the factor)."""
+    with_forces = bool(params["fit_forces"]) and bool(train.forces)
+    frames = train.frames
     descriptors = gap_fit.expected_descriptors(params, frames)
     start = time.perf_counter()
     found = {d: environments(d, frames, cache) for d in descriptors}  # vectors only: what the selection needs
-    orders = {d: sparse_order(d, frames, found[d], params, cfg.study.seed, cache) for d in descriptors}
+    orders = {d: sparse_order(d, frames, found[d], params, context.seed, cache) for d in descriptors}
     descriptor_time = time.perf_counter() - start
     start = time.perf_counter()
     sparse = solver.SparseSet.of(found, orders)
     gradient_cache = cache if _gradients_fit_in_cache(params, frames) else Cache(None)
-    factors, reused = training_factors(params, data.train, sparse, found, with_forces, cfg.study.seed, cache, gradient_cache,
-                                       force_atoms(params, data.train.frames, cfg.study.seed) if with_forces else None)
-    hyper = solver.Hyper.from_params(params, data.solver_e0(cfg.dataset))
-    solution = solver.solve(factors, frames, data.train.energies, hyper, with_posterior=True)
+    factors, reused = training_factors(params, train, sparse, found, with_forces, context.seed, cache, gradient_cache,
+                                       force_atoms(params, frames, context.seed) if with_forces else None)
+    hyper = solver.Hyper.from_params(params, context.e0_values)
+    solution = solver.solve(factors, frames, train.energies, hyper, with_posterior=True)
     fit_time = time.perf_counter() - start
     indices = sparse.indices(sparse.requested)
     points = gap_fit.SparsePoints(frames, tuple(indices[d] for d in descriptors))
     points.write(workdir)
     model_file = solver.write_xml(solution.model, workdir / gap_fit.MODEL_FILE)
-    start = time.perf_counter()
-    val_energies, val_forces = validation_predictions(params, data.val.frames, factors, solution, hyper, with_forces, cache)
-    val_std = solution.posterior.std(data.val.frames, cache)[0]
-    found_metrics = {"fit_time_s": fit_time, "descriptor_time_s": descriptor_time, "eval_time_s": time.perf_counter() - start,
+    found_metrics = {"fit_time_s": fit_time, "descriptor_time_s": descriptor_time,
                      "factors_reused": float(reused), "kernel_time_s": factors.times.get("kernels_s", 0.0)}
     if solution.train_force_rmse is not None:
         found_metrics["train_force_rmse"] = solution.train_force_rmse
     return Fitted(
-        model_file=model_file,
-        energies={"train": solution.train_energies, "val": val_energies},
-        forces={"val": val_forces} if with_forces else {},
+        model_files=[model_file],
+        params=params,
         metrics=found_metrics,
-        tags={},
         artifacts=[workdir / name for name in points.files],
-        std={"val": val_std},
+        train_predictions=EnergyPredictions(solution.train_energies, train.n_atoms),
+        state=NumpyFit(params, factors, solution, hyper, with_forces, cache),
+        cache=cache,
     )
 
 
@@ -713,19 +721,6 @@ def training_factors(params: dict, train, sparse: solver.SparseSet, found, with_
         bar.close()
     cache.put("gap_factors", key, {**factors.arrays(), **{f"order_{i}": o for i, o in enumerate(sparse.orders)}})
     return dataclasses.replace(factors, key=key), False
-
-
-def trial_loss(cfg, found: dict[str, float], val, fit_forces: bool, prefixes: tuple[str, ...] = ("train", "val")) -> dict[str, float]:
-    """``train_loss`` and ``val_loss`` (``hpo.metrics.loss``; any ``prefixes``, e.g. ``test``) with the weights
-    and scales of ``study.loss``; a null scale is the validation set's spread (``hpo.metrics.loss_scales``)."""
-    weights = cfg.study.get("loss") or {"energy_weight": 1.0, "force_weight": 1.0, "energy_scale": None, "force_scale": None}
-    try:
-        scales = metrics.loss_scales(
-            val.energies, val.n_atoms, val.forces if fit_forces else None, weights["energy_scale"], weights["force_scale"]
-        )
-        return metrics.loss_metrics(found, weights, scales, prefixes)
-    except ValueError as exc:
-        raise TrialFailure("nan_metric", f"no loss: {exc}") from exc
 
 
 def numpy_memory_bytes(params: dict, frames) -> int:

@@ -1,32 +1,23 @@
 """SA-GPR, the model kind: symmetry-adapted GPR of the polarizability on lambda-SOAP features.
 
-One trial fits ``estimator.SAGPR`` on the training frames, scores both sets per tensor component,
-and writes CSVs and a parity plot. The kind is imported only when asked for, so GAP runs never
-import featomic.
+One fit is ``estimator.SAGPR`` on the training frames; its predictions are compared per tensor component
+(``TensorPredictions``). The kind is imported only when asked for, so GAP runs never import featomic.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from hpo import calibration, plots
-from hpo.atomic import write_text
-from hpo.cache import Cache
+from hpo import plots
 from hpo.data import read_tensors
-from hpo.metrics import COMPONENTS, overfitting
-from hpo.models.base import ModelKind, Scored, TrialFailure
+from hpo.metrics import COMPONENTS
+from hpo.models.base import FitContext, Fitted, ModelKind, Predictions, TrialFailure
 from hpo.models.sagpr.estimator import SAGPR, component_rmse
 from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
-from hpo.tracking import flatten
-
-
-def tensors_of(frames, cfg, model: dict, key: str | None = None) -> np.ndarray:
-    return read_tensors(
-        frames.frames, key=key or frames.keys.polarizability, source=frames.path.name, symmetry_tol=model["symmetry_tol"]
-    )
 
 
 def prefixed(prefix: str, errors: dict[str, float]) -> dict[str, float]:
@@ -35,11 +26,39 @@ def prefixed(prefix: str, errors: dict[str, float]) -> dict[str, float]:
     return {names.get(key, f"{prefix}_rmse_{key}"): value for key, value in errors.items()}
 
 
-def write_errors(path: Path, true: np.ndarray, pred: np.ndarray) -> None:
-    header = ",".join([f"true_{c}" for c in COMPONENTS] + [f"pred_{c}" for c in COMPONENTS])
-    index = tuple(np.array(list(COMPONENTS.values())).T)
-    rows = [np.concatenate([t[index], p[index]]) for t, p in zip(true, pred)]
-    write_text(path, header + "\n" + "".join(",".join(f"{v:.8f}" for v in row) + "\n" for row in rows))
+def unique_components(tensors: np.ndarray) -> np.ndarray:
+    """(n, 6): the upper-triangle components of symmetric (n, 3, 3) tensors."""
+    rows, cols = np.array(list(COMPONENTS.values())).T
+    return np.asarray(tensors)[:, rows, cols]
+
+
+@dataclass
+class TensorPredictions(Predictions):
+    """(n, 3, 3) polarizabilities in the data's unit, and their posterior std (None: the model keeps none)."""
+
+    tensors: np.ndarray
+    std: np.ndarray | None = None
+
+    quantity = "polarizability"
+    overfit_stems = (("rmse", "overfit"),)
+
+    def errors(self, prefix: str, truth: "TensorPredictions") -> dict[str, float]:
+        """RMSE per component, of the 6 unique ones, of all 9, of L0 and of L2."""
+        return prefixed(prefix, component_rmse(truth.tensors, self.tensors))
+
+    def table(self, truth: "TensorPredictions") -> str:
+        header = ",".join([f"true_{c}" for c in COMPONENTS] + [f"pred_{c}" for c in COMPONENTS])
+        index = tuple(np.array(list(COMPONENTS.values())).T)
+        rows = [np.concatenate([t[index], p[index]]) for t, p in zip(truth.tensors, self.tensors)]
+        return header + "\n" + "".join(",".join(f"{v:.8f}" for v in row) + "\n" for row in rows)
+
+    @classmethod
+    def parity_plot(cls, path: Path, series: dict, title: str) -> Path:
+        return plots.tensor_parity_plot(path, {name: (truth.tensors, pred.tensors) for name, (truth, pred) in series.items()}, title)
+
+    def calibration_pairs(self, truth: "TensorPredictions"):
+        """Errors and posterior std of the 6 unique Cartesian components, in the model's units."""
+        return None if self.std is None else (unique_components(self.tensors - truth.tensors), unique_components(self.std))
 
 
 # The registered model's output columns: the tensor row by row (xx, xy, xz, yx, ...), as the data files store it.
@@ -60,23 +79,56 @@ class SagprKind(ModelKind):
 
         return Schema([ColSpec("double", name) for name in PYFUNC_COLUMNS])
 
-    def test_errors(self, cfg, params: dict, files: list[Path], test, val) -> dict[str, float]:
-        """RMSE per component, of the 6 unique ones, of L0 and of L2."""
-        folder = next(p for p in files if p.is_dir())
-        return prefixed("test", component_rmse(tensors_of(test, cfg, params), SAGPR.load(folder).predict(test.frames)))
+    def reference(self, split, params: dict, context: FitContext) -> TensorPredictions:
+        # the split's own key: an own data set's test split may name it differently from the training set
+        return TensorPredictions(read_tensors(split.frames, key=split.keys.polarizability, source=split.path.name,
+                                              symmetry_tol=params["symmetry_tol"]))
 
-    def score(self, cfg, params: dict, data, workdir: Path) -> Scored:
-        self.check_trial(params)
-        return score_sagpr(cfg, params, data, workdir)
+    def fit(self, train, params: dict, workdir: Path, context: FitContext, upcoming=()) -> Fitted:
+        """Fit an SA-GPR model of the polarizability; it is saved in ``workdir/model``."""
+        truth = self.reference(train, params, context).tensors
+        estimator = SAGPR(**{key: params[key] for key in ESTIMATOR_KEYS}, cache_dir=params["cache_dir"])
+        start = time.perf_counter()
+        try:
+            estimator.fit(train.frames, truth)
+        except np.linalg.LinAlgError as exc:
+            raise TrialFailure("error", f"SA-GPR regression failed (reg too small?): {exc}") from exc
+        fit_time = time.perf_counter() - start
+        model_dir = workdir / "model"
+        estimator.save(model_dir)
+        return Fitted(
+            model_files=[model_dir],
+            params=params,
+            chosen={"n_env_effective": estimator.n_env_},
+            metrics={"fit_time_s": fit_time, **{f"fit_{k}": v for k, v in estimator.timings_.items()}},
+            tags={"cache": dict(estimator.cache_stats_), "kernel_route": estimator.kernel_route_},
+            train_predictions=TensorPredictions(estimator.train_predictions_),
+            state=estimator,
+        )
 
-    def calibration_pairs(self, cfg, params: dict, files: list[Path], split, data):
-        """Errors and posterior std of the 6 unique Cartesian components, in the model's units."""
-        model = SAGPR.load(next(p for p in files if p.is_dir()))
-        if not model.variance_:
-            return None
-        predicted, std = model.predict(split.frames, return_std=True)
-        key = data.keys.polarizability
-        return unique_components(predicted - tensors_of(split, cfg, params, key)), unique_components(std), "polarizability"
+    def evaluate(self, fitted: Fitted, frames) -> TensorPredictions:
+        return self._predict(fitted.state, frames, with_std=True)
+
+    def _predict(self, estimator: SAGPR, frames, with_std: bool) -> TensorPredictions:
+        try:
+            if with_std and estimator.variance_:
+                return TensorPredictions(*estimator.predict(frames, return_std=True))
+            return TensorPredictions(estimator.predict(frames))
+        except np.linalg.LinAlgError as exc:
+            raise TrialFailure("error", f"SA-GPR regression failed (reg too small?): {exc}") from exc
+
+    def files_in(self, path: Path) -> list[Path]:
+        return [path]
+
+    def holds(self, path: Path) -> bool:
+        return path.is_dir() and (path / "metadata.json").is_file() and (path / "model.npz").is_file()
+
+    def load(self, files: list[Path]) -> SAGPR:
+        """The estimator: ``predict(frames, return_std=, progress=)`` gives (n, 3, 3) tensors in the data's unit."""
+        return SAGPR.load(next(p for p in files if p.is_dir()))
+
+    def predict(self, files: list[Path], frames, params: dict, with_std: bool = False) -> TensorPredictions:
+        return self._predict(self.load(files), frames, with_std)
 
     def set_std_scale(self, files: list[Path], scale: float) -> None:
         folder = next(p for p in files if p.is_dir())
@@ -84,59 +136,6 @@ class SagprKind(ModelKind):
         if model.variance_:  # the scale was fitted to the std as reported, i.e. with any earlier scale in
             model.variance_["scale"] = np.array(float(model.variance_.get("scale", 1.0)) * float(scale))
             model.save(folder)
-
-
-def unique_components(tensors: np.ndarray) -> np.ndarray:
-    """(n, 6): the upper-triangle components of symmetric (n, 3, 3) tensors."""
-    rows, cols = np.array(list(COMPONENTS.values())).T
-    return np.asarray(tensors)[:, rows, cols]
-
-
-def score_sagpr(cfg, model: dict, data, workdir: Path) -> Scored:
-    """Fit an SA-GPR model of the polarizability; metrics are RMSEs per component, L=0, L=2 and overall."""
-    tensor_key = data.keys.polarizability
-    train_true, val_true = tensors_of(data.train, cfg, model, tensor_key), tensors_of(data.val, cfg, model, tensor_key)
-    estimator = SAGPR(**{key: model[key] for key in ESTIMATOR_KEYS}, cache_dir=model["cache_dir"])
-    try:
-        start = time.perf_counter()
-        estimator.fit(data.train.frames, train_true)
-        fit_time = time.perf_counter() - start
-        start = time.perf_counter()
-        train_pred = estimator.train_predictions_
-        val_pred, val_std = estimator.predict(data.val.frames, return_std=True) if estimator.variance_ else (estimator.predict(data.val.frames), None)
-        eval_time = time.perf_counter() - start
-    except np.linalg.LinAlgError as exc:
-        raise TrialFailure("error", f"SA-GPR regression failed (reg too small?): {exc}") from exc
-    found = {**prefixed("train", component_rmse(train_true, train_pred)), **prefixed("val", component_rmse(val_true, val_pred))}
-    if not all(np.isfinite(v) for v in found.values()):
-        raise TrialFailure("nan_metric", "non-finite SA-GPR metrics: the regression diverged")
-    found["rmse_gap"], found["rmse_ratio"], overfit = overfitting(found["train_rmse"], found["val_rmse"], cfg.overfit_ratio)
-    found.update(fit_time_s=fit_time, eval_time_s=eval_time, **{f"fit_{k}": v for k, v in estimator.timings_.items()})
-
-    model_dir = workdir / "model"
-    estimator.save(model_dir)
-    write_errors(workdir / "train_errors.csv", train_true, train_pred)
-    write_errors(workdir / "validation_errors.csv", val_true, val_pred)
-    title = f"SA-GPR polarizability, {data.train.path.name} ({len(data.train)}) / {data.val.path.name} ({len(data.val)})"
-    parity = plots.tensor_parity_plot(
-        workdir / "parity_polarizability.png", {"train": (train_true, train_pred), "validation": (val_true, val_pred)}, title
-    )
-    artifacts = []
-    if val_std is not None:  # calibration of the posterior std on the validation split (hpo.calibration)
-        _, calibrated = calibration.calibrate(
-            "polarizability", {"val": (unique_components(val_pred - val_true), unique_components(val_std))},
-            workdir / "calibration_polarizability.png", f"SA-GPR polarizability std, {data.val.path.name}")
-        found.update(calibrated)
-        artifacts.append(workdir / "calibration_polarizability.png")
-    if model["cache_dir"]:
-        Cache(model["cache_dir"]).trim(int(model["cache_max_gb"] * 1e9))
-    return Scored(
-        metrics=found,
-        params={**flatten(model), "threads": cfg.threads, "n_env_effective": estimator.n_env_},
-        tags={"overfit": str(overfit).lower(), "cache": dict(estimator.cache_stats_), "kernel_route": estimator.kernel_route_},
-        artifacts=[workdir / "train_errors.csv", workdir / "validation_errors.csv", parity, *artifacts],
-        model_files=[model_dir],
-    )
 
 
 KIND = SagprKind()

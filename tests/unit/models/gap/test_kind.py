@@ -44,6 +44,7 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path, monkeypatch):
     from hpo.data import load_datasets
     from hpo.models import kind
     from hpo.models.gap.gap_fit import GapFitError
+    from hpo.search.scoring import fit_and_score
 
     cfg = tiny_cfg(
         f"dataset.data_dir={require_shared_water()}",
@@ -66,7 +67,7 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path, monkeypatch):
     monkeypatch.setattr(gap_kind, "environments", recorded)
     started = time.perf_counter()
     with pytest.raises(GapFitError) as raised:
-        kind("gap").score(cfg, model_params(cfg), data, workdir)
+        fit_and_score(cfg, kind("gap"), model_params(cfg), data, workdir)
     ended = time.time()
     total_s = time.perf_counter() - started
     gap_fit_ended = max((workdir / name).stat().st_mtime for name in ("gap_fit.out", "gap_fit.err"))
