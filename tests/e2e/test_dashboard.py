@@ -3,6 +3,7 @@ storage is refused."""
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 import signal
@@ -14,6 +15,9 @@ import urllib.request
 import optuna
 
 from helpers import ROOT, free_port, hpo_cli
+
+# server (pyproject.toml markers): the optuna-dashboard server
+pytestmark = pytest.mark.server
 
 
 def test_dashboard_serves_the_study_storage(tmp_path):
