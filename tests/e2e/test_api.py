@@ -3,6 +3,7 @@ ASE calculators) run as it stands in a new process."""
 
 from __future__ import annotations
 
+import pytest
 import os
 import re
 import shutil
@@ -11,6 +12,9 @@ import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -19,6 +19,9 @@ from hpo.config import ConfigError, load_config, output_overrides
 
 from helpers import assert_nothing_left, hpo_cli, rewrite, set_position
 
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
+
 
 def test_cli_reports_bad_input_in_one_paragraph(tiny_overrides, tmp_path):
     done = subprocess.run(

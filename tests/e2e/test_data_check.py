@@ -3,6 +3,7 @@ and the MLflow run are written."""
 
 from __future__ import annotations
 
+import pytest
 import os
 import subprocess
 import sys
@@ -13,6 +14,9 @@ from mlflow.tracking import MlflowClient
 from hpo.config import load_config, output_overrides
 
 from helpers import files_overrides, last_check_run
+
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
 
 
 PROJECT = Path(__file__).resolve().parents[2]

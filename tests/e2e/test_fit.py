@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import subprocess
 import sys
+
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
 
 
 def test_cli_fit_prints_metrics(tiny_overrides, tmp_path):

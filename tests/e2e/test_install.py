@@ -22,6 +22,9 @@ import pytest
 
 from helpers import TINY_GAP
 
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
+
 CHECKOUT = Path(__file__).resolve().parents[2]
 # What a run of the test suite itself writes into the checkout (its venv, caches of the interpreter and
 # of pytest), and the git-ignored output placeholders of a developer's own runs.

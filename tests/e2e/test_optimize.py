@@ -24,6 +24,9 @@ from hpo.search.storage import StudyError, load_study
 
 from helpers import runs_of, assert_intact
 
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
+
 
 def optimize_command(overrides: list[str]) -> list[str]:
     return [sys.executable, "-m", "hpo", "optimize", *overrides]

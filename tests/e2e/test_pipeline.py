@@ -14,6 +14,9 @@ from hpo.config import load_config, output_overrides
 
 from helpers import files_overrides
 
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
+
 
 def test_pipeline_runs_every_stage_then_reuses_them(tiny_data, tmp_path, capsys):
     from hpo import pipeline

@@ -16,6 +16,9 @@ from hpo.search import loop
 from hpo.config import ConfigError, load_config, output_overrides
 
 from helpers import runs_of, TINY_SAGPR
+
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
 PER_COMPONENT = {f"val_rmse_{c}" for c in ("xx", "xy", "xz", "yy", "yz", "zz")}
 
 

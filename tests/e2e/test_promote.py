@@ -3,9 +3,13 @@ champion on the own frames."""
 
 from __future__ import annotations
 
+import pytest
 from hpo.search import loop
 
 from helpers import files_overrides, make_cfg
+
+# slow (pyproject.toml markers): runs an hpo command end to end (a subprocess, or a whole study, promotion or pipeline)
+pytestmark = pytest.mark.slow
 
 
 def test_own_data_study_promotes_with_test_loss(emt, tmp_path, capsys):

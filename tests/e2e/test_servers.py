@@ -22,6 +22,9 @@ from hpo.search.storage import StudyError, load_study
 
 from helpers import assert_intact, free_port, runs_of
 
+# server (pyproject.toml markers): PostgreSQL and MLflow tracking servers on 127.0.0.1
+pytestmark = pytest.mark.server
+
 
 def as_postgres(command: list[str]) -> list[str]:
     # the server refuses to run as root; Debian's package brings the postgres user

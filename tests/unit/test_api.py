@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 from pathlib import Path
 
 import mlflow
 import numpy as np
+
+# slow (pyproject.toml markers): the test runs on a promoted study (conftest, ~35 s to make)
+pytestmark = pytest.mark.slow
 
 
 

@@ -15,6 +15,9 @@ from hpo.models.gap.gap_fit import load
 
 from helpers import runs_of, default_of, model_file
 
+# slow (pyproject.toml markers): every test runs on a promoted study or a finished two-trial study (conftest, ~10-35 s to make)
+pytestmark = pytest.mark.slow
+
 
 # MD: stability is judged on every run
 def test_md_trace_with_a_broken_bond_is_unstable_at_its_step(tiny_study):

@@ -17,6 +17,7 @@ from hpo.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, NOTE_TAG, Tracker
 from helpers import runs_of, hpo_cli
 
 
+@pytest.mark.slow
 def test_study_records_what_the_ui_and_readers_need(tiny_cfg, tiny_overrides, tmp_path, capsys):
     # 14 training frames hold 112 H environments: n_sparse=200 is fitted as 112
     overrides = ("dataset.train_size=100", "study.n_trials=2", "model.n_sparse=200")

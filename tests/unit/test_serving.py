@@ -21,6 +21,9 @@ from hpo import serving
 
 from helpers import free_port
 
+# server (pyproject.toml markers): MLflow's model server
+pytestmark = pytest.mark.server
+
 
 def champion_reference(cfg, lineage, frames):
     """Energies and forces of ``frames`` from the champion's XML, through quippy in this process."""

@@ -123,6 +123,7 @@ def _trajectory(path, n_frames, timestep_fs=0.5, wavenumber=1600.0, vibrations=(
     return path
 
 
+@pytest.mark.slow
 def test_spectrum_command_finds_the_band_and_logs_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -143,6 +144,7 @@ def test_spectrum_command_finds_the_band_and_logs_it(tmp_path):
     assert runs[0].data.tags["run_type"] == "spectrum" and runs[0].data.metrics["timestep_fs"] == 0.5
 
 
+@pytest.mark.slow
 def test_spectrum_command_refuses_short_or_uneven_trajectories(tmp_path):
     import ase.io
 

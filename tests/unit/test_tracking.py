@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pytest
 import subprocess
 
 from hpo import liveness
 from hpo.search import loop
 
 
+@pytest.mark.slow
 def test_live_parent_is_not_closed(tiny_cfg):
     """Only a dead process's run is closed: this process is alive, however old its heartbeat; a dead pid's
     run is closed however fresh its heartbeat, and so is a live pid whose start time is not the recorded one

@@ -14,6 +14,7 @@ from hpo.data import shared_frames
 from helpers import PNG_MAGIC, files_overrides, make_cfg, parent_and_children, read_csv
 
 
+@pytest.mark.slow
 def test_learning_curve_over_two_sizes(tiny_cfg, shared_mlflow):
     # fit_forces: the force panel, through quippy's calculator (trials default to energies only)
     cfg = tiny_cfg(*shared_mlflow, "learning_curve.sizes=[50,100]", "learning_curve.name=lc", "model.fit_forces=true")
@@ -49,6 +50,7 @@ def test_power_law_fit_recovers_slope():
     assert learning_curve.fit_power_law(np.array([50.0]), np.array([0.1])) is None
 
 
+@pytest.mark.slow
 def test_learning_curve_and_sweep_on_own_files(emt, tmp_path, mlruns):
     """Own data: the learning curve takes nested subsets of the training split (sizes in frames); sweeps as usual."""
     from hpo.analysis import learning_curve, sweep

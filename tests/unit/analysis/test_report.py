@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import os
 import stat
 from pathlib import Path
@@ -13,6 +14,7 @@ from hpo.analysis import points, report
 from hpo.search import loop
 
 
+@pytest.mark.slow
 def test_report_of_a_three_trial_study(tiny_cfg, tmp_path):
     overrides = ("study.n_trials=3",)
     study = loop.run(tiny_cfg(*overrides))

@@ -11,6 +11,7 @@ from hpo.config import ConfigError
 from helpers import PNG_MAGIC, parent_and_children, read_csv
 
 
+@pytest.mark.slow
 def test_sweep_marks_the_validation_minimum(tiny_cfg, shared_mlflow):
     cfg = tiny_cfg(*shared_mlflow, "sweep.param=default_sigma.energy", "sweep.values=[0.1,0.001,0.01]")
     result = sweep.run_sweep(cfg)

@@ -19,6 +19,7 @@ def _check_exit(cfg) -> int:
     return 0
 
 
+@pytest.mark.slow
 def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_forces(emt, tmp_path, capsys, mlruns):
     frames = ase.io.read(emt["val"], ":")
     frames[3].info["REF_energy"] = float("nan")
@@ -53,6 +54,7 @@ def test_data_check_fails_on_nan_and_cross_split_duplicate_and_flags_shuffled_fo
     assert check_command.preflight(energy_only)["check.forces_consistent"] == "warn"
 
 
+@pytest.mark.slow
 def test_data_check_on_given_files(emt, tmp_path, mlruns):
     cfg = make_cfg(tmp_path, *mlruns, f"data.files=[{emt['train']},{emt['val']}]")
     assert _check_exit(cfg) == 0

@@ -141,6 +141,7 @@ def _fit(cfg, workdir):
     return score(cfg, model_params(cfg), load_datasets(cfg), workdir).metrics
 
 
+@pytest.mark.slow
 def test_hartree_bohr_file_gives_the_same_metrics(emt, tmp_path):
     ev = _fit(make_cfg(tmp_path / "ev", *files_overrides(emt, test=False)), tmp_path / "ev" / "fit")
     au_cfg = make_cfg(

@@ -26,6 +26,9 @@ from hpo import serving
 
 from helpers import runs_of, ranked
 
+# slow (pyproject.toml markers): every test promotes from a real study
+pytestmark = pytest.mark.slow
+
 
 def screen_runs(cfg):
     _, children = runs_of(cfg)

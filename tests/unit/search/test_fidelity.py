@@ -10,6 +10,7 @@ from hpo.search import loop
 from hpo.config import ConfigError, validate
 
 
+@pytest.mark.slow
 def test_multi_fidelity_study_prunes_and_records(tiny_cfg):
     cfg = tiny_cfg(
         "study.n_trials=6",
@@ -45,6 +46,7 @@ def test_bad_fidelity_settings_are_refused(tiny_cfg, override):
         validate(tiny_cfg(override))
 
 
+@pytest.mark.slow
 def test_hyperband_study_counts_pruned_trials(tiny_cfg):
     cfg = tiny_cfg(
         "study.n_trials=4",

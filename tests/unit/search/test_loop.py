@@ -201,6 +201,7 @@ OVER_BUDGET_SPACE = ["model.solver=gap_fit", "model.fit_forces=true", "study.enq
                      "model.memory_budget_gb=0.0013"]
 
 
+@pytest.mark.slow
 def test_nothing_running_after_a_refused_study(tiny_cfg, tmp_path):
     """A study refused after the stores exist (every trial over the memory budget) leaves no run RUNNING."""
     cfg = tiny_cfg(*OVER_BUDGET_SPACE, "study.n_trials=1", "study.max_refused_trials=2")
@@ -211,6 +212,7 @@ def test_nothing_running_after_a_refused_study(tiny_cfg, tmp_path):
     assert not [r for r in parents + children if r.info.status == "RUNNING"]
 
 
+@pytest.mark.slow
 def test_resumed_study_does_not_replay(tiny_cfg):
     first = loop.run(tiny_cfg("study.n_trials=3", "study.enqueue_default=false"))
     earlier = [t.params for t in first.trials]
@@ -221,6 +223,7 @@ def test_resumed_study_does_not_replay(tiny_cfg):
     assert len({tuple(sorted(p.items())) for p in earlier + later}) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("storage", ["sqlite", "journal"])
 def test_two_workers_share_one_study(tiny_cfg, tmp_path, storage):
     url = f"journal:{tmp_path}/study.log" if storage == "journal" else f"sqlite:///{tmp_path}/workers.db"
@@ -244,6 +247,7 @@ TRIAL_METRICS = {
 }
 
 
+@pytest.mark.slow
 def test_three_trial_study_is_tracked_and_resumes(tiny_cfg, capsys):
     cfg = tiny_cfg("study.n_trials=3")
     study = loop.run(cfg)
@@ -280,6 +284,7 @@ def test_three_trial_study_is_tracked_and_resumes(tiny_cfg, capsys):
     assert len(parents) == 2 and len(children) == 5
 
 
+@pytest.mark.slow
 def test_failing_gap_fit_becomes_failed_trial_and_study_goes_on(tiny_cfg):
     # sparse_method=uniform is a valid option that gap_fit aborts on for descriptors of more than 30
     # dimensions ("SYSTEM ABORT: select_uniform: Descriptor is too large"): a real crash, not a mock.
@@ -305,6 +310,7 @@ def test_failing_gap_fit_becomes_failed_trial_and_study_goes_on(tiny_cfg):
     assert "gap_fit" in failed_runs[0].data.tags["failure_message"]
 
 
+@pytest.mark.slow
 def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
     import re
     from pathlib import Path
@@ -339,6 +345,7 @@ def test_memory_estimate_matches_gap_fit_and_budget_prunes(tiny_cfg, tiny_data):
     assert gap.covariance_memory_bytes(20, frames, with_forces=False) == total  # water's default: energies only
 
 
+@pytest.mark.slow
 def test_files_study_with_energy_force_loss(emt, tmp_path):
     cfg = make_cfg(tmp_path, *files_overrides(emt), "study.n_trials=2")
     study = loop.run(cfg)

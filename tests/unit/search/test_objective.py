@@ -10,6 +10,7 @@ from hpo.data import load_datasets
 from hpo.search.objective import score
 
 
+@pytest.mark.slow
 def test_cross_validation_scores_folds_of_training_and_validation(tiny_cfg, tmp_path):
     cfg = tiny_cfg("study.cv_folds=3")
     data = load_datasets(cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from hpo.registry.promote import promote
 from hpo.search.selection import cheapest_within, failure_verdict
 
 
+@pytest.mark.slow
 def test_multi_objective_study_keeps_a_front_and_promotes_a_point_of_it(tiny_cfg):
     objectives = ["study.objectives=[val_energy_rmse,fit_time_s]", "study.sampler=random", "study.n_trials=4"]
     cfg = tiny_cfg(*objectives)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -12,6 +13,7 @@ from hpo.search import loop
 from helpers import runs_of
 
 
+@pytest.mark.slow
 def test_a_second_descriptor_is_searched_by_its_path(tiny_cfg):
     """model.descriptors adds a short SOAP beside the model's own; the search samples its cutoff by path
     (descriptors.0.cutoff), the trial fits both (two index files per species) and records the sampled value."""

@@ -21,6 +21,7 @@ def test_storage_that_cannot_be_opened(tiny_cfg):
         storage.open_study(cfg, space.search_space(cfg))
 
 
+@pytest.mark.slow
 def test_changed_search_space_names_parameter(tiny_cfg):
     loop.run(tiny_cfg("study.n_trials=1"))
     cfg = tiny_cfg("++search.space.n_max={type:categorical,choices:[2,3]}")

@@ -114,6 +114,7 @@ def _fit(cfg, workdir):
     return score(cfg, model_params(cfg), load_datasets(cfg), workdir).metrics
 
 
+@pytest.mark.slow
 def test_e0_average_is_passed_to_gap_fit_and_matched_by_the_numpy_solver(emt, tmp_path):
     from hpo.models.gap.sparse_gap import SparseGap
 

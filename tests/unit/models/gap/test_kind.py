@@ -35,6 +35,7 @@ def test_kernel_rows_over_the_time_bound_are_refused_naming_n_sparse():
     gap_kind.KIND.preflight({**params, "fit_timeout_s": 2 * (descriptors + kernels)}, frames)
 
 
+@pytest.mark.slow
 def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path, monkeypatch):
     """gap_fit aborts (sparse_method=uniform refuses descriptors of more than 30 dimensions) while this
     process computes the evaluation descriptors beside it: the descriptor pass stops at the crash instead of
@@ -79,6 +80,7 @@ def test_gap_fit_crash_is_noticed_at_once(tiny_cfg, tmp_path, monkeypatch):
     print(f"gap_fit crash: trial failed {noticed_s:.2f} s after gap_fit's last output, {total_s:.1f} s in all")
 
 
+@pytest.mark.slow
 def test_both_solvers_fit_the_same_targets(tiny_cfg, tmp_path):
     """model.fit_forces decides whether forces enter the fit, for both solvers: with every environment a
     sparse point (n_sparse above the count, so the selection method cannot differ) the two fit the same model

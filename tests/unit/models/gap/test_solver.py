@@ -50,6 +50,7 @@ def test_a_smaller_selection_is_a_prefix(water, method):
     np.testing.assert_array_equal(select_sparse(found.vectors, 7, method, seed=3), big[:7])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zeta", [1, 4])
 def test_energy_only_fit_equals_gap_fit(water, tmp_path, zeta):
     root, train, val = water
@@ -102,6 +103,7 @@ def emt(tmp_path_factory):
     return root, ase.io.read(root / "train.xyz", ":"), ase.io.read(root / "val.xyz", ":")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zeta", [2, 4])
 def test_energy_and_force_fit_equals_gap_fit_on_emt(emt, tmp_path, zeta):
     root, train, val = emt
@@ -127,6 +129,7 @@ def test_energy_and_force_fit_equals_gap_fit_on_emt(emt, tmp_path, zeta):
     assert np.sqrt(np.mean((np.concatenate(forces) - reference) ** 2)) < 0.5 * np.sqrt(np.mean(reference**2))
 
 
+@pytest.mark.slow
 def test_water_fit_with_its_force_column_equals_gap_fit(water, tmp_path):
     """The fit hpo runs today (force_parameter_name=force, default_sigma force 0.5): same model in numpy."""
     root, train, val = water
@@ -190,6 +193,7 @@ def test_triangular_factor_of_blocks_is_the_factor_of_the_whole():
     np.testing.assert_allclose(few.r.T @ few.r, a[:5].T @ a[:5], atol=1e-10)
 
 
+@pytest.mark.slow
 def test_smaller_sparse_set_from_the_factors_of_a_larger_one(emt, tmp_path):
     """Factors built for 10 sparse points per species solve the fit of 6 exactly as factors built for 6,
     and the training force RMSE read off R equals the one of predicted training forces."""
@@ -256,6 +260,7 @@ def test_own_data_defaults_come_from_the_data(emt):
 SHORT_SOAP = dict(cutoff=2.5, atom_sigma=0.4, n_max=3, l_max=2, n_sparse=6, delta=0.2, zeta=3)
 
 
+@pytest.mark.slow
 def test_two_descriptors_fit_equals_gap_fit_on_emt(emt, tmp_path):
     """A long and a short SOAP (model.descriptors), each with its own n_sparse, delta and zeta: hpo's solver
     and gap_fit (gap={soap ... : soap ...} on the same sparse points) fit the same energies and forces."""
@@ -281,6 +286,7 @@ def test_two_descriptors_fit_equals_gap_fit_on_emt(emt, tmp_path):
     assert np.abs(model.predict(val) - alone.predict(val)).max() > 100 * ENERGY_TOL
 
 
+@pytest.mark.slow
 def test_other_counts_per_descriptor_from_the_factors_of_a_larger_set(emt):
     """Factors built for 10 points of every descriptor solve a fit of 10 long-SOAP and 4 short-SOAP points (columns
     that are not a prefix: R re-triangularised) as factors built for exactly those points do."""
@@ -304,6 +310,7 @@ def test_other_counts_per_descriptor_from_the_factors_of_a_larger_set(emt):
     assert from_large.train_force_rmse == pytest.approx(direct.train_force_rmse, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_force_subsample_reaches_gap_fit_as_its_force_mask(emt, tmp_path):
     """Half of each frame's atoms with forces in the fit: hpo's solver and gap_fit (told by its force mask)
     fit the same model, and it differs from the fit with every force."""
@@ -327,6 +334,7 @@ def test_force_subsample_reaches_gap_fit_as_its_force_mask(emt, tmp_path):
     assert np.abs(model.predict(val) - everything.predict(val)).max() > 100 * ENERGY_TOL
 
 
+@pytest.mark.slow
 def test_memory_estimate_holds_the_measured_peak_of_a_fit_with_forces(tmp_path):
     """``hpo fit`` with forces on 108-atom EMT Cu cells (n_max 8, l_max 6, 500 sparse points) in its own
     process: the estimate the budget is held to is within a factor of 2 of the process's measured peak."""

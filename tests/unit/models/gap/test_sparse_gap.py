@@ -29,6 +29,7 @@ def quippy_energies(model_file, frames) -> np.ndarray:
     return energies
 
 
+@pytest.mark.slow
 def test_numpy_energies_equal_quippy(fitted, tmp_path):
     model, data, model_file = fitted
     frames = data.train.frames + data.val.frames

@@ -83,6 +83,7 @@ def random_rotation(seed: int) -> np.ndarray:
 # --------------------------------------------------------------------------- #
 # numbers of the reference
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_unsparsified_model_reproduces_reference_table(train, validate):
     model = SAGPR(rc=4.0, sigma=0.3, n_max=8, l_max=6, zeta=2, nc=None, reg0=1e-8, reg2=1e-5)
     model.fit(*train)
@@ -92,6 +93,7 @@ def test_unsparsified_model_reproduces_reference_table(train, validate):
         assert rmse[key] == pytest.approx(reference, rel=0.01), key
 
 
+@pytest.mark.slow
 def test_sparsified_model_is_close_to_reference(train, validate):
     # the original's FPS start was random, so only a bound: reference 0.2465,
     # seeds 0-4 give 0.240-0.253 here
@@ -160,6 +162,7 @@ def test_atoms_without_neighbours_give_finite_predictions(train):
 # --------------------------------------------------------------------------- #
 # persistence
 # --------------------------------------------------------------------------- #
+@pytest.mark.slow
 def test_save_load_in_fresh_process(small_model, tmp_path):
     model_dir = tmp_path / "model"
     small_model.save(model_dir)

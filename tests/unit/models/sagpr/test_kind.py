@@ -11,6 +11,7 @@ from hpo.metrics import COMPONENTS
 from hpo.search.objective import score
 
 
+@pytest.mark.slow
 def test_sagpr_cross_validation_validates_every_frame_once(sagpr_cfg, tmp_path):
     """study.cv_folds: the same generic path as GAP; every training + validation frame is validated by
     exactly one fold, and the trial's val_rmse is the folds' mean."""

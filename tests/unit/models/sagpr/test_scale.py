@@ -223,6 +223,7 @@ def small_split():
     return (train, read_tensors(train)), (validate, read_tensors(validate))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zeta", [2, 3])
 def test_every_environment_as_basis_gives_the_exact_model(small_split, zeta):
     """The projected process on all training environments is the exact GP: same predictions."""
@@ -235,6 +236,7 @@ def test_every_environment_as_basis_gives_the_exact_model(small_split, zeta):
     assert relative_error(sparse.train_predictions_, exact.train_predictions_) < 1e-6
 
 
+@pytest.mark.slow
 def test_fewer_environments_cost_accuracy_gradually(small_split, tmp_path):
     (train, tensors), (validate, truth) = small_split
     errors = {}
