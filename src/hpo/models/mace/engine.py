@@ -1,7 +1,8 @@
 """Train a MACE potential with mace-torch's own training script, predict with it, hand out its ASE calculator.
 
-Training runs ``python -m mace.cli.run_train`` (the code behind ``mace_run_train``) in a child process, in its
-own process group, rather than calling mace-torch's python API in this process, because:
+Training runs mace-torch's ``mace_run_train`` (``mace.cli.run_train.main``) in a child process, in its own
+process group and killed by Linux if this process dies (``CHILD_CODE``), rather than calling mace-torch's
+python API in this process, because:
 
 - ``run_train.run`` is the one training entry point mace-torch documents and maintains (data loading,
   statistics and scaling, E0s, EMA, stage two, checkpoints, the final model); the lower-level
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -50,6 +52,7 @@ RUN_NAME = "mace"
 TRAIN_FILE = "train.xyz"
 VALID_FILE = "valid.xyz"
 LOG_FILE = "mace_run_train.log"
+COMMAND_FILE = "mace_run_train.cmd"
 # How often (s) the metrics file is read while mace-torch trains: an epoch of the smallest useful fit takes
 # a fraction of a second to seconds, so a quarter second adds no visible latency and no visible load.
 POLL_S = 0.25
@@ -114,8 +117,8 @@ def stage_two_start(params: Mapping[str, Any]) -> int:
     return min(max(1, int(round(float(params["swa_start_fraction"]) * epochs))), max(1, epochs - 1))
 
 
-def command(params: Mapping[str, Any], workdir: Path, e0: Mapping[str, float] | None, keys: DataKeys) -> list[str]:
-    """The run_train command line of one fit: every directory inside ``workdir``, nothing downloaded,
+def run_train_arguments(params: Mapping[str, Any], workdir: Path, e0: Mapping[str, float] | None, keys: DataKeys) -> list[str]:
+    """The ``mace_run_train`` arguments of one fit: every directory inside ``workdir``, nothing downloaded,
     no plots, validation every epoch, the model saved for CPU."""
     args = {name: params[name] for name in PASSED_AS_IS}
     args.update(
@@ -126,8 +129,7 @@ def command(params: Mapping[str, Any], workdir: Path, e0: Mapping[str, float] | 
         E0s=e0_argument(e0), loss="weighted", error_table="PerAtomRMSE", eval_interval=1, plot=False,
         num_workers=0, pin_memory=False, compute_stress=False,
     )
-    line = [sys.executable, "-m", "mace.cli.run_train"]
-    line += [f"--{name}={value}" for name, value in args.items()]
+    line = [f"--{name}={value}" for name, value in args.items()]
     # store_true switches of run_train: present or absent, no value
     line.append("--save_cpu")
     if params["ema"]:
@@ -136,6 +138,27 @@ def command(params: Mapping[str, Any], workdir: Path, e0: Mapping[str, float] | 
         line += ["--swa", f"--start_swa={stage_two_start(params)}", f"--swa_lr={params['swa_lr']}",
                  f"--swa_energy_weight={params['swa_energy_weight']}", f"--swa_forces_weight={params['swa_forces_weight']}"]
     return line
+
+
+# The child process: mace-torch's own ``mace_run_train`` entry point, after asking Linux to SIGKILL it when this
+# process dies (PR_SET_PDEATHSIG): a worker killed by a signal or the OOM killer (hpo's "killed" trials) would
+# otherwise leave its training running for up to fit_timeout_s. Inline (-c) so the child imports nothing of hpo.
+CHILD_CODE = """
+import ctypes, os, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+if os.getppid() != parent:  # the parent died before prctl took effect
+    sys.exit(1)
+sys.argv[0] = "mace_run_train"
+from mace.cli.run_train import main
+main()
+"""
+
+
+def child_command(arguments: Sequence[str]) -> list[str]:
+    """The command line that runs ``mace_run_train arguments`` as a child of this process (``CHILD_CODE``)."""
+    return [sys.executable, "-c", CHILD_CODE, str(os.getpid()), *arguments]
 
 
 def write_training_files(train_frames: Sequence[ase.Atoms], val_frames: Sequence[ase.Atoms], workdir: Path, keys: DataKeys) -> None:
@@ -234,10 +257,13 @@ def train(
     tail = _Tail(metrics_file(workdir, int(params["seed"])))
     tail.path.unlink(missing_ok=True)
     log = workdir / LOG_FILE
+    arguments = run_train_arguments(params, workdir, e0, keys)
+    # the command as a user would type it, kept beside the log (the trial's record of how it was trained)
+    (workdir / COMMAND_FILE).write_text(" ".join(["mace_run_train", *map(shlex.quote, arguments)]) + "\n")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     started = time.monotonic()
     with open(log, "wb") as out:
-        process = subprocess.Popen(command(params, workdir, e0, keys), cwd=workdir, env=env, stdout=out,
+        process = subprocess.Popen(child_command(arguments), cwd=workdir, env=env, stdout=out,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         while True:

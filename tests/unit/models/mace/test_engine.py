@@ -192,3 +192,42 @@ def test_the_default_config_and_the_search_space_pass_the_table():
         parameters.check({**params, "correlation": 9})
     with pytest.raises(ConfigError, match="no term"):
         parameters.check({**params, "energy_weight": 0.0, "forces_weight": 0.0})
+
+
+KILLED_PARENT = """
+import sys
+from pathlib import Path
+import yaml
+from hpo.models.mace import engine, measure
+params = yaml.safe_load(Path(sys.argv[1]).read_text())
+params.update(num_channels=8, max_num_epochs=500, batch_size=4)
+frames = measure.small_cu_frames(12)
+def started(epoch, found):
+    Path(sys.argv[3]).touch()
+engine.train(frames[:8], frames[8:], params, Path(sys.argv[2]), started, e0=measure.cu_e0(), keys=measure.KEYS)
+"""
+
+
+def test_a_killed_caller_takes_its_training_with_it(tmp_path):
+    """An Optuna worker killed by SIGKILL (the OOM killer, a scheduler) cannot run its finally: Linux's
+    parent-death signal ends the training child instead of leaving it to run its epochs."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    workdir, marker = tmp_path / "fit", tmp_path / "started"
+    caller = subprocess.Popen([sys.executable, "-c", KILLED_PARENT, str(CONF / "model" / "mace.yaml"), str(workdir), str(marker)], cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert caller.poll() is None and time.monotonic() < deadline, "training never reached its first epoch"
+            time.sleep(0.2)
+        assert _processes_using(workdir.resolve()), "the training child should be running in its workdir"
+    finally:
+        caller.send_signal(signal.SIGKILL)
+        caller.wait()
+    deadline = time.monotonic() + 10
+    while _processes_using(workdir.resolve()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _processes_using(workdir.resolve()) == []
