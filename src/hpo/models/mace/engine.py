@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -161,16 +162,30 @@ def child_command(arguments: Sequence[str]) -> list[str]:
     return [sys.executable, "-c", CHILD_CODE, str(os.getpid()), *arguments]
 
 
-def write_training_files(train_frames: Sequence[ase.Atoms], val_frames: Sequence[ase.Atoms], workdir: Path, keys: DataKeys) -> None:
+def _has_label(atoms: ase.Atoms, key: str, ase_name: str) -> bool:
+    """Whether ``atoms`` carries ``key``: in info/arrays, or, for ASE's own names ("energy", "forces"), in the
+    calculator ASE's reader attaches (mace-torch reads them from there under those names)."""
+    where = atoms.info if ase_name == "energy" else atoms.arrays
+    if key in where:
+        return True
+    return key == ase_name and atoms.calc is not None and ase_name in getattr(atoms.calc, "results", {})
+
+
+def write_training_files(
+    train_frames: Sequence[ase.Atoms], val_frames: Sequence[ase.Atoms], workdir: Path, keys: DataKeys, need_forces: bool = True
+) -> None:
     """The two extended-XYZ files run_train reads; isolated atoms left out of training (their energy is E0).
-    Frames must carry their labels under ``keys`` (a frame without them would be trained on as zero)."""
+    Every frame must carry its energy, and its forces when they are fitted (a frame without a label would be
+    trained on as zero or fail inside mace-torch after its imports)."""
     train = [atoms for atoms in train_frames if not is_isolated_atom(atoms)]
     for name, frames in (("training", train), ("validation", list(val_frames))):
         if not frames:
             raise ValueError(f"no {name} frames (isolated atoms do not count)")
         for index, atoms in enumerate(frames):
-            if keys.energy not in atoms.info or keys.forces not in atoms.arrays:
-                raise ValueError(f"{name} frame {index} has no {keys.energy!r} in info or no {keys.forces!r} in arrays")
+            if not _has_label(atoms, keys.energy, "energy"):
+                raise ValueError(f"{name} frame {index} has no energy under {keys.energy!r}")
+            if need_forces and not _has_label(atoms, keys.forces, "forces"):
+                raise ValueError(f"{name} frame {index} has no forces under {keys.forces!r}")
     ase.io.write(workdir / TRAIN_FILE, train, format="extxyz")
     ase.io.write(workdir / VALID_FILE, list(val_frames), format="extxyz")
 
@@ -247,15 +262,19 @@ def train(
     ``ema``); if it raises, training is stopped (the child's process group killed and reaped) and the exception
     propagates. The model file holds the epoch of lowest validation loss (mace-torch's checkpoint), not
     necessarily the last. Raises ``MaceTrainingError`` (with the log's tail) when run_train fails or exceeds
-    ``timeout_s``.
+    ``timeout_s`` (default: ``params["fit_timeout_s"]``).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    write_training_files(train_frames, val_frames, workdir, keys)
+    # What an earlier fit in this folder left must not pass for this one: run_train's final model is the
+    # checkpoint of the highest epoch in checkpoints/, whichever run wrote it.
+    (workdir / f"{RUN_NAME}.model").unlink(missing_ok=True)
+    for stale in ("checkpoints", "results"):
+        shutil.rmtree(workdir / stale, ignore_errors=True)
+    write_training_files(train_frames, val_frames, workdir, keys, need_forces=float(params["forces_weight"]) > 0)
     model_file = workdir / f"{RUN_NAME}.model"
-    model_file.unlink(missing_ok=True)  # a model left by an earlier fit in this folder must not pass for this one
     tail = _Tail(metrics_file(workdir, int(params["seed"])))
-    tail.path.unlink(missing_ok=True)
+    timeout_s = timeout_s if timeout_s is not None else params.get("fit_timeout_s")
     log = workdir / LOG_FILE
     arguments = run_train_arguments(params, workdir, e0, keys)
     # the command as a user would type it, kept beside the log (the trial's record of how it was trained)
