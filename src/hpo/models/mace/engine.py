@@ -120,7 +120,7 @@ def stage_two_start(params: Mapping[str, Any]) -> int:
 
 def run_train_arguments(params: Mapping[str, Any], workdir: Path, e0: Mapping[str, float] | None, keys: DataKeys) -> list[str]:
     """The ``mace_run_train`` arguments of one fit: every directory inside ``workdir``, nothing downloaded,
-    no plots, validation every epoch, the model saved for CPU."""
+    no plots, validation every epoch, no closing error table, the model saved for CPU."""
     args = {name: params[name] for name in PASSED_AS_IS}
     args.update(
         name=RUN_NAME, model="MACE", train_file=str(workdir / TRAIN_FILE), valid_file=str(workdir / VALID_FILE),
@@ -129,6 +129,10 @@ def run_train_arguments(params: Mapping[str, Any], workdir: Path, e0: Mapping[st
         downloads_dir=str(workdir / "downloads"), energy_key=keys.energy, forces_key=keys.forces,
         E0s=e0_argument(e0), loss="weighted", error_table="PerAtomRMSE", eval_interval=1, plot=False,
         num_workers=0, pin_memory=False, compute_stress=False,
+        # run_train's closing error table re-evaluates the training and validation sets (about an epoch's
+        # forward passes); hpo evaluates the model itself (predict), so the table is skipped: its loaders are
+        # named train_Default / valid_Default and the option skips names containing the string
+        skip_evaluate_heads="Default",
     )
     line = [f"--{name}={value}" for name, value in args.items()]
     # store_true switches of run_train: present or absent, no value
