@@ -194,6 +194,16 @@ def write_training_files(
     ase.io.write(workdir / VALID_FILE, list(val_frames), format="extxyz")
 
 
+# run_train saves the best checkpoint of stage one as <name>.model and, with stage two (swa), the best of stage
+# two as <name>_stagetwo.model (the one mace-torch users deploy); both also as TorchScript (*_compiled.model).
+MODEL_FILES = (f"{RUN_NAME}.model", f"{RUN_NAME}_stagetwo.model", f"{RUN_NAME}_compiled.model", f"{RUN_NAME}_stagetwo_compiled.model")
+
+
+def model_file_name(params: Mapping[str, Any]) -> str:
+    """The model a fit hands back: the last stage's best checkpoint."""
+    return MODEL_FILES[1] if params["swa"] else MODEL_FILES[0]
+
+
 def metrics_file(workdir: Path, seed: int) -> Path:
     """Where mace-torch's MetricsLogger writes (``tools.get_tag`` + ``_train.txt``)."""
     return workdir / "results" / f"{RUN_NAME}_run-{seed}_train.txt"
@@ -258,25 +268,27 @@ def train(
     threads: int = 1,
     timeout_s: float | None = None,
 ) -> Path:
-    """Train a MACE on ``train_frames``, validated every epoch on ``val_frames``; the model file (``workdir/mace.model``).
+    """Train a MACE on ``train_frames``, validated every epoch on ``val_frames``; the model file (``workdir/mace.model``,
+    ``mace_stagetwo.model`` with ``swa``).
 
     ``params``: the model config (conf/model/mace.yaml). ``e0``: eV per isolated atom of each species (None:
     fitted). ``threads``: torch's CPU threads in the child (OMP_NUM_THREADS). ``on_epoch(epochs_done, metrics)``
     is called after every epoch, in order, with ``EPOCH_METRICS`` of the validation set (the EMA weights when
     ``ema``); if it raises, training is stopped (the child's process group killed and reaped) and the exception
-    propagates. The model file holds the epoch of lowest validation loss (mace-torch's checkpoint), not
-    necessarily the last. Raises ``MaceTrainingError`` (with the log's tail) when run_train fails or exceeds
+    propagates. The model file holds the epoch of lowest validation loss (mace-torch's checkpoint; with ``swa``
+    the lowest of stage two, whose loss weighs energies by ``swa_energy_weight``), not necessarily the last. Raises ``MaceTrainingError`` (with the log's tail) when run_train fails or exceeds
     ``timeout_s`` (default: ``params["fit_timeout_s"]``).
     """
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     # What an earlier fit in this folder left must not pass for this one: run_train's final model is the
     # checkpoint of the highest epoch in checkpoints/, whichever run wrote it.
-    (workdir / f"{RUN_NAME}.model").unlink(missing_ok=True)
+    for name in MODEL_FILES:
+        (workdir / name).unlink(missing_ok=True)
     for stale in ("checkpoints", "results"):
         shutil.rmtree(workdir / stale, ignore_errors=True)
     write_training_files(train_frames, val_frames, workdir, keys, need_forces=float(params["forces_weight"]) > 0)
-    model_file = workdir / f"{RUN_NAME}.model"
+    model_file = workdir / model_file_name(params)
     tail = _Tail(metrics_file(workdir, int(params["seed"])))
     timeout_s = timeout_s if timeout_s is not None else params.get("fit_timeout_s")
     log = workdir / LOG_FILE

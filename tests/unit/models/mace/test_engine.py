@@ -132,6 +132,23 @@ def test_raising_from_on_epoch_stops_training_and_leaves_no_process(trained, cu_
     assert _processes_using(tmp_path.resolve()) == []
 
 
+def test_stage_two_hands_back_its_own_model(cu_data, tmp_path):
+    """With swa (stage two) run_train saves two models; the fit's is stage two's best, whose errors on_epoch reported
+    (stage two is the last epoch here: 4 epochs, swa_start_fraction 0.8). EMA off: the other branch of the command."""
+    train, val, e0 = cu_data
+    seen = {}
+    model = engine.train(train, val, tiny_params(max_num_epochs=4, swa=True, ema=False), tmp_path, lambda e, m: seen.update({e: m}), e0=e0)
+    assert model.name == "mace_stagetwo.model" and (tmp_path / "mace.model").is_file()
+    assert sorted(seen) == [1, 2, 3, 4]
+    energies, forces = engine.predict(model, val)
+    ours = metrics.energy_force_metrics(
+        "val", np.array([a.info["REF_energy"] for a in val]), energies, np.array([len(a) for a in val]),
+        [a.arrays["REF_forces"] for a in val], forces,
+    )
+    assert ours["val_energy_rmse_per_atom"] == pytest.approx(seen[4]["val_energy_rmse_per_atom"], rel=1e-6)
+    assert ours["val_force_rmse"] == pytest.approx(seen[4]["val_force_rmse"], rel=1e-6)
+
+
 def test_predict_equals_the_ase_calculator(trained, cu_data):
     model, _, _ = trained
     _, val, _ = cu_data
