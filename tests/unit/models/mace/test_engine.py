@@ -99,6 +99,28 @@ def test_isolated_atoms_are_not_trained_on_but_given_as_e0(trained, cu_data):
     assert engine.e0_argument(None) == "average"
 
 
+def test_labels_under_ase_own_energy_name_train_the_same_model(trained, cu_data, tmp_path):
+    """The workshop water layout: energy under `energy` (ASE's reader moves it onto a SinglePointCalculator) and
+    forces under `force` (an array). Same numbers, same seed: epoch 1 must match the REF_ keys' fit exactly."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    def relabelled(frames):
+        out = []
+        for atoms in frames:
+            copy = atoms.copy()
+            energy = copy.info.pop("REF_energy")
+            copy.arrays["force"] = copy.arrays.pop("REF_forces")
+            copy.calc = SinglePointCalculator(copy, energy=energy)
+            out.append(copy)
+        return out
+
+    train, val, e0 = cu_data
+    seen = {}
+    engine.train(relabelled(train), relabelled(val), tiny_params(max_num_epochs=1), tmp_path, lambda e, m: seen.update({e: m}),
+                 e0=e0, keys=engine.DataKeys(energy="energy", forces="force"))
+    assert seen[1] == pytest.approx(trained[1][0][1], rel=1e-9)
+
+
 def _processes_using(directory: Path) -> list[int]:
     """Processes (other than this one) that run in, or hold an open file (hence any lock) under, ``directory``."""
     found = []
