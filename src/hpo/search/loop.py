@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -367,20 +368,35 @@ def optimize(cfg, parent_run_id: str, data=None) -> None:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 fail_stale_trials(study)
         fail_unstarted_trials(study, cfg.study.grace_s)
-        done, running = count_finished(study), count(study, TrialState.RUNNING)
-        if done >= cfg.study.n_trials:
-            break
-        if done + running >= cfg.study.n_trials:
-            time.sleep(1.0)
-            continue
-        try:
-            study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[progress])
-        except Exception as exc:  # outside a trial (the study's database): the disk is the one fault named here
-            if not no_space_left(exc):
-                raise
-            raise StudyError(_disk_full_advice(full_disk_text(exc, workroot))) from None
+        # The study's lock is held from the count until this worker's trial is RUNNING (the objective's first
+        # step lets it go): otherwise two invocations counting at once both start the last trial.
+        with contextlib.ExitStack() as claim:
+            claim.enter_context(study_lock(str(cfg.study.storage), str(cfg.study.name)))
+            done, running = count_finished(study), count(study, TrialState.RUNNING)
+            if done >= cfg.study.n_trials:
+                break
+            if done + running >= cfg.study.n_trials:
+                claim.close()
+                time.sleep(1.0)
+                continue
+            try:
+                study.optimize(claimed(objective, claim), n_trials=1, catch=(Exception,), callbacks=[progress])
+            except Exception as exc:  # outside a trial (the study's database): the disk is the one fault named here
+                if not no_space_left(exc):
+                    raise
+                raise StudyError(_disk_full_advice(full_disk_text(exc, workroot))) from None
         if objective.disk_full:
             raise StudyError(_disk_full_advice(objective.disk_full))
+
+
+def claimed(objective: Callable[[optuna.Trial], float], claim: contextlib.ExitStack) -> Callable[[optuna.Trial], float]:
+    """``objective``, releasing ``claim`` (the study's lock) as soon as the trial it runs exists."""
+
+    def run_claimed(trial: optuna.Trial) -> float:
+        claim.close()
+        return objective(trial)
+
+    return run_claimed
 
 
 def _disk_full_advice(where: str) -> str:
