@@ -46,7 +46,7 @@ def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files:
                 artifacts={MODEL_DIR: str(bundle)},
                 # Listing requirements ourselves skips MLflow's slow import-tracing subprocess. No code_paths:
                 # the pyfunc imports nothing but the pinned hpo and its dependencies.
-                pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed"],
+                pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions(model_kind.pyfunc_requirements).items() if ver != "not installed"],
                 signature=serving.signature(model_kind.pyfunc_outputs()),
                 input_example=serving.structures_input(list(example_frames)) if len(example_frames) else None,
             )
