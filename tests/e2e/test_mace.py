@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
 from hpo import md  # noqa: E402
+from hpo.analysis import report  # noqa: E402
 from hpo.config import ConfigError, load_config, output_overrides, validate  # noqa: E402
 from hpo.registry.promote import promote  # noqa: E402
 from hpo.search import loop  # noqa: E402
@@ -73,3 +74,6 @@ def test_mace_study_prunes_by_epoch_promotes_and_runs_md(tmp_path):
 
     result = md.main(load_config([*base, "md.steps=10"]))  # models:/files-mace@champion, MACECalculator
     assert result["steps_completed"] == 10 and result["md_stable"]
+
+    page = report.write_report(load_config(base))
+    assert "parity_energy.png" in {path.name for path in page.figures} and page.html.is_file()

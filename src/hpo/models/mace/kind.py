@@ -30,7 +30,7 @@ MODEL_FILE = "mace.model"
 SETTINGS_SUFFIX = ".json"
 # What a fit's folder keeps besides the model: its log, its command line and mace-torch's per-epoch metrics.
 # The TorchScript copy, checkpoints and the frames' copies go (2.6 MB per default fit; the data are hpo's own).
-DISCARDED = ("checkpoints", engine.TRAIN_FILE, engine.VALID_FILE, *(name for name in engine.MODEL_FILES if name != MODEL_FILE))
+DISCARDED = ("checkpoints", engine.TRAIN_FILE, engine.VALID_FILE, *(name for name in engine.MODEL_FILES if "compiled" in name))
 
 
 def _labelled(split) -> list[ase.Atoms]:
@@ -45,6 +45,13 @@ def _labelled(split) -> list[ase.Atoms]:
             copy.arrays[keys.forces] = np.asarray(split.forces[index], dtype=float)
         out.append(copy)
     return out
+
+
+def _discard(workdir: Path) -> None:
+    """Remove what a fit leaves besides its model, log, command and metrics (``DISCARDED``)."""
+    for name in DISCARDED:
+        path = workdir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
 
 
 def _device(files: list[Path]) -> str:
@@ -112,16 +119,17 @@ class MaceKind(ModelKind):
         except engine.MaceTrainingError as exc:
             timed_out = time.monotonic() - start >= float(params["fit_timeout_s"])
             raise TrialFailure("timeout" if timed_out else "fit_error", str(exc)) from exc
-        fit_time = time.monotonic() - start
+        finally:  # a pruned or failed fit too: its checkpoints would otherwise stay in every trial's folder
+            fit_time = time.monotonic() - start
+            _discard(workdir)
         kept = workdir / MODEL_FILE
-        if model_file != kept:  # stage two's model (swa) under the one name every stored MACE has
+        if model_file != kept:  # stage two's model (swa) replaces stage one's: one name for every stored MACE
             shutil.move(model_file, kept)
-        for name in DISCARDED:
-            path = workdir / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         kept.with_name(kept.name + SETTINGS_SUFFIX).write_text(json.dumps({"device": params["device"]}) + "\n")
-        # mace-torch keeps the checkpoint of lowest validation loss (its own weighted loss)
-        losses = {epoch: found["val_mace_loss"] for epoch, found in epochs.items() if "val_mace_loss" in found}
+        # mace-torch keeps the checkpoint of lowest validation loss (its own weighted loss; with swa among stage
+        # two's epochs, whose loss weighs energies differently)
+        first = engine.stage_two_start(params) + 1 if params["swa"] else 1
+        losses = {epoch: found["val_mace_loss"] for epoch, found in epochs.items() if "val_mace_loss" in found and epoch >= first}
         figures = {"fit_time_s": fit_time, "epochs_done": float(max(epochs, default=0))}
         if losses:
             figures["best_epoch"] = float(min(losses, key=losses.get))
