@@ -6,6 +6,9 @@ Skipped when mace-torch is not installed (the ``mace`` extra)."""
 
 from __future__ import annotations
 
+import ase.io
+import mlflow
+import numpy as np
 import pytest
 
 pytest.importorskip("mace", reason="mace-torch is not installed (pip install -e '.[mace]')")
@@ -14,7 +17,7 @@ from emt_data import write_emt_dataset  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from optuna.trial import TrialState  # noqa: E402
 
-from hpo import md  # noqa: E402
+from hpo import md, serving  # noqa: E402
 from hpo.analysis import report  # noqa: E402
 from hpo.config import ConfigError, load_config, output_overrides, validate  # noqa: E402
 from hpo.registry.promote import promote  # noqa: E402
@@ -69,6 +72,13 @@ def test_mace_study_prunes_by_epoch_promotes_and_runs_md(tmp_path):
     lineage = promote(load_config([*base, "promote.screen.k=2", "promote.screen.steps=10"]))
     assert lineage["name"] == "files-mace" and lineage["param.kind"] == "mace"
     assert lineage["md_stable"] == "true" and float(lineage["test_energy_rmse"]) > 0 and float(lineage["test_force_rmse"]) > 0
+    # the registered pyfunc: energies and forces per structure, the kind's own requirements pinned
+    mlflow.set_tracking_uri(cfg.tracking.tracking_uri)
+    requirements = open(mlflow.pyfunc.get_model_dependencies("models:/files-mace@champion")).read()
+    assert "torch==2.13.0\n" in requirements and "mace-torch==" in requirements
+    frames = ase.io.read(emt["test"], ":3")
+    predicted = mlflow.pyfunc.load_model("models:/files-mace@champion").predict(serving.structures_input(frames))
+    assert np.all(np.isfinite(predicted["energy"])) and np.shape(predicted["forces"][0]) == (len(frames[0]), 3)
     screen = client.search_runs([run.info.experiment_id], "tags.run_type = 'md_screen'")
     assert screen and "uncertainty: not available" in screen[0].data.tags["start0.md_stability_bounds"]
 
