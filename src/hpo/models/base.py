@@ -6,7 +6,9 @@ MD, polarizability and reports ask the kind instead of comparing strings; a kind
 parameters and a :class:`FitContext`, never the global config:
 
 - capabilities as data: ``targets`` (what the data must carry, read by ``hpo.data``), ``drives_md``,
-  ``records_loss``, ``cache_keys``, ``capped_params``;
+  ``records_loss``, ``cache_keys``, ``capped_params``, ``fidelity``/``fidelity_budget`` (what a pruner cuts
+  short: training-set rungs, or a step the fit counts itself and reports through ``FitContext.report``),
+  ``pyfunc_requirements``;
 - ``parameters``: the constraint table (``hpo.models.rules``), the single source for config
   validation, sampled-trial checks and the estimator; ``effective_params``: the values a fit really
   uses (``auto`` resolved, caps applied);
