@@ -25,7 +25,7 @@ from hpo.search import loop  # noqa: E402
 from hpo.search.storage import open_study  # noqa: E402
 
 EPOCHS = 3
-TINY = [f"model.max_num_epochs={EPOCHS}", "model.num_channels=8", "model.batch_size=4", "model.fit_timeout_s=600"]
+TINY = [f"model.max_num_epochs={EPOCHS}", "model.num_channels=8", "model.batch_size=4", "model.fit_timeout_s=600", "model.cost_frames=2"]
 # one searched parameter keeps the sampled trial cheap; the pruning test enqueues its trials by hand
 SPACE = ["~search.space", "+search.space.lr={type:float,low:0.005,high:0.02,log:true}"]
 # a learning rate this small leaves the network where it started: its first epoch's error is the worst
@@ -59,6 +59,7 @@ def test_mace_study_prunes_by_epoch_promotes_and_runs_md(tmp_path):
     assert sorted(bad.intermediate_values) == [1]
     assert sorted(trials[0].intermediate_values) == list(range(1, EPOCHS + 1))  # one value per epoch
     assert bad.intermediate_values[1] > trials[0].intermediate_values[1]
+    assert trials[0].user_attrs["md_ms_per_atom"] > 0 and trials[0].user_attrs["epochs_done"] == EPOCHS
     # the seed is the study's, recorded; the epochs in MLflow's history, step = epoch
     client = MlflowClient(cfg.tracking.tracking_uri)
     run = client.get_run(trials[0].user_attrs["mlflow_run_id"])

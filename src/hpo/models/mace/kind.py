@@ -73,7 +73,7 @@ class MaceKind(ModelKind):
     parameters = parameters.PARAMETERS
     trial_metrics = (
         "train_energy_rmse", "val_energy_rmse", "val_energy_rmse_per_atom", "energy_rmse_ratio", "val_force_rmse", "val_loss",
-        "fit_time_s", "eval_time_s", "epochs_done", "best_epoch",
+        "fit_time_s", "eval_time_s", "epochs_done", "best_epoch", "md_ms_per_atom",
     )
     pyfunc_code = Path(__file__).with_name("pyfunc.py")
     pyfunc_requirements = ("torch", "mace-torch")
@@ -153,6 +153,21 @@ class MaceKind(ModelKind):
 
     def loss_metrics(self, found, val, params, weights, prefixes=("train", "val")) -> dict[str, float]:
         return energy_loss(weights, found, val, float(params["forces_weight"]) > 0, prefixes)
+
+    def cost_metrics(self, fitted: Fitted, frames) -> dict[str, float]:
+        """``md_ms_per_atom``: milliseconds per atom of one MD step's energies and forces with the MACECalculator
+        on ``model.cost_frames`` of ``frames``, after one call that loads the model and sets torch up."""
+        count = int(fitted.params.get("cost_frames", 0))
+        if not count:
+            return {}
+        model_file, device, _ = fitted.state
+        calc = engine.calculator(model_file, device)
+        timed = [atoms.copy() for atoms in list(frames)[:count]]
+        calc.calculate(timed[0], ["energy", "forces"])
+        start = time.perf_counter()
+        for atoms in timed:
+            calc.calculate(atoms, ["energy", "forces"])
+        return {"md_ms_per_atom": (time.perf_counter() - start) * 1e3 / sum(len(atoms) for atoms in timed)}
 
     def failure_artifacts(self, workdir: Path) -> list[Path]:
         return [workdir / engine.LOG_FILE, workdir / engine.COMMAND_FILE]

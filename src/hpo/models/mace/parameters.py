@@ -39,6 +39,7 @@ PARAMETERS = {
     "device": ("cpu", "cuda", "mps"),
     "default_dtype": ("float64", "float32"),
     "fit_timeout_s": "positive",
+    "cost_frames": "non_negative_int",
 }
 
 # Above this correlation order mace-torch's symmetric contractions grow past what any published MACE uses
