@@ -191,7 +191,10 @@ def validate(cfg: DictConfig) -> None:
     rungs = list(study.fidelity_rungs)
     if not rungs or not all(_is_number(r) and 0 < r <= 1 for r in rungs) or rungs != sorted(set(rungs)) or rungs[-1] != 1:
         _fail("study.fidelity_rungs", rungs, "increasing fractions of the training set in (0, 1], the last 1.0")
-    if study.pruner != "none" and len(rungs) < 2:
+    fidelity = kind(cfg.model.kind).fidelity
+    if fidelity != "train_size" and len(rungs) > 1:  # the pruner cuts the kind's own steps: no subsets as well
+        _fail("study.fidelity_rungs", rungs, f"[1.0] for model.kind={cfg.model.kind}: its fidelity is the {fidelity}, which study.pruner cuts short")
+    if study.pruner != "none" and len(rungs) < 2 and fidelity == "train_size":
         _fail("study.pruner", study.pruner, "none unless study.fidelity_rungs has several rungs (e.g. [0.25, 0.5, 1.0])")
     if not _is_number(study.reduction_factor) or study.reduction_factor < 2 or int(study.reduction_factor) != study.reduction_factor:
         _fail("study.reduction_factor", study.reduction_factor, "an integer >= 2")

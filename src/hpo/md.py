@@ -267,6 +267,8 @@ def judge_trace(
         elif criteria.rdf_max_mae is not None:
             bounds["rdf"] = (f"not judged: the cells' usable range {r_max:.2f} Å (half the smallest cell height) is below "
                              f"md.stability.rdf_min_range_A={criteria.rdf_min_range_A:g} Å")
+    if along is None:  # said, not silently left out: a kind without a predictive std (or a model without its posterior)
+        bounds = {**(bounds or {}), "uncertainty": "not available: the model keeps no predictive std"}
     verdict = stability.judge(
         trace.frames, trace.temperature, trace.steps, ranges, criteria, bounds=bounds, reference_rdf=reference,
         uncertainty=None if along is None else along.uncertainty.per_frame[along.uncertainty.primary],

@@ -14,7 +14,7 @@ from hpo.errors import ConfigError
 from hpo.models.base import ModelKind
 
 # name -> module holding its ModelKind subclass as ``KIND``
-KINDS = {"gap": "hpo.models.gap.kind", "sagpr": "hpo.models.sagpr.kind", "ridge": "hpo.models.ridge.kind"}
+KINDS = {"gap": "hpo.models.gap.kind", "sagpr": "hpo.models.sagpr.kind", "ridge": "hpo.models.ridge.kind", "mace": "hpo.models.mace.kind"}
 
 
 def kind(name: str) -> ModelKind:

@@ -6,7 +6,9 @@ MD, polarizability and reports ask the kind instead of comparing strings; a kind
 parameters and a :class:`FitContext`, never the global config:
 
 - capabilities as data: ``targets`` (what the data must carry, read by ``hpo.data``), ``drives_md``,
-  ``records_loss``, ``cache_keys``, ``capped_params``;
+  ``records_loss``, ``cache_keys``, ``capped_params``, ``fidelity``/``fidelity_budget`` (what a pruner cuts
+  short: training-set rungs, or a step the fit counts itself and reports through ``FitContext.report``),
+  ``pyfunc_requirements``;
 - ``parameters``: the constraint table (``hpo.models.rules``), the single source for config
   validation, sampled-trial checks and the estimator; ``effective_params``: the values a fit really
   uses (``auto`` resolved, caps applied);
@@ -25,7 +27,7 @@ from __future__ import annotations
 
 import copy
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -41,6 +43,7 @@ from hpo.models.rules import Rule, allowed, describe
 FAILURE_REASONS = (
     "gap_fit_error", "timeout", "missing_model", "memory_budget", "nan_metric", "invalid_params", "interrupted", "error",
     "refit_mismatch", "pruned", "killed", "disk_full", "time_budget", "failure_rate",
+    "fit_error",  # the fitting program (a kind's own, run as a child process) exited with an error or no model
 )
 
 
@@ -117,7 +120,10 @@ class FitContext:
     about themselves (``keys``: where each quantity is stored, ``hpo.data.DataKeys``; ``e0``: isolated-atom
     energies in eV, None when the fitting program is to take the mean energy per atom of the training frames;
     ``e0_values``: the energies subtracted either way, per species; ``loss``: the weights and scales of
-    ``study.loss``, for kinds that record a loss)."""
+    ``study.loss``, for kinds that record a loss; ``val``: the validation ``FrameSet``, for kinds that validate
+    while they fit (per-epoch errors, the checkpoint kept); ``report``: for kinds whose fidelity is a step of
+    their own (``ModelKind.fidelity``), called after each step with its number and validation metrics; it
+    raises (``optuna.TrialPruned``) when the search stops the fit there, and the fit must let that through)."""
 
     threads: int
     seed: int
@@ -125,6 +131,8 @@ class FitContext:
     e0: dict[str, float] | None
     e0_values: dict[str, float]
     loss: dict | None = None
+    val: Any = None
+    report: Callable[[int, dict[str, float]], None] | None = None
 
 
 class Predictions:
@@ -238,6 +246,13 @@ class ModelKind:
     # Parameters a fit may lower below the value asked for (``effective_params``); the value asked for is
     # recorded as ``<name>_requested`` beside the one fitted.
     capped_params: ClassVar[tuple[str, ...]] = ()
+    # What a pruner cuts a trial short by: "train_size" (the search's fidelity rungs, nested training subsets)
+    # or a step the fit counts itself (e.g. "epoch"), reported through ``FitContext.report``; for the latter
+    # ``fidelity_budget`` names the model parameter holding the last step (the pruner's max resource).
+    fidelity: ClassVar[str] = "train_size"
+    fidelity_budget: ClassVar[str | None] = None
+    # Distributions the registered pyfunc needs besides hpo's own (pinned at their installed versions).
+    pyfunc_requirements: ClassVar[tuple[str, ...]] = ()
 
     def pyfunc_outputs(self):
         """The MLflow ``Schema`` of the registered pyfunc's output, one row per input structure (``hpo.serving``)."""

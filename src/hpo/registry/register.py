@@ -46,7 +46,7 @@ def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files:
                 artifacts={MODEL_DIR: str(bundle)},
                 # Listing requirements ourselves skips MLflow's slow import-tracing subprocess. No code_paths:
                 # the pyfunc imports nothing but the pinned hpo and its dependencies.
-                pip_requirements=[f"{pkg}=={ver}" for pkg, ver in package_versions().items() if ver != "not installed"],
+                pip_requirements=requirements(model_kind),
                 signature=serving.signature(model_kind.pyfunc_outputs()),
                 input_example=serving.structures_input(list(example_frames)) if len(example_frames) else None,
             )
@@ -56,6 +56,13 @@ def register(cfg, tracker: Tracker, run_id: str, name: str, study, trial, files:
         version = mlflow.register_model(info.model_uri, name, tags=tags)
     tracker.client.set_registered_model_alias(name, cfg.promote.alias, version.version)
     return version
+
+
+def requirements(model_kind: ModelKind) -> list[str]:
+    """hpo's stack and the kind's own distributions, pinned at their installed versions; a kind's without its local
+    build label (torch's ``+cpu`` names the index its wheel came from, not the release: any build of it will do)."""
+    found = package_versions(model_kind.pyfunc_requirements).items()
+    return [f"{pkg}=={ver.split('+')[0] if pkg in model_kind.pyfunc_requirements else ver}" for pkg, ver in found if ver != "not installed"]
 
 
 def find_version(tracker: Tracker, name: str, study_name: str, trial_number: int, key: str | None, screened: bool = False):

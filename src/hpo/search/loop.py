@@ -80,6 +80,9 @@ class Progress:
             outcome = ", ".join(f"{v:.5g}" for v in trial.values) + self.unit
         elif "pruned_at_size" in trial.user_attrs:
             outcome = f"PRUNED after {trial.user_attrs['pruned_at_size']} frames ({trial.user_attrs.get(self.study_cfg.metric, float('nan')):.5g})"
+        elif any(key.startswith("pruned_at_") for key in trial.user_attrs):  # a step of the kind's own fidelity
+            key = next(key for key in trial.user_attrs if key.startswith("pruned_at_"))
+            outcome = f"PRUNED after {key.removeprefix('pruned_at_')} {trial.user_attrs[key]} ({trial.user_attrs.get(self.study_cfg.metric, float('nan')):.5g})"
         else:
             outcome = f"{trial.state.name} ({trial.user_attrs.get('failure', 'error')})"
         if count(study, TrialState.COMPLETE):

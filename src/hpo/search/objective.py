@@ -32,6 +32,9 @@ from hpo.tracking import NOTE_TAG, Tracker
 
 # Called after each fidelity rung with (training-set size, what the rung scored); True stops the trial.
 RungReport = Callable[[int, Scored], bool]
+# Called by a fit after each step of its own fidelity (``ModelKind.fidelity``, e.g. an epoch) with the step and
+# its validation metrics; raises ``StepPruned`` to stop the fit there.
+StepReport = Callable[[int, dict[str, float]], None]
 
 
 class RungPruned(optuna.TrialPruned):
@@ -45,13 +48,29 @@ class RungPruned(optuna.TrialPruned):
         self.scored = scored
 
 
-def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | None = None) -> Scored:
+class StepPruned(optuna.TrialPruned):
+    """The pruner stopped the fit after step ``step`` of the kind's fidelity (e.g. epoch 2); ``metrics``: that
+    step's validation metrics."""
+
+    reason = "pruned"
+
+    def __init__(self, fidelity: str, step: int, metrics: dict[str, float]):
+        super().__init__(f"pruned after {fidelity} {step}")
+        self.fidelity = fidelity
+        self.step = step
+        self.metrics = metrics
+
+
+def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | None = None,
+          step_report: StepReport | None = None) -> Scored:
     """Fit ``model`` on the training frames, evaluate it on both sets, write CSVs and a parity plot.
 
     With several ``study.fidelity_rungs`` the model is first fitted on nested
     random subsets of the training set (rung directories under ``workdir``);
     ``report(size, scored)`` is called after each and returns True to stop the
     trial there (raising ``RungPruned``). The last rung is the whole training set.
+    ``step_report`` goes to the fit on the whole training set (kinds with a fidelity of their own; not to the
+    cross-validation folds, whose steps are not the trial's).
     """
     model_kind = kind(model["kind"])
     peak_memory.reset()
@@ -65,7 +84,7 @@ def score(cfg, model: dict, data: Datasets, workdir: Path, report: RungReport | 
         partial = fit_and_score(cfg, model_kind, model, dataclasses.replace(data, train=subset), rung_dir)
         if report is not None and report(size, partial):
             raise RungPruned(size, partial)
-    scored = fit_and_score(cfg, model_kind, model, data, workdir)
+    scored = fit_and_score(cfg, model_kind, model, data, workdir, step_report)
     if cfg.study.cv_folds > 1:
         scored = cross_validated(cfg, model_kind, model, data, workdir, scored)
     if report is not None and len(sizes) > 1:
@@ -183,8 +202,26 @@ class Objective:
                 self.tracker.log(run_id, metrics={**rung.metrics, "train_size": size}, step=size)
                 return trial.should_prune()
 
+            reached = [0]  # the last step a fit of the kind's own fidelity reported
+
+            def report_step(step: int, found: dict[str, float]) -> None:
+                """A step of the kind's own fidelity (e.g. an epoch): its metrics into MLflow's history (step = the
+                step) and, when they hold the study's metric, into Optuna as the intermediate value at that step."""
+                reached[0] = step
+                self.tracker.log(run_id, metrics=found, step=step)
+                if self.cfg.study.metric in found:
+                    trial.report(float(found[self.cfg.study.metric]), step=step)
+                    if trial.should_prune():
+                        raise StepPruned(self.model_kind.fidelity, step, found)
+
             try:
-                scored = score(self.cfg, model, self.data, workdir, report)
+                scored = score(self.cfg, model, self.data, workdir, report, report_step)
+            except StepPruned as exc:
+                trial.set_user_attr(f"pruned_at_{exc.fidelity}", exc.step)
+                trial.set_user_attr(self.cfg.study.metric, metric_value(exc.metrics, self.cfg.study.metric))
+                self.tracker.log(run_id, params=values, tags={"state": "PRUNED", f"pruned_at_{exc.fidelity}": exc.step})
+                self.tracker.log_artifacts(run_id, self.model_kind.failure_artifacts(workdir))
+                raise
             except RungPruned as exc:
                 trial.set_user_attr("pruned_at_size", exc.size)
                 trial.set_user_attr(self.cfg.study.metric, metric_value(exc.scored.metrics, self.cfg.study.metric))
@@ -232,7 +269,9 @@ class Objective:
                 trial.set_user_attr("effective_params", effective)
             trial.set_user_attr("model_files", [str(p) for p in scored.model_files])
             note = trial_note(self.cfg, self.model_kind, trial.number, trial.study.study_name, scored, values)
-            self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE", NOTE_TAG: note})
+            # at the last step reported (0 without a fidelity of the kind's own): the history ends with the model's figures
+            self.tracker.log(run_id, params=scored.params, metrics=scored.metrics, tags={**scored.tags, "state": "COMPLETE", NOTE_TAG: note},
+                             step=reached[0])
             self.tracker.log_artifacts(run_id, scored.artifacts)
         return objectives[0] if len(objectives) == 1 else tuple(objectives)
 

@@ -6,8 +6,10 @@ test errors and calibration pairs, the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from hpo import calibration
@@ -27,15 +29,17 @@ def context_of(cfg, data: Datasets, model_kind: ModelKind) -> FitContext:
     return FitContext(
         threads=int(cfg.threads), seed=int(cfg.study.seed), keys=data.fit_keys(cfg.dataset),
         e0=data.fit_e0(cfg.dataset) if energies else None, e0_values=data.solver_e0(cfg.dataset) if energies else {},
-        loss=None if loss is None else dict(loss),
+        loss=None if loss is None else dict(loss), val=data.val,
     )
 
 
-def fit_and_score(cfg, model_kind: ModelKind, params: dict, data: Datasets, workdir: Path) -> Scored:
+def fit_and_score(cfg, model_kind: ModelKind, params: dict, data: Datasets, workdir: Path,
+                  report: Callable[[int, dict[str, float]], None] | None = None) -> Scored:
     """Fit ``params`` on the training frames, evaluate both sets, write ``train_errors.csv``,
     ``validation_errors.csv``, ``parity_<quantity>.png`` (and the std's calibration plot when the model keeps
-    a posterior); raise ``TrialFailure`` with a reason when no metric can be had."""
-    context = context_of(cfg, data, model_kind)
+    a posterior); raise ``TrialFailure`` with a reason when no metric can be had. ``report``: handed to the
+    fit (``FitContext.report``) for kinds whose fidelity is a step of their own."""
+    context = dataclasses.replace(context_of(cfg, data, model_kind), report=report)
     requested = model_kind.resolve_auto(params, data)
     params = model_kind.effective_params(requested, data)
     model_kind.preflight(params, data.train.frames)

@@ -23,7 +23,8 @@ from optuna.trial import TrialState
 
 from hpo import liveness
 from hpo.atomic import creation_lock, sqlite_file
-from hpo.models.base import failure_reason
+from hpo.models import kind
+from hpo.models.base import failure_reason, get_dotted
 from hpo.redact import redact, redact_text
 from hpo.search.fidelity import rung_sizes
 from hpo.search.optuna_private import sampler_rngs, storage_of, trial_id
@@ -292,14 +293,20 @@ def make_sampler(cfg, space: list[SearchParam]) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(cfg, n_train: int) -> optuna.pruners.BasePruner:
-    """The configured pruner; its resource is the number of training frames of a fidelity rung."""
+    """The configured pruner; its resource is the number of training frames of a fidelity rung, or, for a kind
+    whose fidelity is a step of its own (``ModelKind.fidelity``), that step: from 1 to the model's budget."""
     study = cfg.study
     if study.pruner == "none":
         return optuna.pruners.NopPruner()
-    sizes = rung_sizes(study.fidelity_rungs, n_train)
+    budget = kind(cfg.model.kind).fidelity_budget
+    if budget is not None:
+        low, high = 1, int(get_dotted(cfg.model, budget))
+    else:
+        sizes = rung_sizes(study.fidelity_rungs, n_train)
+        low, high = sizes[0], sizes[-1]
     if study.pruner == "successive_halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=sizes[0], reduction_factor=int(study.reduction_factor))
-    return optuna.pruners.HyperbandPruner(min_resource=sizes[0], max_resource=sizes[-1], reduction_factor=int(study.reduction_factor))
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=low, reduction_factor=int(study.reduction_factor))
+    return optuna.pruners.HyperbandPruner(min_resource=low, max_resource=high, reduction_factor=int(study.reduction_factor))
 
 
 def check_space_matches(study: optuna.Study, space: list[SearchParam]) -> None:
