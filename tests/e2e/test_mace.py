@@ -11,18 +11,18 @@ import mlflow
 import numpy as np
 import pytest
 
-pytest.importorskip("mace", reason="mace-torch is not installed (pip install -e '.[mace]')")
+from emt_data import write_emt_dataset
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
-from emt_data import write_emt_dataset  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
-from optuna.trial import TrialState  # noqa: E402
+from hpo import md, serving
+from hpo.analysis import report
+from hpo.config import ConfigError, load_config, output_overrides, validate
+from hpo.registry.promote import promote
+from hpo.search import loop
+from hpo.search.storage import open_study
 
-from hpo import md, serving  # noqa: E402
-from hpo.analysis import report  # noqa: E402
-from hpo.config import ConfigError, load_config, output_overrides, validate  # noqa: E402
-from hpo.registry.promote import promote  # noqa: E402
-from hpo.search import loop  # noqa: E402
-from hpo.search.storage import open_study  # noqa: E402
+pytestmark = pytest.mark.slow
 
 EPOCHS = 3
 TINY = [f"model.max_num_epochs={EPOCHS}", "model.num_channels=8", "model.batch_size=4", "model.fit_timeout_s=600", "model.cost_frames=2"]

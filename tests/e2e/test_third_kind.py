@@ -5,6 +5,7 @@ the EMT set of emt_data.py. Real Optuna, MLflow and ASE; nothing mocked."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from ase.build import bulk
 
 from emt_data import write_emt_dataset
@@ -15,6 +16,8 @@ from hpo.models import kind
 from hpo.models.ridge.kind import RidgeCalculator, RidgeModel
 from hpo.registry.promote import promote
 from hpo.search import loop
+
+pytestmark = pytest.mark.slow
 
 
 def test_ridge_forces_are_the_gradient_of_its_energy():
