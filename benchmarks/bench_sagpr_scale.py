@@ -44,8 +44,8 @@ import numpy as np
 from hpo.cache import Cache
 from hpo.data import read_tensors as _read_tensors
 from hpo.models.sagpr.estimator import SAGPR, component_rmse
-from hpo.models.sagpr.scale import structure_kernels
-from hpo.models.sagpr.scale import kernel_costs
+from hpo.models.sagpr.linear_kernels import structure_kernels
+from hpo.models.sagpr.linear_kernels import kernel_costs
 
 REPEATS = 3
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "water"

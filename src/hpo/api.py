@@ -29,9 +29,12 @@ __all__ = ["StudySummary", "load_calculator", "load_model", "load_polarizability
 
 
 def _config(overrides: list[str] | None = None):
-    from hpo.config import load_config
+    """The composed config, checked as the command line checks it (``ConfigError`` naming key and value)."""
+    from hpo.config import load_config, validate
 
-    return load_config(list(overrides or []))
+    cfg = load_config(list(overrides or []))
+    validate(cfg)
+    return cfg
 
 
 @dataclass(frozen=True)

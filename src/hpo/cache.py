@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import ase
 import numpy as np
 
-from hpo.atomic import atomic_write_npz
+from hpo.safe_files import atomic_write_npz
 
 
 def frame_digests(frames: Sequence[ase.Atoms]) -> list[str]:

@@ -204,6 +204,7 @@ def validate(cfg: DictConfig) -> None:
     if not isinstance(cfg.threads, int) or cfg.threads < 1:
         _fail("threads", cfg.threads, "an integer >= 1")
     _validate_space(cfg, model)
+    _validate_promote(cfg.promote)
 
 
 def _validate_own_dataset(dataset, targets) -> None:
@@ -315,10 +316,26 @@ def check_data(cfg: DictConfig, data) -> None:
         raise ConfigError(f"{key}={value!r} is not allowed for this data: even the cheapest point of the search space is over budget: {exc}") from None
 
 
+def _validate_promote(promote: DictConfig) -> None:
+    """promote.within and the stability gate's numbers (pick and ensemble are vocabularies: ``hpo.schema``)."""
+    if not _is_number(promote.within) or promote.within < 0:
+        _fail("promote.within", promote.within, "a fraction >= 0 of the best metric")
+    screen = promote.get("screen")
+    if screen is None:
+        return
+    if not isinstance(screen.k, int) or isinstance(screen.k, bool) or screen.k < 0:
+        _fail("promote.screen.k", screen.k, "an integer >= 0 (0: no screening)")
+    if not isinstance(screen.steps, int) or isinstance(screen.steps, bool) or screen.steps < 1:
+        _fail("promote.screen.steps", screen.steps, "an integer >= 1")
+    starts = list(screen.start_frames)
+    if not starts or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in starts):
+        _fail("promote.screen.start_frames", starts, "indices into the validation file")
+
+
 def _validate_storage_dir(cfg: DictConfig) -> None:
     """A study database goes into a directory that exists, or into hpo's own experiments_dir (created on
     demand): a typo in a path must not silently create a new tree and a new, empty study."""
-    from hpo.atomic import sqlite_file
+    from hpo.safe_files import sqlite_file
 
     url = str(cfg.study.storage)
     database = sqlite_file(url) or (Path(url.removeprefix("journal:")).expanduser() if url.startswith("journal:") else None)

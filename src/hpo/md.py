@@ -33,7 +33,7 @@ from ase.md.verlet import VelocityVerlet
 
 from hpo import config as hpo_config
 from hpo import plots, stability
-from hpo.atomic import atomic_write, write_text
+from hpo.safe_files import atomic_write, write_text
 from hpo.config import ConfigError
 from hpo.data import model_data
 from hpo.models import md_kind

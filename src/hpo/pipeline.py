@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 from hpo import md as hpo_md
 from hpo import polarize as hpo_polarize
 from hpo import spectrum as hpo_spectrum
-from hpo.atomic import write_text
+from hpo.safe_files import write_text
 from hpo.cache import digest
 from hpo.config import load_config, output_path
 from hpo.data import has_polarizability, layout_of

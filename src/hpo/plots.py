@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # no display on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hpo.atomic import atomic_write  # noqa: E402
+from hpo.safe_files import atomic_write  # noqa: E402
 from hpo.metrics import COMPONENTS, rmse  # noqa: E402
 
 if TYPE_CHECKING:

@@ -17,7 +17,7 @@ import ase.io
 import numpy as np
 
 from hpo import plots
-from hpo.atomic import atomic_write
+from hpo.safe_files import atomic_write
 from hpo.config import output_path
 from hpo.data import DataError, model_data, read_tensors
 from hpo.metrics import COMPONENTS

@@ -46,7 +46,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hpo.atomic import atomic_write
+from hpo.safe_files import atomic_write
 
 __all__ = [
     "SPEED_OF_LIGHT_CM_PER_FS",

@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from sqlalchemy.exc import SQLAlchemyError
 
 from hpo import liveness
-from hpo.atomic import creation_lock, sqlite_file
+from hpo.safe_files import creation_lock, sqlite_file
 from hpo.models.base import failure_reason
 from hpo.paths import SOURCE_CHECKOUT
 

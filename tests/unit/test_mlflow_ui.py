@@ -1,5 +1,5 @@
 """Tests of hpo.mlflow_ui (and the records beside it): what the MLflow UI opens on, the study's own record
-(hpo.search.origin) that readers such as `hpo report` compose their config from, the console lines."""
+(hpo.search.study_record) that readers such as `hpo report` compose their config from, the console lines."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from hpo.config import ConfigError, load_config
 from hpo.mlflow_ui import TRIAL_FILTER, TRIALS_VIEW
-from hpo.search import loop, origin
+from hpo.search import loop, study_record
 from hpo.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, NOTE_TAG, Tracker
 
 from helpers import runs_of, hpo_cli
@@ -60,24 +60,24 @@ def test_study_records_what_the_ui_and_readers_need(tiny_cfg, tiny_overrides, tm
     # A reader composes its config from the record: no dataset.train_size=100 needed, a conflict refused.
     name = study.study_name
     base = [*tiny_overrides, f"study.name={name}"]
-    again = origin.config_for_study(load_config(base), overrides=base)
+    again = study_record.config_for_study(load_config(base), overrides=base)
     assert again.dataset.train_size == 100 and again.study.name == name
     with pytest.raises(ConfigError, match="was run with dataset.train_size=100, but the command gives dataset.train_size=50"):
-        origin.config_for_study(load_config([*base, "dataset.train_size=50"]), overrides=[*base, "dataset.train_size=50"])
+        study_record.config_for_study(load_config([*base, "dataset.train_size=50"]), overrides=[*base, "dataset.train_size=50"])
     with pytest.raises(ConfigError, match="compose the config with them"):  # outside the CLI nothing is recomposed silently
-        origin.config_for_study(load_config(base))
+        study_record.config_for_study(load_config(base))
 
     # a study of another kind: model=sagpr is composed in, and study.name stays the study's
     other = optuna.create_study(study_name="water-sagpr-demo", storage=str(cfg.study.storage))
     other.set_user_attr("model_kind", "sagpr")
     with pytest.raises(ConfigError, match="overrides do not fit it: Could not override 'model.n_sparse'"):
-        origin.config_for_study(load_config([*tiny_overrides, "study.name=water-sagpr-demo"]), overrides=[*tiny_overrides, "study.name=water-sagpr-demo"])
+        study_record.config_for_study(load_config([*tiny_overrides, "study.name=water-sagpr-demo"]), overrides=[*tiny_overrides, "study.name=water-sagpr-demo"])
     plain = [o for o in tiny_overrides if not o.startswith(("model.", "search="))]
-    composed = origin.config_for_study(load_config([*plain, "study.name=water-sagpr-demo"]), overrides=[*plain, "study.name=water-sagpr-demo"])
+    composed = study_record.config_for_study(load_config([*plain, "study.name=water-sagpr-demo"]), overrides=[*plain, "study.name=water-sagpr-demo"])
     assert composed.model.kind == "sagpr" and composed.study.name == "water-sagpr-demo" and composed.study.metric == "val_rmse"
     with pytest.raises(ConfigError, match="was run with model=sagpr"):
-        origin.config_for_study(load_config([*plain, "model=gap"]), "water-sagpr-demo", overrides=[*plain, "model=gap"])
-    assert origin.kind_of_params({"reg0", "nc"}) == "sagpr" and origin.kind_of_params({"n_sparse"}) == "gap"
+        study_record.config_for_study(load_config([*plain, "model=gap"]), "water-sagpr-demo", overrides=[*plain, "model=gap"])
+    assert study_record.kind_of_params({"reg0", "nc"}) == "sagpr" and study_record.kind_of_params({"n_sparse"}) == "gap"
 
     # the report command, given only the study's name, reads training size and model from the study
     result = hpo_cli("report", *[o for o in tiny_overrides], f"study.name={name}", cwd=tmp_path)

@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.ticker import NullFormatter
 from omegaconf import DictConfig
 
-from hpo.analysis.points import (
+from hpo.analysis.fit_series import (
     MetricSpec, Point, config_and_model, _finite, column, metric_specs, parent_tags, reported_metrics, run_dir, run_points, write_csv,
 )
 from hpo.config import fill_auto

@@ -30,15 +30,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from hpo import config as hpo_config
 from hpo import plots
-from hpo.analysis.points import MetricSpec, metric_specs, param_axis_label
-from hpo.atomic import write_text
+from hpo.analysis.fit_series import MetricSpec, metric_specs, param_axis_label
+from hpo.safe_files import write_text
 from hpo.errors import ConfigError
 from hpo.data import load_datasets
 from hpo.models import kind
 from hpo.progress import format_value
 from hpo.plots import data_line, figure_title, log_axis_wanted, plt, save_figure
 from hpo.redact import redact
-from hpo.search.origin import config_for_study
+from hpo.search.study_record import config_for_study
 from hpo.search.loop import fitted
 from hpo.search.selection import best_trial, default_trial, primary
 from hpo.search.storage import StudyError, load_study
@@ -75,7 +75,7 @@ class ReportResult:
 
 def report(cfg: DictConfig) -> None:
     """``python -m hpo report``: the HTML report of study ``study.name``, composed for the study's own
-    model kind and training size (``hpo.search.origin``)."""
+    model kind and training size (``hpo.search.study_record``)."""
     write_report(cfg)
 
 

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator
 from omegaconf import DictConfig, OmegaConf
 
 from hpo import config as hpo_config
-from hpo.analysis.points import (
+from hpo.analysis.fit_series import (
     MetricSpec, Point, config_and_model, _finite, column, metric_specs, param_axis_label, parent_tags, reported_metrics, run_dir,
     run_points, write_csv,
 )

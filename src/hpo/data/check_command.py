@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from hpo.atomic import atomic_write
+from hpo.safe_files import atomic_write
 from hpo.config import model_params, output_path
 from hpo.data import checks as dc
 from hpo.data.locate import Workshop, layout_of

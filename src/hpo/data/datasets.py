@@ -30,7 +30,7 @@ import ase.io
 import numpy as np
 from omegaconf import OmegaConf
 
-from hpo.atomic import atomic_write
+from hpo.safe_files import atomic_write
 from hpo.data.locate import Workshop, layout_of, locate, train_file
 from hpo.data.read import (
     KEY_CANDIDATES, FrameSet, Keys, Source, check_finite, e0_of, frame_energy, frame_forces, read_frames, read_source,

@@ -11,7 +11,7 @@ import ase
 import numpy as np
 from ase.data import atomic_numbers
 
-from hpo.atomic import atomic_write
+from hpo.safe_files import atomic_write
 from hpo.data.checks import Check
 from hpo.data.read import Keys, energy_of, forces_of, is_isolated_atom, tensor_of
 from hpo.progress import format_value

@@ -14,7 +14,7 @@ import ase
 import ase.io
 import numpy as np
 
-from hpo.atomic import atomic_write
+from hpo.safe_files import atomic_write
 from hpo.cache import frame_digests
 from hpo.data.read import FrameSet, Source, bulk, sha256sum
 from hpo.errors import DataError

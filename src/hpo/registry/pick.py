@@ -15,7 +15,6 @@ from hpo.search.objective import score
 from hpo.search.selection import best_trial, cheapest_within, primary
 from hpo.search.storage import StudyError
 
-PICKS = ("best", "cheapest_within")
 
 
 def pick_trial(study: optuna.Study, promote_cfg) -> optuna.trial.FrozenTrial:

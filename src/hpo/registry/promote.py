@@ -20,11 +20,11 @@ from hpo.models import kind
 from hpo.models.base import TrialFailure, with_values
 from hpo.redact import redact
 from hpo.registry.evaluate import print_test_summary, test_errors_of
-from hpo.registry.pick import PICKS, candidate_trials, model_files
+from hpo.registry.pick import candidate_trials, model_files
 from hpo.registry.register import find_version, register
 from hpo.registry.resolve import PromoteError, for_kind
 from hpo.registry.screen import screen_candidates, screen_key, screen_settings
-from hpo.search.origin import config_for_study
+from hpo.search.study_record import config_for_study
 from hpo.search.scoring import context_of
 from hpo.search.selection import primary
 from hpo.search.storage import load_study
@@ -48,10 +48,6 @@ def promote(cfg) -> dict:
     cfg = config_for_study(cfg)  # the model kind and training size the study itself records
     hpo_config.validate(cfg)
     study = load_study(cfg.study)
-    if cfg.promote.pick not in PICKS:
-        raise hpo_config.ConfigError(f"promote.pick={cfg.promote.pick!r} is not allowed: one of {PICKS}")
-    if not isinstance(cfg.promote.within, (int, float)) or cfg.promote.within < 0:
-        raise hpo_config.ConfigError(f"promote.within={cfg.promote.within!r} is not allowed: a fraction >= 0 of the best metric")
     model_kind = kind(cfg.model.kind)
     screen = screen_settings(cfg)
     candidates = candidate_trials(study, cfg.promote, screen["k"] if screen else 1)

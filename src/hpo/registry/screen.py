@@ -20,26 +20,16 @@ from hpo.registry.resolve import PromoteError
 from hpo.search.selection import primary
 from hpo.tracking import Tracker
 
-ENSEMBLES = ("nve", "nvt")
 
 
 def screen_settings(cfg) -> dict | None:
-    """``promote.screen`` checked, or None when screening is off (k = 0, or a model kind without MD)."""
+    """``promote.screen`` (checked by ``hpo.config.validate``), or None when screening is off (k = 0, or a model
+    kind without MD)."""
     screen = cfg.promote.get("screen")
-    if screen is None:
+    if screen is None or screen.k == 0 or not kind(cfg.model.kind).drives_md:
         return None
-    k, steps, starts = screen.k, screen.steps, list(screen.start_frames)
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise hpo_config.ConfigError(f"promote.screen.k={k!r} is not allowed: an integer >= 0 (0: no screening)")
-    if k == 0 or not kind(cfg.model.kind).drives_md:
-        return None
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise hpo_config.ConfigError(f"promote.screen.steps={steps!r} is not allowed: an integer >= 1")
-    if not starts or not all(isinstance(f, int) and not isinstance(f, bool) and f >= 0 for f in starts):
-        raise hpo_config.ConfigError(f"promote.screen.start_frames={starts!r} is not allowed: indices into the validation file")
-    if screen.ensemble not in ENSEMBLES:
-        raise hpo_config.ConfigError(f"promote.screen.ensemble={screen.ensemble!r} is not allowed: one of {ENSEMBLES}")
-    return {"k": k, "steps": steps, "start_frames": starts, "ensemble": str(screen.ensemble), "friction_per_fs": screen.get("friction_per_fs")}
+    return {"k": screen.k, "steps": screen.steps, "start_frames": list(screen.start_frames), "ensemble": str(screen.ensemble),
+            "friction_per_fs": screen.get("friction_per_fs")}
 
 
 def screen_md_config(cfg, screen: dict):

@@ -38,7 +38,7 @@ from hpo.models import kind
 from hpo.models.base import failure_reason
 from hpo.progress import format_value, quiet
 from hpo.redact import redact, redact_text, silence_run_urls
-from hpo.search import origin
+from hpo.search import study_record
 from hpo.search.objective import Interrupted, Objective
 from hpo.search.selection import best_trial, count, count_finished, default_trial, failure_verdict, primary
 from hpo.search.space import default_values, outside_space, search_space
@@ -116,7 +116,7 @@ def run(cfg) -> optuna.Study:
     probe_database(str(cfg.study.storage), "study.storage")
     probe_database(str(cfg.tracking.tracking_uri), "tracking.tracking_uri")
     study = open_study(cfg, space, n_train=len(data.train))
-    origin.record(study, cfg)  # model kind and data: report, promote and curves read them back
+    study_record.record(study, cfg)  # model kind and data: report, promote and curves read them back
     tracker = open_tracker(cfg)
     close_dead_invocations(study, tracker, cfg.study.grace_s)
     view = save_trials_view(tracker, cfg, [p.name for p in space], kind(cfg.model.kind).capped_params)

@@ -19,7 +19,7 @@ import numpy as np
 import optuna
 
 from hpo import liveness, peak_memory
-from hpo.atomic import write_text
+from hpo.safe_files import write_text
 from hpo.data import Datasets, joined_frames, subset_frames
 from hpo.disk import full_disk_text, no_space_left
 from hpo.models import kind

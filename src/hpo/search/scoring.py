@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from hpo import calibration
-from hpo.atomic import write_text
+from hpo.safe_files import write_text
 from hpo.cache import Cache
 from hpo.data import Datasets
 from hpo.metrics import overfitting

@@ -22,7 +22,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from hpo import liveness
-from hpo.atomic import creation_lock, sqlite_file
+from hpo.safe_files import creation_lock, sqlite_file
 from hpo.models import kind
 from hpo.models.base import failure_reason, get_dotted
 from hpo.redact import redact, redact_text
@@ -246,7 +246,7 @@ def study_lock(url: str, name: str):
     systems that honour flock), a PostgreSQL advisory lock on a server. Other servers (MySQL): no lock."""
     import contextlib
 
-    from hpo.atomic import file_lock as flocked
+    from hpo.safe_files import file_lock as flocked
 
     @contextlib.contextmanager
     def advisory():

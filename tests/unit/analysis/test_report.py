@@ -10,7 +10,7 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from hpo.analysis import points, report
+from hpo.analysis import fit_series, report
 from hpo.search import loop
 
 
@@ -48,7 +48,7 @@ def test_report_of_a_three_trial_study(tiny_cfg, tmp_path):
     assert {"history.png", "slice.png", "train_vs_validation.png", "parity_energy.png", result.html.name} <= logged
 
     # The learning curve and sweep take their fixed parameters from the study's best trial.
-    model, source = points.fixed_model(cfg, study.study_name)
+    model, source = fit_series.fixed_model(cfg, study.study_name)
     assert source == f"best trial {study.best_trial.number} of study {study.study_name}"
     assert model["n_max"] == study.best_trial.params["n_max"]
     assert model["default_sigma"]["energy"] == study.best_trial.params["default_sigma.energy"]

@@ -86,7 +86,7 @@ def test_own_test_split_carries_its_polarizability_key(tiny_data, tmp_path):
     (``dataset.keys`` detected, no ``dataset.property_keys``) gives SA-GPR its tensors."""
     from hpo.config import model_params
     from hpo.data import load_test_set
-    from hpo.models.sagpr.kind import tensors_of
+    from hpo.models import kind
 
     frames = ase.io.read(tiny_data / "gap_input_100.xyz", ":")
     for atoms in frames:
@@ -98,7 +98,8 @@ def test_own_test_split_carries_its_polarizability_key(tiny_data, tmp_path):
     test = load_test_set(cfg, data)
     assert data.keys.polarizability == test.keys.polarizability == data.train.keys.polarizability == "alpha"
     expected = np.array([np.reshape(atoms.info["alpha"], (3, 3)) for atoms in frames[11:]])
-    np.testing.assert_allclose(tensors_of(test, cfg, model_params(cfg)), expected)
+    # the SA-GPR kind's reference values of the test split: read under the split's own key (no context needed)
+    np.testing.assert_allclose(kind("sagpr").reference(test, model_params(cfg), None).tensors, expected)
 
 
 def test_each_preset_says_why_it_has_no_test_split(tmp_path):

@@ -72,7 +72,7 @@ class Posterior:
                    float(a.get("std_scale", 1.0)))
 
     def save(self, path: Path) -> Path:
-        from hpo.atomic import atomic_write_npz
+        from hpo.safe_files import atomic_write_npz
 
         atomic_write_npz(Path(path), **self.arrays())
         return Path(path)

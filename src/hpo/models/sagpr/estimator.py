@@ -38,14 +38,14 @@ import scipy.linalg
 from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 
-from hpo.atomic import atomic_write_npz, write_text
+from hpo.safe_files import atomic_write_npz, write_text
 from hpo.cache import Cache, digest, frame_digests
 from hpo.metrics import COMPONENTS, rmse
 from hpo.models.rules import sklearn_constraints
 from hpo.models.sagpr.parameters import ESTIMATOR_KEYS, PARAMETERS
 from hpo.models.sagpr.features import FeatureBlock, Projection, column_gram, fit_projection, frame_ranges, normalise
 from hpo.models.sagpr.lambda_soap import FEATURE_CHUNK_ATOMS, lambda_soap
-from hpo.models.sagpr.scale import PRIMAL_MAX_BYTES, PrimalWeights, choose_route, structure_kernels
+from hpo.models.sagpr.linear_kernels import PRIMAL_MAX_BYTES, PrimalWeights, choose_route, structure_kernels
 from hpo.models.sparse_gp import select_sparse, solve_projected_process
 
 __all__ = [
@@ -166,7 +166,7 @@ class SAGPR(BaseEstimator):
         regularisation, cost linear in the training atoms for any zeta, and with M = every
         training environment the exact model's predictions (a test checks this). "auto": M =
         ``env_auto_count`` when that is estimated cheaper than the exact model
-        (:func:`hpo.models.sagpr.scale.choose_route`), else exact; ``n_env_`` says which.
+        (:func:`hpo.models.sagpr.linear_kernels.choose_route`), else exact; ``n_env_`` says which.
     env_selection : {"fps", "cur", "random"}
         How the M environments are chosen, on their normalised lambda = 0 features.
     env_auto_count : int

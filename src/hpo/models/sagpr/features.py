@@ -193,7 +193,7 @@ def pair_kernels(left: FeatureBlock, right: FeatureBlock | None, zeta: int) -> t
     upper triangle of frame blocks is computed and mirrored, which also makes
     K exactly symmetric.
 
-    Cost grows with the square of the atoms: ``hpo.models.sagpr.scale.structure_kernels`` chooses
+    Cost grows with the square of the atoms: ``hpo.models.sagpr.linear_kernels.structure_kernels`` chooses
     between this and the factorised kernels (linear in atoms).
     """
     symmetric = right is None

@@ -293,7 +293,7 @@ def polarizable():
 
 def test_sagpr_std_is_the_dense_gp_std_and_the_projected_process_on_every_environment_agrees(polarizable, tmp_path):
     from hpo.models.sagpr.estimator import SAGPR
-    from hpo.models.sagpr.scale import structure_kernels
+    from hpo.models.sagpr.linear_kernels import structure_kernels
 
     train, tensors, validate = polarizable
     validate = [*validate, stretched(validate[0], 0.6)]

@@ -1,4 +1,4 @@
-"""Tests of hpo.models.sagpr.scale: factorised kernels and folded-weight prediction equal the atom-pair definitions."""
+"""Tests of hpo.models.sagpr.linear_kernels: factorised kernels and folded-weight prediction equal the atom-pair definitions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hpo.models.sagpr.estimator import SAGPR, component_rmse
 from hpo.models.sagpr import lambda_soap as lambda_soap_module
 from hpo.models.sagpr.features import FeatureBlock, column_gram, fit_projection, normalise
 from hpo.models.sagpr.lambda_soap import lambda_soap
-from hpo.models.sagpr.scale import PrimalWeights, kernel_costs, structure_kernels, structure_sums, symmetric_power
+from hpo.models.sagpr.linear_kernels import PrimalWeights, kernel_costs, structure_kernels, structure_sums, symmetric_power
 
 from helpers import SHARED_WATER, require_shared_water
 

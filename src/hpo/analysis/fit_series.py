@@ -24,12 +24,12 @@ import numpy as np
 from omegaconf import DictConfig
 
 from hpo import config as hpo_config
-from hpo.atomic import write_text
+from hpo.safe_files import write_text
 from hpo.data import Datasets
 from hpo.errors import ConfigError
 from hpo.models.base import failure_reason, with_values
 from hpo.search.objective import classify, score
-from hpo.search.origin import config_for_study
+from hpo.search.study_record import config_for_study
 from hpo.search.selection import best_trial
 from hpo.search.storage import StudyError, load_study
 from hpo.tracking import Tracker, provenance_tags
@@ -106,7 +106,7 @@ def config_and_model(cfg: DictConfig, section: str) -> tuple[DictConfig, dict, s
     """The checked config of a curve or sweep command (composed for the model kind of ``<section>.from_study``,
     when given), the model config to hold fixed, and where its parameters came from."""
     from_study = cfg[section].from_study
-    if from_study:  # the study's own model kind (hpo.search.origin)
+    if from_study:  # the study's own model kind (hpo.search.study_record)
         cfg = config_for_study(cfg, str(from_study), keys=("model_kind",))
     hpo_config.validate(cfg)
     model, source = fixed_model(cfg, from_study)
