@@ -117,8 +117,9 @@ class MaceKind(ModelKind):
             model_file = engine.train(_labelled(train), _labelled(context.val), params, workdir, on_epoch,
                                       e0=context.e0, threads=context.threads)
         except engine.MaceTrainingError as exc:
-            timed_out = time.monotonic() - start >= float(params["fit_timeout_s"])
-            raise TrialFailure("timeout" if timed_out else "fit_error", str(exc)) from exc
+            if time.monotonic() - start >= float(params["fit_timeout_s"]):
+                raise TrialFailure("timeout", str(exc)) from exc
+            raise TrialFailure("fit_error", str(exc)) from exc
         finally:  # a pruned or failed fit too: its checkpoints would otherwise stay in every trial's folder
             fit_time = time.monotonic() - start
             _discard(workdir)
