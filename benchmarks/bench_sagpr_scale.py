@@ -48,7 +48,7 @@ from hpo.models.sagpr.linear_kernels import structure_kernels
 from hpo.models.sagpr.linear_kernels import kernel_costs
 
 REPEATS = 3
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "water"
+DEFAULT_DATA = Path("../shared/data/water")  # as hpo's dataset config: relative to the working directory
 
 
 def rss_mb() -> float:

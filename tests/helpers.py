@@ -20,7 +20,8 @@ from hpo.search.storage import load_study
 from hpo.config import load_config, output_overrides, CONF_DIR
 from hpo.search.selection import primary
 
-SHARED_WATER = Path(os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "water"))
+# as the dataset config finds them: HPO_DATA_DIR, else ../shared/data/water relative to the working directory
+SHARED_WATER = Path(os.environ.get("HPO_DATA_DIR", "../shared/data/water")).resolve()
 
 # Cheap GAP settings: a fit on 10 frames takes about a second.
 TINY_GAP = ["model.n_max=2", "model.l_max=2", "model.n_sparse=20", "model.cutoff=3.0", "search=gap_small"]

@@ -22,8 +22,9 @@ import numpy as np
 import yaml
 
 from hpo.models.mace import engine
+from hpo.paths import CONF_DIR
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "model" / "mace.yaml"
+CONF = CONF_DIR / "model" / "mace.yaml"
 # fcc Cu supercells (repeats of the 4-atom cubic cell): 32, 48, 72 and 108 atoms
 REPEATS = ((2, 2, 2), (2, 2, 3), (2, 3, 3), (3, 3, 3))
 TEMPERATURES_K = (300.0, 600.0, 900.0, 1200.0)

@@ -23,10 +23,11 @@ from emt_data import emt_splits, make_isolated_atoms
 from hpo import metrics
 from hpo.models.base import ConfigError
 from hpo.models.mace import engine, parameters
+from hpo.paths import CONF_DIR
 
 pytestmark = pytest.mark.slow  # each test trains a network
 
-CONF = Path(engine.__file__).resolve().parents[2] / "conf"
+CONF = CONF_DIR  # the package's own config, wherever hpo is installed
 EPOCHS = 3
 
 
