@@ -256,17 +256,26 @@ def judge_trace(
     """Judge the logged frames of ``trace`` against ``ranges`` (training nearest-neighbour ranges) with the
     criteria of ``md.stability``; with ``outdir`` write ``nn_distances.csv`` and ``distance_bands.png``.
     With ``training`` (frames of ``train_name``) the bounds widen where those frames reach further, and the RDF
-    criterion compares with their RDF; with ``along`` the uncertainty criterion applies."""
+    criterion compares with the RDF of those of the start frame's composition; with ``along`` the uncertainty
+    criterion applies."""
     criteria = criteria_of(md_cfg)
     bounds, reference = None, None
     if training is not None:
         criteria, bounds = stability.bounds_from_training(criteria, training, train_name)
-        r_max = stability.usable_range([*training, trace.frames[0]])
-        if criteria.rdf_max_mae is not None and r_max >= max(criteria.rdf_min_range_A, 2 * criteria.rdf_bin_A):
-            reference = stability.rdf(training, r_max, criteria.rdf_bin_A)
-        elif criteria.rdf_max_mae is not None:
-            bounds["rdf"] = (f"not judged: the cells' usable range {r_max:.2f} Å (half the smallest cell height) is below "
-                             f"md.stability.rdf_min_range_A={criteria.rdf_min_range_A:g} Å")
+        if criteria.rdf_max_mae is not None:
+            # the reference RDF is that of the training frames of the start frame's composition: a Cu cell's
+            # Cu-Cu RDF is not that of a CuAl cell, and isolated atoms have none
+            start = trace.frames[0]
+            alike = stability.of_composition(training, start)
+            r_max = stability.usable_range([*alike, start]) if alike else 0.0
+            if not alike:
+                bounds["rdf"] = f"not judged: no frame of {train_name} has the start frame's composition {stability.composition(start)}"
+            elif r_max >= max(criteria.rdf_min_range_A, 2 * criteria.rdf_bin_A):
+                reference = stability.rdf(alike, r_max, criteria.rdf_bin_A)
+                bounds["rdf_reference"] = f"{len(alike)} frames of {train_name} of the start frame's composition {stability.composition(start)}"
+            else:
+                bounds["rdf"] = (f"not judged: the cells' usable range {r_max:.2f} Å (half the smallest cell height) is below "
+                                 f"md.stability.rdf_min_range_A={criteria.rdf_min_range_A:g} Å")
     if along is None:  # said, not silently left out: a kind without a predictive std (or a model without its posterior)
         bounds = {**(bounds or {}), "uncertainty": "not available: the model keeps no predictive std"}
     verdict = stability.judge(

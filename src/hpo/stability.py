@@ -446,6 +446,18 @@ def usable_range(frames: Sequence[ase.Atoms]) -> float:
     return 0.5 * min(heights) if heights else 0.0
 
 
+def composition(atoms: ase.Atoms) -> str:
+    """The reduced formula of ``atoms`` (``Al2Cu2`` and ``AlCu`` are both ``AlCu``): frames of one composition
+    share partial RDFs; pooling several would compare a frame with an average of other systems."""
+    return atoms.get_chemical_formula(mode="metal", empirical=True)
+
+
+def of_composition(frames: Sequence[ase.Atoms], atoms: ase.Atoms) -> list[ase.Atoms]:
+    """The frames of ``frames`` with the composition of ``atoms``."""
+    wanted = composition(atoms)
+    return [frame for frame in frames if composition(frame) == wanted]
+
+
 def _pair_histograms(atoms: ase.Atoms, r_max: float, bin_A: float) -> dict[str, tuple[np.ndarray, float]]:
     """Per pair of one frame: the histogram of its distances and its ideal-gas normalisation factor
     (N_A N_B / V, N_A (N_A - 1) / V for A = B), both to be summed over frames."""

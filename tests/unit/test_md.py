@@ -106,3 +106,54 @@ def test_md_blow_up_guard_keeps_frames(promoted_cfg):
     # judged on the frames kept: the stability bound follows md.max_temperature_K
     verdict = caught.value.verdict
     assert not verdict.stable and verdict.first_unstable_step == 0 and "temperature 300 K at step 0" in verdict.reason
+
+
+def _emt_md(atoms, steps: int, every: int, temperature_K: float, seed: int, warm_up: int = 100) -> list:
+    """Frames of a Langevin MD of ``atoms`` with ASE's EMT, one every ``every`` steps after ``warm_up`` steps."""
+    from ase import units
+    from ase.calculators.emt import EMT
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+
+    rng = np.random.default_rng(seed)
+    atoms = atoms.copy()
+    atoms.calc = EMT()
+    MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+    dynamics = Langevin(atoms, 2 * units.fs, temperature_K=temperature_K, friction=0.05, rng=rng)
+    dynamics.run(warm_up)
+    frames = []
+    for _ in range(steps // every):
+        dynamics.run(every)
+        frames.append(atoms.copy())
+    return frames
+
+
+def test_rdf_reference_is_the_training_frames_of_the_start_frames_composition():
+    """Training of two compositions (Cu and CuAl cells) pooled: a CuAl MD's Cu-Cu RDF is far from the pooled one
+    (the false alarm this guards against), near the CuAl frames' own; judge_trace compares with the latter and
+    says so; a composition absent from training is not judged, and says why."""
+    from ase.build import bulk
+    from hpo.config import load_config
+
+    copper = bulk("Cu", "fcc", a=3.63, cubic=True).repeat((2, 2, 2))
+    alloy = bulk("Cu", "fcc", a=3.75, cubic=True).repeat((2, 2, 2))
+    alloy.set_chemical_symbols(["Cu", "Al"] * 16)
+    training = _emt_md(copper, 40, 4, 600.0, 0) + _emt_md(alloy, 40, 4, 600.0, 1)
+    md = _emt_md(alloy, 40, 4, 600.0, 2)
+    trace = hpo_md.Trace(steps=list(range(len(md))), temperature=[600.0] * len(md), frames=md,
+                         time_fs=[2.0 * i for i in range(len(md))])
+    md_cfg = load_config(["md.stability.rdf_window_frames=5", "md.ensemble=nvt"]).md
+    criteria = hpo_md.criteria_of(md_cfg)
+    r_max = stability.usable_range([*stability.of_composition(training, md[0]), md[0]])
+    pooled = stability.windowed_rdf_mae(md, stability.rdf(training, r_max, criteria.rdf_bin_A), 5)
+    own = stability.windowed_rdf_mae(md, stability.rdf(stability.of_composition(training, md[0]), r_max, criteria.rdf_bin_A), 5)
+    assert np.nanmax(pooled["Cu-Cu"]) > criteria.rdf_max_mae > np.nanmax(own["Cu-Cu"])
+
+    judged = hpo_md.judge_trace(trace, stability.training_ranges(training), md_cfg, training=training, train_name="train.xyz")
+    assert judged.verdict.stable, judged.verdict.reason
+    assert judged.verdict.bounds["rdf_reference"] == "10 frames of train.xyz of the start frame's composition AlCu"
+    assert np.nanmax(judged.verdict.rdf_mae["Cu-Cu"]) == pytest.approx(np.nanmax(own["Cu-Cu"]))
+
+    only_copper = hpo_md.judge_trace(trace, stability.training_ranges(training), md_cfg, training=training[:10], train_name="cu.xyz")
+    assert only_copper.verdict.bounds["rdf"] == "not judged: no frame of cu.xyz has the start frame's composition AlCu"
+    assert not only_copper.verdict.rdf_mae
