@@ -97,6 +97,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "learning-curve": ("hpo.analysis.learning_curve", "learning_curve"),
     "sweep-param": ("hpo.analysis.sweep", "sweep_param"),
     "report": ("hpo.analysis.report", "report"),
+    "compare": ("hpo.registry.compare", "compare"),
     "spectrum": ("hpo.spectrum", "main"),
     "dashboard": ("hpo.dashboard", "dashboard"),
     "data check": ("hpo.data.check_command", "check_command"),

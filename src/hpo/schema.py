@@ -157,6 +157,13 @@ class Polarize:
 
 
 @dataclass
+class Compare:
+    models: Optional[list[str]]
+    alias: str
+    dir: str
+
+
+@dataclass
 class Pipeline:
     gap_trials: int
     gap_train_size: int
@@ -171,6 +178,7 @@ class Pipeline:
 # kind- or data-dependent tables and are checked by hpo.config.validate.
 GROUPS: dict[str, type] = {
     "study": Study, "tracking": Tracking, "promote": Promote, "polarize": Polarize, "pipeline": Pipeline, "spectrum": Spectrum,
+    "compare": Compare,
 }
 
 

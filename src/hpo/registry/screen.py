@@ -87,7 +87,7 @@ def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, trac
                         tags={f"start{start}.{k}": v for k, v in {**judged.tags, "blow_up": blow_up or "none"}.items()})
             tracker.log_artifacts(run_id, [where / "trajectory.xyz", where / "energies.csv", plot, *judged.files], f"start{start}")
             figures += [f for f in judged.files if f.suffix == ".png"] + [plot]
-            for key, value in judged.metrics.items():
+            for key, value in {**found, **judged.metrics}.items():  # found: MD costs, wall time per atom-step
                 metrics[f"start{start}.{key}"] = value
             if not judged.verdict.stable and stable:
                 stable, why = False, f"start frame {start}: {judged.verdict.reason}"
