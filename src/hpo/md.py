@@ -20,7 +20,7 @@ the largest std on the validation frames (``md.stability``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import replace, dataclass, field
 from pathlib import Path
 
 import ase
@@ -249,15 +249,40 @@ def write_uncertainty(trajectory: Path, frames, along: Along) -> None:
         ase.io.write(tmp, list(frames), format="extxyz")
 
 
+def rdf_bound_from_validation(criteria: stability.StabilityCriteria, bounds: dict[str, str], reference: stability.RDF,
+                              validation: list, val_name: str) -> tuple[stability.StabilityCriteria, dict[str, str]]:
+    """The RDF bound widened to what real frames show: the largest departure (any pair) of one of ``validation``
+    (frames of the start frame's composition) from ``reference``, when above ``rdf_max_mae``.
+
+    Why: with cells of tens of atoms and tens of training frames, spread over temperatures, g(r) is noisy and
+    averaged over states; ASE's EMT itself, run from validation frames of the EMT Cu/CuAl benchmark sets (32- and
+    64-atom cells), departed by up to 1.45 A from its training RDF, above the literature's 1 A
+    (benchmarks/bench_kinds.py data). A single validation frame is noisier than a window of MD frames, so this
+    bound passes an MD as close to the training data as the validation data are; a melting or collapsing cell
+    still departs further, and the distance and uncertainty criteria still apply."""
+    if not validation:
+        return criteria, bounds
+    departures = stability.windowed_rdf_mae(validation, reference, 1)
+    floor = max(float(np.nanmax(values)) for values in departures.values())
+    if not np.isfinite(floor) or floor <= criteria.rdf_max_mae:
+        return criteria, bounds
+    window = criteria.rdf_window_frames
+    bounds = {**bounds, "rdf": (f"{floor:.3g} Å: the largest departure of one of {len(validation)} frames of {val_name} of that composition "
+                                f"from the training RDF (configured {criteria.rdf_max_mae:g} Å; integral of |g_MD - g_train| dr over "
+                                f"0-{reference.r_max:.2f} Å, windows of {window} frames)")}
+    return replace(criteria, rdf_max_mae=floor), bounds
+
+
 def judge_trace(
     trace: Trace, ranges: dict[str, tuple[float, float]], md_cfg, outdir: Path | None = None, title: str = "",
-    training=None, train_name: str = "", along: Along | None = None,
+    training=None, train_name: str = "", along: Along | None = None, validation=None, val_name: str = "",
 ) -> Stability:
     """Judge the logged frames of ``trace`` against ``ranges`` (training nearest-neighbour ranges) with the
     criteria of ``md.stability``; with ``outdir`` write ``nn_distances.csv`` and ``distance_bands.png``.
     With ``training`` (frames of ``train_name``) the bounds widen where those frames reach further, and the RDF
-    criterion compares with the RDF of those of the start frame's composition; with ``along`` the uncertainty
-    criterion applies."""
+    criterion compares with the RDF of those of the start frame's composition; with ``validation`` too (frames of
+    ``val_name``), its bound widens to the largest departure of one validation frame of that composition (see
+    :func:`rdf_bound_from_validation`); with ``along`` the uncertainty criterion applies."""
     criteria = criteria_of(md_cfg)
     bounds, reference = None, None
     if training is not None:
@@ -273,6 +298,8 @@ def judge_trace(
             elif r_max >= max(criteria.rdf_min_range_A, 2 * criteria.rdf_bin_A):
                 reference = stability.rdf(alike, r_max, criteria.rdf_bin_A)
                 bounds["rdf_reference"] = f"{len(alike)} frames of {train_name} of the start frame's composition {stability.composition(start)}"
+                if validation is not None:
+                    criteria, bounds = rdf_bound_from_validation(criteria, bounds, reference, stability.of_composition(validation, start), val_name)
             else:
                 bounds["rdf"] = (f"not judged: the cells' usable range {r_max:.2f} Å (half the smallest cell height) is below "
                                  f"md.stability.rdf_min_range_A={criteria.rdf_min_range_A:g} Å")
@@ -377,7 +404,7 @@ def main(cfg) -> dict:
         threshold = uncertainty_threshold(model_kind, files, frames, validation.name, md_cfg)
         along = uncertainty_along(model_kind, files, trace.frames, threshold)
         judged = judge_trace(trace, ranges, md_cfg, outdir, f"{title}\nnearest-neighbour distances vs {train_name} ({len(training)} frames)",
-                             training=training, train_name=train_name, along=along)
+                             training=training, train_name=train_name, along=along, validation=frames, val_name=validation.name)
         metrics.update(judged.metrics)
         if along is not None:
             write_uncertainty(outdir / "trajectory.xyz", trace.frames, along)

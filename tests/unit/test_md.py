@@ -131,7 +131,8 @@ def _emt_md(atoms, steps: int, every: int, temperature_K: float, seed: int, warm
 def test_rdf_reference_is_the_training_frames_of_the_start_frames_composition():
     """Training of two compositions (Cu and CuAl cells) pooled: a CuAl MD's Cu-Cu RDF is far from the pooled one
     (the false alarm this guards against), near the CuAl frames' own; judge_trace compares with the latter and
-    says so; a composition absent from training is not judged, and says why."""
+    says so; with validation frames the bound widens to their largest departure; a composition absent from
+    training is not judged, and says why."""
     from ase.build import bulk
     from hpo.config import load_config
 
@@ -153,6 +154,15 @@ def test_rdf_reference_is_the_training_frames_of_the_start_frames_composition():
     assert judged.verdict.stable, judged.verdict.reason
     assert judged.verdict.bounds["rdf_reference"] == "10 frames of train.xyz of the start frame's composition AlCu"
     assert np.nanmax(judged.verdict.rdf_mae["Cu-Cu"]) == pytest.approx(np.nanmax(own["Cu-Cu"]))
+
+    # single validation frames of the alloy depart by up to 1.15 A (noise of 32-atom cells): the bound widens to that
+    validation = _emt_md(alloy, 12, 4, 600.0, 3) + training[:2]
+    floor = max(np.nanmax(v) for v in stability.windowed_rdf_mae(validation[:3], stability.rdf(training[10:], r_max, criteria.rdf_bin_A), 1).values())
+    assert floor > criteria.rdf_max_mae
+    widened = hpo_md.judge_trace(trace, stability.training_ranges(training), md_cfg, training=training, train_name="train.xyz",
+                                 validation=validation, val_name="val.xyz")
+    assert widened.verdict.bounds["rdf"].startswith(f"{floor:.3g} Å: the largest departure of one of 3 frames of val.xyz of that composition")
+    assert widened.verdict.stable and f"rdf_max_mae={floor}" in widened.tags["md_stability_criteria"]
 
     only_copper = hpo_md.judge_trace(trace, stability.training_ranges(training), md_cfg, training=training[:10], train_name="cu.xyz")
     assert only_copper.verdict.bounds["rdf"] == "not judged: no frame of cu.xyz has the start frame's composition AlCu"

@@ -81,7 +81,8 @@ def screen_trial(cfg, trial, files: list[Path], data, screen: dict, ranges, trac
             title = f"screen: trial {trial.number}, {md_cfg.ensemble.upper()} from {data.val.path.name}[{start}]"
             along = hpo_md.uncertainty_along(model_kind, files, trace.frames, threshold)
             judged = hpo_md.judge_trace(trace, ranges, md_cfg, where, title, training=data.train.frames,
-                                        train_name=data.train.path.name, along=along)
+                                        train_name=data.train.path.name, along=along, validation=data.val.frames,
+                                        val_name=data.val.path.name)
             plot = plots.md_plot(where / "md.png", trace.time_fs, trace.potential, trace.kinetic, trace.temperature, title)
             tracker.log(run_id, metrics={f"start{start}.{k}": v for k, v in {**found, **judged.metrics}.items()},
                         tags={f"start{start}.{k}": v for k, v in {**judged.tags, "blow_up": blow_up or "none"}.items()})
