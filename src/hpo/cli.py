@@ -17,7 +17,6 @@ from typing import Callable
 import hydra
 from omegaconf import DictConfig
 
-from hpo import config as _config  # noqa: F401  registers the ${hpo.*} resolvers the conf files use, in every process
 from hpo.errors import ConfigError, DataError
 from hpo.paths import CONF_DIR
 from hpo.redact import silence_run_urls

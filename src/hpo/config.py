@@ -19,13 +19,8 @@ from hpo.errors import ConfigError
 from hpo.models import kind
 from hpo.models.base import has_dotted
 from hpo.models.rules import allowed, describe, is_number as _is_number
-from hpo.paths import CONF_DIR, absolute, resolve_path
+from hpo.paths import CONF_DIR, resolve_path
 
-# ${hpo.or:VALUE,DEFAULT}: DEFAULT when VALUE is null (e.g. the study name of dataset.train_size=null).
-OmegaConf.register_new_resolver("hpo.or", lambda value, default: default if value is None else value, replace=True)
-# ${hpo.abspath:${root}}: the output root as an absolute path (~ expanded, relative to the working directory),
-# so root=~/runs, root=runs and HPO_ROOT=... all give URLs and directories that every process reads alike.
-OmegaConf.register_new_resolver("hpo.abspath", lambda path: absolute(str(path)), replace=True)
 
 PARAM_TYPES = ("float", "int", "categorical")
 DATASET_SOURCES = ("files", "pool")

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
@@ -40,3 +42,12 @@ def absolute(path: str | os.PathLike) -> str:
     (``${hpo.abspath:${root}}``): a URL built on it (``sqlite:///...``) is absolute, so it means the same
     folder in every process whatever its working directory."""
     return str(resolve_path(path).resolve())
+
+
+# The conf files' own interpolations, registered here because every reader of the config (each command, worker
+# process and submitit job) imports this module before composing:
+# ${hpo.or:VALUE,DEFAULT}: DEFAULT when VALUE is null (e.g. the study name of dataset.train_size=null);
+# ${hpo.abspath:${root}}: the output root as an absolute path (~ expanded, relative to the working directory),
+# so root=~/runs, root=runs and HPO_ROOT=... all give URLs and directories that every process reads alike.
+OmegaConf.register_new_resolver("hpo.or", lambda value, default: default if value is None else value, replace=True)
+OmegaConf.register_new_resolver("hpo.abspath", lambda path: absolute(str(path)), replace=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import shutil
 import traceback
 from pathlib import Path
@@ -115,9 +116,14 @@ def cross_validated(cfg, model_kind, model: dict, data: Datasets, workdir: Path,
         fold_scored = fit_and_score(cfg, model_kind, model, split, fold_dir)
         per_fold.append(fold_scored.metrics)
         # only the fold's numbers are kept (its CSVs and plots stay): a fold's model and frame copies
-        # (39 MB per fold for the workshop's SA-GPR) would make a 20-trial study's folder 4.6 GB
+        # (39 MB per fold for the workshop's SA-GPR) would make a 20-trial study's folder 4.6 GB. A file's
+        # companions go with it (gap_fit writes gap.xml.sparseX.* beside gap.xml).
         for path in [*fold_scored.model_files, fold_dir / "train.xyz", fold_dir / "val.xyz"]:
-            shutil.rmtree(path) if Path(path).is_dir() else Path(path).unlink(missing_ok=True)
+            for found in Path(path).parent.glob(glob.escape(Path(path).name) + "*"):
+                if found.is_dir():
+                    shutil.rmtree(found)
+                else:
+                    found.unlink()
     found = dict(scored.metrics)
     for key in [k_ for k_ in found if k_.startswith("val_")]:
         values = [m[key] for m in per_fold if key in m]

@@ -12,11 +12,13 @@ from hpo.search.objective import score
 
 @pytest.mark.slow
 def test_cross_validation_scores_folds_of_training_and_validation(tiny_cfg, tmp_path):
-    cfg = tiny_cfg("study.cv_folds=3")
+    cfg = tiny_cfg("study.cv_folds=3", "model.solver=gap_fit")  # gap_fit: its model has companion files
     data = load_datasets(cfg)
     scored = score(cfg, model_params(cfg), data, tmp_path / "cv")
     folds = sorted((tmp_path / "cv" / "cv").glob("fold_*"))
     assert len(folds) == 3
+    # a fold keeps its numbers, not its model (nor gap_fit's sparseX companions) or frame copies
+    assert not [f.name for fold in folds for f in fold.rglob("*") if f.name.startswith(("gap.xml", "train.xyz", "val.xyz"))]
     fold_rmse = []
     for fold in folds:
         rows = np.loadtxt(fold / "validation_errors.csv", delimiter=",", skiprows=1)
@@ -25,5 +27,5 @@ def test_cross_validation_scores_folds_of_training_and_validation(tiny_cfg, tmp_
     assert sum(len(np.loadtxt(f / "validation_errors.csv", delimiter=",", skiprows=1)) for f in folds) == len(data.train) + len(data.val)
     assert scored.metrics["val_energy_rmse"] == pytest.approx(np.mean(fold_rmse), rel=1e-9)
     assert scored.metrics["cv_std_val_energy_rmse"] == pytest.approx(np.std(fold_rmse), rel=1e-9)
-    plain = score(tiny_cfg(), model_params(cfg), data, tmp_path / "plain")
+    plain = score(tiny_cfg("model.solver=gap_fit"), model_params(cfg), data, tmp_path / "plain")
     assert scored.metrics["split_val_energy_rmse"] == pytest.approx(plain.metrics["val_energy_rmse"], rel=1e-9)

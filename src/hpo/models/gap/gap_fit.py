@@ -352,7 +352,8 @@ class GAP:
         workdir.mkdir(parents=True, exist_ok=True)
         local_train = workdir / "train.xyz"
         if self.force_atoms is None:
-            shutil.copyfile(train_file, local_train)
+            if Path(train_file).resolve() != local_train.resolve():  # a cross-validation fold writes it there already
+                shutil.copyfile(train_file, local_train)
         else:
             _write_force_mask(train_file, local_train, self.force_atoms)
         if self.sparse is not None:
