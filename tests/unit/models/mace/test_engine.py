@@ -1,14 +1,18 @@
 """hpo.models.mace.engine with the real mace-torch: a tiny MACE trained for a few epochs on EMT Cu frames.
 
 EMT forces are the exact negative gradient of the EMT energy, so the data are consistent; the checks are on the
-engine (units, signs, epochs, stopping, seeds), not on how well 3 epochs learn. Each training takes about 10 s
-on one core (most of it the child process importing torch and mace-torch); the module trains 4 times.
+engine (units, signs, epochs, stopping, seeds), not on how well 3 epochs learn. Each training takes 5-8 s on one
+core, 4-5 s of it the child process importing torch and mace-torch (an epoch of these frames takes about 0.2 s), so
+epochs are cheap and trainings are not: one model (``trained``) serves every test that only loads, predicts or
+builds a calculator, and a test trains on its own only when training is what it checks (label keys, stopping,
+stage two, seeds, failures, a killed caller).
 Needs mace-torch: the ``mace`` extra, which the ``test`` extra installs (a missing install fails, never skips).
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,6 @@ import pytest
 import yaml
 
 import mace  # noqa: F401  (fails here, not in a child process, when the extra is missing)
-import torch
 
 from emt_data import emt_splits, make_isolated_atoms
 
@@ -25,7 +28,8 @@ from hpo.models.base import ConfigError
 from hpo.models.mace import engine, parameters
 from hpo.paths import CONF_DIR
 
-pytestmark = pytest.mark.slow  # each test trains a network
+# each test trains a network; predictions and the calculator in this process on one thread (conftest)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CONF = CONF_DIR  # the package's own config, wherever hpo is installed
 EPOCHS = 3
@@ -33,15 +37,6 @@ EPOCHS = 3
 
 class Pruned(Exception):
     """What an Optuna objective raises from on_epoch (optuna.TrialPruned in the kind)."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: predictions and the calculator in this process on one thread, like the training child."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_params(**changes) -> dict:
@@ -159,19 +154,22 @@ def test_raising_from_on_epoch_stops_training_and_leaves_no_process(trained, cu_
 
 def test_stage_two_hands_back_its_own_model(cu_data, tmp_path):
     """With swa (stage two) run_train saves two models; the fit's is stage two's best, whose errors on_epoch reported
-    (stage two is the last epoch here: 4 epochs, swa_start_fraction 0.8). EMA off: the other branch of the command."""
+    (2 epochs, the fewest with one of each stage: epoch 1 stage one, epoch 2 stage two, as engine.stage_two_start
+    places it). EMA off: the other branch of the command."""
     train, val, e0 = cu_data
     seen = {}
-    model = engine.train(train, val, tiny_params(max_num_epochs=4, swa=True, ema=False), tmp_path, lambda e, m: seen.update({e: m}), e0=e0)
+    params = tiny_params(max_num_epochs=2, swa=True, ema=False)
+    assert engine.stage_two_start(params) == 1  # 0-based: stage two is the second and last epoch
+    model = engine.train(train, val, params, tmp_path, lambda e, m: seen.update({e: m}), e0=e0)
     assert model.name == "mace_stagetwo.model" and (tmp_path / "mace.model").is_file()
-    assert sorted(seen) == [1, 2, 3, 4]
+    assert sorted(seen) == [1, 2]
     energies, forces = engine.predict(model, val)
     ours = metrics.energy_force_metrics(
         "val", np.array([a.info["REF_energy"] for a in val]), energies, np.array([len(a) for a in val]),
         [a.arrays["REF_forces"] for a in val], forces,
     )
-    assert ours["val_energy_rmse_per_atom"] == pytest.approx(seen[4]["val_energy_rmse_per_atom"], rel=1e-6)
-    assert ours["val_force_rmse"] == pytest.approx(seen[4]["val_force_rmse"], rel=1e-6)
+    assert ours["val_energy_rmse_per_atom"] == pytest.approx(seen[2]["val_energy_rmse_per_atom"], rel=1e-6)
+    assert ours["val_force_rmse"] == pytest.approx(seen[2]["val_force_rmse"], rel=1e-6)
 
 
 def test_predict_equals_the_ase_calculator(trained, cu_data):
@@ -208,8 +206,12 @@ def test_forces_are_minus_the_gradient_of_the_energy(trained, cu_data):
 def test_the_same_seed_gives_the_same_model(trained, cu_data, tmp_path):
     model, _, _ = trained
     train, val, e0 = cu_data
-    again = engine.train(train, val, tiny_params(), tmp_path / "same", e0=e0)
-    other = engine.train(train, val, tiny_params(seed=1), tmp_path / "other", e0=e0)
+    # the two fits at once: each is its own child process on one thread, and the caller only polls, so on two
+    # cores they take the time of one (most of it each child importing torch and mace-torch)
+    with ThreadPoolExecutor(2) as pool:
+        fits = [pool.submit(engine.train, train, val, tiny_params(**seed), tmp_path / name, e0=e0)
+                for name, seed in (("same", {}), ("other", {"seed": 1}))]
+    again, other = (fit.result() for fit in fits)
     energies, forces = engine.predict(model, val)
     same_energies, same_forces = engine.predict(again, val)
     other_energies, _ = engine.predict(other, val)
