@@ -73,3 +73,17 @@ def mlruns(tmp_path_factory) -> list[str]:
     """One MLflow store for the data-check tests: creating a store costs ~10 s."""
     root = tmp_path_factory.mktemp("mlruns")
     return [f"tracking.tracking_uri=sqlite:///{root}/mlflow.db", f"tracking.artifact_location={root}/artifacts"]
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch in the test process on one thread for the module (2 shared cores), like MACE's training child
+    (OMP_NUM_THREADS=1): the predictions, calculator and MD a MACE test runs in this process. With torch's default
+    (a thread per core), a second busy process on the machine made them several times slower: the promote step
+    of tests/e2e/test_mace.py took 12-20 s instead of 2.3 s, its 10 MD steps 4 s instead of 0.7 s."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

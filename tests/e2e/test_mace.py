@@ -22,7 +22,8 @@ from hpo.registry.promote import promote
 from hpo.search import loop
 from hpo.search.storage import open_study
 
-pytestmark = pytest.mark.slow
+# the MACE predictions, screen and MD in this process on one thread, as threads=1 asks (conftest)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 EPOCHS = 3
 TINY = [f"model.max_num_epochs={EPOCHS}", "model.num_channels=8", "model.batch_size=4", "model.fit_timeout_s=600", "model.cost_frames=2"]

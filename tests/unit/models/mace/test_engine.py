@@ -1,14 +1,20 @@
 """hpo.models.mace.engine with the real mace-torch: a tiny MACE trained for a few epochs on EMT Cu frames.
 
 EMT forces are the exact negative gradient of the EMT energy, so the data are consistent; the checks are on the
-engine (units, signs, epochs, stopping, seeds), not on how well 3 epochs learn. Each training takes about 10 s
-on one core (most of it the child process importing torch and mace-torch); the module trains 4 times.
+engine (units, signs, epochs, stopping, seeds), not on how well 3 epochs learn. Each training takes 5-8 s on one
+core, 4-5 s of it the child process importing torch and mace-torch (an epoch of these frames takes about 0.2 s), so
+epochs are cheap and trainings are not: one model (``trained``) serves every test that only loads, predicts or
+builds a calculator, and a test has a training of its own only when training is what it checks. Those that end
+with a model (label keys, stage two, seeds) are trained together in ``fits``, two at a time (each child on one
+thread of the 2 cores; the caller only polls); the ones about stopping and failing (on_epoch raising, a failing
+run_train, a killed caller) run in their tests, which look for leftover processes.
 Needs mace-torch: the ``mace`` extra, which the ``test`` extra installs (a missing install fails, never skips).
 """
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +22,6 @@ import pytest
 import yaml
 
 import mace  # noqa: F401  (fails here, not in a child process, when the extra is missing)
-import torch
 
 from emt_data import emt_splits, make_isolated_atoms
 
@@ -25,7 +30,8 @@ from hpo.models.base import ConfigError
 from hpo.models.mace import engine, parameters
 from hpo.paths import CONF_DIR
 
-pytestmark = pytest.mark.slow  # each test trains a network
+# each test trains a network; predictions and the calculator in this process on one thread (conftest)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 CONF = CONF_DIR  # the package's own config, wherever hpo is installed
 EPOCHS = 3
@@ -33,15 +39,6 @@ EPOCHS = 3
 
 class Pruned(Exception):
     """What an Optuna objective raises from on_epoch (optuna.TrialPruned in the kind)."""
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: predictions and the calculator in this process on one thread, like the training child."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_params(**changes) -> dict:
@@ -63,14 +60,55 @@ def cu_data():
     return train, val, {"Cu": float(isolated[0].info["REF_energy"])}
 
 
-@pytest.fixture(scope="module")
-def trained(cu_data, tmp_path_factory):
-    """One training of EPOCHS epochs: (model file, [(epoch, metrics)] as on_epoch saw them, workdir)."""
-    train, val, e0 = cu_data
+def relabelled(frames):
+    """The workshop water layout: energy under `energy` (ASE's reader moves it onto a SinglePointCalculator) and
+    forces under `force` (an array); the same numbers."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    out = []
+    for atoms in frames:
+        copy = atoms.copy()
+        energy = copy.info.pop("REF_energy")
+        copy.arrays["force"] = copy.arrays.pop("REF_forces")
+        copy.calc = SinglePointCalculator(copy, energy=energy)
+        out.append(copy)
+    return out
+
+
+def _fit(train, val, params, workdir, e0, keys=engine.DataKeys()):
+    """(model file, [(epoch, metrics)] as on_epoch saw them, workdir) of one training."""
     seen: list[tuple[int, dict]] = []
-    workdir = tmp_path_factory.mktemp("mace_fit")
-    model = engine.train(train, val, tiny_params(), workdir, lambda epoch, found: seen.append((epoch, found)), e0=e0)
+    model = engine.train(train, val, params, workdir, lambda epoch, found: seen.append((epoch, found)), e0=e0, keys=keys)
     return model, seen, workdir
+
+
+@pytest.fixture(scope="module")
+def fits(cu_data, tmp_path_factory):
+    """The module's trainings that end with a model, two at a time: {name: future of ``_fit``'s result}. A test
+    takes its fit's ``result()``, so a fit that fails fails the tests that use it, and only those.
+
+    - trained: EPOCHS epochs, the model of every test that loads, predicts or builds a calculator
+    - ase_keys: the same frames and seed under ASE's own label names, 1 epoch
+    - stage_two: swa on, EMA off, 2 epochs (the fewest with an epoch of each stage)
+    - same_seed, other_seed: ``trained`` again, with its seed and with seed 1
+    """
+    train, val, e0 = cu_data
+    jobs = {
+        "trained": (train, val, tiny_params(), {}),
+        "ase_keys": (relabelled(train), relabelled(val), tiny_params(max_num_epochs=1), {"keys": engine.DataKeys(energy="energy", forces="force")}),
+        "stage_two": (train, val, tiny_params(max_num_epochs=2, swa=True, ema=False), {}),
+        "same_seed": (train, val, tiny_params(), {}),
+        "other_seed": (train, val, tiny_params(seed=1), {}),
+    }
+    with ThreadPoolExecutor(2) as pool:  # waits for every fit: none runs on beside the tests that train their own
+        return {name: pool.submit(_fit, t, v, params, tmp_path_factory.mktemp(f"mace_{name}"), e0, **extra)
+                for name, (t, v, params, extra) in jobs.items()}
+
+
+@pytest.fixture(scope="module")
+def trained(fits):
+    """One training of EPOCHS epochs: (model file, [(epoch, metrics)] as on_epoch saw them, workdir)."""
+    return fits["trained"].result()
 
 
 def test_training_writes_a_model_and_reports_every_epoch_in_hpo_units(trained, cu_data):
@@ -102,26 +140,11 @@ def test_isolated_atoms_are_not_trained_on_but_given_as_e0(trained, cu_data):
     assert engine.e0_argument(None) == "average"
 
 
-def test_labels_under_ase_own_energy_name_train_the_same_model(trained, cu_data, tmp_path):
-    """The workshop water layout: energy under `energy` (ASE's reader moves it onto a SinglePointCalculator) and
-    forces under `force` (an array). Same numbers, same seed: epoch 1 must match the REF_ keys' fit exactly."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-
-    def relabelled(frames):
-        out = []
-        for atoms in frames:
-            copy = atoms.copy()
-            energy = copy.info.pop("REF_energy")
-            copy.arrays["force"] = copy.arrays.pop("REF_forces")
-            copy.calc = SinglePointCalculator(copy, energy=energy)
-            out.append(copy)
-        return out
-
-    train, val, e0 = cu_data
-    seen = {}
-    engine.train(relabelled(train), relabelled(val), tiny_params(max_num_epochs=1), tmp_path, lambda e, m: seen.update({e: m}),
-                 e0=e0, keys=engine.DataKeys(energy="energy", forces="force"))
-    assert seen[1] == pytest.approx(trained[1][0][1], rel=1e-9)
+def test_labels_under_ase_own_energy_name_train_the_same_model(trained, fits):
+    """The workshop water layout (``relabelled``), trained with keys=DataKeys("energy", "force"). Same numbers,
+    same seed: epoch 1 must match the REF_ keys' fit exactly."""
+    _, seen, _ = fits["ase_keys"].result()
+    assert dict(seen)[1] == pytest.approx(trained[1][0][1], rel=1e-9)
 
 
 def _processes_using(directory: Path) -> list[int]:
@@ -157,21 +180,23 @@ def test_raising_from_on_epoch_stops_training_and_leaves_no_process(trained, cu_
     assert _processes_using(tmp_path.resolve()) == []
 
 
-def test_stage_two_hands_back_its_own_model(cu_data, tmp_path):
+def test_stage_two_hands_back_its_own_model(cu_data, fits):
     """With swa (stage two) run_train saves two models; the fit's is stage two's best, whose errors on_epoch reported
-    (stage two is the last epoch here: 4 epochs, swa_start_fraction 0.8). EMA off: the other branch of the command."""
-    train, val, e0 = cu_data
-    seen = {}
-    model = engine.train(train, val, tiny_params(max_num_epochs=4, swa=True, ema=False), tmp_path, lambda e, m: seen.update({e: m}), e0=e0)
-    assert model.name == "mace_stagetwo.model" and (tmp_path / "mace.model").is_file()
-    assert sorted(seen) == [1, 2, 3, 4]
+    (2 epochs, the fewest with one of each stage: epoch 1 stage one, epoch 2 stage two, as engine.stage_two_start
+    places it). EMA off: the other branch of the command."""
+    _, val, _ = cu_data
+    assert engine.stage_two_start(tiny_params(max_num_epochs=2, swa=True)) == 1  # 0-based: the second and last epoch
+    model, seen, workdir = fits["stage_two"].result()
+    seen = dict(seen)
+    assert model.name == "mace_stagetwo.model" and (workdir / "mace.model").is_file()
+    assert sorted(seen) == [1, 2]
     energies, forces = engine.predict(model, val)
     ours = metrics.energy_force_metrics(
         "val", np.array([a.info["REF_energy"] for a in val]), energies, np.array([len(a) for a in val]),
         [a.arrays["REF_forces"] for a in val], forces,
     )
-    assert ours["val_energy_rmse_per_atom"] == pytest.approx(seen[4]["val_energy_rmse_per_atom"], rel=1e-6)
-    assert ours["val_force_rmse"] == pytest.approx(seen[4]["val_force_rmse"], rel=1e-6)
+    assert ours["val_energy_rmse_per_atom"] == pytest.approx(seen[2]["val_energy_rmse_per_atom"], rel=1e-6)
+    assert ours["val_force_rmse"] == pytest.approx(seen[2]["val_force_rmse"], rel=1e-6)
 
 
 def test_predict_equals_the_ase_calculator(trained, cu_data):
@@ -205,11 +230,11 @@ def test_forces_are_minus_the_gradient_of_the_energy(trained, cu_data):
     assert np.abs(forces).max() > 1e-3  # a zero force field would pass the comparison trivially
 
 
-def test_the_same_seed_gives_the_same_model(trained, cu_data, tmp_path):
+def test_the_same_seed_gives_the_same_model(trained, cu_data, fits):
+    """``trained`` trained again in its own folder, with its seed and with seed 1 (``fits``)."""
     model, _, _ = trained
-    train, val, e0 = cu_data
-    again = engine.train(train, val, tiny_params(), tmp_path / "same", e0=e0)
-    other = engine.train(train, val, tiny_params(seed=1), tmp_path / "other", e0=e0)
+    _, val, _ = cu_data
+    again, other = (fits[name].result()[0] for name in ("same_seed", "other_seed"))
     energies, forces = engine.predict(model, val)
     same_energies, same_forces = engine.predict(again, val)
     other_energies, _ = engine.predict(other, val)
