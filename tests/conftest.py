@@ -87,3 +87,25 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def promoted_emt_gap(tmp_path_factory) -> dict:
+    """A one-trial GAP study on the EMT set, screened (10 MD steps) and promoted as files-gap@champion, once per
+    session: ``root`` (the output root), ``emt`` (the split files), ``lineage`` (promote's return) and ``printed``
+    (what promote printed). Shared by the promote and compare tests, which only read it or add other models."""
+    import contextlib
+    import io
+
+    from hpo.registry.promote import promote
+    from hpo.search import loop
+    from helpers import files_overrides, make_cfg
+
+    emt = write_emt_dataset(tmp_path_factory.mktemp("emt-promoted"))
+    root = tmp_path_factory.mktemp("promoted")
+    cfg = make_cfg(root, *files_overrides(emt), "study.n_trials=1", "promote.screen.k=1", "promote.screen.steps=10")
+    loop.run(cfg)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        lineage = promote(cfg)
+    return {"root": root, "emt": emt, "lineage": lineage, "printed": printed.getvalue()}

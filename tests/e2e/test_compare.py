@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from mlflow.tracking import MlflowClient
 
-from helpers import TINY_GAP, files_overrides, make_cfg
+from helpers import files_overrides, make_cfg
 from hpo.config import load_config, output_overrides
 from hpo.registry.compare import COLUMNS, compare
 from hpo.registry.promote import promote
@@ -17,13 +17,14 @@ from hpo.search import loop
 pytestmark = pytest.mark.slow
 
 
-def test_champions_of_two_kinds_side_by_side(emt, tmp_path, capsys):
-    promoted = {}
-    for kind, tiny in (("gap", TINY_GAP), ("ridge", [])):
-        cfg = load_config([*output_overrides(tmp_path), *files_overrides(emt), f"model={kind}", *tiny, "study.n_trials=1",
-                           "promote.screen.k=1", "promote.screen.steps=10"])
-        loop.run(cfg)
-        promoted[kind] = promote(cfg)
+def test_champions_of_two_kinds_side_by_side(promoted_emt_gap, capsys):
+    """The session's promoted GAP (conftest ``promoted_emt_gap``) and a ridge model promoted on the same splits."""
+    tmp_path, emt = promoted_emt_gap["root"], promoted_emt_gap["emt"]
+    promoted = {"gap": promoted_emt_gap["lineage"]}
+    cfg = load_config([*output_overrides(tmp_path), *files_overrides(emt), "model=ridge", "study.n_trials=1",
+                       "promote.screen.k=1", "promote.screen.steps=10"])
+    loop.run(cfg)
+    promoted["ridge"] = promote(cfg)
 
     rows = compare(make_cfg(tmp_path, *files_overrides(emt)))
     assert [(r.name, r.kind, r.version) for r in rows] == [("files-gap", "gap", "1"), ("files-ridge", "ridge", "1")]
