@@ -114,6 +114,15 @@ def task_of(command: str) -> Callable[[DictConfig], None]:
     return task
 
 
+def apply_threads(cfg: DictConfig) -> int:
+    """This process's share of ``threads`` (divided among ``study.n_workers``) as OMP_NUM_THREADS and
+    MKL_NUM_THREADS: torch (a MACE's evaluation, calculator and MD) and OpenMP libraries loaded later in the
+    process read them when first loaded, as the fits' child processes are given them; returns the count."""
+    share = max(1, int(cfg.threads) // max(1, int(cfg.study.get("n_workers", 1))))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(share)
+    return share
+
+
 def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None]:
     """Known user errors become one paragraph and exit code 2, not a traceback."""
 
@@ -133,6 +142,7 @@ def _friendly(task: Callable[[DictConfig], None]) -> Callable[[DictConfig], None
 
         try:
             check_added_keys(cfg, list(HydraConfig.get().overrides.task))
+            apply_threads(cfg)
             task(cfg)
         except (ConfigError, DataError, StudyError, PromoteError, PolarizeError, MDBlowUp, MDUnstable, SpectrumError) as exc:
             print(f"hpo: {exc}", file=sys.stderr, flush=True)
