@@ -298,6 +298,10 @@ class SAGPR(BaseEstimator):
             self.w0_ = solve_projected_process(_jittered(kmm0), k0, a0 - self.mean0_, np.sqrt(self.reg0))
             self.w2_ = solve_projected_process(_jittered(kmm2), k2, a2.ravel(), np.sqrt(self.reg2))
         self.variance_ = self._posterior(kernels, n, m)
+        if self.variance_:
+            # the prior variance the targets show (the kernels' own is 1): std in the targets' units
+            self.variance_["amplitude0"] = np.array(_amplitude(a0 - self.mean0_, self.w0_, k0 @ self.w0_, self.reg0, self.n_env_ is None))
+            self.variance_["amplitude2"] = np.array(_amplitude(a2.ravel(), self.w2_, k2 @ self.w2_, self.reg2, self.n_env_ is None))
         # Training-set predictions come free with the training kernels; predict(frames) would rebuild
         # or reload them.
         self._primal = None  # folded weights, built by the first uncached predict()
@@ -326,7 +330,8 @@ class SAGPR(BaseEstimator):
         Exact model: W_minus^T W_minus = (K + reg I)^-1, no W_plus (the GP's closed form). Projected process
         (n_env): W_minus^T W_minus = K_MM^-1 and W_plus^T W_plus = (K_MM + K_MN K_NM / reg)^-1 (the deterministic
         training conditional, as for GAP: ``hpo.models.gap.posterior.Posterior``). The variance is the latent
-        tensor's, without the noise reg, in the model's units squared. Empty when a lambda has more than
+        tensor's, without the noise reg, in units of the kernel (amplitude 1): ``fit`` adds the prior variance
+        fitted to the targets (``_amplitude``), which ``_std`` multiplies in. Empty when a lambda has more than
         ``VARIANCE_MAX_COLUMNS`` weights.
         """
         out: dict[str, np.ndarray] = {}
@@ -356,11 +361,11 @@ class SAGPR(BaseEstimator):
 
         r0 = k0.reshape(n, -1)
         a, b = whitened("minus0", r0), whitened("plus0", r0)
-        var0 = self_k0 - np.einsum("ij,ij->j", a, a) + np.einsum("ij,ij->j", b, b)
+        var0 = (self_k0 - np.einsum("ij,ij->j", a, a) + np.einsum("ij,ij->j", b, b)) * float(v.get("amplitude0", 1.0))
         r2 = k2.reshape(5 * n, -1)
         a, b = whitened("minus2", r2), whitened("plus2", r2)
         a, b = a.reshape(len(a), n, 5), b.reshape(len(b), n, 5)
-        cov2 = self_k2 - np.einsum("kim,kin->imn", a, a) + np.einsum("kim,kin->imn", b, b)
+        cov2 = (self_k2 - np.einsum("kim,kin->imn", a, a) + np.einsum("kim,kin->imn", b, b)) * float(v.get("amplitude2", 1.0))
         # T = -a0/sqrt(3) I + sum_mu a2_mu B_mu with a0 and a2 independent a priori and a posteriori
         var = np.maximum(var0, 0.0)[:, None, None] / 3.0 * np.eye(3) + np.einsum("imn,mab,nab->iab", cov2, _B2, _B2)
         # the calibration scale fitted on validation at promotion (hpo.calibration), when the model has one
@@ -667,6 +672,15 @@ def _whitener(a: np.ndarray) -> np.ndarray:
         w, v = np.linalg.eigh(a)
         keep = w > w.max() * len(a) * np.finfo(float).eps
         return (v[:, keep] / np.sqrt(w[keep])).T
+
+
+def _amplitude(y: np.ndarray, weights: np.ndarray, fitted: np.ndarray, reg: float, exact: bool) -> float:
+    """The maximum-likelihood prior variance s^2 of the GP y ~ N(0, s^2 (C + reg I)), C the kernel (exact) or its
+    projected-process approximation: y^T (C + reg I)^-1 y / N. The mean does not depend on s; the predictive
+    variance scales with it. Exact: y^T w with (K + reg I) w = y. Projected process (Woodbury):
+    (y^T y - y^T K_NM w) / reg, K_NM w being the fitted values."""
+    quadratic = float(y @ weights) if exact else float(y @ (y - fitted)) / reg
+    return max(quadratic, 0.0) / len(y)
 
 
 def _ridge_solve(k: np.ndarray, reg: float, y: np.ndarray) -> np.ndarray:

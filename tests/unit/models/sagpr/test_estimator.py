@@ -312,7 +312,13 @@ def test_sagpr_std_is_the_dense_gp_std_and_the_projected_process_on_every_enviro
     gram = k2_train.reshape(5 * m, 5 * m) + exact.reg2 * np.eye(5 * m)
     rows = k2_test[:, 0].reshape(n, 5 * m)
     var_a2_0 = np.array([k2_self[i, 0, i, 0] for i in range(n)]) - np.einsum("ij,ji->i", rows, np.linalg.solve(gram, rows.T))
-    np.testing.assert_allclose(std[:, 0, 1], np.sqrt(var_a2_0 / 2), rtol=1e-5)
+    # the prior variance fitted to the targets: y^T (K + reg I)^-1 y / N, the maximum-likelihood amplitude
+    from hpo.models.sagpr.estimator import cartesian_to_spherical
+
+    a2 = cartesian_to_spherical(np.asarray(tensors))[1].ravel()
+    amplitude = a2 @ np.linalg.solve(gram, a2) / len(a2)
+    assert float(exact.variance_["amplitude2"]) == pytest.approx(amplitude, rel=1e-6) and amplitude > 10  # the tensors' scale, not the kernel's 1
+    np.testing.assert_allclose(std[:, 0, 1], np.sqrt(amplitude * var_a2_0 / 2), rtol=1e-5)
     assert std[-1, 0, 1] > 1.5 * std[0, 0, 1]  # the stretched molecule (1 of 12 atoms: the frame average dilutes it)
 
     sparse = SAGPR(**SAGPR_SMALL, n_env=sum(len(a) for a in train)).fit(train, tensors)
