@@ -96,11 +96,27 @@ def start(name: str, args: list[str], workdir: Path) -> tuple[str, subprocess.Po
     return name, process, time.perf_counter()
 
 
-def wait(job, allowed: tuple[int, ...] = (0,)) -> tuple[float, float, int]:
-    """Wall time (s), peak RSS (GB) and exit status of a started command; exits unless the status is ``allowed``."""
+def wait_both(first, second) -> tuple[tuple[float, float, int], tuple[float, float, int]]:
+    """``wait`` for two commands running side by side, each timed when it ends (not when the other does)."""
+    done = {}
+    while len(done) < 2:
+        pid, status, usage = os.wait4(-1, 0)
+        for job in (first, second):
+            if job[1].pid == pid:
+                done[pid] = (time.perf_counter(), status, usage)
+    return tuple(wait(job, ended=done[job[1].pid]) for job in (first, second))
+
+
+def wait(job, allowed: tuple[int, ...] = (0,), ended=None) -> tuple[float, float, int]:
+    """Wall time (s), peak RSS (GB) and exit status of a started command (``ended``: already reaped, with the time
+    it ended); exits unless the status is ``allowed``."""
     name, process, t0 = job
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - t0
+    if ended is None:
+        _, status, usage = os.wait4(process.pid, 0)
+        ended = (time.perf_counter(), status, usage)
+    t_end, status, usage = ended
+    process.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait for it again
+    wall = t_end - t0
     rc = os.waitstatus_to_exitcode(status)
     print(f"[bench] {time.strftime('%H:%M:%S')} {name}: rc {rc}, wall {wall:.0f} s, peak RSS {usage.ru_maxrss / 1e6:.2f} GB", flush=True)
     if rc not in allowed:
@@ -125,9 +141,10 @@ def study_summary(storage: str, name: str) -> dict:
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     pruned = [t for t in study.trials if t.state.name == "PRUNED"]
     best = min(done, key=lambda t: t.value)
-    seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in study.trials if t.datetime_complete)
+    ended = [t for t in study.trials if t.datetime_complete]
+    span = (max(t.datetime_complete for t in ended) - min(t.datetime_start for t in ended)).total_seconds()
     return {"trials": len(study.trials), "complete": len(done), "pruned": [(t.number, max(t.intermediate_values, default=0)) for t in pruned],
-            "best": best.value, "best_trial": best.number, "trial_seconds": seconds}
+            "best": best.value, "best_trial": best.number, "span_s": span}
 
 
 def main() -> None:
@@ -156,8 +173,7 @@ def main() -> None:
     # 1. pruning, side by side
     none = start("mace-none", ["optimize", *data, *mace, "study.pruner=none", "study.name=mace-none"], out)
     hyperband = start("mace-hyperband", ["optimize", *data, *mace, "study.pruner=hyperband", "study.name=mace-hyperband"], out)
-    wall_none, rss_none, _ = wait(none)
-    wall_hb, rss_hb, _ = wait(hyperband)
+    (wall_none, rss_none, _), (wall_hb, rss_hb, _) = wait_both(none, hyperband)
     s_none, s_hb = study_summary(storage, "mace-none"), study_summary(storage, "mace-hyperband")
 
     # 2. GAP at the hyperband study's wall time, while the MACE study is promoted
@@ -176,9 +192,10 @@ def main() -> None:
     print("\n== epoch pruning (MACE, same sampler and seed, side by side) ==")
     for label, wall, rss, s in (("pruner=none", wall_none, rss_none, s_none), ("pruner=hyperband", wall_hb, rss_hb, s_hb)):
         pruned = ", ".join(f"trial {n} at epoch {e}" for n, e in s["pruned"]) or "none"
-        print(f"{label:17s} wall {wall:6.0f} s  peak {rss:.2f} GB  best val_loss {s['best']:.5g} (trial {s['best_trial']})  "
-              f"trials {s['trials']}, pruned: {pruned}")
-    print(f"hyperband / none wall time: {wall_hb / wall_none:.2f}; best val_loss {'equal' if s_hb['best'] == s_none['best'] else 'differs'}")
+        print(f"{label:17s} wall {wall:6.0f} s (first trial start to last trial end {s['span_s']:.0f} s)  peak {rss:.2f} GB  "
+              f"best val_loss {s['best']:.5g} (trial {s['best_trial']})  trials {s['trials']}, pruned: {pruned}")
+    print(f"hyperband / none wall time: {wall_hb / wall_none:.2f} (trials' span {s_hb['span_s'] / s_none['span_s']:.2f}); "
+          f"best val_loss {'equal' if s_hb['best'] == s_none['best'] else 'differs'}")
     print(f"\n== GAP at comparable wall time ==\ngap               wall {wall_gap:6.0f} s  peak {rss_gap:.2f} GB  best val_loss {s_gap['best']:.5g} "
           f"(trial {s_gap['best_trial']})  trials {s_gap['trials']}")
     print("\n== hpo compare ==")
