@@ -2,7 +2,7 @@
 whose pruner stops a weak trial by epoch, promotion with the MD screen MACE's calculator drives and the test
 errors, and ``hpo md`` with the champion. A tiny network (8 channels) for 3 epochs: each fit takes about 10 s,
 most of it the training child importing torch and mace-torch. Real Optuna, MLflow, ASE and torch; nothing mocked.
-Skipped when mace-torch is not installed (the ``mace`` extra)."""
+Needs mace-torch (the ``mace`` extra, which the ``test`` extra installs): a missing install fails, never skips."""
 
 from __future__ import annotations
 
