@@ -2,7 +2,7 @@
 
 Data: ASE's EMT on 256-atom fcc Cu cells (exact forces: the energy's gradient), from Langevin MD at 300, 600,
 900 and 1200 K, one frame every 10 steps (20 fs), plus an isolated atom for e0; a separate run gives the validation
-frames. Written once to --data (default benchmarks/data-emt256, git-ignored).
+frames. Written once to --data (default benchmarks/data-emt256 relative to the working directory, git-ignored).
 
 Each fit runs in its own process (``--worker``); its peak RSS is the kernel's (wait4), its wall time the whole
 process's (imports, descriptors, solve and validation predictions).
@@ -32,7 +32,6 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
 E0_KEY = "REF_energy"  # not "energy": ASE would move it into a calculator
 FORCES_KEY = "REF_forces"
 SOAP = dict(descriptor="soap", l_max=6, n_max=8, atom_sigma=0.5, cutoff=5.0, cutoff_transition_width=1.0,
@@ -198,7 +197,7 @@ def trials(paths: dict[str, Path], size: int, n_sparse: int, root: Path) -> list
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--data", default=str(HERE / "data-emt256"))
+    parser.add_argument("--data", default="benchmarks/data-emt256")  # relative to the working directory
     parser.add_argument("--sizes", type=int, nargs="*", default=[50, 200, 500])
     parser.add_argument("--val", type=int, default=20)
     parser.add_argument("--n-sparse", type=int, default=2000)

@@ -3,7 +3,7 @@
 Data: ASE's EMT (forces are the energy's gradient) on 64-atom fcc cells of two compositions, Cu and CuAl (half Al
 at random), from Langevin MD at 300, 800 and 1500 K after a warm-up, one frame every 5 steps, shuffled into
 --n-train training frames (plus the two isolated atoms for e0), --n-val validation and --n-test test frames.
-Written once to --data (default benchmarks/data-kinds, git-ignored).
+Written once to --data (default benchmarks/data-kinds relative to the working directory, git-ignored).
 
 Every command runs in its own process with one thread (``threads=1``, OMP_NUM_THREADS=1), two at a time on the
 machine's two cores; its wall time and peak RSS (wait4) are printed.
@@ -34,7 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent  # where the benchmark's own data and outputs go by default
+# data and outputs by default: relative to the working directory (the checkout's root: git-ignored there)
+DEFAULT_DATA = Path("benchmarks") / "data-kinds"
 SPACE = ["search.space.num_channels.choices=[8,16,32]", "search.space.max_L.choices=[0,1]", "search.space.correlation.high=2",
          "search.space.num_interactions.high=2", "search.space.batch_size.choices=[4,8]", "search.space.swa.choices=[false]"]
 
@@ -149,8 +150,8 @@ def study_summary(storage: str, name: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=HERE / "data-kinds")
-    parser.add_argument("--out", type=Path, default=HERE / "data-kinds" / "run")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=DEFAULT_DATA / "run")
     parser.add_argument("--n-train", type=int, default=80)
     parser.add_argument("--n-val", type=int, default=20)
     parser.add_argument("--n-test", type=int, default=20)

@@ -37,7 +37,6 @@ from hpo.data import read_tensors
 from hpo.models.sagpr.estimator import SAGPR, component_rmse
 
 REFERENCE_SECONDS = (150.0, 240.0)
-DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "water"
 
 
 def peak_mb() -> float:
@@ -94,11 +93,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument(
-        "--data-dir", type=Path, default=Path(os.environ.get("HPO_DATA_DIR", DEFAULT_DATA))
-    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: as the dataset config finds it (HPO_DATA_DIR, else ../shared/data/water)")
     parser.add_argument("--nc", type=int, default=200)
     args = parser.parse_args()
+    if args.data_dir is None:
+        from hpo.config import load_config
+        from hpo.data import find_data_dir
+
+        args.data_dir = find_data_dir(load_config([]).dataset, ["gap_input_200.xyz"])
 
     print("command:", shlex.join([sys.executable, *sys.argv]))
     print(f"machine: {os.cpu_count()} cores ({len(os.sched_getaffinity(0))} usable), "

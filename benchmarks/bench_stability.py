@@ -10,9 +10,7 @@ and, for scale, ASE's all-pairs minimum-image distance matrix of the same frames
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from pathlib import Path
 
 import ase.io
 
@@ -33,7 +31,10 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    data = Path(os.environ.get("HPO_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "water"))
+    from hpo.config import load_config
+    from hpo.data import find_data_dir
+
+    data = find_data_dir(load_config([]).dataset, ["gap_validate.xyz"])  # HPO_DATA_DIR, else ../shared/data/water
     validation = ase.io.read(data / "gap_validate.xyz", ":")
     ranges = training_ranges(ase.io.read(data / "gap_input_50.xyz", ":"))
     # thresholds only matter for the verdict, not for the cost

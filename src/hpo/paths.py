@@ -4,8 +4,8 @@ The config ships inside the package (``hpo/conf``), so an installed hpo runs fro
 ``--config-dir`` puts a user's own folder in front of it. Every output goes under the config's ``root``
 (the working directory unless ``HPO_ROOT`` or ``root=PATH`` says otherwise, conf/config.yaml), and a
 relative path typed by the user means what it means in a shell: relative to the working directory.
-A source checkout is recognised only to record its git commit (provenance of the code that ran); nothing
-is read or written relative to where the package lives.
+An editable install's checkout is recognised (from pip's record, not from where this file lies) only to record
+its git commit (provenance of the code that ran); nothing is read or written relative to where the package lives.
 """
 
 from __future__ import annotations
@@ -19,13 +19,20 @@ CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _source_checkout() -> Path | None:
-    # src/hpo/paths.py of a checkout (editable install) has the project's pyproject.toml two levels up;
-    # an installed copy lives in site-packages, where parents[2] is lib/pythonX.Y and holds no pyproject.toml.
-    here = Path(__file__).resolve()
-    top = here.parents[2]
-    if here.parents[1].name == "src" and (top / "pyproject.toml").is_file():
-        return top
-    return None
+    """The checkout an editable install runs from, as pip recorded it (PEP 610 ``direct_url.json``), else None: the
+    code's location is not guessed from this file's path, and an installed copy has no git commit to record."""
+    import json
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        recorded = json.loads(metadata.distribution("hpo").read_text("direct_url.json") or "{}")
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+    url = urlparse(recorded.get("url", ""))
+    if not recorded.get("dir_info", {}).get("editable") or url.scheme != "file":
+        return None
+    return Path(unquote(url.path))
 
 
 SOURCE_CHECKOUT = _source_checkout()
